@@ -1,0 +1,208 @@
+"""What a rebirth site is: the data FindRebirthSites produces and the slimming passes consume.
+
+Pure data and geometry (no TVM objects), so a plan can be written, edited and re-validated.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+KERNEL_POLICIES = ("keep-kernel", "keep-receptive-field")
+SITE_KINDS = ("streamline", "branch")
+# ops that are not tensor (learned) layers: what a streamline chain absorbs
+NON_TENSOR_OPS = ("max_pool2d", "avg_pool2d", "lrn", "batch_norm", "scale")
+# ops through which a chain stays a linear function of the conv output
+LINEAR_OPS = ("avg_pool2d", "batch_norm", "scale")
+
+
+@dataclasses.dataclass
+class ConvSpec:
+    """One convolution of a plan: the layer it replaces and its (new) geometry."""
+
+    replaces: str
+    in_channels: int
+    out_channels: int
+    kernel: list
+    stride: list
+    padding: list  # [top, left, bottom, right]
+    groups: int = 1
+
+    def output_hw(self, in_hw) -> list:
+        return [
+            (in_hw[d] + self.padding[d] + self.padding[d + 2] - self.kernel[d]) // self.stride[d] + 1
+            for d in range(2)
+        ]
+
+    def describe(self) -> str:
+        k, s, p = self.kernel, self.stride, self.padding
+        text = f"{self.in_channels}->{self.out_channels} {k[0]}x{k[1]}/s{s[0]}"
+        if s[0] != s[1]:
+            text += f"x{s[1]}"
+        if any(p):
+            text += " p" + ",".join(str(v) for v in p)
+        if self.groups != 1:
+            text += f" g{self.groups}"
+        return text
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "ConvSpec":
+        fields = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(data) - fields
+        if unknown:
+            raise ValueError(f"unknown conv field(s) {sorted(unknown)}")
+        missing = fields - set(data) - {"groups"}
+        if missing:
+            raise ValueError(f"missing conv field(s) {sorted(missing)}")
+        spec = cls(**data)
+        spec.kernel, spec.stride, spec.padding = (
+            _int_list(spec.kernel, 2, "kernel"), _int_list(spec.stride, 2, "stride"),
+            _int_list(spec.padding, 4, "padding"))
+        for name in ("in_channels", "out_channels", "groups"):
+            value = getattr(spec, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if min(spec.kernel + spec.stride) < 1 or min(spec.padding) < 0:
+            raise ValueError("kernel and stride must be >= 1 and padding >= 0")
+        if spec.in_channels % spec.groups or spec.out_channels % spec.groups:
+            raise ValueError(f"groups={spec.groups} must divide in_channels and out_channels")
+        return spec
+
+
+def _int_list(value, n, name):
+    if isinstance(value, int):
+        value = [value] * n
+    if not isinstance(value, (list, tuple)) or len(value) != n or not all(
+            isinstance(v, int) for v in value):
+        raise ValueError(f"{name} must be a list of {n} integers, got {value!r}")
+    return list(value)
+
+
+@dataclasses.dataclass
+class RebirthSite:
+    """A block of the network that one or more rebirth convolutions replace."""
+
+    id: str
+    kind: str  # "streamline" | "branch"
+    ops: list  # op kinds in order, e.g. ["conv2d", "relu", "max_pool2d", "lrn"]
+    layers: list  # source layer names of the block's convs, pools, LRNs, BNs, concat
+    old_conv: list  # ConvSpec of each conv the site rewrites, as in the source model
+    new_conv: list  # ConvSpec of each rebirth conv (same order as old_conv)
+    exact: bool
+    enabled: bool = True
+    input_hw: list = dataclasses.field(default_factory=list)
+    output_hw: list = dataclasses.field(default_factory=list)
+    note: str = ""
+    # branch sites: which branch absorbs which, and the reducer widths (see BranchSlimming)
+    branches: list = dataclasses.field(default_factory=list)
+    absorb: dict = dataclasses.field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        data = {
+            "id": self.id, "kind": self.kind, "enabled": self.enabled, "exact": self.exact,
+            "ops": list(self.ops), "layers": list(self.layers),
+            "input_hw": list(self.input_hw), "output_hw": list(self.output_hw),
+            "old_conv": [c.to_dict() for c in self.old_conv],
+            "new_conv": [c.to_dict() for c in self.new_conv],
+        }
+        if self.branches:
+            data["branches"] = [dict(b) for b in self.branches]
+            data["absorb"] = dict(self.absorb)
+        if self.note:
+            data["note"] = self.note
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "RebirthSite":
+        return cls(
+            id=str(data["id"]), kind=str(data["kind"]), ops=list(data["ops"]),
+            layers=list(data.get("layers", [])),
+            old_conv=[ConvSpec.from_dict(dict(c)) for c in data["old_conv"]],
+            new_conv=[ConvSpec.from_dict(dict(c)) for c in data["new_conv"]],
+            exact=bool(data["exact"]), enabled=data.get("enabled", True),
+            input_hw=list(data.get("input_hw", [])), output_hw=list(data.get("output_hw", [])),
+            note=str(data.get("note", "")), branches=list(data.get("branches", [])),
+            absorb=dict(data.get("absorb", {})))
+
+
+@dataclasses.dataclass
+class Window:
+    """A sliding window along one spatial axis: conv or pool kernel, stride, pads."""
+
+    kernel: int
+    stride: int
+    pad_before: int
+    pad_after: int
+    ceil_mode: bool = False
+
+
+def compose_windows(windows):
+    """Receptive field, total stride and top/left offset of a stack of windows."""
+    rf, jump, offset = 1, 1, 0
+    for w in windows:
+        rf += (w.kernel - 1) * jump
+        offset += w.pad_before * jump
+        jump *= w.stride
+    return rf, jump, offset
+
+
+def solve_padding(in_size, out_size, kernel, stride, offset, rf):
+    """(pad_before, pad_after) giving exactly out_size outputs, centred on the original
+    receptive field; None when no non-negative padding does."""
+    pad_before = max(offset - (rf - kernel) // 2, 0)
+    # floor((in + pb + pa - k) / s) + 1 == out  <=>  lo <= pa <= hi
+    lo = (out_size - 1) * stride + kernel - in_size - pad_before
+    hi = out_size * stride + kernel - in_size - pad_before - 1
+    if hi < 0:
+        pad_before += hi  # too many outputs: shift the window start down instead
+        lo, hi = lo - hi, 0
+        if pad_before < 0:
+            return None
+    pad_after = max(lo, 0)
+    if pad_after > hi:
+        return None
+    return pad_before, pad_after
+
+
+def rebirth_geometry(windows_hw, in_hw, out_hw, policy, exact):
+    """Kernel, stride and padding of the conv replacing a conv+pool stack, per axis.
+
+    windows_hw: per axis (h, w) the list of Windows (the conv first). Returns
+    (kernel, stride, padding[t, l, b, r], note) or raises ValueError with the reason.
+    """
+    kernel, stride, pad = [0, 0], [0, 0], [0, 0, 0, 0]
+    notes = []
+    if len(windows_hw[0]) == 1:  # no pool in the chain: the conv keeps its geometry
+        h, w = windows_hw
+        return ([h[0].kernel, w[0].kernel], [h[0].stride, w[0].stride],
+                [h[0].pad_before, w[0].pad_before, h[0].pad_after, w[0].pad_after], "")
+    for d in range(2):
+        windows = windows_hw[d]
+        rf, jump, offset = compose_windows(windows)
+        conv_k = windows[0].kernel
+        if exact:
+            candidates = [rf]
+        elif policy == "keep-kernel":
+            step = 2 if conv_k % 2 else 1  # stay odd so the window keeps a centre
+            candidates = list(range(conv_k, max(rf, conv_k) + 1, step))
+            if candidates[-1] != max(rf, conv_k):
+                candidates.append(max(rf, conv_k))
+        else:
+            candidates = [rf]
+        for k in candidates:
+            solved = solve_padding(in_hw[d], out_hw[d], k, jump, offset, rf)
+            if solved is not None:
+                break
+        else:
+            raise ValueError(
+                f"no {candidates[-1]}-wide stride-{jump} conv maps {in_hw[d]} to "
+                f"{out_hw[d]} outputs with non-negative padding")
+        if exact and solved[0] != offset:
+            raise ValueError("the closed-form merge needs the original padding offset")
+        if k != conv_k and policy == "keep-kernel" and not exact:
+            notes.append(f"kernel grown {conv_k}->{k} so the output stays {out_hw[d]} wide")
+        kernel[d], stride[d] = k, jump
+        pad[d], pad[d + 2] = solved
+    return kernel, stride, pad, "; ".join(dict.fromkeys(notes))

@@ -1,0 +1,23 @@
+from setuptools import setup
+
+setup(
+    name="tvm-rebirth",
+    version="0.1.0",
+    description="DeepRebirth layer slimming as Apache TVM Relax passes",
+    python_requires=">=3.10",
+    packages=["tvm_rebirth", "tvm_rebirth.passes"],
+    package_dir={"tvm_rebirth": "tvm_rebirth", "tvm_rebirth.passes": "passes"},
+    install_requires=[
+        "apache-tvm[rpc]==0.27.0.post1",
+        # 0.1.15.x segfaults in tvm.ir.save_json (MetaSchedule databases).
+        "apache-tvm-ffi==0.1.14.post1",
+        "numpy>=1.24",
+        "xgboost>=2.0",
+        "pyyaml>=6.0",
+        "onnx>=1.16",
+        # materialises the zoo's BatchNorm statistics from real forward passes
+        "onnxruntime>=1.17",
+    ],
+    extras_require={"dev": ["pytest>=7"]},
+    entry_points={"console_scripts": ["tvm-rebirth=tvm_rebirth.cli:main"]},
+)

@@ -1,0 +1,179 @@
+"""The `tvm-rebirth` command line (contract in DESIGN.md: a table by default, exactly one
+JSON object on stdout with --json, logs on stderr, one-line errors and exit code 2)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+import traceback
+
+from .errors import RebirthError
+from .passes.site import KERNEL_POLICIES, SITE_KINDS
+
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def _table(rows, header) -> str:
+    widths = [max(len(str(r[i])) for r in [header] + rows) for i in range(len(header))]
+    line = lambda r: "  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip()
+    return "\n".join([line(header), line(["-" * w for w in widths])] + [line(r) for r in rows])
+
+
+def _emit(args, payload: dict, text: str) -> None:
+    if args.json:
+        sys.stdout.write(json.dumps(payload, indent=2) + "\n")
+    else:
+        sys.stdout.write(text + "\n")
+
+
+# -- commands ------------------------------------------------------------------------------
+def cmd_models(args) -> None:
+    from . import zoo
+
+    models = []
+    for entry in zoo.ZOO.values():
+        cached = (zoo.cache_dir() / "models" / f"{entry.name}.onnx").exists()
+        models.append({"name": entry.name, "source": f"onnx wheel: {entry.source}",
+                       "input_shape": list(entry.input_shape), "description": entry.description,
+                       "cached": cached, "default": entry.name == zoo.DEFAULT_MODEL})
+    rows = [[m["name"] + (" (default)" if m["default"] else ""), m["description"],
+             "x".join(map(str, m["input_shape"])), "yes" if m["cached"] else "no"]
+            for m in models]
+    _emit(args, {"models": models},
+          _table(rows, ["model", "architecture", "input", "cached"]))
+
+
+def _parse_kinds(text: str) -> list:
+    kinds = [k.strip() for k in text.split(",") if k.strip()]
+    bad = [k for k in kinds if k not in SITE_KINDS]
+    if bad or not kinds:
+        raise RebirthError(f"--kinds: unknown kind(s) {', '.join(bad) or '(none)'}; "
+                           f"use {','.join(SITE_KINDS)}")
+    return kinds
+
+
+def _site_rows(sites) -> list:
+    rows = []
+    for s in sites:
+        changes = [f"{o.replaces}: {o.describe()} -> {n.describe()}"
+                   for o, n in zip(s.old_conv, s.new_conv)]
+        ops = ",".join(s.ops)
+        flags = ("exact" if s.exact else "learned") + ("" if s.enabled else ", disabled")
+        rows.append([s.id, s.kind, ops, changes[0] if changes else "", flags])
+        rows.extend(["", "", "", c, ""] for c in changes[1:])
+    return rows
+
+
+def _site_json(s) -> dict:
+    return {"id": s.id, "kind": s.kind, "exact": s.exact, "enabled": s.enabled, "ops": s.ops,
+            "layers": s.layers, "old_conv": [c.to_dict() for c in s.old_conv],
+            "new_conv": [c.to_dict() for c in s.new_conv], "note": s.note,
+            **({"absorb": s.absorb} if s.absorb else {})}
+
+
+def cmd_plan(args) -> None:
+    from .model import load_model
+    from .plan import RebirthPlan
+
+    kinds = _parse_kinds(args.kinds)
+    start = time.time()
+    log(f"[plan] loading {args.model}")
+    model = load_model(args.model)
+    log(f"[plan] finding rebirth sites ({args.policy})")
+    plan = RebirthPlan.from_model(model, policy=args.policy, kinds=kinds)
+    out = args.output or f"{model.name}.plan.yaml"
+    plan.save(out)
+    payload = {"model": model.name, "sha256": model.sha256, "plan": os.path.abspath(out),
+               "policy": args.policy, "input_shapes": plan.input_shapes,
+               "sites": [_site_json(s) for s in plan.sites], "rejected": plan.rejected,
+               "counts": {k: sum(s.kind == k for s in plan.sites) for k in SITE_KINDS},
+               "seconds": round(time.time() - start, 2)}
+    text = _table(_site_rows(plan.sites), ["site", "kind", "ops", "old -> new conv", "exact"])
+    counts = ", ".join(f"{v} {k}" for k, v in payload["counts"].items())
+    text += f"\n\n{model.name}: {counts} site(s); plan written to {out}"
+    for r in plan.rejected:
+        text += f"\nrejected {r['id']}: {r['reason']}"
+    _emit(args, payload, text)
+
+
+def cmd_demo(args) -> None:
+    from . import zoo
+    from .model import load_model
+    from .plan import RebirthPlan
+
+    stages = {}
+    report = os.path.abspath(args.report_dir)
+    t = time.time()
+    log(f"[demo] 1/2 loading {zoo.DEFAULT_MODEL} (materialised once into {zoo.cache_dir()})")
+    model = load_model(zoo.DEFAULT_MODEL)
+    stages["load"] = round(time.time() - t, 2)
+    t = time.time()
+    log("[demo] 2/2 finding rebirth sites")
+    plan = RebirthPlan.from_model(model)
+    plan_path = os.path.join(report, f"{model.name}.plan.yaml")
+    plan.save(plan_path)
+    stages["plan"] = round(time.time() - t, 2)
+    counts = {k: sum(s.kind == k for s in plan.sites) for k in SITE_KINDS}
+    payload = {"model": model.name, "plan": plan_path, "sites": counts,
+               "stage_seconds": stages, "report_dir": report}
+    rows = [[s.id, s.kind, ",".join(s.ops)] for s in plan.sites]
+    text = _table(rows, ["site", "kind", "ops"]) + (
+        f"\n\n{model.name}: {counts['streamline']} streamline + {counts['branch']} branch "
+        f"sites; plan in {plan_path}; stages {stages}")
+    _emit(args, payload, text)
+
+
+# -- entry point -----------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="tvm-rebirth", description="DeepRebirth layer slimming for Apache TVM Relax")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def add(name, func, help_text):
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+        p.set_defaults(func=func)
+        return p
+
+    add("models", cmd_models, "list the built-in model zoo")
+    p = add("plan", cmd_plan, "find every rebirth site and write an editable plan")
+    p.add_argument("model", help="zoo name (see `tvm-rebirth models`) or path to an .onnx file")
+    p.add_argument("-o", "--output", help="plan file to write (default: <model>.plan.yaml)")
+    p.add_argument("--kinds", default=",".join(SITE_KINDS),
+                   help="site kinds to look for (default: streamline,branch)")
+    p.add_argument("--policy", choices=KERNEL_POLICIES, default="keep-kernel",
+                   help="rebirth conv kernel: keep-kernel (the paper, default) or "
+                        "keep-receptive-field")
+    p = add("demo", cmd_demo, "run the whole flow on the default model")
+    p.add_argument("--report-dir", default="rebirth-demo", help="where the report goes")
+    return parser
+
+
+def main(argv=None) -> int:
+    os.environ.setdefault("TVM_NUM_THREADS", str(min(os.cpu_count() or 1, 2)))
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except RebirthError as err:
+        print(f"tvm-rebirth {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"tvm-rebirth {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as err:  # a bug of ours: one line, the traceback only on request
+        if os.environ.get("TVM_REBIRTH_DEBUG"):
+            traceback.print_exc()
+        first = (str(err).strip().splitlines() or [""])[0]
+        print(f"tvm-rebirth {args.command}: internal error: {type(err).__name__}: {first} "
+              "(set TVM_REBIRTH_DEBUG=1 for the traceback)", file=sys.stderr)
+        return 3
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

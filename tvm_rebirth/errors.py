@@ -1,0 +1,8 @@
+"""The one exception type the CLI turns into a one-line message and a non-zero exit."""
+
+
+class RebirthError(Exception):
+    """A user-facing error: bad model file, bad plan, bad weights, unreachable device.
+
+    The message must name the file, site, key or host it is about, on one line.
+    """

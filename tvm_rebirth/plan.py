@@ -1,0 +1,213 @@
+"""RebirthPlan: the user-editable YAML record of where and how a model will be slimmed."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import yaml
+
+from .errors import RebirthError
+from .passes.find_rebirth_sites import FindRebirthSites
+from .passes.site import KERNEL_POLICIES, SITE_KINDS, ConvSpec, RebirthSite
+
+PLAN_FORMAT = "rebirth-plan/1"
+
+
+@dataclasses.dataclass
+class RebirthPlan:
+    model_name: str
+    model_sha256: str
+    input_shapes: dict
+    policy: str
+    kinds: list
+    sites: list  # RebirthSite
+    rejected: list = dataclasses.field(default_factory=list)  # [{"id", "reason"}]
+    source: str = ""
+
+    # -- construction --------------------------------------------------------------------
+    @classmethod
+    def from_model(cls, model, policy="keep-kernel", kinds=SITE_KINDS) -> "RebirthPlan":
+        finder = FindRebirthSites(policy, kinds)
+        sites = finder.find(model.mod)
+        return cls(model_name=model.name, model_sha256=model.sha256,
+                   input_shapes={k: list(v) for k, v in model.input_shapes.items()},
+                   policy=policy, kinds=list(kinds), sites=sites,
+                   rejected=[{"id": i, "reason": r} for i, r in finder.rejected],
+                   source=str(model.path))
+
+    # -- serialisation -------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        return {
+            "format": PLAN_FORMAT,
+            "model": {"name": self.model_name, "sha256": self.model_sha256,
+                      "source": self.source},
+            "input_shapes": self.input_shapes,
+            "policy": self.policy,
+            "kinds": list(self.kinds),
+            "sites": [s.to_dict() for s in self.sites],
+            "rejected": list(self.rejected),
+        }
+
+    @property
+    def sha256(self) -> str:
+        """Hash of the plan's content (not its formatting): weights files record it."""
+        canonical = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(canonical.encode()).hexdigest()
+
+    def enabled_sites(self, kind=None) -> list:
+        return [s for s in self.sites if s.enabled and (kind is None or s.kind == kind)]
+
+    def site(self, site_id: str) -> RebirthSite:
+        for s in self.sites:
+            if s.id == site_id:
+                return s
+        raise KeyError(site_id)
+
+    def save(self, path) -> None:
+        path = Path(path)
+        header = ("# tvm-rebirth plan: edit `enabled` or a site's `new_conv` (kernel, stride,\n"
+                  "# padding, out_channels); `tvm-rebirth` validates edits against the model.\n")
+        text = header + yaml.safe_dump(self.to_dict(), sort_keys=False, default_flow_style=None,
+                                       width=100)
+        _atomic_write(path, text)
+
+    @classmethod
+    def load(cls, path) -> "RebirthPlan":
+        path = Path(path)
+        if not path.exists():
+            raise RebirthError(f"{path}: no such plan file")
+        try:
+            data = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as err:
+            mark = getattr(err, "problem_mark", None)
+            where = f" at line {mark.line + 1}" if mark else ""
+            raise RebirthError(f"{path}: not valid YAML{where}") from None
+        except UnicodeDecodeError:
+            raise RebirthError(f"{path}: not a text file") from None
+        return cls.from_dict(data, str(path))
+
+    @classmethod
+    def from_dict(cls, data, label="plan") -> "RebirthPlan":
+        if not isinstance(data, dict) or data.get("format") != PLAN_FORMAT:
+            raise RebirthError(f"{label}: not a tvm-rebirth plan (expected format: {PLAN_FORMAT})")
+        try:
+            model = data["model"]
+            policy = data.get("policy", "keep-kernel")
+            if policy not in KERNEL_POLICIES:
+                raise RebirthError(f"{label}: unknown policy '{policy}'")
+            raw_sites = data.get("sites") or []
+        except (KeyError, TypeError) as err:
+            raise RebirthError(f"{label}: missing key {err}") from None
+        sites = []
+        for i, raw in enumerate(raw_sites):
+            site_id = raw.get("id", f"#{i}") if isinstance(raw, dict) else f"#{i}"
+            try:
+                site = RebirthSite.from_dict(raw)
+            except (KeyError, TypeError, ValueError) as err:
+                detail = f"missing key {err}" if isinstance(err, KeyError) else str(err)
+                raise RebirthError(f"{label}: site '{site_id}': {detail}") from None
+            if not isinstance(site.enabled, bool):
+                raise RebirthError(f"{label}: site '{site_id}': enabled must be true or false")
+            sites.append(site)
+        return cls(model_name=str(model.get("name", "")), model_sha256=str(model.get("sha256", "")),
+                   input_shapes=dict(data.get("input_shapes") or {}), policy=policy,
+                   kinds=list(data.get("kinds") or SITE_KINDS), sites=sites,
+                   rejected=list(data.get("rejected") or []), source=str(model.get("source", "")))
+
+    # -- validation ----------------------------------------------------------------------
+    def validate(self, model, label="plan") -> None:
+        """Check the plan against ``model``; raise RebirthError naming the first bad site."""
+        if self.model_sha256 != model.sha256:
+            raise RebirthError(
+                f"{label}: made for model '{self.model_name}' (sha256 {self.model_sha256[:12]}), "
+                f"not for {model.path} (sha256 {model.sha256[:12]})")
+        shapes = {k: list(v) for k, v in model.input_shapes.items()}
+        if {k: list(v) for k, v in self.input_shapes.items()} != shapes:
+            raise RebirthError(f"{label}: input shapes {self.input_shapes} differ from the "
+                               f"model's {shapes}")
+        detected = {s.id: s for s in FindRebirthSites(self.policy, SITE_KINDS).find(model.mod)}
+        seen = set()
+        for site in self.sites:
+            if site.id in seen:
+                raise RebirthError(f"{label}: site '{site.id}' appears twice")
+            seen.add(site.id)
+            ref = detected.get(site.id)
+            if ref is None:
+                raise RebirthError(f"{label}: site '{site.id}' does not exist in {model.name}")
+            try:
+                _validate_site(site, ref)
+            except ValueError as err:
+                raise RebirthError(f"{label}: site '{site.id}': {err}") from None
+
+
+def _validate_site(site: RebirthSite, ref: RebirthSite) -> None:
+    if site.kind != ref.kind:
+        raise ValueError(f"kind is '{ref.kind}' in the model, plan says '{site.kind}'")
+    if list(site.ops) != list(ref.ops):
+        raise ValueError(f"ops {site.ops} differ from the model's {ref.ops}")
+    if site.kind == "streamline" and (
+            [c.to_dict() for c in site.old_conv] != [c.to_dict() for c in ref.old_conv]):
+        raise ValueError("old_conv differs from the model's convolutions")
+    if [list(site.input_hw), list(site.output_hw)] != [list(ref.input_hw), list(ref.output_hw)]:
+        raise ValueError("input_hw/output_hw differ from the model's")
+    if len(site.new_conv) != len(site.old_conv) or (
+            site.kind == "streamline" and len(site.new_conv) != len(ref.new_conv)):
+        raise ValueError(f"needs {len(ref.new_conv)} new_conv entries, has {len(site.new_conv)}")
+    for new, old, proposed in zip(site.new_conv, site.old_conv, ref.new_conv):
+        if new.replaces != old.replaces:
+            raise ValueError(f"new_conv replaces '{new.replaces}', expected '{old.replaces}'")
+        where = f"new_conv '{new.replaces}'"
+        if new.in_channels != old.in_channels or new.groups != old.groups:
+            raise ValueError(f"{where}: in_channels/groups must stay "
+                             f"{old.in_channels}/{old.groups}")
+        if site.kind == "streamline":
+            if new.out_channels != old.out_channels:
+                raise ValueError(f"{where}: out_channels must stay {old.out_channels}")
+            if new.stride != proposed.stride:
+                raise ValueError(f"{where}: stride must be {proposed.stride} (the product of "
+                                 "the conv and pool strides)")
+            in_hw = site.input_hw
+            got = new.output_hw(in_hw)
+            if got != list(site.output_hw):
+                raise ValueError(f"{where}: {new.describe()} on {in_hw[0]}x{in_hw[1]} gives "
+                                 f"{got[0]}x{got[1]}, the block gives "
+                                 f"{site.output_hw[0]}x{site.output_hw[1]}; adjust padding")
+    if site.exact and [c.to_dict() for c in site.new_conv] != [c.to_dict() for c in ref.new_conv]:
+        raise ValueError("an exact site's new_conv is computed in closed form and cannot be "
+                         "edited; set exact: false to learn it instead")
+    if site.exact and not ref.exact:
+        raise ValueError("exact: true, but the block has a nonlinearity inside")
+    if site.kind == "branch":
+        _validate_branch(site, ref)
+
+
+def _validate_branch(site: RebirthSite, ref: RebirthSite) -> None:
+    branches = {b["convs"][-1]: b for b in ref.branches}
+    pool_branch = branches.get(site.absorb.get("pool_branch"))
+    into = site.absorb.get("pool_into")
+    if pool_branch is None or not pool_branch.get("pool"):
+        raise ValueError(f"absorb.pool_branch must name the pool branch's conv "
+                         f"({ref.absorb.get('pool_branch')})")
+    if into not in branches or branches[into].get("pool"):
+        raise ValueError(f"absorb.pool_into '{into}' is not the last conv of a tensor branch")
+    new = {c.replaces: c for c in site.new_conv}
+    if into not in new:
+        raise ValueError(f"absorb.pool_into '{into}' has no new_conv entry")
+    window = pool_branch["pool_window"]
+    if new[into].kernel[0] < window[0] or new[into].kernel[1] < window[1]:
+        raise ValueError(f"absorbing conv '{into}' has kernel {new[into].kernel}, smaller than "
+                         f"the {window[0]}x{window[1]} pool window it must cover")
+    for name, spec in new.items():
+        if name not in branches:
+            raise ValueError(f"new_conv '{name}' is not a branch's last conv")
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
