@@ -176,8 +176,10 @@ class FindRebirthSites:
             if not self._lrn.match(binding.value, var2val=graph.var2val):
                 continue
             x = binding.value.args[0]  # the pattern resolves vars to values; keep the var
-            square = [u for u in graph.users_of(x) if u != binding.var]
-            lrns[x] = (binding.var, set(graph.users_of(x)), square[0] if square else None)
+            square = [u for u in graph.users_of(x) if u != _RETURN and _op_name(
+                graph.value[u]) == "relax.multiply" and all(a.same_as(x) for a in graph.value[u].args)]
+            if square:  # LRN reads x twice (square, divide); a third reader is a fan-out
+                lrns[x] = (binding.var, {binding.var, square[0]}, square[0])
         return lrns
 
     def _layer_namer(self, graph, names):

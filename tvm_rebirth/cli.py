@@ -84,18 +84,26 @@ def cmd_plan(args) -> None:
     start = time.time()
     log(f"[plan] loading {args.model}")
     model = load_model(args.model)
-    log(f"[plan] finding rebirth sites ({args.policy})")
-    plan = RebirthPlan.from_model(model, policy=args.policy, kinds=kinds)
-    out = args.output or f"{model.name}.plan.yaml"
-    plan.save(out)
+    if args.check:
+        plan = RebirthPlan.load(args.check)
+        log(f"[plan] validating {args.check} against {model.name}")
+        plan.validate(model, label=args.check)
+        out = args.check
+    else:
+        log(f"[plan] finding rebirth sites ({args.policy})")
+        plan = RebirthPlan.from_model(model, policy=args.policy, kinds=kinds)
+        out = args.output or f"{model.name}.plan.yaml"
+        plan.save(out)
     payload = {"model": model.name, "sha256": model.sha256, "plan": os.path.abspath(out),
-               "policy": args.policy, "input_shapes": plan.input_shapes,
+               "plan_sha256": plan.sha256, "valid": True,
+               "policy": plan.policy, "input_shapes": plan.input_shapes,
                "sites": [_site_json(s) for s in plan.sites], "rejected": plan.rejected,
                "counts": {k: sum(s.kind == k for s in plan.sites) for k in SITE_KINDS},
                "seconds": round(time.time() - start, 2)}
     text = _table(_site_rows(plan.sites), ["site", "kind", "ops", "old -> new conv", "exact"])
     counts = ", ".join(f"{v} {k}" for k, v in payload["counts"].items())
-    text += f"\n\n{model.name}: {counts} site(s); plan written to {out}"
+    done = "is valid" if args.check else "written to"
+    text += f"\n\n{model.name}: {counts} site(s); plan {done} {out}"
     for r in plan.rejected:
         text += f"\nrejected {r['id']}: {r['reason']}"
     _emit(args, payload, text)
@@ -146,6 +154,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", help="plan file to write (default: <model>.plan.yaml)")
     p.add_argument("--kinds", default=",".join(SITE_KINDS),
                    help="site kinds to look for (default: streamline,branch)")
+    p.add_argument("--check", metavar="PLAN",
+                   help="validate an existing (edited) plan against MODEL instead of writing one")
     p.add_argument("--policy", choices=KERNEL_POLICIES, default="keep-kernel",
                    help="rebirth conv kernel: keep-kernel (the paper, default) or "
                         "keep-receptive-field")

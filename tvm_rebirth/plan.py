@@ -55,7 +55,9 @@ class RebirthPlan:
     @property
     def sha256(self) -> str:
         """Hash of the plan's content (not its formatting): weights files record it."""
-        canonical = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+        content = self.to_dict()
+        content["model"] = {k: v for k, v in content["model"].items() if k != "source"}
+        canonical = json.dumps(content, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(canonical.encode()).hexdigest()
 
     def enabled_sites(self, kind=None) -> list:
