@@ -27,6 +27,7 @@ class RebirthPlan:
     sites: list  # RebirthSite
     rejected: list = dataclasses.field(default_factory=list)  # [{"id", "reason"}]
     source: str = ""
+    path: str = ""  # the file it was loaded from, for messages
 
     # -- construction --------------------------------------------------------------------
     @classmethod
@@ -90,7 +91,9 @@ class RebirthPlan:
             raise RebirthError(f"{path}: not valid YAML{where}") from None
         except UnicodeDecodeError:
             raise RebirthError(f"{path}: not a text file") from None
-        return cls.from_dict(data, str(path))
+        plan = cls.from_dict(data, str(path))
+        plan.path = str(path)
+        return plan
 
     @classmethod
     def from_dict(cls, data, label="plan") -> "RebirthPlan":
@@ -121,8 +124,9 @@ class RebirthPlan:
                    rejected=list(data.get("rejected") or []), source=str(model.get("source", "")))
 
     # -- validation ----------------------------------------------------------------------
-    def validate(self, model, label="plan") -> None:
+    def validate(self, model, label=None) -> None:
         """Check the plan against ``model``; raise RebirthError naming the first bad site."""
+        label = label or self.path or "plan"
         if self.model_sha256 != model.sha256:
             raise RebirthError(
                 f"{label}: made for model '{self.model_name}' (sha256 {self.model_sha256[:12]}), "
