@@ -1,7 +1,10 @@
 """tvm-rebirth's Relax passes: pure IRModule analyses and rewrites, no I/O."""
 
+from .exact_merge import exact_site_weights
 from .find_rebirth_sites import FindRebirthSites, find_rebirth_sites
-from .site import KERNEL_POLICIES, SITE_KINDS, ConvSpec, RebirthSite
+from .site import KERNEL_POLICIES, SITE_KINDS, ConvSpec, RebirthSite, weight_keys
+from .streamline_slimming import StreamlineSlimming
 
-__all__ = ["FindRebirthSites", "find_rebirth_sites", "ConvSpec", "RebirthSite",
+__all__ = ["FindRebirthSites", "find_rebirth_sites", "StreamlineSlimming",
+           "exact_site_weights", "ConvSpec", "RebirthSite", "weight_keys",
            "KERNEL_POLICIES", "SITE_KINDS"]

@@ -27,6 +27,7 @@ that tvm_rebirth's importer attaches; without it sites are named by position.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import tvm
@@ -39,6 +40,17 @@ from .site import (KERNEL_POLICIES, LINEAR_OPS, NON_TENSOR_OPS, SITE_KINDS, Conv
 _POOL_OPS = {"relax.nn.max_pool2d": "max_pool2d", "relax.nn.avg_pool2d": "avg_pool2d"}
 _AFFINE_OPS = ("relax.multiply", "relax.add", "relax.subtract", "relax.divide")
 _RETURN = "<return>"
+
+
+@dataclasses.dataclass
+class SiteTrace:
+    """Where a site sits in the function: what the slimming passes rewrite."""
+
+    convs: list   # conv2d vars, one per rebirth conv (same order as site.new_conv)
+    inputs: list  # each conv's data input
+    relu: list    # whether each rebirth conv is followed by a ReLU
+    steps: list   # (kind, var) of every op after the conv(s), bias adds as "bias"
+    end: object   # the var whose value the rebirth conv(s) replace
 
 
 def _shape(expr):
@@ -101,6 +113,7 @@ class _Dataflow:
         return list(expr.fields) if isinstance(expr, relax.Tuple) else None
 
 
+@tvm.transform.module_pass(opt_level=0, name="FindRebirthSites")
 class FindRebirthSites:
     """Analysis pass: annotate the module with the rebirth sites it contains.
 
@@ -127,7 +140,7 @@ class FindRebirthSites:
         self.rejected = []
 
     # -- pass interface ---------------------------------------------------------------
-    def __call__(self, mod: tvm.IRModule) -> tvm.IRModule:
+    def transform_module(self, mod: tvm.IRModule, _ctx=None) -> tvm.IRModule:
         sites = self.find(mod)
         return mod.with_attr("rebirth_sites", json.dumps([s.to_dict() for s in sites]))
 
@@ -139,6 +152,7 @@ class FindRebirthSites:
         names = dict(mod.attrs["rebirth_layer_names"]) if (
             mod.attrs is not None and "rebirth_layer_names" in mod.attrs) else {}
         self.rejected = []
+        self.traces = {}
         self._graph = graph
         self._lrns = self._match_lrns(graph)
         self._names = self._layer_namer(graph, names)
@@ -271,9 +285,10 @@ class FindRebirthSites:
                 return "scale", user, None, None
         return None
 
-    def _walk(self, cur, ops, layers, windows_h, windows_w, allow_bias):
+    def _walk(self, cur, ops, layers, windows_h, windows_w, allow_bias, steps):
         """Extend a chain from ``cur`` through bias/relu/non-tensor ops; returns the end var
-        and whether the chain stayed a linear map of the conv output."""
+        and whether the chain stayed a linear map of the conv output. ``steps`` receives
+        (kind, var) for every op passed, the bias add as kind "bias"."""
         end, linear, pending_relu = cur, True, False
         while True:
             step = self._step(cur, allow_bias)
@@ -282,6 +297,7 @@ class FindRebirthSites:
             kind, out, name, window = step
             allow_bias = False
             cur = out
+            steps.append((kind or "bias", out))
             if kind is None:  # bias add: part of the conv
                 end = cur
                 continue
@@ -307,11 +323,10 @@ class FindRebirthSites:
                 windows_h.append(wh)
                 windows_w.append(ww)
             end = cur
-        # trailing relus belong to the chain
-        while ops and ops[-1] == "relu" and end is not cur:
-            break
-        if ops[-1] == "relu":
+        if ops[-1] == "relu":  # trailing relus belong to the chain
             end = cur
+        while steps and not steps[-1][1].same_as(end):
+            steps.pop()
         return end, linear
 
     # -- the three site shapes -------------------------------------------------------------
@@ -323,7 +338,8 @@ class FindRebirthSites:
         ops, layers = ["conv2d"], [name]
         wh = [Window(spec.kernel[0], spec.stride[0], spec.padding[0], spec.padding[2])]
         ww = [Window(spec.kernel[1], spec.stride[1], spec.padding[1], spec.padding[3])]
-        end, linear = self._walk(conv_var, ops, layers, wh, ww, allow_bias=True)
+        steps = []
+        end, linear = self._walk(conv_var, ops, layers, wh, ww, allow_bias=True, steps=steps)
         if not any(op in NON_TENSOR_OPS for op in ops):
             return None
         in_hw = _shape(self._graph.value[conv_var].args[0])[2:]
@@ -336,6 +352,9 @@ class FindRebirthSites:
             self.rejected.append((site_id, str(err)))
             return None
         new = ConvSpec(name, spec.in_channels, spec.out_channels, kernel, stride, pad, spec.groups)
+        self.traces[site_id] = SiteTrace(
+            convs=[conv_var], inputs=[self._graph.value[conv_var].args[0]],
+            relu=["relu" in ops], steps=steps, end=end)
         return RebirthSite(id=site_id, kind="streamline", ops=ops, layers=layers,
                            old_conv=[spec], new_conv=[new], exact=linear, input_hw=in_hw,
                            output_hw=out_hw, note=note)
@@ -375,8 +394,8 @@ class FindRebirthSites:
         if any(conv is None for conv, _ in tails):
             return None
         ops, layers = ["concat"], [self._names[concat_var]]
-        wh, ww = [], []
-        end, linear = self._walk(concat_var, ops, layers, wh, ww, allow_bias=False)
+        wh, ww, steps = [], [], []
+        end, linear = self._walk(concat_var, ops, layers, wh, ww, allow_bias=False, steps=steps)
         linear = linear and not any(relu for _, relu in tails)
         site_id = "+".join(layers)
         out_hw = _shape(end)[2:]
@@ -403,6 +422,9 @@ class FindRebirthSites:
             enabled = False
             note = "receptive-field-preserving branch convs ran slower; enable by hand"
         in_hw = _shape(graph.value[tails[0][0]].args[0])[2:]
+        self.traces[site_id] = SiteTrace(
+            convs=[c for c, _ in tails], inputs=[graph.value[c].args[0] for c, _ in tails],
+            relu=[r for _, r in tails], steps=steps, end=end)
         return RebirthSite(id=site_id, kind="streamline", ops=ops, layers=layers, old_conv=old,
                            new_conv=new, exact=linear, enabled=enabled, input_hw=in_hw,
                            output_hw=out_hw, note=note)

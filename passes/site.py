@@ -206,3 +206,12 @@ def rebirth_geometry(windows_hw, in_hw, out_hw, policy, exact):
         kernel[d], stride[d] = k, jump
         pad[d], pad[d + 2] = solved
     return kernel, stride, pad, "; ".join(dict.fromkeys(notes))
+
+
+def weight_keys(site: RebirthSite) -> list:
+    """(replaces, weight key, bias key) per rebirth conv in a weights file (.npz):
+    ``<site id>/weight`` for a single conv, ``<site id>/<conv layer>/weight`` for several."""
+    if len(site.new_conv) == 1:
+        return [(site.new_conv[0].replaces, f"{site.id}/weight", f"{site.id}/bias")]
+    return [(c.replaces, f"{site.id}/{c.replaces}/weight", f"{site.id}/{c.replaces}/bias")
+            for c in site.new_conv]

@@ -1,0 +1,129 @@
+"""StreamlineSlimming: replace each enabled streamline site by its rebirth convolution.
+
+Before (GoogLeNet conv1 block, site ``conv1/7x7_s2+pool1/3x3_s2+pool1/norm1``)::
+
+    lv   = R.nn.conv2d(data, W1, strides=[2, 2], padding=[3, 3, 3, 3])
+    lv2  = R.add(lv, b1)
+    lv3  = R.nn.relu(lv2)
+    lv4  = R.nn.max_pool2d(lv3, pool_size=[3, 3], strides=[2, 2])
+    lv5 .. lv12 = LRN(lv4)            # multiply, expand_dims, avg_pool3d, ..., divide
+
+After (weights from the fine-tune stage, or closed form for exact sites)::
+
+    lv   = R.nn.conv2d(data, W_rebirth, strides=[4, 4], padding=[1, 1, 0, 0])
+    lv2  = R.add(lv, b_rebirth)
+    lv3  = R.nn.relu(lv2)             # kept when the block had a ReLU
+
+A pool after an inception concat becomes strided branch convs feeding the concat. Every
+site, shape and the plan hash are checked before anything is rewritten; a mismatch raises
+RebirthError naming the site.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import tvm
+from tvm import relax
+
+from ..errors import RebirthError
+from .exact_merge import exact_site_weights
+from .find_rebirth_sites import FindRebirthSites
+from .site import weight_keys
+
+
+@relax.expr_functor.mutator
+class _SiteRewriter(relax.PyExprMutator):
+    """Emits the rebirth conv(s) in place of each site's last binding."""
+
+    def __init__(self, mod, replacements):
+        super().__init__(mod)
+        self.replacements = replacements  # end var -> [(input, ConvSpec, W, b, relu)]
+
+    def visit_var_binding_(self, binding):
+        convs = self.replacements.get(binding.var)
+        if convs is None:
+            super().visit_var_binding_(binding)
+            return
+        is_output = not isinstance(binding.var, relax.DataflowVar)
+        outs = []
+        for i, (data, spec, weight, bias, relu) in enumerate(convs):
+            last = i == len(convs) - 1 and len(convs) == 1
+            y = self.builder_.emit(relax.op.nn.conv2d(
+                self.visit_expr(data), relax.const(weight), strides=spec.stride,
+                padding=spec.padding, groups=spec.groups))
+            y = self._emit(relax.op.add(y, relax.const(bias.reshape(1, -1, 1, 1))),
+                           is_output and last and not relu)
+            if relu:
+                y = self._emit(relax.op.nn.relu(y), is_output and last)
+            outs.append(y)
+        new = outs[0] if len(outs) == 1 else self._emit(relax.op.concat(outs, axis=1), is_output)
+        self.set_var_remap(binding.var, new)
+
+    def _emit(self, expr, as_output):
+        return self.builder_.emit_output(expr) if as_output else self.builder_.emit(expr)
+
+
+@tvm.transform.module_pass(opt_level=0, name="StreamlineSlimming")
+class StreamlineSlimming:
+    """Replace every enabled ``streamline`` site of ``plan`` by its rebirth conv.
+
+    ``weights`` maps ``<site id>/weight`` (OIHW) and ``<site id>/bias`` to arrays (see
+    ``site.weight_keys``); an object with ``.arrays`` and ``.plan_sha256`` (a loaded weights
+    file) also has its plan hash checked. Exact sites missing from ``weights`` are computed
+    in closed form.
+    """
+
+    def __init__(self, plan, weights, func_name: str = "main"):
+        self.plan = plan
+        self.weights = weights
+        self.func_name = func_name
+
+    def transform_module(self, mod: tvm.IRModule, _ctx=None) -> tvm.IRModule:
+        sites = [s for s in self.plan.sites if s.enabled and s.kind == "streamline"]
+        if not sites:
+            return mod
+        arrays = getattr(self.weights, "arrays", self.weights)
+        plan_sha = getattr(self.weights, "plan_sha256", None)
+        if plan_sha and plan_sha != self.plan.sha256:
+            raise RebirthError(f"weights were learned for plan {plan_sha[:12]}, not for this "
+                               f"plan ({self.plan.sha256[:12]}); re-run `tvm-rebirth finetune`")
+        finder = FindRebirthSites(self.plan.policy, ["streamline"], self.func_name)
+        found = {s.id: s for s in finder.find(mod)}
+        replacements = {}
+        for site in sites:
+            ref = found.get(site.id)
+            if ref is None:
+                raise RebirthError(f"site '{site.id}': not in the module (already slimmed, or a "
+                                   "plan for another model?)")
+            if ref.ops != site.ops or [c.to_dict() for c in ref.old_conv] != [
+                    c.to_dict() for c in site.old_conv]:
+                raise RebirthError(f"site '{site.id}': the module's block differs from the plan")
+            trace = finder.traces[site.id]
+            convs = []
+            for (replaces, wkey, bkey), spec, data, relu in zip(
+                    weight_keys(site), site.new_conv, trace.inputs, trace.relu):
+                weight, bias = self._weights_for(mod, site, wkey, bkey)
+                want = (spec.out_channels, spec.in_channels // spec.groups, *spec.kernel)
+                if tuple(weight.shape) != want:
+                    raise RebirthError(f"site '{site.id}': weight '{wkey}' has shape "
+                                       f"{list(weight.shape)}, the plan needs {list(want)}")
+                if tuple(bias.shape) != (spec.out_channels,):
+                    raise RebirthError(f"site '{site.id}': bias '{bkey}' has shape "
+                                       f"{list(bias.shape)}, the plan needs [{spec.out_channels}]")
+                convs.append((data, spec, weight.astype("float32"), bias.astype("float32"), relu))
+            replacements[trace.end] = convs
+        func = _SiteRewriter(mod, replacements).visit_expr(mod[self.func_name])
+        func = relax.analysis.remove_all_unused(func)
+        updated = tvm.IRModule(dict(mod.functions), attrs=mod.attrs)
+        updated[self.func_name] = func
+        return updated
+
+    def _weights_for(self, mod, site, wkey, bkey):
+        arrays = getattr(self.weights, "arrays", self.weights)
+        if wkey in arrays and bkey in arrays:
+            return np.asarray(arrays[wkey]), np.asarray(arrays[bkey])
+        if site.exact:
+            return exact_site_weights(mod, site.id, self.func_name)
+        missing = wkey if wkey not in arrays else bkey
+        raise RebirthError(f"site '{site.id}': the weights have no '{missing}' "
+                           "(run `tvm-rebirth finetune` for this plan)")
