@@ -28,7 +28,7 @@ def _evaluate(expr, var2val):
         return expr.value.numpy().astype(np.float64)
     if isinstance(expr, relax.Var):
         if expr not in var2val:
-            raise ValueError(f"'{expr.name_hint}' is not a constant")
+            raise ValueError(f"'{expr.name}' is not a constant")
         return _evaluate(var2val[expr], var2val)
     op = _op_name(expr)
     if op in _ELEMENTWISE:

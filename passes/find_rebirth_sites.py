@@ -21,8 +21,8 @@ Three shapes of block are found (see ``site.RebirthSite``):
 
 The analysis is pure: the module is returned unchanged except for the ``rebirth_sites``
 attribute (JSON), and ``find_rebirth_sites`` returns the sites as objects. Source layer names
-come from the ``rebirth_layer_names`` module attribute ({op kind: [names in graph order]})
-that tvm_rebirth's importer attaches; without it sites are named by position.
+are the names AttachLayerNames gives the vars of conv/pool/LRN/BN/concat bindings (listed in
+the ``rebirth_layer_names`` module attribute); without them sites are named by position.
 """
 
 from __future__ import annotations
@@ -40,6 +40,8 @@ from .site import (KERNEL_POLICIES, LINEAR_OPS, NON_TENSOR_OPS, SITE_KINDS, Conv
 _POOL_OPS = {"relax.nn.max_pool2d": "max_pool2d", "relax.nn.avg_pool2d": "avg_pool2d"}
 _AFFINE_OPS = ("relax.multiply", "relax.add", "relax.subtract", "relax.divide")
 _RETURN = "<return>"
+_LAYER_KINDS = {"relax.nn.conv2d": "conv2d", "relax.nn.batch_norm": "batch_norm",
+                "relax.concat": "concat", **_POOL_OPS}
 
 
 @dataclasses.dataclass
@@ -149,8 +151,8 @@ class FindRebirthSites:
         ``self.rejected`` as (id, reason)."""
         func = mod[self.func_name]
         graph = _Dataflow(func)
-        names = dict(mod.attrs["rebirth_layer_names"]) if (
-            mod.attrs is not None and "rebirth_layer_names" in mod.attrs) else {}
+        names = {str(n) for n in mod.attrs["rebirth_layer_names"]} if (
+            mod.attrs is not None and "rebirth_layer_names" in mod.attrs) else set()
         self.rejected = []
         self.traces = {}
         self._graph = graph
@@ -197,21 +199,12 @@ class FindRebirthSites:
         return lrns
 
     def _layer_namer(self, graph, names):
-        order = {}
-        for binding in graph.bindings:
-            op = _op_name(binding.value)
-            kind = {"relax.nn.conv2d": "conv2d", "relax.nn.batch_norm": "batch_norm",
-                    "relax.concat": "concat", **_POOL_OPS}.get(op)
-            if kind:
-                order.setdefault(kind, []).append(binding.var)
-        order["lrn"] = sorted((out for out, _, _ in self._lrns.values()),
-                              key=lambda v: graph.position[v])
+        """var -> layer name: the var's own name where AttachLayerNames gave it a source
+        layer name, else ``<kind>_<position>``."""
         table = {}
-        for kind, vars_ in order.items():
-            source = list(names.get(kind, []))
-            use_source = len(source) == len(vars_)
+        for kind, vars_ in layer_vars(graph, self._lrns).items():
             for i, var in enumerate(vars_):
-                table[var] = str(source[i]) if use_source else f"{kind}_{i}"
+                table[var] = str(var.name) if str(var.name) in names else f"{kind}_{i}"
         return table
 
     # -- helpers ---------------------------------------------------------------------------
@@ -527,6 +520,17 @@ class FindRebirthSites:
             new_conv=new, exact=False, input_hw=(_shape(fork) or [0, 0, 0, 0])[2:],
             output_hw=_shape(concat_var)[2:], branches=branches, absorb=absorb,
             note=f"{len(branches)} branches -> {len(branches) - len(grow)}")
+
+
+def layer_vars(graph, lrns) -> dict:
+    """{layer kind: [vars in binding order]} for the ops that carry source layer names."""
+    order = {}
+    for binding in graph.bindings:
+        kind = _LAYER_KINDS.get(_op_name(binding.value))
+        if kind:
+            order.setdefault(kind, []).append(binding.var)
+    order["lrn"] = sorted((out for out, _, _ in lrns.values()), key=lambda v: graph.position[v])
+    return order
 
 
 def find_rebirth_sites(mod, policy="keep-kernel", kinds=SITE_KINDS, func_name="main"):

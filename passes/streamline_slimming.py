@@ -48,9 +48,10 @@ class _SiteRewriter(relax.PyExprMutator):
         outs = []
         for i, (data, spec, weight, bias, relu) in enumerate(convs):
             last = i == len(convs) - 1 and len(convs) == 1
+            # the rebirth conv keeps the replaced layer's name, so site ids stay stable
             y = self.builder_.emit(relax.op.nn.conv2d(
                 self.visit_expr(data), relax.const(weight), strides=spec.stride,
-                padding=spec.padding, groups=spec.groups))
+                padding=spec.padding, groups=spec.groups), name_hint=spec.replaces)
             y = self._emit(relax.op.add(y, relax.const(bias.reshape(1, -1, 1, 1))),
                            is_output and last and not relu)
             if relu:

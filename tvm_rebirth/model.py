@@ -10,8 +10,9 @@ import sys
 import warnings
 from pathlib import Path
 
-from .errors import RebirthError
 from . import zoo
+from .errors import RebirthError
+from .passes.attach_layer_names import AttachLayerNames
 
 # ONNX op type -> the Relax op (or recognised subgraph) the ONNX frontend emits for it, so the
 # k-th Relax conv2d can be named after the k-th ONNX Conv node (the frontend keeps node order).
@@ -82,7 +83,7 @@ def load_model(model: str) -> LoadedModel:
     if not input_shapes:
         raise RebirthError(f"{path}: the model has no data input")
     mod = import_onnx(onnx_model, input_shapes, str(path))
-    mod = mod.with_attr("rebirth_layer_names", onnx_layer_names(onnx_model))
+    mod = AttachLayerNames(onnx_layer_names(onnx_model))(mod)
     return LoadedModel(name=name, path=path, sha256=zoo.file_sha256(path),
                        onnx_model=onnx_model, input_shapes=input_shapes, mod=mod,
                        zoo_entry=entry)

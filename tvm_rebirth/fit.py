@@ -1,0 +1,137 @@
+"""Layer-wise fitting of a rebirth convolution from captured activations.
+
+``fit_rebirth_conv`` solves   min_W,b || act(conv(X; W, b)) - Y ||^2
+first in closed form (ridge least squares on im2col patches, the target taken as the
+pre-activation), then refines the true objective through the ReLU by alternating least
+squares (deterministic; the normal equations are factored once).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+
+import numpy as np
+
+
+def im2col(x, kernel, stride, padding):
+    """Patches of x [N, C, H, W]: array [N * Ho * Wo, C * kh * kw] (channel-major like OIHW)."""
+    n, c, h, w = x.shape
+    kh, kw = kernel
+    sh, sw = stride
+    pt, pl, pb, pr = padding
+    xp = np.pad(x, ((0, 0), (0, 0), (pt, pb), (pl, pr)))
+    ho = (h + pt + pb - kh) // sh + 1
+    wo = (w + pl + pr - kw) // sw + 1
+    cols = np.empty((n, c, kh, kw, ho, wo), dtype=x.dtype)
+    for i in range(kh):
+        for j in range(kw):
+            cols[:, :, i, j] = xp[:, :, i: i + sh * (ho - 1) + 1: sh, j: j + sw * (wo - 1) + 1: sw]
+    return cols.transpose(0, 4, 5, 1, 2, 3).reshape(n * ho * wo, c * kh * kw), (ho, wo)
+
+
+def conv_forward(x, weight, bias, spec):
+    """Reference NCHW convolution (numpy) with a ConvSpec's stride/padding/groups."""
+    g = spec.groups
+    n = x.shape[0]
+    cin_g, cout_g = x.shape[1] // g, weight.shape[0] // g
+    outs = []
+    for gi in range(g):
+        cols, (ho, wo) = im2col(x[:, gi * cin_g:(gi + 1) * cin_g], spec.kernel, spec.stride,
+                                spec.padding)
+        w = weight[gi * cout_g:(gi + 1) * cout_g].reshape(cout_g, -1)
+        outs.append((cols @ w.T + bias[gi * cout_g:(gi + 1) * cout_g]).reshape(n, ho, wo, cout_g))
+    return np.concatenate(outs, axis=3).transpose(0, 3, 1, 2)
+
+
+@dataclasses.dataclass
+class FitResult:
+    weight: np.ndarray  # OIHW float32
+    bias: np.ndarray
+    rel_error: float  # || act(conv(X)) - Y || / || Y || after refinement
+    rel_error_closed_form: float
+    seconds: float
+
+
+def _rel_error(pred, target):
+    return float(np.linalg.norm(pred - target) / max(np.linalg.norm(target), 1e-12))
+
+
+def fit_rebirth_conv(x, y, spec, relu=True, ridge=1e-6, steps=12) -> FitResult:
+    """Fit the conv ``spec`` so that act(conv(x)) reproduces y (x: [N,C,H,W], y: [N,O,Ho,Wo])."""
+    start = time.time()
+    x = np.ascontiguousarray(x, np.float32)
+    y = np.ascontiguousarray(y, np.float32)
+    g = spec.groups
+    cin_g, cout_g = x.shape[1] // g, y.shape[1] // g
+    weight = np.zeros((spec.out_channels, cin_g, *spec.kernel), np.float32)
+    bias = np.zeros(spec.out_channels, np.float32)
+    closed_w, closed_b = weight.copy(), bias.copy()
+    for gi in range(g):
+        cols, (ho, wo) = im2col(x[:, gi * cin_g:(gi + 1) * cin_g], spec.kernel, spec.stride,
+                                spec.padding)
+        if (ho, wo) != tuple(y.shape[2:]):
+            raise ValueError(f"conv {spec.describe()} gives {ho}x{wo}, the target is "
+                             f"{y.shape[2]}x{y.shape[3]}")
+        target = y[:, gi * cout_g:(gi + 1) * cout_g].transpose(0, 2, 3, 1).reshape(-1, cout_g)
+        w, b, chol = _ridge(cols, target, ridge)
+        out = slice(gi * cout_g, (gi + 1) * cout_g)
+        closed_w[out] = w.T.reshape(cout_g, cin_g, *spec.kernel)
+        closed_b[out] = b
+        if relu and steps:
+            w, b = _refine_relu(cols, target, w, b, chol, steps)
+        weight[out] = w.T.reshape(cout_g, cin_g, *spec.kernel)
+        bias[out] = b
+    act = (lambda z: np.maximum(z, 0)) if relu else (lambda z: z)
+    closed_err = _rel_error(act(conv_forward(x, closed_w, closed_b, spec)), y)
+    err = _rel_error(act(conv_forward(x, weight, bias, spec)), y) if relu and steps else closed_err
+    if err > closed_err:  # refinement must never make things worse
+        weight, bias, err = closed_w, closed_b, closed_err
+    return FitResult(weight=weight, bias=bias, rel_error=err, rel_error_closed_form=closed_err,
+                     seconds=time.time() - start)
+
+
+def _normal_equations(cols, target, ridge):
+    """A^T A (+ ridge) factor and A^T Y for A = [cols, 1], accumulated in float64 blocks."""
+    k = cols.shape[1]
+    gram = np.zeros((k + 1, k + 1))
+    for i in range(0, len(cols), 65536):
+        a = cols[i:i + 65536].astype(np.float64)
+        gram[:k, :k] += a.T @ a
+        s = a.sum(axis=0)
+        gram[:k, k] += s
+        gram[k, :k] += s
+        gram[k, k] += len(a)
+    scale = np.trace(gram[:k, :k]) / max(k, 1)
+    gram[:k, :k] += ridge * scale * np.eye(k)
+    return np.linalg.cholesky(gram)
+
+
+def _solve(chol, cols, target):
+    k = cols.shape[1]
+    rhs = np.zeros((k + 1, target.shape[1]))
+    for i in range(0, len(cols), 65536):
+        a = cols[i:i + 65536].astype(np.float64)
+        t = target[i:i + 65536].astype(np.float64)
+        rhs[:k] += a.T @ t
+        rhs[k] += t.sum(axis=0)
+    solution = np.linalg.solve(chol.T, np.linalg.solve(chol, rhs))
+    return solution[:k].astype(np.float32), solution[k].astype(np.float32)
+
+
+def _ridge(cols, target, ridge):
+    """Closed form: [W; b] = (A^T A + lambda I)^-1 A^T Y, plus the factor for reuse."""
+    chol = _normal_equations(cols, target, ridge)
+    w, b = _solve(chol, cols, target)
+    return w, b, chol
+
+
+def _refine_relu(cols, target, w, b, chol, iterations):
+    """Alternating least squares through the ReLU: where the target is 0 the pre-activation
+    only has to be <= 0, so it is replaced by min(current, 0) and the same normal equations
+    are solved again. Each step cannot increase || relu(A w) - Y ||."""
+    positive = target > 0
+    for _ in range(iterations):
+        z = cols @ w + b
+        w, b = _solve(chol, cols, np.where(positive, target, np.minimum(z, 0)))
+    return w, b
