@@ -6,6 +6,7 @@ setup(
     description="DeepRebirth layer slimming as Apache TVM Relax passes",
     python_requires=">=3.10",
     packages=["tvm_rebirth", "tvm_rebirth.passes"],
+    package_data={"tvm_rebirth": ["zoo_data/*.onnx"]},
     package_dir={"tvm_rebirth": "tvm_rebirth", "tvm_rebirth.passes": "passes"},
     install_requires=[
         "apache-tvm[rpc]==0.27.0.post1",
@@ -17,6 +18,7 @@ setup(
         "onnx>=1.16",
         # materialises the zoo's BatchNorm statistics from real forward passes
         "onnxruntime>=1.17",
+        "pillow>=9",  # calibration images (JPEG/PNG folders)
     ],
     extras_require={"dev": ["pytest>=7"]},
     entry_points={"console_scripts": ["tvm-rebirth=tvm_rebirth.cli:main"]},

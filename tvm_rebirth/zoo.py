@@ -35,6 +35,9 @@ class ZooModel:
     std: tuple = (1.0, 1.0, 1.0)
     # node index -> layer name, for layers the light export left unnamed (n0, n1, ...)
     layer_names: dict = dataclasses.field(default_factory=dict)
+    calibration: str = "imagenet-photos"  # default unlabeled images for the fine-tune stage
+    labeled: str = ""  # labeled evaluation set, if the model classifies anything
+    path: str = ""  # a model file shipped with the package instead of the onnx wheel
 
 
 def _googlenet_names():
@@ -69,6 +72,10 @@ ZOO = {
                  std=(58.4, 57.1, 57.4)),
         ZooModel("shufflenet", "light_shufflenet.onnx", "ShuffleNet (g=3)", (1, 3, 224, 224),
                  std=(58.4, 57.1, 57.4)),
+        ZooModel("fmnist-inception", "fmnist_inception.onnx",
+                 "GoogLeNet-style net trained on Fashion-MNIST (accuracy reference)",
+                 (1, 1, 28, 28), mean=(72.94,), std=(90.02,), calibration="fashion-mnist",
+                 labeled="fashion-mnist-test", path="zoo_data/fmnist_inception.onnx"),
     ]
 }
 
@@ -94,6 +101,13 @@ def zoo_path(name: str) -> Path:
     if name not in ZOO:
         raise RebirthError(f"unknown model '{name}': not a file and not in the zoo "
                            f"({', '.join(ZOO)})")
+    entry = ZOO[name]
+    if entry.path:  # trained by us and shipped with the package
+        path = Path(__file__).parent / entry.path
+        if not path.exists():
+            raise RebirthError(f"{path}: missing; train it with "
+                               "benchmarks/train_fmnist_inception.py")
+        return path
     path = cache_dir() / "models" / f"{name}.onnx"
     if not path.exists():
         print(f"[zoo] materialising {name} into {path} (once)", file=sys.stderr)

@@ -1,0 +1,138 @@
+"""Calibration and evaluation images: folders of JPEG/PNG files, .npy arrays, zoo defaults."""
+
+from __future__ import annotations
+
+import glob
+import os
+import subprocess
+import sys
+import tempfile
+import zipfile
+from pathlib import Path
+
+import numpy as np
+
+from . import zoo
+from .errors import RebirthError
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
+FOOLBOX_WHEEL = "foolbox==3.3.4"  # carries 20 labeled ImageNet photos in foolbox/data/
+
+
+def preprocess(images_hwc: np.ndarray, entry: zoo.ZooModel | None, shape) -> np.ndarray:
+    """uint8 [N, H, W, C] (already at the model's size) -> float32 NCHW, normalised."""
+    mean = np.array(entry.mean if entry else [0.0] * shape[1], np.float32)
+    std = np.array(entry.std if entry else [1.0] * shape[1], np.float32)
+    x = (images_hwc.astype(np.float32) - mean) / std
+    return np.ascontiguousarray(x.transpose(0, 3, 1, 2))
+
+
+def _decode(path: Path, size, channels, crop_box=None, flip=False):
+    from PIL import Image
+
+    try:
+        with Image.open(path) as img:
+            img = img.convert("RGB" if channels == 3 else "L")
+            if crop_box is not None:
+                img = img.crop(crop_box)
+            else:  # resize the shorter side, centre crop
+                w, h = img.size
+                side = min(w, h)
+                img = img.crop(((w - side) // 2, (h - side) // 2,
+                                (w - side) // 2 + side, (h - side) // 2 + side))
+            img = img.resize((size[1], size[0]), Image.BILINEAR)
+            if flip:
+                img = img.transpose(Image.FLIP_LEFT_RIGHT)
+            arr = np.asarray(img, np.uint8)
+    except (OSError, ValueError) as err:
+        raise RebirthError(f"{path}: not a readable image ({err})") from None
+    return arr[:, :, None] if arr.ndim == 2 else arr
+
+
+def images_from_folder(folder, shape, count, entry=None, augment=False, seed=0):
+    """Up to ``count`` images of a folder, preprocessed to ``shape`` (N, C, H, W). With
+    ``augment``, seeded random crops and flips extend a small folder to ``count`` images."""
+    files = sorted(p for p in Path(folder).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise RebirthError(f"{folder}: no JPEG/PNG images in this folder")
+    size, channels = shape[2:], shape[1]
+    if not augment or len(files) >= count:
+        arrays = [_decode(f, size, channels) for f in files[:count]]
+    else:
+        from PIL import Image
+
+        rng = np.random.default_rng(seed)
+        arrays = []
+        for i in range(count):
+            path = files[i % len(files)]
+            with Image.open(path) as img:
+                w, h = img.size
+            side = int(min(w, h) * rng.uniform(0.5, 1.0))
+            left, top = rng.integers(0, w - side + 1), rng.integers(0, h - side + 1)
+            arrays.append(_decode(path, size, channels, (left, top, left + side, top + side),
+                                  flip=bool(rng.integers(0, 2))))
+    return preprocess(np.stack(arrays), entry, shape)
+
+
+def images_from_npy(path, shape, count):
+    try:
+        x = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as err:
+        raise RebirthError(f"{path}: not a readable .npy array ({err})") from None
+    if x.ndim != 4 or list(x.shape[1:]) != list(shape[1:]):
+        raise RebirthError(f"{path}: array shape {list(x.shape)} does not match the model "
+                           f"input [N, {', '.join(map(str, shape[1:]))}] (preprocessed NCHW)")
+    return np.ascontiguousarray(x[:count], np.float32)
+
+
+def imagenet_photos_dir() -> Path:
+    """The 20 ImageNet photos shipped in the foolbox wheel, extracted once into the cache."""
+    target = zoo.cache_dir() / "imagenet-photos"
+    if target.exists() and any(target.glob("*.jpg")):
+        return target
+    print(f"[calib] fetching ImageNet sample photos ({FOOLBOX_WHEEL} wheel) into {target}",
+          file=sys.stderr)
+    with tempfile.TemporaryDirectory() as tmp:
+        proc = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-q",
+                               "-d", tmp, FOOLBOX_WHEEL], capture_output=True, text=True)
+        wheels = glob.glob(os.path.join(tmp, "*.whl"))
+        if proc.returncode != 0 or not wheels:
+            raise RebirthError(f"cannot fetch {FOOLBOX_WHEEL} for sample images "
+                               f"({(proc.stderr.strip().splitlines() or ['no wheel'])[-1]}); "
+                               "pass --calib DIR with your own images")
+        partial = target.with_name(target.name + ".partial")
+        partial.mkdir(parents=True, exist_ok=True)
+        with zipfile.ZipFile(wheels[0]) as wheel:
+            for name in wheel.namelist():
+                if name.startswith("foolbox/data/imagenet_") and name.endswith(".jpg"):
+                    (partial / os.path.basename(name)).write_bytes(wheel.read(name))
+        os.replace(partial, target)
+    return target
+
+
+def calibration_images(model, source=None, count=256, seed=0) -> tuple[np.ndarray, str]:
+    """(images NCHW float32, description) for fitting; zoo models have a default source."""
+    shape = model.input_shapes[model.input_name]
+    entry = model.zoo_entry
+    if source:
+        path = Path(source)
+        if path.is_dir():
+            x = images_from_folder(path, shape, count, entry)
+            return x, f"{len(x)} images from {path}"
+        if path.suffix == ".npy":
+            x = images_from_npy(path, shape, count)
+            return x, f"{len(x)} images from {path}"
+        raise RebirthError(f"{source}: --calib must be a folder of images or a .npy array")
+    if entry is None:
+        raise RebirthError(f"{model.path}: this plan has learned (non-exact) sites; pass "
+                           "--calib DIR (JPEG/PNG images) or --calib FILE.npy")
+    if entry.calibration == "fashion-mnist":
+        from .datasets import fashion_mnist
+
+        images, _ = fashion_mnist("train")
+        idx = np.random.default_rng(seed).choice(len(images), size=count, replace=False)
+        return preprocess(images[idx][..., None], entry, shape), \
+            f"{count} Fashion-MNIST train images (seed {seed})"
+    folder = imagenet_photos_dir()
+    x = images_from_folder(folder, shape, count, entry, augment=True, seed=seed)
+    return x, f"{count} seeded crops of the {len(list(folder.glob('*.jpg')))} foolbox ImageNet photos"
