@@ -21,37 +21,51 @@ def host_target():
                               "num-cores": int(os.environ.get("TVM_NUM_THREADS", "2"))})
 
 
-def cpu_pipeline(target):
-    """Relax -> VM pipeline: TVM's CPU passes with our generic schedule after fusion."""
-    import tvm
-    from tvm import relax
+def _passes(target):
+    """(up to memory planning, the rest): TVM's CPU passes with our schedule after fusion."""
     from tvm.relax.backend.cpu_generic import pipeline as cpu_generic
     from tvm.s_tir import dlight
 
     from .schedules import GenericCpuSchedule
 
-    @tvm.transform.module_pass(opt_level=0, name="RebirthCpuPipeline")
-    def _pipeline(mod, _ctx):
-        with target:
-            seq = tvm.transform.Sequential(
-                cpu_generic.library_dispatch_passes(target)
-                + cpu_generic.legalize_passes(target)
-                + [dlight.ApplyDefaultSchedule(GenericCpuSchedule())]
-                + cpu_generic.dataflow_lower_passes(target)
-                + cpu_generic.finalize_passes(target))
-            return seq(mod)
+    finalize = cpu_generic.finalize_passes(target)  # starts with StaticPlanBlockMemory
+    planned = (cpu_generic.library_dispatch_passes(target)
+               + cpu_generic.legalize_passes(target)
+               + [dlight.ApplyDefaultSchedule(GenericCpuSchedule())]
+               + cpu_generic.dataflow_lower_passes(target) + finalize[:1])
+    return planned, finalize[1:]
 
-    return _pipeline
+
+def planned_activation_bytes(planned_mod, func_name="main") -> int:
+    """Bytes of the storage blocks TVM's static memory planner allocates for ``main``."""
+    from tvm import relax
+
+    total = 0
+
+    def visit(expr):
+        nonlocal total
+        if isinstance(expr, relax.Call) and getattr(expr.op, "name", "") == \
+                "relax.memory.alloc_storage":
+            total += int(expr.args[0].values[0])
+
+    relax.analysis.post_order_visit(planned_mod[func_name], visit)
+    return total
 
 
 def compile_module(mod, target=None):
-    """Build ``mod`` into a VM executable for ``target`` (default: this host's CPU)."""
+    """Build ``mod`` for ``target`` (default: this host's CPU).
+
+    Returns (VM executable, planned activation bytes after static memory planning)."""
     import tvm
     from tvm import relax
 
     target = target or host_target()
-    with tvm.transform.PassContext(opt_level=3):
-        return relax.build(mod, target=target, relax_pipeline=cpu_pipeline(target))
+    before, after = _passes(target)
+    with tvm.transform.PassContext(opt_level=3), target:
+        planned = tvm.transform.Sequential(before)(mod)
+        memory = planned_activation_bytes(planned)
+        lowered = tvm.transform.Sequential(after)(planned)
+        return relax.build(lowered, target=target, relax_pipeline=None), memory
 
 
 class Runner:
@@ -62,7 +76,7 @@ class Runner:
         from tvm import relax
 
         t = time.time()
-        self.executable = compile_module(mod, target)
+        self.executable, self.planned_bytes = compile_module(mod, target)
         self.build_seconds = time.time() - t
         self.device = tvm.cpu()
         self.vm = relax.VirtualMachine(self.executable, self.device)

@@ -74,6 +74,11 @@ def images_from_folder(folder, shape, count, entry=None, augment=False, seed=0):
     return preprocess(np.stack(arrays), entry, shape)
 
 
+def images_from_folder_files(files, shape, entry=None):
+    """The given image files, centre-cropped, resized and preprocessed to ``shape``."""
+    return preprocess(np.stack([_decode(f, shape[2:], shape[1]) for f in files]), entry, shape)
+
+
 def images_from_npy(path, shape, count):
     try:
         x = np.load(path, allow_pickle=False)

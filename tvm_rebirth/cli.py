@@ -38,7 +38,9 @@ def cmd_models(args) -> None:
     models = []
     for entry in zoo.ZOO.values():
         cached = (zoo.cache_dir() / "models" / f"{entry.name}.onnx").exists()
-        models.append({"name": entry.name, "source": f"onnx wheel: {entry.source}",
+        source = f"package: {entry.path}" if entry.path else f"onnx wheel: {entry.source}"
+        cached = cached or bool(entry.path)
+        models.append({"name": entry.name, "source": source,
                        "input_shape": list(entry.input_shape), "description": entry.description,
                        "cached": cached, "default": entry.name == zoo.DEFAULT_MODEL})
     rows = [[m["name"] + (" (default)" if m["default"] else ""), m["description"],
@@ -109,6 +111,144 @@ def cmd_plan(args) -> None:
     _emit(args, payload, text)
 
 
+def _plan_for(args, model):
+    from .plan import RebirthPlan
+
+    if getattr(args, "plan", None):
+        plan = RebirthPlan.load(args.plan)
+        plan.validate(model)
+        return plan
+    log(f"[{args.command}] no --plan: planning every site of {model.name} (keep-kernel)")
+    return RebirthPlan.from_model(model)
+
+
+def _calibration(args, model, plan):
+    from .calib import calibration_images
+
+    if not any(not s.exact for s in plan.enabled_sites("streamline")):
+        return None, "none needed (exact sites only)"
+    log(f"[{args.command}] loading {args.images} calibration images")
+    return calibration_images(model, args.calib, count=args.images)
+
+
+def _weights_for(args, model, plan):
+    from .finetune import finetune
+    from .weights import RebirthWeights
+
+    if getattr(args, "weights", None):
+        if not getattr(args, "plan", None):
+            raise RebirthError("--weights needs the --plan it was learned for")
+        return RebirthWeights.load(args.weights, plan)
+    log(f"[{args.command}] no --weights: fine-tuning the plan first")
+    images, description = _calibration(args, model, plan)
+    weights, _ = finetune(model, plan, images, description)
+    return weights
+
+
+def _rebirth_module(model, plan, weights):
+    from .passes import StreamlineSlimming
+
+    return StreamlineSlimming(plan, weights)(model.mod)
+
+
+def cmd_finetune(args) -> None:
+    from .finetune import finetune
+    from .model import load_model
+
+    start = time.time()
+    model = load_model(args.model)
+    plan = _plan_for(args, model)
+    images, description = _calibration(args, model, plan)
+    weights, report = finetune(model, plan, images, description)
+    out = args.output or f"{model.name}.weights.npz"
+    weights.save(out)
+    skipped = [s.id for s in plan.enabled_sites("branch")]
+    payload = {"model": model.name, "weights": os.path.abspath(out), "plan_sha256": plan.sha256,
+               "calibration": description, "sites": report["sites"],
+               "skipped_branch_sites": skipped, "seconds": round(time.time() - start, 2)}
+    rows = [[r["id"], "exact" if r["exact"] else "learned",
+             "-" if r["rel_error"] is None else f"{r['rel_error']:.4f}", f"{r['seconds']:.1f}"]
+            for r in report["sites"]]
+    text = _table(rows, ["site", "kind", "rel. error", "seconds"]) + (
+        f"\n\nweights written to {out} ({description}); {payload['seconds']}s")
+    if skipped:
+        text += f"\n{len(skipped)} branch site(s) not fitted: branch slimming is not built yet"
+    _emit(args, payload, text)
+
+
+def _bench_input(model):
+    import numpy as np
+
+    from .calib import calibration_images
+
+    shape = model.input_shapes[model.input_name]
+    if model.zoo_entry is not None:
+        x, _ = calibration_images(model, count=1, seed=12345)
+        return x, "one real image of the model's calibration source"
+    return np.random.default_rng(0).standard_normal(shape).astype("float32"), \
+        "seeded standard-normal input"
+
+
+def cmd_bench(args) -> None:
+    from .build import host_target
+    from .measure import bench_pair
+    from .model import load_model
+
+    model = load_model(args.model)
+    plan = _plan_for(args, model)
+    weights = _weights_for(args, model, plan)
+    rebirth = _rebirth_module(model, plan, weights)
+    x, input_desc = _bench_input(model)
+    result = bench_pair(model.mod, rebirth, x, rounds=args.rounds)
+    target = host_target()
+    payload = {"model": model.name, "device": f"host {target.attrs['mcpu']} "
+                                               f"({os.environ.get('TVM_NUM_THREADS')} threads)",
+               "input": input_desc, "sites": [s.id for s in plan.enabled_sites("streamline")],
+               **result}
+    if args.output:
+        _write_json(args.output, payload)
+    o, r = result["original"], result["rebirth"]
+    rows = [["latency (ms, median)", o["latency_ms"], r["latency_ms"], f"{result['speedup']}x"],
+            ["planned memory (MB)", o["memory_mb"], r["memory_mb"],
+             f"{result['memory_ratio']}x"],
+            ["GFLOPs", o["gflops"], r["gflops"], f"{result['gflops_ratio']}x"]]
+    text = _table(rows, ["", "original", "rebirth", "ratio"]) + (
+        f"\n\nmax |original - rebirth| = {result['max_abs_err']:.4g} "
+        f"(outputs up to {result['max_abs_output']:.4g}); {payload['device']}")
+    _emit(args, payload, text)
+
+
+def cmd_eval(args) -> None:
+    from .build import Runner
+    from .measure import labeled_set, top_k
+    from .model import load_model
+
+    model = load_model(args.model)
+    images, labels, description = labeled_set(model, args.limit)
+    plan = _plan_for(args, model)
+    weights = _weights_for(args, model, plan)
+    log(f"[eval] building original and rebirth models; evaluating on {description}")
+    runners = {"original": Runner(model.mod), "rebirth": Runner(_rebirth_module(model, plan, weights))}
+    result = top_k(runners, images, labels)
+    payload = {"model": model.name, "labeled_set": description,
+               "sites": [s.id for s in plan.enabled_sites("streamline")], **result}
+    rows = [[name, f"{result[name]['top1'] * 100:.2f}", f"{result[name]['top5'] * 100:.2f}"]
+            for name in ("original", "rebirth")]
+    text = _table(rows, ["model", "top-1 %", "top-5 %"]) + (
+        f"\n\n{description}; predictions agree on {result['agreement'] * 100:.2f}%")
+    _emit(args, payload, text)
+
+
+def _write_json(path, payload):
+    import tempfile
+
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    with tempfile.NamedTemporaryFile("w", dir=directory, delete=False, suffix=".tmp") as f:
+        json.dump(payload, f, indent=2)
+    os.replace(f.name, path)
+
+
 def cmd_demo(args) -> None:
     from . import zoo
     from .model import load_model
@@ -159,6 +299,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--policy", choices=KERNEL_POLICIES, default="keep-kernel",
                    help="rebirth conv kernel: keep-kernel (the paper, default) or "
                         "keep-receptive-field")
+    def add_flow(p, weights=True):
+        p.add_argument("model", help="zoo name or path to an .onnx file")
+        p.add_argument("--plan", help="plan file (default: plan every site, keep-kernel)")
+        if weights:
+            p.add_argument("--weights", help="weights from `tvm-rebirth finetune` "
+                                             "(default: fine-tune first)")
+        p.add_argument("--calib", help="calibration images: a folder of JPEG/PNG files or a "
+                                       ".npy array (default: the zoo model's own source)")
+        p.add_argument("--images", type=int, default=256, help="calibration images (256)")
+
+    p = add("finetune", cmd_finetune, "learn the rebirth convs of a plan from unlabeled images")
+    add_flow(p, weights=False)
+    p.add_argument("-o", "--output", help="weights file (default: <model>.weights.npz)")
+    p = add("bench", cmd_bench, "original vs rebirth side by side: latency, memory, GFLOPs")
+    add_flow(p)
+    p.add_argument("--rounds", type=int, default=7, help="interleaved timing rounds (7)")
+    p.add_argument("-o", "--output", help="also write the JSON report to this file")
+    p = add("eval", cmd_eval, "top-1/top-5 of original and rebirth on the labeled set")
+    add_flow(p)
+    p.add_argument("--limit", type=int, help="evaluate only the first N labeled images")
     p = add("demo", cmd_demo, "run the whole flow on the default model")
     p.add_argument("--report-dir", default="rebirth-demo", help="where the report goes")
     return parser

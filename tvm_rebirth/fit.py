@@ -57,7 +57,7 @@ def _rel_error(pred, target):
     return float(np.linalg.norm(pred - target) / max(np.linalg.norm(target), 1e-12))
 
 
-def fit_rebirth_conv(x, y, spec, relu=True, ridge=1e-6, steps=12) -> FitResult:
+def fit_rebirth_conv(x, y, spec, relu=True, ridge=1e-3, steps=20) -> FitResult:
     """Fit the conv ``spec`` so that act(conv(x)) reproduces y (x: [N,C,H,W], y: [N,O,Ho,Wo])."""
     start = time.time()
     x = np.ascontiguousarray(x, np.float32)

@@ -1,0 +1,125 @@
+"""Side-by-side measurements of an original and a rebirth model: latency, planned memory,
+GFLOPs, output error, and accuracy on a labeled set."""
+
+from __future__ import annotations
+
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from .build import Runner
+from .errors import RebirthError
+
+
+def _log(message):
+    print(message, file=sys.stderr, flush=True)
+
+
+def count_gflops(mod, func_name="main") -> float:
+    """Multiply-adds x 2 of every conv2d and matmul in a Relax function (pre-legalization)."""
+    from tvm import relax
+
+    flops = 0
+
+    def shape(expr):
+        return [int(v) for v in expr.ty.shape.values]
+
+    def visit(expr):
+        nonlocal flops
+        if not isinstance(expr, relax.Call) or not hasattr(expr.op, "name"):
+            return
+        if expr.op.name == "relax.nn.conv2d":
+            out = shape(expr)
+            w = shape(expr.args[1])
+            flops += 2 * int(np.prod(out)) * w[1] * w[2] * w[3]
+        elif expr.op.name == "relax.matmul":
+            a, out = shape(expr.args[0]), shape(expr)
+            flops += 2 * int(np.prod(out)) * a[-1]
+
+    relax.analysis.post_order_visit(mod[func_name], visit)
+    return flops / 1e9
+
+
+def bench_pair(original_mod, rebirth_mod, x, rounds=7, number=5, log=_log) -> dict:
+    """Compile both with the same settings, run the same input, time interleaved rounds."""
+    log("[bench] building the original model")
+    original = Runner(original_mod)
+    log("[bench] building the rebirth model")
+    rebirth = Runner(rebirth_mod)
+    out_o, out_r = original(x)[0], rebirth(x)[0]
+    import tvm
+
+    timers = {}
+    for name, runner in (("original", original), ("rebirth", rebirth)):
+        args = [tvm.runtime.tensor(x, runner.device)]
+        timers[name] = (runner.vm.time_evaluator("main", runner.device, number=number,
+                                                 repeat=1), args)
+    samples = {"original": [], "rebirth": []}
+    for r in range(rounds):  # interleaved so machine noise hits both alike
+        for name, (timer, args) in timers.items():
+            samples[name].append(timer(*args).mean * 1000)
+        log(f"[bench] round {r + 1}/{rounds}: original {samples['original'][-1]:.2f} ms, "
+            f"rebirth {samples['rebirth'][-1]:.2f} ms")
+    result = {}
+    for name, runner, mod in (("original", original, original_mod),
+                              ("rebirth", rebirth, rebirth_mod)):
+        result[name] = {"latency_ms": round(statistics.median(samples[name]), 3),
+                        "latency_ms_rounds": [round(v, 3) for v in samples[name]],
+                        "memory_mb": round(runner.planned_bytes / 2 ** 20, 3),
+                        "gflops": round(count_gflops(mod), 4)}
+    result["speedup"] = round(result["original"]["latency_ms"] / result["rebirth"]["latency_ms"], 3)
+    result["memory_ratio"] = round(result["original"]["memory_mb"] / result["rebirth"]["memory_mb"], 3)
+    result["gflops_ratio"] = round(result["original"]["gflops"] / result["rebirth"]["gflops"], 3)
+    result["max_abs_err"] = float(np.abs(out_o - out_r).max())
+    result["max_abs_output"] = float(np.abs(out_o).max())
+    result["rounds"], result["number"] = rounds, number
+    return result
+
+
+def labeled_set(model, limit=None):
+    """(images NCHW float32, labels int) of the model's labeled evaluation set."""
+    from . import calib
+    from .datasets import fashion_mnist
+
+    entry = model.zoo_entry
+    shape = model.input_shapes[model.input_name]
+    if entry is None or not entry.labeled and entry.calibration != "imagenet-photos":
+        raise RebirthError(f"{model.path}: no labeled set is known for this model")
+    if entry.labeled == "fashion-mnist-test":
+        images, labels = fashion_mnist("test")
+        if limit:
+            images, labels = images[:limit], labels[:limit]
+        return calib.preprocess(images[..., None], entry, shape), labels.astype(np.int64), \
+            f"Fashion-MNIST test ({len(labels)} images)"
+    folder = calib.imagenet_photos_dir()
+    files = sorted(folder.glob("imagenet_*.jpg"))[:limit or None]
+    labels = np.array([int(Path(f).stem.split("_")[-1]) for f in files])
+    images = np.concatenate([calib.images_from_folder_files([f], shape, entry) for f in files])
+    return images, labels, f"foolbox ImageNet photos ({len(files)} images)"
+
+
+def top_k(runners, images, labels, log=_log) -> dict:
+    """top-1/top-5 of several runners on the same images (one image at a time)."""
+    hits = {name: [0, 0] for name in runners}
+    agree = 0
+    start = time.time()
+    for i, (x, y) in enumerate(zip(images, labels)):
+        preds = {}
+        for name, runner in runners.items():
+            logits = runner(x[None])[0].reshape(-1)
+            order = np.argsort(-logits)
+            preds[name] = order[0]
+            hits[name][0] += int(order[0] == y)
+            hits[name][1] += int(y in order[:5])
+        agree += int(len(set(preds.values())) == 1)
+        if (i + 1) % 1000 == 0:
+            log(f"[eval] {i + 1}/{len(labels)} images ({time.time() - start:.0f}s)")
+    n = len(labels)
+    result = {name: {"top1": round(h[0] / n, 5), "top5": round(h[1] / n, 5)}
+              for name, h in hits.items()}
+    result["n"] = n
+    result["agreement"] = round(agree / n, 5)
+    return result
