@@ -1,0 +1,99 @@
+"""finetune / bench / eval as real subprocesses on real ONNX files and real images."""
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from tvm_rebirth.datasets import fashion_mnist
+
+from onnx_models import chain_model
+from test_cli import run
+
+
+def assert_error(result, *fragments, command):
+    code, stdout, stderr = result
+    assert code == 2, stderr
+    assert "Traceback" not in stderr and stdout == ""
+    last = stderr.strip().splitlines()[-1]
+    assert last.startswith(f"tvm-rebirth {command}: error: "), last
+    for fragment in fragments:
+        assert fragment in last, last
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    """A 3-channel conv->relu->LRN->pool model, 40 real Fashion-MNIST photos as PNG files,
+    a plan and learned weights."""
+    root = tmp_path_factory.mktemp("flow")
+    model = chain_model(root / "net.onnx", ["relu", "lrn", "max_pool2d"], shape=(1, 3, 32, 32))
+    images, _ = fashion_mnist("train")
+    calib = root / "calib"
+    calib.mkdir()
+    for i in range(40):
+        Image.fromarray(images[i]).save(calib / f"img{i:02d}.png")
+    code, _, err = run("plan", model, "-o", str(root / "plan.yaml"))
+    assert code == 0, err
+    code, out, err = run("finetune", model, "--plan", str(root / "plan.yaml"), "--calib",
+                         str(calib), "-o", str(root / "w.npz"), "--json")
+    assert code == 0, err
+    return {"root": root, "model": model, "calib": calib, "finetune": json.loads(out)}
+
+
+def test_finetune_reports_every_site(workdir):
+    report = workdir["finetune"]
+    (site,) = report["sites"]
+    assert site["id"] == "conv1+norm2+pool3" and site["exact"] is False
+    assert 0 <= site["rel_error"] < 1.0
+    assert report["calibration"].startswith("40 images from")
+    assert (workdir["root"] / "w.npz").exists()
+
+
+def test_bench_side_by_side(workdir):
+    root = workdir["root"]
+    code, out, err = run("bench", workdir["model"], "--plan", str(root / "plan.yaml"),
+                         "--weights", str(root / "w.npz"), "--rounds", "2", "--json")
+    assert code == 0, err
+    data = json.loads(out)
+    for side in ("original", "rebirth"):
+        assert {"latency_ms", "memory_mb", "gflops"} <= set(data[side])
+        assert data[side]["latency_ms"] > 0
+    assert data["rebirth"]["gflops"] < data["original"]["gflops"]  # 3x3/s1 -> 3x3/s2
+    assert data["memory_ratio"] > 1  # the full-size relu/LRN buffers are gone
+    assert {"speedup", "max_abs_err", "device"} <= set(data)
+    assert "[bench] round 2/2" in err
+
+
+def test_user_onnx_with_learned_sites_needs_calibration(workdir, tmp_path):
+    assert_error(run("finetune", workdir["model"], "-o", str(tmp_path / "w.npz")),
+                 "net.onnx", "--calib", command="finetune")
+    assert not (tmp_path / "w.npz").exists()
+
+
+def test_exact_only_plan_needs_no_calibration(tmp_path):
+    model = chain_model(tmp_path / "bn.onnx", ["batch_norm", "avg_pool2d"])
+    code, out, err = run("finetune", model, "-o", str(tmp_path / "w.npz"), "--json")
+    assert code == 0, err
+    (site,) = json.loads(out)["sites"]
+    assert site["exact"] and site["method"] == "closed form"
+    with np.load(tmp_path / "w.npz") as data:
+        assert data["conv1+bn1+ave2/weight"].shape == (8, 4, 4, 4)
+
+
+def test_weights_for_another_plan(workdir, tmp_path):
+    root = workdir["root"]
+    other = tmp_path / "plan.yaml"
+    code, _, err = run("plan", workdir["model"], "--policy", "keep-receptive-field", "-o",
+                       str(other))
+    assert code == 0, err
+    assert_error(run("bench", workdir["model"], "--plan", str(other), "--weights",
+                     str(root / "w.npz")), "w.npz", "learned for plan", command="bench")
+
+
+def test_corrupt_weights_file(workdir, tmp_path):
+    bad = tmp_path / "bad.npz"
+    bad.write_bytes(b"not a zip")
+    assert_error(run("bench", workdir["model"], "--plan", str(workdir["root"] / "plan.yaml"),
+                     "--weights", str(bad)), "bad.npz", "not a weights .npz file",
+                 command="bench")
