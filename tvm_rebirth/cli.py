@@ -250,30 +250,77 @@ def _write_json(path, payload):
 
 
 def cmd_demo(args) -> None:
+    """plan -> fine-tune -> slim -> build -> bench on GoogLeNet; accuracy on fmnist-inception."""
     from . import zoo
+    from .build import Runner
+    from .calib import calibration_images
+    from .finetune import finetune
+    from .measure import bench_pair, labeled_set, top_k
     from .model import load_model
     from .plan import RebirthPlan
 
-    stages = {}
     report = os.path.abspath(args.report_dir)
-    t = time.time()
-    log(f"[demo] 1/2 loading {zoo.DEFAULT_MODEL} (materialised once into {zoo.cache_dir()})")
+    os.makedirs(report, exist_ok=True)
+    stages, summary = {}, {}
+
+    def stage(name):
+        stages[name] = round(time.time() - stage.t, 2)
+        stage.t = time.time()
+    stage.t = time.time()
+
+    log(f"[demo] 1/6 loading {zoo.DEFAULT_MODEL} (materialised once into {zoo.cache_dir()})")
     model = load_model(zoo.DEFAULT_MODEL)
-    stages["load"] = round(time.time() - t, 2)
-    t = time.time()
-    log("[demo] 2/2 finding rebirth sites")
+    stage("load")
+    log("[demo] 2/6 finding rebirth sites")
     plan = RebirthPlan.from_model(model)
-    plan_path = os.path.join(report, f"{model.name}.plan.yaml")
-    plan.save(plan_path)
-    stages["plan"] = round(time.time() - t, 2)
+    plan.save(os.path.join(report, f"{model.name}.plan.yaml"))
     counts = {k: sum(s.kind == k for s in plan.sites) for k in SITE_KINDS}
-    payload = {"model": model.name, "plan": plan_path, "sites": counts,
-               "stage_seconds": stages, "report_dir": report}
-    rows = [[s.id, s.kind, ",".join(s.ops)] for s in plan.sites]
-    text = _table(rows, ["site", "kind", "ops"]) + (
-        f"\n\n{model.name}: {counts['streamline']} streamline + {counts['branch']} branch "
-        f"sites; plan in {plan_path}; stages {stages}")
-    _emit(args, payload, text)
+    stage("plan")
+    log(f"[demo] 3/6 fine-tuning {len(plan.enabled_sites('streamline'))} streamline sites "
+        f"on {args.images} images")
+    images, description = calibration_images(model, count=args.images)
+    weights, fit = finetune(model, plan, images, description)
+    weights.save(os.path.join(report, f"{model.name}.weights.npz"))
+    stage("finetune")
+    log("[demo] 4/6 slimming, building and benchmarking original vs rebirth")
+    rebirth = _rebirth_module(model, plan, weights)
+    bench = bench_pair(model.mod, rebirth, images[:1], rounds=args.rounds)
+    stage("bench")
+    log("[demo] 5/6 accuracy: fmnist-inception (trained on Fashion-MNIST)")
+    fm = load_model("fmnist-inception")
+    fm_plan = RebirthPlan.from_model(fm)
+    fm_images, fm_desc = calibration_images(fm, count=args.images)
+    fm_weights, fm_fit = finetune(fm, fm_plan, fm_images, fm_desc)
+    test_x, test_y, test_desc = labeled_set(fm, args.eval_limit)
+    runners = {"original": Runner(fm.mod),
+               "rebirth": Runner(_rebirth_module(fm, fm_plan, fm_weights))}
+    accuracy = top_k(runners, test_x, test_y)
+    stage("eval")
+    log("[demo] 6/6 writing the report")
+    summary = {
+        "model": model.name, "sites": counts,
+        "streamline_sites_applied": [s.id for s in plan.enabled_sites("streamline")],
+        "fit": fit["sites"], "bench": bench,
+        "speedup": bench["speedup"], "memory_ratio": bench["memory_ratio"],
+        "accuracy": {"model": fm.name, "labeled_set": test_desc, **accuracy,
+                     "fit": fm_fit["sites"]},
+        "stage_seconds": stages, "report_dir": report,
+    }
+    _write_json(os.path.join(report, "summary.json"), summary)
+    o, r = bench["original"], bench["rebirth"]
+    rows = [
+        ["sites found", f"{counts['streamline']} streamline + {counts['branch']} branch", "", ""],
+        ["latency (ms)", o["latency_ms"], r["latency_ms"], f"{bench['speedup']}x"],
+        ["planned memory (MB)", o["memory_mb"], r["memory_mb"], f"{bench['memory_ratio']}x"],
+        ["GFLOPs", o["gflops"], r["gflops"], f"{bench['gflops_ratio']}x"],
+        [f"{fm.name} top-1 (%)", f"{accuracy['original']['top1'] * 100:.2f}",
+         f"{accuracy['rebirth']['top1'] * 100:.2f}",
+         f"{(accuracy['rebirth']['top1'] - accuracy['original']['top1']) * 100:+.2f} pt"],
+    ]
+    table = _table(rows, ["", "original", "rebirth", "change"])
+    with open(os.path.join(report, "summary.md"), "w") as f:
+        f.write(f"# tvm-rebirth demo\n\n```\n{table}\n```\n\nstages (s): {stages}\n")
+    _emit(args, summary, table + f"\n\nstages (s): {stages}\nreport: {report}")
 
 
 # -- entry point -----------------------------------------------------------------------------
@@ -321,6 +368,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, help="evaluate only the first N labeled images")
     p = add("demo", cmd_demo, "run the whole flow on the default model")
     p.add_argument("--report-dir", default="rebirth-demo", help="where the report goes")
+    p.add_argument("--images", type=int, default=256, help="calibration images (256)")
+    p.add_argument("--rounds", type=int, default=7, help="interleaved timing rounds (7)")
+    p.add_argument("--eval-limit", type=int, help="evaluate on the first N test images only")
     return parser
 
 

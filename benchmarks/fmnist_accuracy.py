@@ -1,0 +1,59 @@
+"""Accuracy of fmnist-inception as streamline sites are slimmed one by one (paper Table 2
+style): top-1/top-5 on the 10k Fashion-MNIST test images, layer-wise fine-tuning only.
+
+    python benchmarks/fmnist_accuracy.py [--images 256] [--limit N]
+
+writes benchmarks/results/fmnist_inception_accuracy.{json,md}
+"""
+
+import argparse
+import dataclasses
+import os
+import sys
+
+os.environ.setdefault("TVM_NUM_THREADS", "2")
+
+from _common import table, write  # noqa: E402
+
+from tvm_rebirth import RebirthPlan, load_model  # noqa: E402
+from tvm_rebirth.build import Runner  # noqa: E402
+from tvm_rebirth.calib import calibration_images  # noqa: E402
+from tvm_rebirth.finetune import finetune  # noqa: E402
+from tvm_rebirth.measure import labeled_set, top_k  # noqa: E402
+from tvm_rebirth.passes import StreamlineSlimming  # noqa: E402
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--images", type=int, default=256)
+    ap.add_argument("--limit", type=int)
+    args = ap.parse_args()
+    model = load_model("fmnist-inception")
+    full = RebirthPlan.from_model(model, kinds=["streamline"])
+    images, description = calibration_images(model, count=args.images)
+    test_x, test_y, test_desc = labeled_set(model, args.limit)
+    steps, runners = [], {"original": Runner(model.mod)}
+    for k in range(1, len(full.sites) + 1):  # cumulative, in network order
+        ids = {s.id for s in full.sites[:k]}
+        plan = dataclasses.replace(full, sites=[dataclasses.replace(s, enabled=s.id in ids)
+                                                for s in full.sites])
+        weights, _ = finetune(model, plan, images, description)
+        runners[f"+ {full.sites[k - 1].id}"] = Runner(StreamlineSlimming(plan, weights)(model.mod))
+    result = top_k(runners, test_x, test_y)
+    base = result["original"]["top1"]
+    for name in runners:
+        steps.append({"step": name, **result[name],
+                      "top1_change_points": round((result[name]["top1"] - base) * 100, 2)})
+    payload = {"model": "fmnist-inception", "labeled_set": test_desc, "calibration": description,
+               "steps": steps, "n": result["n"]}
+    md = ("# fmnist-inception: accuracy per slimming step (layer-wise fine-tuning only)\n\n"
+          + table([[s["step"], f"{s['top1'] * 100:.2f}", f"{s['top5'] * 100:.2f}",
+                    f"{s['top1_change_points']:+.2f}"] for s in steps],
+                  ["step (cumulative)", "top-1 %", "top-5 %", "top-1 change (pt)"])
+          + f"\n\n{test_desc}; calibration: {description}.")
+    write("fmnist_inception_accuracy", payload, md)
+    print(md)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
