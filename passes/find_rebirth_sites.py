@@ -53,6 +53,21 @@ class SiteTrace:
     relu: list    # whether each rebirth conv is followed by a ReLU
     steps: list   # (kind, var) of every op after the conv(s), bias adds as "bias"
     end: object   # the var whose value the rebirth conv(s) replace
+    # convs reading the site's output (directly or through pools): the fine-tune stage may
+    # refit them to absorb the site's residual error; see ConsumerConv
+    consumers: list = dataclasses.field(default_factory=list)
+
+
+@dataclasses.dataclass
+class ConsumerConv:
+    """A conv (+ bias) (+ relu) that reads a site's output."""
+
+    name: str     # source layer name
+    conv: object  # the conv2d var
+    data: object  # its data input
+    end: object   # the bias-add var (or the conv var without bias): what a refit replaces
+    out: object   # the relu var when a relu follows, else ``end``: the refit's target
+    relu: bool
 
 
 def _shape(expr):
@@ -322,6 +337,40 @@ class FindRebirthSites:
             steps.pop()
         return end, linear
 
+    def _consumers(self, end):
+        """Plain convs reading ``end`` directly or through pools, with their bias/ReLU."""
+        graph, found, frontier, seen = self._graph, [], [end], set()
+        while frontier:
+            var = frontier.pop(0)
+            for user in graph.users_of(var):
+                if user == _RETURN or user in seen:
+                    continue
+                seen.add(user)
+                op = _op_name(graph.value[user])
+                if op in _POOL_OPS:
+                    frontier.append(user)
+                elif op == "relax.nn.conv2d" and graph.value[user].args[0].same_as(var) and \
+                        self._is_plain_conv(user):
+                    found.append(self._consumer(user))
+        return found
+
+    def _consumer(self, conv):
+        graph = self._graph
+        end = conv
+        users = graph.users_of(conv)
+        if len(users) == 1 and users[0] != _RETURN:
+            value = graph.value[users[0]]
+            if _op_name(value) == "relax.add" and value.args[0].same_as(conv) and \
+                    self._per_channel_const(value.args[1], _shape(conv)[1]):
+                end = users[0]
+        out, users = end, graph.users_of(end)
+        if len(users) == 1 and users[0] != _RETURN and \
+                _op_name(graph.value[users[0]]) == "relax.nn.relu":
+            out = users[0]
+        return ConsumerConv(name=self._names[conv], conv=conv,
+                            data=graph.value[conv].args[0], end=end, out=out,
+                            relu=not out.same_as(end))
+
     # -- the three site shapes -------------------------------------------------------------
     def _streamline_from_conv(self, conv_var):
         if not self._is_plain_conv(conv_var):
@@ -347,7 +396,7 @@ class FindRebirthSites:
         new = ConvSpec(name, spec.in_channels, spec.out_channels, kernel, stride, pad, spec.groups)
         self.traces[site_id] = SiteTrace(
             convs=[conv_var], inputs=[self._graph.value[conv_var].args[0]],
-            relu=["relu" in ops], steps=steps, end=end)
+            relu=["relu" in ops], steps=steps, end=end, consumers=self._consumers(end))
         return RebirthSite(id=site_id, kind="streamline", ops=ops, layers=layers,
                            old_conv=[spec], new_conv=[new], exact=linear, input_hw=in_hw,
                            output_hw=out_hw, note=note)
@@ -417,7 +466,7 @@ class FindRebirthSites:
         in_hw = _shape(graph.value[tails[0][0]].args[0])[2:]
         self.traces[site_id] = SiteTrace(
             convs=[c for c, _ in tails], inputs=[graph.value[c].args[0] for c, _ in tails],
-            relu=[r for _, r in tails], steps=steps, end=end)
+            relu=[r for _, r in tails], steps=steps, end=end, consumers=self._consumers(end))
         return RebirthSite(id=site_id, kind="streamline", ops=ops, layers=layers, old_conv=old,
                            new_conv=new, exact=linear, enabled=enabled, input_hw=in_hw,
                            output_hw=out_hw, note=note)

@@ -215,3 +215,8 @@ def weight_keys(site: RebirthSite) -> list:
         return [(site.new_conv[0].replaces, f"{site.id}/weight", f"{site.id}/bias")]
     return [(c.replaces, f"{site.id}/{c.replaces}/weight", f"{site.id}/{c.replaces}/bias")
             for c in site.new_conv]
+
+
+def refit_keys(site: RebirthSite, layer: str) -> tuple:
+    """Weight and bias keys of a consumer conv refitted after ``site`` (see finetune)."""
+    return f"{site.id}/refit/{layer}/weight", f"{site.id}/refit/{layer}/bias"

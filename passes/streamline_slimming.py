@@ -28,18 +28,24 @@ from tvm import relax
 from ..errors import RebirthError
 from .exact_merge import exact_site_weights
 from .find_rebirth_sites import FindRebirthSites
-from .site import weight_keys
+from .site import refit_keys, weight_keys
 
 
 @relax.expr_functor.mutator
 class _SiteRewriter(relax.PyExprMutator):
     """Emits the rebirth conv(s) in place of each site's last binding."""
 
-    def __init__(self, mod, replacements):
+    def __init__(self, mod, replacements, refits, calls):
         super().__init__(mod)
         self.replacements = replacements  # end var -> [(input, ConvSpec, W, b, relu)]
+        self.refits = refits  # consumer end var -> (ConsumerConv, W, b)
+        self.calls = calls  # consumer conv var -> its conv2d call
 
     def visit_var_binding_(self, binding):
+        refit = self.refits.get(binding.var)
+        if refit is not None:
+            self._refit(binding, *refit)
+            return
         convs = self.replacements.get(binding.var)
         if convs is None:
             super().visit_var_binding_(binding)
@@ -60,6 +66,18 @@ class _SiteRewriter(relax.PyExprMutator):
         new = outs[0] if len(outs) == 1 else self._emit(relax.op.concat(outs, axis=1), is_output)
         self.set_var_remap(binding.var, new)
 
+    def _refit(self, binding, consumer, weight, bias):
+        """A consumer conv with refitted weights: same geometry, new W and b."""
+        conv_call = self.calls[consumer.conv]
+        y = self.builder_.emit(relax.op.nn.conv2d(
+            self.visit_expr(consumer.data), relax.const(weight),
+            strides=conv_call.attrs.strides, padding=conv_call.attrs.padding,
+            dilation=conv_call.attrs.dilation, groups=conv_call.attrs.groups),
+            name_hint=consumer.name)
+        y = self._emit(relax.op.add(y, relax.const(bias.reshape(1, -1, 1, 1))),
+                       not isinstance(binding.var, relax.DataflowVar))
+        self.set_var_remap(binding.var, y)
+
     def _emit(self, expr, as_output):
         return self.builder_.emit_output(expr) if as_output else self.builder_.emit(expr)
 
@@ -71,7 +89,9 @@ class StreamlineSlimming:
     ``weights`` maps ``<site id>/weight`` (OIHW) and ``<site id>/bias`` to arrays (see
     ``site.weight_keys``); an object with ``.arrays`` and ``.plan_sha256`` (a loaded weights
     file) also has its plan hash checked. Exact sites missing from ``weights`` are computed
-    in closed form.
+    in closed form. ``<site id>/refit/<layer>/weight|bias`` entries replace the weights of a
+    conv that reads the site's output (the fine-tune stage refits those to absorb the
+    site's residual error).
     """
 
     def __init__(self, plan, weights, func_name: str = "main"):
@@ -90,7 +110,7 @@ class StreamlineSlimming:
                                f"plan ({self.plan.sha256[:12]}); re-run `tvm-rebirth finetune`")
         finder = FindRebirthSites(self.plan.policy, ["streamline"], self.func_name)
         found = {s.id: s for s in finder.find(mod)}
-        replacements = {}
+        replacements, refits, calls = {}, {}, {}
         for site in sites:
             ref = found.get(site.id)
             if ref is None:
@@ -113,7 +133,21 @@ class StreamlineSlimming:
                                        f"{list(bias.shape)}, the plan needs [{spec.out_channels}]")
                 convs.append((data, spec, weight.astype("float32"), bias.astype("float32"), relu))
             replacements[trace.end] = convs
-        func = _SiteRewriter(mod, replacements).visit_expr(mod[self.func_name])
+            for consumer in trace.consumers:
+                wkey, bkey = refit_keys(site, consumer.name)
+                if wkey not in arrays:
+                    continue  # no refit learned for this consumer
+                weight, bias = np.asarray(arrays[wkey]), np.asarray(arrays.get(bkey, []))
+                call = finder._graph.value[consumer.conv]
+                want = tuple(int(v) for v in call.args[1].ty.shape.values)
+                if tuple(weight.shape) != want or tuple(bias.shape) != (want[0],):
+                    raise RebirthError(f"site '{site.id}': refit of '{consumer.name}' has shapes "
+                                       f"{list(weight.shape)}/{list(bias.shape)}, the layer "
+                                       f"needs {list(want)}/[{want[0]}]")
+                refits[consumer.end] = (consumer, weight.astype("float32"),
+                                        bias.astype("float32"))
+                calls[consumer.conv] = call
+        func = _SiteRewriter(mod, replacements, refits, calls).visit_expr(mod[self.func_name])
         func = relax.analysis.remove_all_unused(func)
         updated = tvm.IRModule(dict(mod.functions), attrs=mod.attrs)
         updated[self.func_name] = func

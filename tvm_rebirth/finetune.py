@@ -2,7 +2,9 @@
 
 Sites are fitted bottom-up. The original model gives each site's target output; each site's
 input is captured from the network with every site below it already slimmed, so a site's
-fit absorbs the errors of those below instead of compounding them unseen. Exact sites are
+fit absorbs the errors of those below instead of compounding them unseen. Then the convs
+that read the site's output are refitted the same way (layer-wise, to their original
+outputs), which absorbs most of what one rebirth conv cannot express. Exact sites are
 computed in closed form and need no images.
 """
 
@@ -18,6 +20,7 @@ from .build import Runner
 from .errors import RebirthError
 from .fit import conv_forward, fit_rebirth_conv
 from .passes import FindRebirthSites, StreamlineSlimming, exact_site_weights, weight_keys
+from .passes.site import refit_keys
 from .weights import RebirthWeights
 
 
@@ -25,9 +28,9 @@ def _log(message):
     print(message, file=sys.stderr, flush=True)
 
 
-def capture_module(mod, site_ids, what, policy="keep-kernel", func_name="main"):
-    """A module returning, for each site, its conv inputs (``what="inputs"``) or its output
-    (``what="end"``), computing only what those need. Returns (module, [count per site])."""
+def capture_module(mod, select, policy="keep-kernel", func_name="main"):
+    """A module returning the vars ``select(finder)`` picks from the sites FindRebirthSites
+    traces in ``mod``, computing only what those need."""
     import tvm
     from tvm import relax
 
@@ -35,19 +38,37 @@ def capture_module(mod, site_ids, what, policy="keep-kernel", func_name="main"):
     plain = tvm.IRModule(dict(plain.functions), attrs=mod.attrs)
     finder = FindRebirthSites(policy, ["streamline"], func_name)
     finder.find(plain)
-    outputs, counts = [], []
-    for site_id in site_ids:
-        trace = finder.traces.get(site_id)
-        if trace is None:
-            raise RebirthError(f"site '{site_id}': not found while capturing activations")
-        values = list(trace.inputs) if what == "inputs" else [trace.end]
-        outputs.extend(values)
-        counts.append(len(values))
+    outputs = select(finder)
     func = plain[func_name]
     body = relax.BlockBuilder().normalize(relax.SeqExpr(func.body.blocks, relax.Tuple(outputs)))
     captured = relax.analysis.remove_all_unused(
         relax.Function(func.params, body, attrs=func.attrs)).with_attr("global_symbol", "main")
-    return tvm.IRModule({"main": captured}), counts
+    return tvm.IRModule({"main": captured})
+
+
+def _trace(finder, site_id):
+    trace = finder.traces.get(site_id)
+    if trace is None:
+        raise RebirthError(f"site '{site_id}': not found while capturing activations")
+    return trace
+
+
+def _conv_inputs_by_name(finder, names):
+    """Data inputs of the conv2d bindings whose vars carry these layer names."""
+    found = {}
+    for binding in finder._graph.bindings:
+        value = binding.value
+        if getattr(getattr(value, "op", None), "name", "") == "relax.nn.conv2d":
+            found.setdefault(str(binding.var.name), value.args[0])
+    missing = [n for n in names if n not in found]
+    if missing:
+        raise RebirthError(f"layer '{missing[0]}': not found while capturing activations")
+    return [found[n] for n in names]
+
+
+def _consumers(finder, site_id, site_convs):
+    """Consumer convs of a site that are not themselves fitted as part of a site."""
+    return [c for c in _trace(finder, site_id).consumers if c.name not in site_convs]
 
 
 def run_all(runner, images, label, log=_log):
@@ -71,7 +92,27 @@ def _with_enabled(plan, site_ids):
     return dataclasses.replace(plan, sites=sites)
 
 
-def finetune(model, plan, images=None, calibration="", log=_log) -> tuple:
+def _fit_one(x, y, spec, relu, held, arrays, wkey, bkey):
+    """Fit one conv on the non-held-out images; store it; return squared-error sums."""
+    check = held if held.any() else ~held
+    result = fit_rebirth_conv(x[~held], y[~held], spec, relu=relu)
+    arrays[wkey], arrays[bkey] = result.weight, result.bias
+    pred = conv_forward(x[check], result.weight, result.bias, spec)
+    pred = np.maximum(pred, 0) if relu else pred
+    fit_norm = float(np.sum(y[~held].astype(np.float64) ** 2))
+    return (float(np.sum((pred - y[check]).astype(np.float64) ** 2)),
+            float(np.sum(y[check].astype(np.float64) ** 2)),
+            result.rel_error ** 2 * fit_norm, fit_norm)
+
+
+def _combine(pieces):
+    err, norm, fit_err, fit_norm = (sum(p[i] for p in pieces) for i in range(4))
+    return {"rel_error": round((err / max(norm, 1e-12)) ** 0.5, 6),
+            "rel_error_fit": round((fit_err / max(fit_norm, 1e-12)) ** 0.5, 6)}
+
+
+def finetune(model, plan, images=None, calibration="", log=_log,
+             refit_consumers=True) -> tuple:
     """Learn the plan's enabled streamline sites. Returns (RebirthWeights, report dict)."""
     start = time.time()
     sites = plan.enabled_sites("streamline")
@@ -86,46 +127,77 @@ def finetune(model, plan, images=None, calibration="", log=_log) -> tuple:
                            "method": "closed form", "seconds": 0.0})
             log(f"[finetune] {site.id}: exact, closed form")
     learned = [s for s in sites if not s.exact]
+    site_convs = {c.replaces for s in sites for c in s.old_conv}
     if learned:
         if images is None or len(images) == 0:
             raise RebirthError("the plan has learned sites but no calibration images were given")
         log(f"[finetune] capturing the original outputs of {len(learned)} site(s) on "
             f"{len(images)} images")
-        capture, _ = capture_module(model.mod, [s.id for s in learned], "end", plan.policy)
-        targets = dict(zip([s.id for s in learned],
-                           run_all(Runner(capture), images, "original model")))
+
+        def original_targets(finder):
+            outs = []
+            for site in learned:
+                outs.append(_trace(finder, site.id).end)
+                if refit_consumers:
+                    outs += [c.out for c in _consumers(finder, site.id, site_convs)]
+            return outs
+        columns = iter(run_all(Runner(capture_module(model.mod, original_targets, plan.policy)),
+                               images, "original model"))
+        finder = FindRebirthSites(plan.policy, ["streamline"])
+        finder.find(model.mod)
+        targets, consumer_targets = {}, {}
+        for site in learned:
+            targets[site.id] = next(columns)
+            if refit_consumers:
+                for c in _consumers(finder, site.id, site_convs):
+                    consumer_targets[(site.id, c.name)] = next(columns)
+    # every 8th image is held out: reported errors are measured on unseen images
+    held = np.arange(len(images)) % 8 == 7 if images is not None and len(images) >= 8 \
+        else np.zeros(0 if images is None else len(images), bool)
     for site in learned:
         t = time.time()
         current = StreamlineSlimming(_with_enabled(plan, set(done)), arrays)(model.mod)
-        capture, _ = capture_module(current, [site.id], "inputs", plan.policy)
-        inputs = run_all(Runner(capture), images, f"inputs of {site.id}")
+        inputs = run_all(Runner(capture_module(
+            current, lambda f: list(_trace(f, site.id).inputs), plan.policy)),
+            images, f"inputs of {site.id}")
         target = targets.pop(site.id)
         finder = FindRebirthSites(plan.policy, ["streamline"])
         finder.find(current)
         relus = finder.traces[site.id].relu
-        # every 8th image is held out: the reported error is measured on unseen images
-        held = np.arange(len(target)) % 8 == 7 if len(target) >= 8 else np.zeros(len(target), bool)
-        check = held if held.any() else ~held
-        offset, sq_err, sq_fit = 0, 0.0, 0.0
+        fits = []
         for (replaces, wkey, bkey), spec, x, relu in zip(weight_keys(site), site.new_conv,
                                                          inputs, relus):
+            fits.append((wkey, bkey, spec, x, relu))
+        offset = 0
+        pieces = []
+        for wkey, bkey, spec, x, relu in fits:
             y = target[:, offset:offset + spec.out_channels]
             offset += spec.out_channels
-            result = fit_rebirth_conv(x[~held], y[~held], spec, relu=relu)
-            arrays[wkey], arrays[bkey] = result.weight, result.bias
-            pred = conv_forward(x[check], result.weight, result.bias, spec)
-            pred = np.maximum(pred, 0) if relu else pred
-            sq_err += float(np.sum((pred - y[check]).astype(np.float64) ** 2))
-            sq_fit += (result.rel_error ** 2) * float(np.sum(y[~held].astype(np.float64) ** 2))
-        total = max(float(np.sum(target[check].astype(np.float64) ** 2)), 1e-12)
-        total_fit = max(float(np.sum(target[~held].astype(np.float64) ** 2)), 1e-12)
-        entry = {"id": site.id, "exact": False, "rel_error": round((sq_err / total) ** 0.5, 6),
-                 "rel_error_fit": round((sq_fit / total_fit) ** 0.5, 6),
-                 "held_out_images": int(held.sum()),
+            pieces.append(_fit_one(x, y, spec, relu, held, arrays, wkey, bkey))
+        entry = {"id": site.id, "exact": False, **_combine(pieces),
                  "method": "ridge least squares + ReLU-aware refinement",
-                 "seconds": round(time.time() - t, 2)}
-        report.append(entry)
+                 "held_out_images": int(held.sum())}
         done.append(site.id)
+        consumers = _consumers(finder, site.id, site_convs) if refit_consumers else []
+        if consumers:
+            slimmed = StreamlineSlimming(_with_enabled(plan, set(done)), arrays)(model.mod)
+            names = [c.name for c in consumers]
+            inputs = run_all(Runner(capture_module(
+                slimmed, lambda f: _conv_inputs_by_name(f, names), plan.policy)),
+                images, f"inputs of the {len(consumers)} layer(s) after {site.id}")
+            refit = []
+            for consumer, x in zip(consumers, inputs):
+                spec = finder._conv_spec(consumer.conv, consumer.name)
+                y = consumer_targets.pop((site.id, consumer.name))
+                wkey, bkey = refit_keys(site, consumer.name)
+                refit.append({"layer": consumer.name,
+                              **_combine([_fit_one(x, y, spec, consumer.relu, held, arrays,
+                                                   wkey, bkey)])})
+            entry["refit"] = refit
+            log(f"[finetune] {site.id}: refitted {', '.join(names)} "
+                f"(held-out error {', '.join(str(r['rel_error']) for r in refit)})")
+        entry["seconds"] = round(time.time() - t, 2)
+        report.append(entry)
         log(f"[finetune] {site.id}: relative error {entry['rel_error']:.4f} on "
             f"{entry['held_out_images']} held-out images (fit {entry['rel_error_fit']:.4f}), "
             f"{entry['seconds']}s")
