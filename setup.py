@@ -13,6 +13,7 @@ setup(
         # 0.1.15.x segfaults in tvm.ir.save_json (MetaSchedule databases).
         "apache-tvm-ffi==0.1.14.post1",
         "numpy>=1.24",
+        "scipy>=1.10",
         "xgboost>=2.0",
         "pyyaml>=6.0",
         "onnx>=1.16",

@@ -68,6 +68,7 @@ class ConsumerConv:
     end: object   # the bias-add var (or the conv var without bias): what a refit replaces
     out: object   # the relu var when a relu follows, else ``end``: the refit's target
     relu: bool
+    pools: list = dataclasses.field(default_factory=list)  # pools between site and conv
 
 
 def _shape(expr):
@@ -339,22 +340,28 @@ class FindRebirthSites:
 
     def _consumers(self, end):
         """Plain convs reading ``end`` directly or through pools, with their bias/ReLU."""
-        graph, found, frontier, seen = self._graph, [], [end], set()
+        graph, found, frontier, seen = self._graph, [], [(end, [])], set()
         while frontier:
-            var = frontier.pop(0)
+            var, pools = frontier.pop(0)
             for user in graph.users_of(var):
                 if user == _RETURN or user in seen:
                     continue
                 seen.add(user)
-                op = _op_name(graph.value[user])
-                if op in _POOL_OPS:
-                    frontier.append(user)
-                elif op == "relax.nn.conv2d" and graph.value[user].args[0].same_as(var) and \
+                value = graph.value[user]
+                op = _op_name(value)
+                if op in _POOL_OPS and value.attrs.layout == "NCHW":
+                    a = value.attrs
+                    frontier.append((user, pools + [{
+                        "kind": _POOL_OPS[op], "pool_size": _ints(a.pool_size),
+                        "strides": _ints(a.strides), "padding": _ints(a.padding),
+                        "ceil_mode": bool(a.ceil_mode),
+                        "count_include_pad": bool(getattr(a, "count_include_pad", False))}]))
+                elif op == "relax.nn.conv2d" and value.args[0].same_as(var) and \
                         self._is_plain_conv(user):
-                    found.append(self._consumer(user))
+                    found.append(self._consumer(user, pools))
         return found
 
-    def _consumer(self, conv):
+    def _consumer(self, conv, pools):
         graph = self._graph
         end = conv
         users = graph.users_of(conv)
@@ -369,7 +376,7 @@ class FindRebirthSites:
             out = users[0]
         return ConsumerConv(name=self._names[conv], conv=conv,
                             data=graph.value[conv].args[0], end=end, out=out,
-                            relu=not out.same_as(end))
+                            relu=not out.same_as(end), pools=pools)
 
     # -- the three site shapes -------------------------------------------------------------
     def _streamline_from_conv(self, conv_var):

@@ -97,3 +97,18 @@ def test_corrupt_weights_file(workdir, tmp_path):
     assert_error(run("bench", workdir["model"], "--plan", str(workdir["root"] / "plan.yaml"),
                      "--weights", str(bad)), "bad.npz", "not a weights .npz file",
                  command="bench")
+
+
+def test_eval_fmnist_inception_on_a_slice_of_the_test_set(tmp_path):
+    code, out, err = run("plan", "fmnist-inception", "--kinds", "streamline", "-o",
+                         str(tmp_path / "p.yaml"))
+    assert code == 0, err
+    code, out, err = run("eval", "fmnist-inception", "--plan", str(tmp_path / "p.yaml"),
+                         "--limit", "400", "--images", "128", "--json")
+    assert code == 0, err
+    data = json.loads(out)
+    assert data["n"] == 400 and data["labeled_set"].startswith("Fashion-MNIST test")
+    assert data["original"]["top1"] > 0.85  # the committed reference model is a real classifier
+    assert data["original"]["top5"] >= data["original"]["top1"]
+    assert data["rebirth"]["top1"] > 0.5  # slimmed, fine-tuned layer-wise, still classifies
+    assert 0 < data["agreement"] <= 1

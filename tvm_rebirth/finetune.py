@@ -18,7 +18,7 @@ import numpy as np
 
 from .build import Runner
 from .errors import RebirthError
-from .fit import conv_forward, fit_rebirth_conv
+from .fit import conv_forward, fit_rebirth_conv, pool_forward
 from .passes import FindRebirthSites, StreamlineSlimming, exact_site_weights, weight_keys
 from .passes.site import refit_keys
 from .weights import RebirthWeights
@@ -51,19 +51,6 @@ def _trace(finder, site_id):
     if trace is None:
         raise RebirthError(f"site '{site_id}': not found while capturing activations")
     return trace
-
-
-def _conv_inputs_by_name(finder, names):
-    """Data inputs of the conv2d bindings whose vars carry these layer names."""
-    found = {}
-    for binding in finder._graph.bindings:
-        value = binding.value
-        if getattr(getattr(value, "op", None), "name", "") == "relax.nn.conv2d":
-            found.setdefault(str(binding.var.name), value.args[0])
-    missing = [n for n in names if n not in found]
-    if missing:
-        raise RebirthError(f"layer '{missing[0]}': not found while capturing activations")
-    return [found[n] for n in names]
 
 
 def _consumers(finder, site_id, site_convs):
@@ -180,11 +167,19 @@ def finetune(model, plan, images=None, calibration="", log=_log,
         done.append(site.id)
         consumers = _consumers(finder, site.id, site_convs) if refit_consumers else []
         if consumers:
-            slimmed = StreamlineSlimming(_with_enabled(plan, set(done)), arrays)(model.mod)
-            names = [c.name for c in consumers]
-            inputs = run_all(Runner(capture_module(
-                slimmed, lambda f: _conv_inputs_by_name(f, names), plan.policy)),
-                images, f"inputs of the {len(consumers)} layer(s) after {site.id}")
+            # the slimmed site's output, computed from its captured inputs in numpy, is
+            # what the consumers now read (through the same pools)
+            outs = []
+            for (wkey, bkey, spec, x, relu) in fits:
+                y = conv_forward(x, arrays[wkey], arrays[bkey], spec)
+                outs.append(np.maximum(y, 0) if relu else y)
+            slimmed_out = np.concatenate(outs, axis=1) if len(outs) > 1 else outs[0]
+            inputs = []
+            for consumer in consumers:
+                x = slimmed_out
+                for pool in consumer.pools:
+                    x = pool_forward(x, **pool)
+                inputs.append(x)
             refit = []
             for consumer, x in zip(consumers, inputs):
                 spec = finder._conv_spec(consumer.conv, consumer.name)
@@ -194,7 +189,7 @@ def finetune(model, plan, images=None, calibration="", log=_log,
                               **_combine([_fit_one(x, y, spec, consumer.relu, held, arrays,
                                                    wkey, bkey)])})
             entry["refit"] = refit
-            log(f"[finetune] {site.id}: refitted {', '.join(names)} "
+            log(f"[finetune] {site.id}: refitted {', '.join(c.name for c in consumers)} "
                 f"(held-out error {', '.join(str(r['rel_error']) for r in refit)})")
         entry["seconds"] = round(time.time() - t, 2)
         report.append(entry)

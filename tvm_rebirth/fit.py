@@ -12,6 +12,7 @@ import dataclasses
 import time
 
 import numpy as np
+from scipy.linalg import cho_factor, cho_solve
 
 
 def im2col(x, kernel, stride, padding):
@@ -48,7 +49,7 @@ def conv_forward(x, weight, bias, spec):
 class FitResult:
     weight: np.ndarray  # OIHW float32
     bias: np.ndarray
-    rel_error: float  # || act(conv(X)) - Y || / || Y || after refinement
+    rel_error: float  # || act(conv(X)) - Y || / || Y || on the fitted patches
     rel_error_closed_form: float
     seconds: float
 
@@ -57,7 +58,7 @@ def _rel_error(pred, target):
     return float(np.linalg.norm(pred - target) / max(np.linalg.norm(target), 1e-12))
 
 
-def fit_rebirth_conv(x, y, spec, relu=True, ridge=1e-3, steps=20,
+def fit_rebirth_conv(x, y, spec, relu=True, ridge=1e-3, steps=12,
                      max_rows_per_column=16) -> FitResult:
     """Fit the conv ``spec`` so that act(conv(x)) reproduces y (x: [N,C,H,W], y: [N,O,Ho,Wo])."""
     start = time.time()
@@ -68,6 +69,8 @@ def fit_rebirth_conv(x, y, spec, relu=True, ridge=1e-3, steps=20,
     weight = np.zeros((spec.out_channels, cin_g, *spec.kernel), np.float32)
     bias = np.zeros(spec.out_channels, np.float32)
     closed_w, closed_b = weight.copy(), bias.copy()
+    act = (lambda z: np.maximum(z, 0)) if relu else (lambda z: z)
+    sq_closed = sq_refined = norm = 0.0
     for gi in range(g):
         cols, (ho, wo) = im2col(x[:, gi * cin_g:(gi + 1) * cin_g], spec.kernel, spec.stride,
                                 spec.padding)
@@ -84,13 +87,15 @@ def fit_rebirth_conv(x, y, spec, relu=True, ridge=1e-3, steps=20,
         out = slice(gi * cout_g, (gi + 1) * cout_g)
         closed_w[out] = w.T.reshape(cout_g, cin_g, *spec.kernel)
         closed_b[out] = b
+        sq_closed += float(np.sum((act(cols @ w + b) - target) ** 2))
         if relu and steps:
             w, b = _refine_relu(cols, target, w, b, chol, steps)
+        sq_refined += float(np.sum((act(cols @ w + b) - target) ** 2))
+        norm += float(np.sum(target.astype(np.float64) ** 2))
         weight[out] = w.T.reshape(cout_g, cin_g, *spec.kernel)
         bias[out] = b
-    act = (lambda z: np.maximum(z, 0)) if relu else (lambda z: z)
-    closed_err = _rel_error(act(conv_forward(x, closed_w, closed_b, spec)), y)
-    err = _rel_error(act(conv_forward(x, weight, bias, spec)), y) if relu and steps else closed_err
+    closed_err = (sq_closed / max(norm, 1e-12)) ** 0.5
+    err = (sq_refined / max(norm, 1e-12)) ** 0.5
     if err > closed_err:  # refinement must never make things worse
         weight, bias, err = closed_w, closed_b, closed_err
     return FitResult(weight=weight, bias=bias, rel_error=err, rel_error_closed_form=closed_err,
@@ -111,7 +116,7 @@ def _normal_equations(cols, target, ridge):
         gram[k, k] += len(a)
     scale = np.trace(gram[:k, :k]) / max(k, 1)
     gram[:k, :k] += ridge * scale * np.eye(k)
-    return np.linalg.cholesky(gram)
+    return cho_factor(gram)
 
 
 def _solve(chol, cols, target):
@@ -122,7 +127,7 @@ def _solve(chol, cols, target):
         t = target[i:i + 16384].astype(np.float32)
         rhs[:k] += a.T @ t
         rhs[k] += t.sum(axis=0)
-    solution = np.linalg.solve(chol.T, np.linalg.solve(chol, rhs))
+    solution = cho_solve(chol, rhs)
     return solution[:k].astype(np.float32), solution[k].astype(np.float32)
 
 
@@ -142,3 +147,38 @@ def _refine_relu(cols, target, w, b, chol, iterations):
         z = cols @ w + b
         w, b = _solve(chol, cols, np.where(positive, target, np.minimum(z, 0)))
     return w, b
+
+
+def pool_forward(x, kind, pool_size, strides, padding, ceil_mode=False,
+                 count_include_pad=False):
+    """Reference NCHW max/avg pool with Relax's attributes (padding [t, l, b, r])."""
+    kh, kw = pool_size
+    sh, sw = strides
+    pt, pl, pb, pr = padding
+    n, c, h, w = x.shape
+
+    def out_size(size, k, s, p0, p1):
+        span = size + p0 + p1 - k
+        return (-(-span // s) if ceil_mode else span // s) + 1
+
+    ho, wo = out_size(h, kh, sh, pt, pb), out_size(w, kw, sw, pl, pr)
+    # extra bottom/right room for ceil mode windows
+    eh = max((ho - 1) * sh + kh - (h + pt + pb), 0)
+    ew = max((wo - 1) * sw + kw - (w + pl + pr), 0)
+    fill = -np.inf if kind == "max_pool2d" else 0.0
+    xp = np.pad(x, ((0, 0), (0, 0), (pt, pb + eh), (pl, pr + ew)), constant_values=fill)
+    ones = np.pad(np.ones((1, 1, h, w), x.dtype), ((0, 0), (0, 0), (pt, pb + eh), (pl, pr + ew)))
+    inside = np.pad(np.ones((1, 1, h + pt + pb, w + pl + pr), x.dtype),
+                    ((0, 0), (0, 0), (0, eh), (0, ew)))
+    acc = np.full((n, c, ho, wo), fill, np.float32)
+    count = np.zeros((1, 1, ho, wo), np.float32)
+    for i in range(kh):
+        for j in range(kw):
+            window = xp[:, :, i: i + sh * (ho - 1) + 1: sh, j: j + sw * (wo - 1) + 1: sw]
+            if kind == "max_pool2d":
+                acc = np.maximum(acc, window)
+            else:
+                acc = acc + window
+                mask = inside if count_include_pad else ones
+                count += mask[:, :, i: i + sh * (ho - 1) + 1: sh, j: j + sw * (wo - 1) + 1: sw]
+    return acc if kind == "max_pool2d" else acc / np.maximum(count, 1)
