@@ -112,3 +112,20 @@ def test_eval_fmnist_inception_on_a_slice_of_the_test_set(tmp_path):
     assert data["original"]["top5"] >= data["original"]["top1"]
     assert data["rebirth"]["top1"] > 0.5  # slimmed, fine-tuned layer-wise, still classifies
     assert 0 < data["agreement"] <= 1
+
+
+def test_demo_runs_the_whole_flow(tmp_path):
+    """README's first command, with fewer images and rounds so CI stays quick."""
+    code, out, err = run("demo", "--report-dir", str(tmp_path / "report"), "--images", "24",
+                         "--rounds", "1", "--eval-limit", "200", "--json")
+    assert code == 0, err
+    data = json.loads(out)
+    assert data["sites"] == {"streamline": 4, "branch": 9}
+    assert len(data["streamline_sites_applied"]) == 4
+    assert data["bench"]["rebirth"]["gflops"] < data["bench"]["original"]["gflops"]
+    assert data["memory_ratio"] > 1
+    assert data["accuracy"]["n"] == 200
+    for name in ("summary.json", "summary.md", "googlenet.plan.yaml", "googlenet.weights.npz"):
+        assert (tmp_path / "report" / name).exists()
+    for stage in ("load", "plan", "finetune", "bench", "eval"):
+        assert stage in data["stage_seconds"]
