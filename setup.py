@@ -21,6 +21,7 @@ setup(
         "onnxruntime>=1.17",
         "pillow>=9",  # calibration images (JPEG/PNG folders)
     ],
-    extras_require={"dev": ["pytest>=7"]},
+    # e2e: optional end-to-end refinement (the CPU wheel: pip install torch==2.13.0)
+    extras_require={"dev": ["pytest>=7"], "e2e": ["torch==2.13.0"]},
     entry_points={"console_scripts": ["tvm-rebirth=tvm_rebirth.cli:main"]},
 )

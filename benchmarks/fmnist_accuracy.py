@@ -1,5 +1,6 @@
 """Accuracy of fmnist-inception as streamline sites are slimmed one by one (paper Table 2
-style): top-1/top-5 on the 10k Fashion-MNIST test images, layer-wise fine-tuning only.
+style): top-1/top-5 on the 10k Fashion-MNIST test images with layer-wise fine-tuning, plus
+a last row with the optional end-to-end refinement when PyTorch is installed.
 
     python benchmarks/fmnist_accuracy.py [--images 256] [--limit N]
 
@@ -27,6 +28,8 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--images", type=int, default=256)
     ap.add_argument("--limit", type=int)
+    ap.add_argument("--e2e-images", type=int, default=8192)
+    ap.add_argument("--e2e-epochs", type=int, default=10)
     args = ap.parse_args()
     model = load_model("fmnist-inception")
     full = RebirthPlan.from_model(model, kinds=["streamline"])
@@ -39,18 +42,32 @@ def main():
                                                 for s in full.sites])
         weights, _ = finetune(model, plan, images, description)
         runners[f"+ {full.sites[k - 1].id}"] = Runner(StreamlineSlimming(plan, weights)(model.mod))
+    e2e = None
+    try:
+        import torch  # noqa: F401  (the optional extra)
+    except ImportError:
+        print("torch not installed: skipping the end-to-end row", file=sys.stderr)
+    else:
+        e2e_x, _ = calibration_images(model, count=args.e2e_images, seed=1)
+        weights, report = finetune(model, full, images, description, e2e_images=e2e_x,
+                                   e2e_epochs=args.e2e_epochs)
+        e2e = report["end_to_end"]
+        runners["all sites + end-to-end refinement"] = Runner(
+            StreamlineSlimming(full, weights)(model.mod))
     result = top_k(runners, test_x, test_y)
     base = result["original"]["top1"]
     for name in runners:
         steps.append({"step": name, **result[name],
                       "top1_change_points": round((result[name]["top1"] - base) * 100, 2)})
     payload = {"model": "fmnist-inception", "labeled_set": test_desc, "calibration": description,
-               "steps": steps, "n": result["n"]}
-    md = ("# fmnist-inception: accuracy per slimming step (layer-wise fine-tuning only)\n\n"
+               "steps": steps, "n": result["n"], "end_to_end": e2e}
+    md = ("# fmnist-inception: accuracy per slimming step\n\n"
           + table([[s["step"], f"{s['top1'] * 100:.2f}", f"{s['top5'] * 100:.2f}",
                     f"{s['top1_change_points']:+.2f}"] for s in steps],
                   ["step (cumulative)", "top-1 %", "top-5 %", "top-1 change (pt)"])
-          + f"\n\n{test_desc}; calibration: {description}.")
+          + f"\n\n{test_desc}; calibration: {description}."
+          + (f" End-to-end refinement (PyTorch, optional): {e2e['epochs']} epochs on "
+             f"{e2e['images']} unlabeled train images, {e2e['seconds']} s." if e2e else ""))
     write("fmnist_inception_accuracy", payload, md)
     print(md)
 

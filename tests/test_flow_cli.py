@@ -129,3 +129,14 @@ def test_demo_runs_the_whole_flow(tmp_path):
         assert (tmp_path / "report" / name).exists()
     for stage in ("load", "plan", "finetune", "bench", "eval"):
         assert stage in data["stage_seconds"]
+
+
+def test_end_to_end_refinement_lowers_the_output_error(tmp_path):
+    pytest.importorskip("torch")
+    code, out, err = run("finetune", "fmnist-inception", "--images", "128", "--e2e",
+                         "--e2e-images", "1024", "--e2e-epochs", "3", "-o",
+                         str(tmp_path / "w.npz"), "--json")
+    assert code == 0, err
+    e2e = json.loads(out)["end_to_end"]
+    assert e2e["output_rel_error_after"] < e2e["output_rel_error_before"]
+    assert e2e["parameters"] > 0 and "[finetune] end-to-end epoch 3/3" in err

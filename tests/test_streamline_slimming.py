@@ -160,3 +160,15 @@ def test_corrupt_weights_file(tmp_path, chain):
     path.write_bytes(b"garbage")
     with pytest.raises(RebirthError, match="not a weights .npz file"):
         RebirthWeights.load(path, chain[1])
+
+
+def test_torch_interpretation_matches_the_tvm_build(tmp_path):
+    """The end-to-end refinement trains exactly what TVM compiles."""
+    torch = pytest.importorskip("torch")
+    from tvm_rebirth.distill import RelaxInTorch
+
+    model = load_model(inception_model(tmp_path / "inc.onnx"))
+    x = np.random.default_rng(4).standard_normal((1, 16, 28, 28)).astype("float32")
+    with torch.no_grad():
+        ours = RelaxInTorch(model.mod["main"])(torch.from_numpy(x)).numpy()
+    np.testing.assert_allclose(ours, Runner(model.mod)(x)[0], rtol=1e-4, atol=1e-4)

@@ -159,13 +159,21 @@ def cmd_finetune(args) -> None:
     model = load_model(args.model)
     plan = _plan_for(args, model)
     images, description = _calibration(args, model, plan)
-    weights, report = finetune(model, plan, images, description)
+    e2e_images = None
+    if args.e2e:
+        from .calib import calibration_images
+
+        log(f"[finetune] loading {args.e2e_images} images for end-to-end refinement")
+        e2e_images, _ = calibration_images(model, args.calib, count=args.e2e_images, seed=1)
+    weights, report = finetune(model, plan, images, description, e2e_images=e2e_images,
+                               e2e_epochs=args.e2e_epochs)
     out = args.output or f"{model.name}.weights.npz"
     weights.save(out)
     skipped = [s.id for s in plan.enabled_sites("branch")]
     payload = {"model": model.name, "weights": os.path.abspath(out), "plan_sha256": plan.sha256,
                "calibration": description, "sites": report["sites"],
-               "skipped_branch_sites": skipped, "seconds": round(time.time() - start, 2)}
+               "skipped_branch_sites": skipped, "seconds": round(time.time() - start, 2),
+               **({"end_to_end": report["end_to_end"]} if "end_to_end" in report else {})}
     rows = [[r["id"], "exact" if r["exact"] else "learned",
              "-" if r["rel_error"] is None else f"{r['rel_error']:.4f}", f"{r['seconds']:.1f}"]
             for r in report["sites"]]
@@ -173,6 +181,11 @@ def cmd_finetune(args) -> None:
         f"\n\nweights written to {out} ({description}); {payload['seconds']}s")
     if skipped:
         text += f"\n{len(skipped)} branch site(s) not fitted: branch slimming is not built yet"
+    if "end_to_end" in report:
+        e2e = report["end_to_end"]
+        text += (f"\nend-to-end refinement: held-out output error "
+                 f"{e2e['output_rel_error_before']:.4f} -> {e2e['output_rel_error_after']:.4f} "
+                 f"({e2e['epochs']} epochs on {e2e['images']} images, {e2e['seconds']}s)")
     _emit(args, payload, text)
 
 
@@ -359,6 +372,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("finetune", cmd_finetune, "learn the rebirth convs of a plan from unlabeled images")
     add_flow(p, weights=False)
     p.add_argument("-o", "--output", help="weights file (default: <model>.weights.npz)")
+    p.add_argument("--e2e", action="store_true",
+                   help="then refine all learned convs end to end by distilling the original "
+                        "outputs (needs PyTorch: pip install torch==2.13.0)")
+    p.add_argument("--e2e-images", type=int, default=4096,
+                   help="images for end-to-end refinement (4096)")
+    p.add_argument("--e2e-epochs", type=int, default=8, help="epochs of it (8)")
     p = add("bench", cmd_bench, "original vs rebirth side by side: latency, memory, GFLOPs")
     add_flow(p)
     p.add_argument("--rounds", type=int, default=7, help="interleaved timing rounds (7)")

@@ -5,7 +5,8 @@ input is captured from the network with every site below it already slimmed, so 
 fit absorbs the errors of those below instead of compounding them unseen. Then the convs
 that read the site's output are refitted the same way (layer-wise, to their original
 outputs), which absorbs most of what one rebirth conv cannot express. Exact sites are
-computed in closed form and need no images.
+computed in closed form and need no images. Optionally (``e2e_images``, needs PyTorch) all
+learned convs are then refined together by distilling the original model's outputs.
 """
 
 from __future__ import annotations
@@ -98,8 +99,30 @@ def _combine(pieces):
             "rel_error_fit": round((fit_err / max(fit_norm, 1e-12)) ** 0.5, 6)}
 
 
+def _refine_end_to_end(model, plan, arrays, images, epochs, log):
+    """Distil the original outputs into every learned conv (rebirth and refitted)."""
+    from .distill import distill
+
+    trainable = {}
+    for site in plan.enabled_sites("streamline"):
+        if site.exact:
+            continue
+        for replaces, wkey, bkey in weight_keys(site):
+            trainable[replaces] = (wkey, bkey)
+        prefix = f"{site.id}/refit/"
+        for key in list(arrays):
+            if key.startswith(prefix) and key.endswith("/weight"):
+                trainable[key[len(prefix):-len("/weight")]] = (key, key[:-len("weight")] + "bias")
+    rebirth = StreamlineSlimming(plan, arrays)(model.mod)
+    log(f"[finetune] end-to-end refinement of {len(trainable)} convs on {len(images)} images")
+    learned, report = distill(model.mod, rebirth, trainable, images, epochs=epochs, log=log)
+    for key, value in learned.items():
+        arrays[key] = value.reshape(arrays[key].shape)
+    return report
+
+
 def finetune(model, plan, images=None, calibration="", log=_log,
-             refit_consumers=True) -> tuple:
+             refit_consumers=True, e2e_images=None, e2e_epochs=8) -> tuple:
     """Learn the plan's enabled streamline sites. Returns (RebirthWeights, report dict)."""
     start = time.time()
     sites = plan.enabled_sites("streamline")
@@ -196,8 +219,13 @@ def finetune(model, plan, images=None, calibration="", log=_log,
         log(f"[finetune] {site.id}: relative error {entry['rel_error']:.4f} on "
             f"{entry['held_out_images']} held-out images (fit {entry['rel_error_fit']:.4f}), "
             f"{entry['seconds']}s")
+    e2e = None
+    if e2e_images is not None and learned:
+        e2e = _refine_end_to_end(model, plan, arrays, e2e_images, e2e_epochs, log)
     order = {s.id: i for i, s in enumerate(plan.sites)}
     report.sort(key=lambda r: order[r["id"]])
     meta = {"calibration": calibration, "sites": report,
             "seconds": round(time.time() - start, 2), "model": plan.model_name}
+    if e2e is not None:
+        meta["end_to_end"] = e2e
     return RebirthWeights(arrays=arrays, plan_sha256=plan.sha256, meta=meta), meta
