@@ -13,12 +13,9 @@ from .errors import RebirthError
 
 def host_target():
     """The machine's own CPU as a dict target (flag strings are rejected by TVM 0.27)."""
-    import tvm
-    from tvm.target import codegen
+    from .targets import resolve_target
 
-    cpu = codegen.llvm_get_system_cpu() if hasattr(codegen, "llvm_get_system_cpu") else "generic"
-    return tvm.target.Target({"kind": "llvm", "mcpu": cpu,
-                              "num-cores": int(os.environ.get("TVM_NUM_THREADS", "2"))})
+    return resolve_target("host")
 
 
 def _passes(target):
@@ -97,3 +94,28 @@ def _to_numpy(out):
     for item in out:
         result.extend(_to_numpy(item))
     return result
+
+
+def export_library(executable, path, target) -> None:
+    """Write a deployable shared library; aarch64 targets link with the cross compiler.
+    Written to a temporary name first, so a failed build leaves no half-written file."""
+    import shutil
+
+    from .targets import CROSS_COMPILER, is_cross
+
+    path = os.path.abspath(path)
+    tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.tmp{os.getpid()}.so")
+    kwargs = {}
+    if is_cross(target):
+        if shutil.which(CROSS_COMPILER) is None:
+            raise RebirthError(f"{CROSS_COMPILER} not found: install it with "
+                               "`apt-get install g++-aarch64-linux-gnu`")
+        from tvm.support import cc
+
+        kwargs["fcompile"] = cc.cross_compiler(CROSS_COMPILER)
+    try:
+        executable.export_library(tmp, **kwargs)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)

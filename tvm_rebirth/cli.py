@@ -252,6 +252,33 @@ def cmd_eval(args) -> None:
     _emit(args, payload, text)
 
 
+def cmd_build(args) -> None:
+    from .build import compile_module, export_library
+    from .model import load_model
+    from .targets import resolve_target
+
+    target = resolve_target(args.target)
+    start = time.time()
+    model = load_model(args.model)
+    if args.plan or args.weights:
+        plan = _plan_for(args, model)
+        mod = _rebirth_module(model, plan, _weights_for(args, model, plan))
+        what = "rebirth"
+    else:
+        mod, what = model.mod, "original"
+    log(f"[build] compiling the {what} {model.name} for {args.target}")
+    executable, planned = compile_module(mod, target)
+    out = args.output or f"{model.name}-{what}-{args.target}.so"
+    export_library(executable, out, target)
+    payload = {"model": model.name, "variant": what, "path": os.path.abspath(out),
+               "target": args.target, "target_json": str(target),
+               "planned_memory_mb": round(planned / 2 ** 20, 3),
+               "bytes": os.path.getsize(out), "seconds": round(time.time() - start, 2)}
+    _emit(args, payload, f"{what} {model.name} for {args.target} -> {out} "
+                         f"({payload['bytes'] / 2 ** 20:.1f} MiB, planned activations "
+                         f"{payload['planned_memory_mb']} MB, {payload['seconds']}s)")
+
+
 def _write_json(path, payload):
     import tempfile
 
@@ -385,6 +412,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("eval", cmd_eval, "top-1/top-5 of original and rebirth on the labeled set")
     add_flow(p)
     p.add_argument("--limit", type=int, help="evaluate only the first N labeled images")
+    p = add("build", cmd_build, "compile the original (or, with --plan/--weights, the "
+                                "rebirth) model into a deployable shared library")
+    p.add_argument("model", help="zoo name or path to an .onnx file")
+    p.add_argument("--plan", help="plan file: build the rebirth model")
+    p.add_argument("--weights", help="weights for --plan (default: fine-tune first)")
+    p.add_argument("--calib", help="calibration images when fine-tuning is needed")
+    p.add_argument("--images", type=int, default=256, help="calibration images (256)")
+    p.add_argument("--target", default="host",
+                   help="host, cortex-a53, cortex-a55, cortex-a72 or cortex-a76 (default host)")
+    p.add_argument("-o", "--output", help="library path (default: <model>-<variant>-<target>.so)")
     p = add("demo", cmd_demo, "run the whole flow on the default model")
     p.add_argument("--report-dir", default="rebirth-demo", help="where the report goes")
     p.add_argument("--images", type=int, default=256, help="calibration images (256)")
