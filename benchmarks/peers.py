@@ -1,0 +1,112 @@
+"""What a user would pick instead, side by side in one run on this CPU: ONNX Runtime on the
+original model, TVM (our build) on the original, TVM on the rebirth model.
+
+    python benchmarks/peers.py --model googlenet [--plan P --weights W] [--rounds 9] [--json]
+
+Medians of interleaved rounds, the same thread count for everyone (TVM_NUM_THREADS).
+Writes benchmarks/results/peers_<model>.{json,md}.
+"""
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+os.environ.setdefault("TVM_NUM_THREADS", "2")
+
+import numpy as np  # noqa: E402
+from _common import machine, table, write  # noqa: E402
+
+from tvm_rebirth import RebirthPlan, load_model  # noqa: E402
+from tvm_rebirth.build import Runner  # noqa: E402
+from tvm_rebirth.calib import calibration_images  # noqa: E402
+from tvm_rebirth.finetune import finetune  # noqa: E402
+from tvm_rebirth.measure import count_gflops  # noqa: E402
+from tvm_rebirth.passes import StreamlineSlimming  # noqa: E402
+from tvm_rebirth.weights import RebirthWeights  # noqa: E402
+
+
+def peak_gflops(threads: int) -> float:
+    """fp32 peak: threads x clock x 32 FLOP/cycle (two 256-bit FMA units), a nominal bound."""
+    mhz = 0.0
+    for line in open("/proc/cpuinfo"):
+        if line.startswith("cpu MHz"):
+            mhz = max(mhz, float(line.split(":")[1]))
+    return threads * mhz / 1000 * 32
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="googlenet")
+    ap.add_argument("--plan")
+    ap.add_argument("--weights")
+    ap.add_argument("--rounds", type=int, default=9)
+    ap.add_argument("--number", type=int, default=5)
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args()
+    import onnxruntime as ort
+    import tvm
+
+    threads = int(os.environ["TVM_NUM_THREADS"])
+    model = load_model(args.model)
+    if args.plan:
+        plan = RebirthPlan.load(args.plan)
+        plan.validate(model)
+    else:
+        plan = RebirthPlan.from_model(model, kinds=["streamline"])
+    images, description = calibration_images(model, count=256)
+    weights = (RebirthWeights.load(args.weights, plan) if args.weights
+               else finetune(model, plan, images, description)[0])
+    rebirth = StreamlineSlimming(plan, weights)(model.mod)
+    x = images[:1]
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads, opts.inter_op_num_threads = threads, 1
+    session = ort.InferenceSession(str(model.path), opts, providers=["CPUExecutionProvider"])
+    runners = {"tvm_original": Runner(model.mod), "tvm_rebirth": Runner(rebirth)}
+
+    def time_ort():
+        start = time.perf_counter()
+        for _ in range(args.number):
+            session.run(None, {model.input_name: x})
+        return (time.perf_counter() - start) / args.number * 1000
+
+    timers = {"onnxruntime_original": time_ort}
+    for name, runner in runners.items():
+        evaluator = runner.vm.time_evaluator("main", runner.device, number=args.number, repeat=1)
+        arg = tvm.runtime.tensor(x, runner.device)
+        timers[name] = (lambda e=evaluator, a=arg: e(a).mean * 1000)
+    for timer in timers.values():  # warm up
+        timer()
+    samples = {name: [] for name in timers}
+    for r in range(args.rounds):
+        for name, timer in timers.items():
+            samples[name].append(timer())
+        print(f"[peers] round {r + 1}/{args.rounds}: " + ", ".join(
+            f"{k} {v[-1]:.2f} ms" for k, v in samples.items()), file=sys.stderr)
+    ms = {f"{k}_ms": round(statistics.median(v), 3) for k, v in samples.items()}
+    gflop = {"original": count_gflops(model.mod), "rebirth": count_gflops(rebirth)}
+    peak = peak_gflops(threads)
+    achieved = {
+        "onnxruntime_original": gflop["original"] / ms["onnxruntime_original_ms"] * 1000,
+        "tvm_original": gflop["original"] / ms["tvm_original_ms"] * 1000,
+        "tvm_rebirth": gflop["rebirth"] / ms["tvm_rebirth_ms"] * 1000}
+    payload = {"model": args.model, "threads": threads, **ms,
+               "gflop": {k: round(v, 4) for k, v in gflop.items()},
+               "achieved_gflops_per_s": {k: round(v, 2) for k, v in achieved.items()},
+               "peak_gflops_per_s": round(peak, 1),
+               "rounds": {k: [round(s, 3) for s in v] for k, v in samples.items()},
+               "sites": [s.id for s in plan.enabled_sites("streamline")], "machine": machine()}
+    rows = [[name.replace("_", " "), ms[f"{name}_ms"], f"{achieved[name]:.1f}",
+             f"{achieved[name] / peak * 100:.1f} %"] for name in timers]
+    md = (f"# Peers on {args.model} ({threads} threads)\n\n"
+          + table(rows, ["runtime", "ms (median)", "GFLOP/s", "of nominal peak"])
+          + f"\n\nNominal fp32 peak {peak:.0f} GFLOP/s ({threads} threads x 32 FLOP/cycle). "
+            "TVM builds use the generic schedule (no tuning logs yet).")
+    write(f"peers_{args.model}", payload, md)
+    print(json.dumps(payload, indent=2) if args.json else md)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
