@@ -172,3 +172,27 @@ def test_torch_interpretation_matches_the_tvm_build(tmp_path):
     with torch.no_grad():
         ours = RelaxInTorch(model.mod["main"])(torch.from_numpy(x)).numpy()
     np.testing.assert_allclose(ours, Runner(model.mod)(x)[0], rtol=1e-4, atol=1e-4)
+
+
+def test_refitted_consumer_weights_replace_the_layer(chain):
+    model, plan, site, arrays = chain
+    tail_w = np.full((4, 8, 1, 1), 0.5, "f")
+    arrays[f"{site.id}/refit/tail/weight"] = tail_w
+    arrays[f"{site.id}/refit/tail/bias"] = np.arange(4, dtype="f")
+    slim = StreamlineSlimming(plan, arrays)(model.mod)
+    convs = {str(b.var.name): b.value for blk in slim["main"].body.blocks for b in blk.bindings
+             if getattr(getattr(b.value, "op", None), "name", "") == "relax.nn.conv2d"}
+    np.testing.assert_array_equal(convs["tail"].args[1].value.numpy(), tail_w)
+    x = np.random.default_rng(5).standard_normal((1, 4, 32, 32)).astype("float32")
+    out = Runner(slim)(x)[0]
+    # the rebirth conv has zero weights and bias, so the tail sees zeros: output = its bias
+    np.testing.assert_allclose(out, np.broadcast_to(np.arange(4, dtype="f")[None, :, None, None],
+                                                    out.shape), atol=1e-6)
+
+
+def test_refit_of_the_wrong_shape_names_the_layer(chain):
+    model, plan, site, arrays = chain
+    arrays[f"{site.id}/refit/tail/weight"] = np.zeros((4, 8, 3, 3), "f")
+    arrays[f"{site.id}/refit/tail/bias"] = np.zeros(4, "f")
+    with pytest.raises(RebirthError, match=r"refit of 'tail' has shapes \[4, 8, 3, 3\]"):
+        StreamlineSlimming(plan, arrays)(model.mod)

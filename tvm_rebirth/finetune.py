@@ -99,6 +99,29 @@ def _combine(pieces):
             "rel_error_fit": round((fit_err / max(fit_norm, 1e-12)) ** 0.5, 6)}
 
 
+def _refit_consumers(site, fits, consumers, finder, targets, held, arrays):
+    """Refit the convs that read a freshly slimmed site to their original outputs. Their
+    new input is the rebirth conv's output, computed in numpy from the site's captured
+    inputs (through the same pools), so no extra TVM run is needed."""
+    outs = []
+    for wkey, bkey, spec, x, relu in fits:
+        y = conv_forward(x, arrays[wkey], arrays[bkey], spec)
+        outs.append(np.maximum(y, 0) if relu else y)
+    slimmed = np.concatenate(outs, axis=1) if len(outs) > 1 else outs[0]
+    report = []
+    for consumer in consumers:
+        x = slimmed
+        for pool in consumer.pools:
+            x = pool_forward(x, **pool)
+        spec = finder._conv_spec(consumer.conv, consumer.name)
+        y = targets.pop((site.id, consumer.name))
+        wkey, bkey = refit_keys(site, consumer.name)
+        report.append({"layer": consumer.name,
+                       **_combine([_fit_one(x, y, spec, consumer.relu, held, arrays,
+                                            wkey, bkey)])})
+    return report
+
+
 def _refine_end_to_end(model, plan, arrays, images, epochs, log):
     """Distil the original outputs into every learned conv (rebirth and refitted)."""
     from .distill import distill
@@ -174,12 +197,9 @@ def finetune(model, plan, images=None, calibration="", log=_log,
         finder = FindRebirthSites(plan.policy, ["streamline"])
         finder.find(current)
         relus = finder.traces[site.id].relu
-        fits = []
-        for (replaces, wkey, bkey), spec, x, relu in zip(weight_keys(site), site.new_conv,
-                                                         inputs, relus):
-            fits.append((wkey, bkey, spec, x, relu))
-        offset = 0
-        pieces = []
+        fits = [(wkey, bkey, spec, x, relu) for (_, wkey, bkey), spec, x, relu in
+                zip(weight_keys(site), site.new_conv, inputs, relus)]
+        offset, pieces = 0, []
         for wkey, bkey, spec, x, relu in fits:
             y = target[:, offset:offset + spec.out_channels]
             offset += spec.out_channels
@@ -190,27 +210,8 @@ def finetune(model, plan, images=None, calibration="", log=_log,
         done.append(site.id)
         consumers = _consumers(finder, site.id, site_convs) if refit_consumers else []
         if consumers:
-            # the slimmed site's output, computed from its captured inputs in numpy, is
-            # what the consumers now read (through the same pools)
-            outs = []
-            for (wkey, bkey, spec, x, relu) in fits:
-                y = conv_forward(x, arrays[wkey], arrays[bkey], spec)
-                outs.append(np.maximum(y, 0) if relu else y)
-            slimmed_out = np.concatenate(outs, axis=1) if len(outs) > 1 else outs[0]
-            inputs = []
-            for consumer in consumers:
-                x = slimmed_out
-                for pool in consumer.pools:
-                    x = pool_forward(x, **pool)
-                inputs.append(x)
-            refit = []
-            for consumer, x in zip(consumers, inputs):
-                spec = finder._conv_spec(consumer.conv, consumer.name)
-                y = consumer_targets.pop((site.id, consumer.name))
-                wkey, bkey = refit_keys(site, consumer.name)
-                refit.append({"layer": consumer.name,
-                              **_combine([_fit_one(x, y, spec, consumer.relu, held, arrays,
-                                                   wkey, bkey)])})
+            refit = _refit_consumers(site, fits, consumers, finder, consumer_targets, held,
+                                     arrays)
             entry["refit"] = refit
             log(f"[finetune] {site.id}: refitted {', '.join(c.name for c in consumers)} "
                 f"(held-out error {', '.join(str(r['rel_error']) for r in refit)})")
