@@ -28,7 +28,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--images", type=int, default=256)
     ap.add_argument("--limit", type=int)
-    ap.add_argument("--e2e-images", type=int, default=8192)
+    ap.add_argument("--e2e-images", type=int, default=30000)
     ap.add_argument("--e2e-epochs", type=int, default=10)
     args = ap.parse_args()
     model = load_model("fmnist-inception")
