@@ -16,14 +16,13 @@ import time
 
 os.environ.setdefault("TVM_NUM_THREADS", "2")
 
-import numpy as np  # noqa: E402
 from _common import machine, table, write  # noqa: E402
 
 from tvm_rebirth import RebirthPlan, load_model  # noqa: E402
 from tvm_rebirth.build import Runner  # noqa: E402
 from tvm_rebirth.calib import calibration_images  # noqa: E402
 from tvm_rebirth.finetune import finetune  # noqa: E402
-from tvm_rebirth.measure import count_gflops  # noqa: E402
+from tvm_rebirth.measure import count_gflops, interleaved_rounds, tvm_timer  # noqa: E402
 from tvm_rebirth.passes import StreamlineSlimming  # noqa: E402
 from tvm_rebirth.weights import RebirthWeights  # noqa: E402
 
@@ -47,7 +46,6 @@ def main():
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     import onnxruntime as ort
-    import tvm
 
     threads = int(os.environ["TVM_NUM_THREADS"])
     model = load_model(args.model)
@@ -73,18 +71,10 @@ def main():
         return (time.perf_counter() - start) / args.number * 1000
 
     timers = {"onnxruntime_original": time_ort}
-    for name, runner in runners.items():
-        evaluator = runner.vm.time_evaluator("main", runner.device, number=args.number, repeat=1)
-        arg = tvm.runtime.tensor(x, runner.device)
-        timers[name] = (lambda e=evaluator, a=arg: e(a).mean * 1000)
+    timers.update({name: tvm_timer(runner, x, args.number) for name, runner in runners.items()})
     for timer in timers.values():  # warm up
         timer()
-    samples = {name: [] for name in timers}
-    for r in range(args.rounds):
-        for name, timer in timers.items():
-            samples[name].append(timer())
-        print(f"[peers] round {r + 1}/{args.rounds}: " + ", ".join(
-            f"{k} {v[-1]:.2f} ms" for k, v in samples.items()), file=sys.stderr)
+    samples = interleaved_rounds(timers, args.rounds, "peers")
     ms = {f"{k}_ms": round(statistics.median(v), 3) for k, v in samples.items()}
     gflop = {"original": count_gflops(model.mod), "rebirth": count_gflops(rebirth)}
     peak = peak_gflops(threads)

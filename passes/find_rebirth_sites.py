@@ -211,7 +211,7 @@ class FindRebirthSites:
             square = [u for u in graph.users_of(x) if u != _RETURN and _op_name(
                 graph.value[u]) == "relax.multiply" and all(a.same_as(x) for a in graph.value[u].args)]
             if square:  # LRN reads x twice (square, divide); a third reader is a fan-out
-                lrns[x] = (binding.var, {binding.var, square[0]}, square[0])
+                lrns[x] = (binding.var, {binding.var, square[0]})
         return lrns
 
     def _layer_namer(self, graph, names):
@@ -256,7 +256,7 @@ class FindRebirthSites:
         (kind or None for bias, output var, layer name, Window pair or None) -- or None."""
         graph = self._graph
         if cur in self._lrns:
-            out, users, _ = self._lrns[cur]
+            out, users = self._lrns[cur]
             if set(graph.users_of(cur)) == users:
                 return "lrn", out, self._names[out], None
         users = graph.users_of(cur)
@@ -585,7 +585,7 @@ def layer_vars(graph, lrns) -> dict:
         kind = _LAYER_KINDS.get(_op_name(binding.value))
         if kind:
             order.setdefault(kind, []).append(binding.var)
-    order["lrn"] = sorted((out for out, _, _ in lrns.values()), key=lambda v: graph.position[v])
+    order["lrn"] = sorted((out for out, _ in lrns.values()), key=lambda v: graph.position[v])
     return order
 
 

@@ -35,11 +35,10 @@ from .site import refit_keys, weight_keys
 class _SiteRewriter(relax.PyExprMutator):
     """Emits the rebirth conv(s) in place of each site's last binding."""
 
-    def __init__(self, mod, replacements, refits, calls):
+    def __init__(self, mod, replacements, refits):
         super().__init__(mod)
         self.replacements = replacements  # end var -> [(input, ConvSpec, W, b, relu)]
-        self.refits = refits  # consumer end var -> (ConsumerConv, W, b)
-        self.calls = calls  # consumer conv var -> its conv2d call
+        self.refits = refits  # consumer end var -> (ConsumerConv, conv2d call, W, b)
 
     def visit_var_binding_(self, binding):
         refit = self.refits.get(binding.var)
@@ -51,9 +50,9 @@ class _SiteRewriter(relax.PyExprMutator):
             super().visit_var_binding_(binding)
             return
         is_output = not isinstance(binding.var, relax.DataflowVar)
+        last = len(convs) == 1  # several convs end in a concat, which is the output
         outs = []
-        for i, (data, spec, weight, bias, relu) in enumerate(convs):
-            last = i == len(convs) - 1 and len(convs) == 1
+        for data, spec, weight, bias, relu in convs:
             # the rebirth conv keeps the replaced layer's name, so site ids stay stable
             y = self.builder_.emit(relax.op.nn.conv2d(
                 self.visit_expr(data), relax.const(weight), strides=spec.stride,
@@ -66,9 +65,8 @@ class _SiteRewriter(relax.PyExprMutator):
         new = outs[0] if len(outs) == 1 else self._emit(relax.op.concat(outs, axis=1), is_output)
         self.set_var_remap(binding.var, new)
 
-    def _refit(self, binding, consumer, weight, bias):
+    def _refit(self, binding, consumer, conv_call, weight, bias):
         """A consumer conv with refitted weights: same geometry, new W and b."""
-        conv_call = self.calls[consumer.conv]
         y = self.builder_.emit(relax.op.nn.conv2d(
             self.visit_expr(consumer.data), relax.const(weight),
             strides=conv_call.attrs.strides, padding=conv_call.attrs.padding,
@@ -110,7 +108,7 @@ class StreamlineSlimming:
                                f"plan ({self.plan.sha256[:12]}); re-run `tvm-rebirth finetune`")
         finder = FindRebirthSites(self.plan.policy, ["streamline"], self.func_name)
         found = {s.id: s for s in finder.find(mod)}
-        replacements, refits, calls = {}, {}, {}
+        replacements, refits = {}, {}
         for site in sites:
             ref = found.get(site.id)
             if ref is None:
@@ -123,7 +121,7 @@ class StreamlineSlimming:
             convs = []
             for (replaces, wkey, bkey), spec, data, relu in zip(
                     weight_keys(site), site.new_conv, trace.inputs, trace.relu):
-                weight, bias = self._weights_for(mod, site, wkey, bkey)
+                weight, bias = self._weights_for(mod, site, arrays, wkey, bkey)
                 want = (spec.out_channels, spec.in_channels // spec.groups, *spec.kernel)
                 if tuple(weight.shape) != want:
                     raise RebirthError(f"site '{site.id}': weight '{wkey}' has shape "
@@ -144,17 +142,15 @@ class StreamlineSlimming:
                     raise RebirthError(f"site '{site.id}': refit of '{consumer.name}' has shapes "
                                        f"{list(weight.shape)}/{list(bias.shape)}, the layer "
                                        f"needs {list(want)}/[{want[0]}]")
-                refits[consumer.end] = (consumer, weight.astype("float32"),
+                refits[consumer.end] = (consumer, call, weight.astype("float32"),
                                         bias.astype("float32"))
-                calls[consumer.conv] = call
-        func = _SiteRewriter(mod, replacements, refits, calls).visit_expr(mod[self.func_name])
+        func = _SiteRewriter(mod, replacements, refits).visit_expr(mod[self.func_name])
         func = relax.analysis.remove_all_unused(func)
         updated = tvm.IRModule(dict(mod.functions), attrs=mod.attrs)
         updated[self.func_name] = func
         return updated
 
-    def _weights_for(self, mod, site, wkey, bkey):
-        arrays = getattr(self.weights, "arrays", self.weights)
+    def _weights_for(self, mod, site, arrays, wkey, bkey):
         if wkey in arrays and bkey in arrays:
             return np.asarray(arrays[wkey]), np.asarray(arrays[bkey])
         if site.exact:

@@ -4,7 +4,6 @@ import json
 import subprocess
 import sys
 
-import pytest
 
 from onnx_models import GraphMaker, inception_model
 

@@ -1,6 +1,5 @@
 """StreamlineSlimming: structural rewrite, closed-form exact sites, weights checks."""
 
-import dataclasses
 
 import numpy as np
 import pytest
@@ -14,7 +13,7 @@ from tvm_rebirth.build import Runner
 from tvm_rebirth.passes import StreamlineSlimming, exact_site_weights
 from tvm_rebirth.weights import RebirthWeights
 
-from onnx_models import GraphMaker, chain_model, inception_model
+from onnx_models import chain_model, inception_model
 
 RNG = np.random.default_rng(0)
 W = RNG.standard_normal((8, 4, 3, 3)).astype("float32")

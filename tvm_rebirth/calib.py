@@ -57,20 +57,19 @@ def images_from_folder(folder, shape, count, entry=None, augment=False, seed=0):
         raise RebirthError(f"{folder}: no JPEG/PNG images in this folder")
     size, channels = shape[2:], shape[1]
     if not augment or len(files) >= count:
-        arrays = [_decode(f, size, channels) for f in files[:count]]
-    else:
-        from PIL import Image
+        return images_from_folder_files(files[:count], shape, entry)
+    from PIL import Image
 
-        rng = np.random.default_rng(seed)
-        arrays = []
-        for i in range(count):
-            path = files[i % len(files)]
-            with Image.open(path) as img:
-                w, h = img.size
-            side = int(min(w, h) * rng.uniform(0.5, 1.0))
-            left, top = rng.integers(0, w - side + 1), rng.integers(0, h - side + 1)
-            arrays.append(_decode(path, size, channels, (left, top, left + side, top + side),
-                                  flip=bool(rng.integers(0, 2))))
+    rng = np.random.default_rng(seed)
+    arrays = []
+    for i in range(count):
+        path = files[i % len(files)]
+        with Image.open(path) as img:
+            w, h = img.size
+        side = int(min(w, h) * rng.uniform(0.5, 1.0))
+        left, top = rng.integers(0, w - side + 1), rng.integers(0, h - side + 1)
+        arrays.append(_decode(path, size, channels, (left, top, left + side, top + side),
+                              flip=bool(rng.integers(0, 2))))
     return preprocess(np.stack(arrays), entry, shape)
 
 

@@ -301,7 +301,7 @@ def cmd_demo(args) -> None:
 
     report = os.path.abspath(args.report_dir)
     os.makedirs(report, exist_ok=True)
-    stages, summary = {}, {}
+    stages = {}
 
     def stage(name):
         stages[name] = round(time.time() - stage.t, 2)

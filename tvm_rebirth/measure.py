@@ -43,6 +43,26 @@ def count_gflops(mod, func_name="main") -> float:
     return flops / 1e9
 
 
+def tvm_timer(runner, x, number):
+    """A callable giving the mean ms of ``number`` runs of the runner's main on ``x``."""
+    import tvm
+
+    evaluator = runner.vm.time_evaluator("main", runner.device, number=number, repeat=1)
+    arg = tvm.runtime.tensor(x, runner.device)
+    return lambda: evaluator(arg).mean * 1000
+
+
+def interleaved_rounds(timers, rounds, label, log=_log) -> dict:
+    """{name: [ms per round]}: every timer once per round, so machine noise hits all alike."""
+    samples = {name: [] for name in timers}
+    for r in range(rounds):
+        for name, timer in timers.items():
+            samples[name].append(timer())
+        log(f"[{label}] round {r + 1}/{rounds}: " + ", ".join(
+            f"{name} {values[-1]:.2f} ms" for name, values in samples.items()))
+    return samples
+
+
 def bench_pair(original_mod, rebirth_mod, x, rounds=7, number=5, log=_log) -> dict:
     """Compile both with the same settings, run the same input, time interleaved rounds."""
     log("[bench] building the original model")
@@ -50,19 +70,8 @@ def bench_pair(original_mod, rebirth_mod, x, rounds=7, number=5, log=_log) -> di
     log("[bench] building the rebirth model")
     rebirth = Runner(rebirth_mod)
     out_o, out_r = original(x)[0], rebirth(x)[0]
-    import tvm
-
-    timers = {}
-    for name, runner in (("original", original), ("rebirth", rebirth)):
-        args = [tvm.runtime.tensor(x, runner.device)]
-        timers[name] = (runner.vm.time_evaluator("main", runner.device, number=number,
-                                                 repeat=1), args)
-    samples = {"original": [], "rebirth": []}
-    for r in range(rounds):  # interleaved so machine noise hits both alike
-        for name, (timer, args) in timers.items():
-            samples[name].append(timer(*args).mean * 1000)
-        log(f"[bench] round {r + 1}/{rounds}: original {samples['original'][-1]:.2f} ms, "
-            f"rebirth {samples['rebirth'][-1]:.2f} ms")
+    samples = interleaved_rounds({"original": tvm_timer(original, x, number),
+                                  "rebirth": tvm_timer(rebirth, x, number)}, rounds, "bench", log)
     result = {}
     for name, runner, mod in (("original", original, original_mod),
                               ("rebirth", rebirth, rebirth_mod)):

@@ -6,7 +6,6 @@ import contextlib
 import dataclasses
 import io
 import os
-import sys
 import warnings
 from pathlib import Path
 

@@ -12,7 +12,7 @@ import yaml
 
 from .errors import RebirthError
 from .passes.find_rebirth_sites import FindRebirthSites
-from .passes.site import KERNEL_POLICIES, SITE_KINDS, ConvSpec, RebirthSite
+from .passes.site import KERNEL_POLICIES, SITE_KINDS, RebirthSite
 
 PLAN_FORMAT = "rebirth-plan/1"
 

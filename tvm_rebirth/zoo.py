@@ -127,7 +127,7 @@ def _layer_prefix(weight_name: str) -> str:
 def materialise(entry: ZooModel):
     """Return the zoo model as an ONNX ModelProto with deterministic weights and names."""
     import onnx
-    from onnx import helper, numpy_helper
+    from onnx import numpy_helper
 
     src = _light_dir() / entry.source
     if not src.exists():
