@@ -22,30 +22,37 @@ _UNARY = {"relax.sqrt": np.sqrt, "relax.rsqrt": lambda x: 1.0 / np.sqrt(x),
           "relax.negative": np.negative, "relax.exp": np.exp}
 
 
-def _evaluate(expr, var2val):
+def evaluate_constant(expr, var2val):
     """numpy value of a constant-only expression (bias reshapes, decomposed BN terms)."""
     if isinstance(expr, tvm.ir.expr.Constant):
         return expr.value.numpy().astype(np.float64)
     if isinstance(expr, relax.Var):
         if expr not in var2val:
             raise ValueError(f"'{expr.name}' is not a constant")
-        return _evaluate(var2val[expr], var2val)
+        return evaluate_constant(var2val[expr], var2val)
     op = _op_name(expr)
     if op in _ELEMENTWISE:
-        return _ELEMENTWISE[op](_evaluate(expr.args[0], var2val), _evaluate(expr.args[1], var2val))
+        return _ELEMENTWISE[op](evaluate_constant(expr.args[0], var2val), evaluate_constant(expr.args[1], var2val))
     if op in _UNARY:
-        return _UNARY[op](_evaluate(expr.args[0], var2val))
-    if op in ("relax.reshape", "relax.expand_dims", "relax.squeeze", "relax.astype",
-              "relax.permute_dims"):
-        arr = _evaluate(expr.args[0], var2val)
-        if op == "relax.reshape":
-            return arr.reshape([int(v) for v in expr.args[1].values])
-        if op == "relax.expand_dims":
-            for axis in sorted(int(a) for a in expr.attrs.axis):
-                arr = np.expand_dims(arr, axis)
-            return arr
-        return arr if op == "relax.astype" else (
-            np.squeeze(arr) if op == "relax.squeeze" else arr)
+        return _UNARY[op](evaluate_constant(expr.args[0], var2val))
+    if op == "relax.reshape":
+        return evaluate_constant(expr.args[0], var2val).reshape(
+            [int(v) for v in expr.args[1].values])
+    if op == "relax.expand_dims":
+        arr = evaluate_constant(expr.args[0], var2val)
+        for axis in sorted(int(a) for a in expr.attrs.axis):
+            arr = np.expand_dims(arr, axis)
+        return arr
+    if op == "relax.squeeze":
+        axis = expr.attrs.axis
+        return np.squeeze(evaluate_constant(expr.args[0], var2val),
+                          axis=None if axis is None else tuple(int(a) for a in axis))
+    if op == "relax.permute_dims":
+        axes = expr.attrs.axes
+        return np.transpose(evaluate_constant(expr.args[0], var2val),
+                            None if axes is None else [int(a) for a in axes])
+    if op == "relax.astype":
+        return evaluate_constant(expr.args[0], var2val)
     raise ValueError(f"cannot fold {op or type(expr).__name__} in closed form")
 
 
@@ -81,7 +88,7 @@ def exact_site_weights(mod, site_id: str, func_name: str = "main"):
     trace = finder.traces[site_id]
     var2val = relax.analysis.get_var2val(mod[func_name])
     conv = var2val[trace.convs[0]]
-    weight = _evaluate(conv.args[1], var2val)
+    weight = evaluate_constant(conv.args[1], var2val)
     channels = weight.shape[0]
     bias = np.zeros(channels)
     jump = [int(s) for s in conv.attrs.strides]
@@ -89,10 +96,10 @@ def exact_site_weights(mod, site_id: str, func_name: str = "main"):
         call = var2val[var]
         if kind == "bias":
             other = call.args[1] if call.args[0].same_as(trace.convs[0]) else call.args[0]
-            bias = bias + _per_channel(_evaluate(other, var2val), channels)
+            bias = bias + _per_channel(evaluate_constant(other, var2val), channels)
         elif kind == "batch_norm":
             bn = var2val[call.tuple_value] if isinstance(call, relax.TupleGetItem) else call
-            gamma, beta, mean, var_ = (_per_channel(_evaluate(a, var2val), channels)
+            gamma, beta, mean, var_ = (_per_channel(evaluate_constant(a, var2val), channels)
                                        for a in bn.args[1:5])
             if not bool(bn.attrs.scale):
                 gamma = np.ones(channels)
@@ -105,7 +112,7 @@ def exact_site_weights(mod, site_id: str, func_name: str = "main"):
             op = _op_name(call)
             lhs_is_chain = not _is_const_like(call.args[0], var2val)
             other = call.args[1] if lhs_is_chain else call.args[0]
-            c = _per_channel(_evaluate(other, var2val), channels)
+            c = _per_channel(evaluate_constant(other, var2val), channels)
             if op == "relax.multiply":
                 weight, bias = weight * c[:, None, None, None], bias * c
             elif op == "relax.divide":
@@ -129,7 +136,7 @@ def exact_site_weights(mod, site_id: str, func_name: str = "main"):
 
 def _is_const_like(expr, var2val):
     try:
-        _evaluate(expr, var2val)
+        evaluate_constant(expr, var2val)
         return True
     except (ValueError, KeyError):
         return False

@@ -195,3 +195,11 @@ def test_refit_of_the_wrong_shape_names_the_layer(chain):
     arrays[f"{site.id}/refit/tail/bias"] = np.zeros(4, "f")
     with pytest.raises(RebirthError, match=r"refit of 'tail' has shapes \[4, 8, 3, 3\]"):
         StreamlineSlimming(plan, arrays)(model.mod)
+
+
+def test_constant_folding_follows_permute_and_squeeze_axes():
+    from tvm_rebirth.passes.exact_merge import evaluate_constant
+
+    a = np.arange(24, dtype="float32").reshape(1, 2, 3, 4)
+    expr = relax.op.squeeze(relax.op.permute_dims(relax.const(a), [0, 3, 1, 2]), axis=[0])
+    np.testing.assert_array_equal(evaluate_constant(expr, {}), a.transpose(0, 3, 1, 2)[0])

@@ -14,7 +14,7 @@ import time
 import numpy as np
 
 from .errors import RebirthError
-from .passes.exact_merge import _evaluate
+from .passes.exact_merge import evaluate_constant
 
 
 def _log(message):
@@ -52,7 +52,7 @@ class RelaxInTorch:
             elif op == "relax.add" and b.value.args[0] in conv_of_add:
                 bkey = conv_of_add[b.value.args[0]]
                 bias = torch.from_numpy(
-                    _evaluate(b.value.args[1], var2val).astype(np.float32).reshape(-1))
+                    evaluate_constant(b.value.args[1], var2val).astype(np.float32).reshape(-1))
                 self.params[bkey] = torch.nn.Parameter(bias.reshape(-1))
                 self._bias[b.value.args[1]] = self.params[bkey]
 
