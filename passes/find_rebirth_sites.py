@@ -35,7 +35,7 @@ from tvm import relax
 from tvm.relax.dpl import is_const, is_op, wildcard
 
 from .site import (KERNEL_POLICIES, LINEAR_OPS, NON_TENSOR_OPS, SITE_KINDS, ConvSpec,
-                   RebirthSite, Window, rebirth_geometry)
+                   RebirthSite, Window, branch_conv_layout, branch_groups, rebirth_geometry)
 
 _POOL_OPS = {"relax.nn.max_pool2d": "max_pool2d", "relax.nn.avg_pool2d": "avg_pool2d"}
 _AFFINE_OPS = ("relax.multiply", "relax.add", "relax.subtract", "relax.divide")
@@ -54,13 +54,24 @@ class SiteTrace:
     steps: list   # (kind, var) of every op after the conv(s), bias adds as "bias"
     end: object   # the var whose value the rebirth conv(s) replace
     # convs reading the site's output (directly or through pools): the fine-tune stage may
-    # refit them to absorb the site's residual error; see ConsumerConv
+    # refit them to absorb the site's residual error; see ConvBlock
     consumers: list = dataclasses.field(default_factory=list)
 
 
 @dataclasses.dataclass
-class ConsumerConv:
-    """A conv (+ bias) (+ relu) that reads a site's output."""
+class BranchTrace:
+    """Where a branch site sits: the tensor its branches fork from, the concat joining
+    them, and every conv of the branches that BranchSlimming re-emits."""
+
+    fork: object
+    concat: object
+    fields: list  # the concat's inputs, one per branch (site.branches order)
+    convs: dict   # layer name -> ConvBlock
+
+
+@dataclasses.dataclass
+class ConvBlock:
+    """A conv (+ bias) (+ relu): a consumer of a site's output, or a branch conv."""
 
     name: str     # source layer name
     conv: object  # the conv2d var
@@ -358,10 +369,10 @@ class FindRebirthSites:
                         "count_include_pad": bool(getattr(a, "count_include_pad", False))}]))
                 elif op == "relax.nn.conv2d" and value.args[0].same_as(var) and \
                         self._is_plain_conv(user):
-                    found.append(self._consumer(user, pools))
+                    found.append(self._conv_block(user, pools))
         return found
 
-    def _consumer(self, conv, pools):
+    def _conv_block(self, conv, pools=()):
         graph = self._graph
         end = conv
         users = graph.users_of(conv)
@@ -374,9 +385,8 @@ class FindRebirthSites:
         if len(users) == 1 and users[0] != _RETURN and \
                 _op_name(graph.value[users[0]]) == "relax.nn.relu":
             out = users[0]
-        return ConsumerConv(name=self._names[conv], conv=conv,
-                            data=graph.value[conv].args[0], end=end, out=out,
-                            relu=not out.same_as(end), pools=pools)
+        return ConvBlock(name=self._names[conv], conv=conv, data=graph.value[conv].args[0],
+                         end=end, out=out, relu=not out.same_as(end), pools=list(pools))
 
     # -- the three site shapes -------------------------------------------------------------
     def _streamline_from_conv(self, conv_var):
@@ -521,13 +531,15 @@ class FindRebirthSites:
         forks = {id(fork) if fork is None else fork for fork, _ in paths}
         if len(forks) != 1 or paths[0][0] is None:
             return None
-        branches = []
+        site_id = self._names[concat_var]
+        branches, conv_vars = [], {}
         for _, path in paths:
             convs = [v for kind, v in path if kind == "conv2d"]
             pools = [(kind, v) for kind, v in path if kind in _POOL_OPS.values()]
             if not convs:
                 return None
             names = [self._names[v] for v in convs]
+            conv_vars.update(zip(names, convs))
             branches.append({
                 "convs": names,
                 "kernels": [self._conv_spec(v, n).kernel for v, n in zip(convs, names)],
@@ -536,46 +548,57 @@ class FindRebirthSites:
                 "pool_window": (_ints(graph.value[pools[0][1]].attrs.pool_size)
                                 if pools else None),
                 "ops": [k for k, _ in path],
-                "_last": convs[-1],
             })
         pool_branches = [b for b in branches if b["pool"] and b["ops"][0] in _POOL_OPS.values()]
         if not pool_branches:
             return None
-        site_id = self._names[concat_var]
         pool_branch = pool_branches[0]
-        tensor_branches = [b for b in branches if b["pool"] is None]
-        by_kernel = sorted(tensor_branches, key=lambda b: -max(b["kernels"][-1]))
+        # a receiver is re-emitted conv by conv: [1x1 reducer (relu) ->] conv (relu), no BN
+        receivers = [b for b in branches if b["pool"] is None and b["ops"] in (
+            ["conv2d"], ["conv2d", "relu"], ["conv2d", "conv2d"], ["conv2d", "relu", "conv2d"],
+            ["conv2d", "conv2d", "relu"], ["conv2d", "relu", "conv2d", "relu"])
+            and (len(b["kernels"]) == 1 or b["kernels"][0] == [1, 1])]
+        by_kernel = sorted(receivers, key=lambda b: -max(b["kernels"][-1]))
         if not by_kernel or max(by_kernel[0]["kernels"][-1]) < max(pool_branch["pool_window"]):
             self.rejected.append((site_id, "no tensor branch has a kernel covering the "
                                            f"{pool_branch['pool_window']} pool window"))
             return None
         pool_into = by_kernel[0]
         absorb = {"pool_branch": pool_branch["convs"][-1], "pool_into": pool_into["convs"][-1]}
-        old, new = [], []
-        grow = {id(pool_into): pool_branch["out_channels"]}
-        singles = [b for b in tensor_branches if len(b["convs"]) == 1 and b is not pool_into
+        singles = [b for b in receivers if len(b["convs"]) == 1 and b is not pool_into
                    and b["kernels"][0] == [1, 1]]
-        deep = [b for b in tensor_branches if len(b["convs"]) > 1 and b is not pool_into]
+        deep = [b for b in receivers if len(b["convs"]) > 1 and b is not pool_into]
         if singles and deep:
             into = min(deep, key=lambda b: max(b["kernels"][-1]))
             absorb.update(one_by_one=singles[0]["convs"][-1], one_by_one_into=into["convs"][-1])
-            grow[id(into)] = singles[0]["out_channels"]
-        for b in branches:
-            if id(b) in grow:
-                spec = self._conv_spec(b["_last"], b["convs"][-1])
-                old.append(spec)
-                new.append(ConvSpec(spec.replaces, spec.in_channels,
-                                    spec.out_channels + grow[id(b)], spec.kernel, spec.stride,
-                                    spec.padding, spec.groups))
-        for b in branches:
-            del b["_last"]
-        fork = paths[0][0]
-        return RebirthSite(
+        if any(self._conv_spec(v, n).groups != 1 for n, v in conv_vars.items()):
+            self.rejected.append((site_id, "grouped convs in a branch cannot be widened"))
+            return None
+        site = RebirthSite(
             id=site_id, kind="branch", ops=pool_branch["ops"] + ["concat"],
-            layers=[n for b in branches for n in b["convs"]] + [site_id], old_conv=old,
-            new_conv=new, exact=False, input_hw=(_shape(fork) or [0, 0, 0, 0])[2:],
-            output_hw=_shape(concat_var)[2:], branches=branches, absorb=absorb,
-            note=f"{len(branches)} branches -> {len(branches) - len(grow)}")
+            layers=[n for b in branches for n in b["convs"]] + [site_id], old_conv=[],
+            new_conv=[], exact=False, input_hw=(_shape(paths[0][0]) or [0, 0, 0, 0])[2:],
+            output_hw=_shape(concat_var)[2:], branches=branches, absorb=absorb)
+        groups = branch_groups(site)
+        for name, role, receiver in branch_conv_layout(site, groups):
+            spec = self._conv_spec(conv_vars[name], name)
+            site.old_conv.append(spec)
+            if role == "reducer":
+                # the reducer also carries what the pool branch saw (see BranchSlimming)
+                carry = pool_branch["out_channels"] if branches.index(pool_branch) in \
+                    groups[receiver] else 0
+                new = dataclasses.replace(spec, out_channels=spec.out_channels + carry)
+            else:
+                width = sum(branches[i]["out_channels"] for i in groups[receiver])
+                in_channels = site.new_conv[-1].out_channels if len(
+                    branches[receiver]["convs"]) == 2 else spec.in_channels
+                new = dataclasses.replace(spec, in_channels=in_channels, out_channels=width)
+            site.new_conv.append(new)
+        site.note = f"{len(branches)} branches -> {len(branches) - sum(len(c) - 1 for c in groups.values())}"
+        self.traces[site_id] = BranchTrace(
+            fork=paths[0][0], concat=concat_var, fields=list(fields),
+            convs={n: self._conv_block(v) for n, v in conv_vars.items()})
+        return site
 
 
 def layer_vars(graph, lrns) -> dict:

@@ -220,3 +220,46 @@ def weight_keys(site: RebirthSite) -> list:
 def refit_keys(site: RebirthSite, layer: str) -> tuple:
     """Weight and bias keys of a consumer conv refitted after ``site`` (see finetune)."""
     return f"{site.id}/refit/{layer}/weight", f"{site.id}/refit/{layer}/bias"
+
+
+def branch_groups(site: RebirthSite) -> dict:
+    """The slimmed layout of a branch site: {receiving branch index: indices of the branches
+    its last conv now computes, in concat order} (indices into ``site.branches``).
+
+    A receiver's last conv outputs the channels of the branches it covers in their concat
+    order, so the module's output channel order is unchanged. Raises ValueError when
+    ``absorb`` names a conv that is not a branch's last conv.
+    """
+    by_last = {b["convs"][-1]: i for i, b in enumerate(site.branches)}
+    groups = {}
+    for source, into in (("pool_branch", "pool_into"), ("one_by_one", "one_by_one_into")):
+        if source not in site.absorb and into not in site.absorb:
+            continue
+        names = [site.absorb.get(source), site.absorb.get(into)]
+        for key, name in zip((source, into), names):
+            if name not in by_last:
+                raise ValueError(f"absorb.{key} '{name}' is not the last conv of a branch "
+                                 f"(one of {sorted(by_last)})")
+        src, dst = by_last[names[0]], by_last[names[1]]
+        if src == dst or src in groups or any(src in c for c in groups.values()):
+            raise ValueError(f"absorb.{source} '{names[0]}' is merged twice or into itself")
+        groups.setdefault(dst, [dst]).append(src)
+    for receiver in groups:
+        if any(receiver in covered and receiver != r for r, covered in groups.items()):
+            raise ValueError(f"branch '{site.branches[receiver]['convs'][-1]}' both absorbs "
+                             "and is absorbed")
+    return {r: sorted(c) for r, c in sorted(groups.items())}
+
+
+def branch_conv_layout(site: RebirthSite, groups=None) -> list:
+    """(layer name, role, receiver index) of each conv a branch site rewrites, in the order
+    of ``old_conv``/``new_conv``: per receiving branch its 1x1 reducer (role "reducer",
+    only for a reducer -> conv branch) then its last conv (role "grown")."""
+    groups = branch_groups(site) if groups is None else groups
+    layout = []
+    for receiver in groups:
+        convs = site.branches[receiver]["convs"]
+        if len(convs) == 2:
+            layout.append((convs[0], "reducer", receiver))
+        layout.append((convs[-1], "grown", receiver))
+    return layout

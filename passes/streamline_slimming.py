@@ -37,18 +37,19 @@ class _SiteRewriter(relax.PyExprMutator):
 
     def __init__(self, mod, replacements, refits):
         super().__init__(mod)
-        self.replacements = replacements  # end var -> [(input, ConvSpec, W, b, relu)]
-        self.refits = refits  # consumer end var -> (ConsumerConv, conv2d call, W, b)
+        # end var -> ([(input, ConvSpec, W, b, relu)], name of the concat the convs feed)
+        self.replacements = replacements
+        self.refits = refits  # consumer end var -> (ConvBlock, conv2d call, W, b)
 
     def visit_var_binding_(self, binding):
         refit = self.refits.get(binding.var)
         if refit is not None:
             self._refit(binding, *refit)
             return
-        convs = self.replacements.get(binding.var)
-        if convs is None:
+        if binding.var not in self.replacements:
             super().visit_var_binding_(binding)
             return
+        convs, concat_name = self.replacements[binding.var]
         is_output = not isinstance(binding.var, relax.DataflowVar)
         last = len(convs) == 1  # several convs end in a concat, which is the output
         outs = []
@@ -62,7 +63,12 @@ class _SiteRewriter(relax.PyExprMutator):
             if relu:
                 y = self._emit(relax.op.nn.relu(y), is_output and last)
             outs.append(y)
-        new = outs[0] if len(outs) == 1 else self._emit(relax.op.concat(outs, axis=1), is_output)
+        if len(outs) == 1:
+            new = outs[0]
+        else:  # the concat keeps its layer name: BranchSlimming finds the module by it
+            concat = relax.op.concat(outs, axis=1)
+            new = (self.builder_.emit_output(concat, name_hint=concat_name) if is_output
+                   else self.builder_.emit(concat, name_hint=concat_name))
         self.set_var_remap(binding.var, new)
 
     def _refit(self, binding, consumer, conv_call, weight, bias):
@@ -130,7 +136,7 @@ class StreamlineSlimming:
                     raise RebirthError(f"site '{site.id}': bias '{bkey}' has shape "
                                        f"{list(bias.shape)}, the plan needs [{spec.out_channels}]")
                 convs.append((data, spec, weight.astype("float32"), bias.astype("float32"), relu))
-            replacements[trace.end] = convs
+            replacements[trace.end] = (convs, site.layers[0])
             for consumer in trace.consumers:
                 wkey, bkey = refit_keys(site, consumer.name)
                 if wkey not in arrays:

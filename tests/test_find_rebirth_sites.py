@@ -181,8 +181,12 @@ def test_inception_module_gives_a_branch_site_and_a_pool_after_concat(tmp_path):
     assert branch.kind == "branch"
     assert branch.absorb == {"pool_branch": "inc/pool_proj", "pool_into": "inc/5x5",
                              "one_by_one": "inc/1x1", "one_by_one_into": "inc/3x3"}
-    grown = {c.replaces: c.out_channels for c in branch.new_conv}
-    assert grown == {"inc/3x3": 16 + 8, "inc/5x5": 6 + 6}
+    # receivers: 3x3 takes the 1x1 branch; 5x5 takes the pool branch, its reducer carrying
+    # the pool branch's width; channels in concat order
+    assert [(c.replaces, c.in_channels, c.out_channels) for c in branch.new_conv] == [
+        ("inc/3x3_reduce", 24, 12), ("inc/3x3", 12, 8 + 16),
+        ("inc/5x5_reduce", 24, 4 + 6), ("inc/5x5", 4 + 6, 6 + 6)]
+    assert branch.note == "4 branches -> 2"
 
 
 def test_kinds_filter(tmp_path):

@@ -78,13 +78,52 @@ def test_unknown_site_id(googlenet, plan_file):
 
 
 def test_absorbing_kernel_smaller_than_the_pool_window(googlenet, plan_file):
-    def shrink(d):
+    def into_1x1(d):
         site = next(s for s in d["sites"] if s["id"] == "inception_3a/output")
-        conv = next(c for c in site["new_conv"] if c["replaces"] == "inception_3a/5x5")
-        conv.update(kernel=[1, 1], padding=[0, 0, 0, 0])
-    edit(plan_file, shrink)
-    with pytest.raises(RebirthError, match="smaller than the 3x3 pool window"):
+        site["absorb"] = {"pool_branch": "inception_3a/pool_proj",
+                          "pool_into": "inception_3a/1x1"}
+    edit(plan_file, into_1x1)
+    with pytest.raises(RebirthError, match="'inception_3a/output': absorbing conv "
+                                           "'inception_3a/1x1' has kernel \\[1, 1\\], smaller "
+                                           "than the 3x3 pool window"):
         RebirthPlan.load(plan_file).validate(googlenet)
+
+
+def _branch_edit(site_id, change):
+    def apply(d):
+        change(next(s for s in d["sites"] if s["id"] == site_id))
+    return apply
+
+
+def _conv(site, name):
+    return next(c for c in site["new_conv"] if c["replaces"] == name)
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda s: _conv(s, "inception_3a/5x5").update(kernel=[7, 7], padding=[3, 3, 3, 3]),
+     "keeps kernel, stride, padding"),
+    (lambda s: _conv(s, "inception_3a/3x3").update(out_channels=128),
+     "out_channels must be 64\\+128=192"),
+    (lambda s: _conv(s, "inception_3a/3x3_reduce").update(out_channels=48),
+     "'inception_3a/3x3': in_channels must be 48"),
+    (lambda s: s["absorb"].update(pool_into="inception_3a/3x3"), "merged twice|must list"),
+    (lambda s: s["absorb"].update(one_by_one_into="inception_3a/5x5_reduce"),
+     "not the last conv of a branch"),
+    (lambda s: s.update(exact=True), "exact must be false"),
+])
+def test_bad_branch_edits(googlenet, plan_file, change, message):
+    edit(plan_file, _branch_edit("inception_3a/output", change))
+    with pytest.raises(RebirthError, match=message) as err:
+        RebirthPlan.load(plan_file).validate(googlenet)
+    assert "inception_3a/output" in str(err.value) and "\n" not in str(err.value)
+
+
+def test_thinning_a_reducer_is_a_valid_edit(googlenet, plan_file):
+    def thin(site):
+        _conv(site, "inception_3a/3x3_reduce")["out_channels"] = 48
+        _conv(site, "inception_3a/3x3")["in_channels"] = 48
+    edit(plan_file, _branch_edit("inception_3a/output", thin))
+    RebirthPlan.load(plan_file).validate(googlenet)
 
 
 def test_plan_for_a_different_model(plan_file, tmp_path):

@@ -12,7 +12,8 @@ import yaml
 
 from .errors import RebirthError
 from .passes.find_rebirth_sites import FindRebirthSites
-from .passes.site import KERNEL_POLICIES, SITE_KINDS, RebirthSite
+from .passes.site import (KERNEL_POLICIES, SITE_KINDS, RebirthSite, branch_conv_layout,
+                          branch_groups)
 
 PLAN_FORMAT = "rebirth-plan/1"
 
@@ -135,7 +136,8 @@ class RebirthPlan:
         if {k: list(v) for k, v in self.input_shapes.items()} != shapes:
             raise RebirthError(f"{label}: input shapes {self.input_shapes} differ from the "
                                f"model's {shapes}")
-        detected = {s.id: s for s in FindRebirthSites(self.policy, SITE_KINDS).find(model.mod)}
+        finder = FindRebirthSites(self.policy, SITE_KINDS)
+        detected = {s.id: s for s in finder.find(model.mod)}
         seen = set()
         for site in self.sites:
             if site.id in seen:
@@ -145,7 +147,13 @@ class RebirthPlan:
             if ref is None:
                 raise RebirthError(f"{label}: site '{site.id}' does not exist in {model.name}")
             try:
-                _validate_site(site, ref)
+                if site.kind == "branch" and ref.kind == "branch":
+                    trace = finder.traces[site.id]
+                    _validate_branch(site, ref, {
+                        name: finder._conv_spec(block.conv, name)
+                        for name, block in trace.convs.items()})
+                else:
+                    _validate_site(site, ref)
             except ValueError as err:
                 raise RebirthError(f"{label}: site '{site.id}': {err}") from None
 
@@ -187,29 +195,65 @@ def _validate_site(site: RebirthSite, ref: RebirthSite) -> None:
                          "edited; set exact: false to learn it instead")
     if site.exact and not ref.exact:
         raise ValueError("exact: true, but the block has a nonlinearity inside")
-    if site.kind == "branch":
-        _validate_branch(site, ref)
 
 
-def _validate_branch(site: RebirthSite, ref: RebirthSite) -> None:
-    branches = {b["convs"][-1]: b for b in ref.branches}
-    pool_branch = branches.get(site.absorb.get("pool_branch"))
-    into = site.absorb.get("pool_into")
-    if pool_branch is None or not pool_branch.get("pool"):
-        raise ValueError(f"absorb.pool_branch must name the pool branch's conv "
-                         f"({ref.absorb.get('pool_branch')})")
-    if into not in branches or branches[into].get("pool"):
-        raise ValueError(f"absorb.pool_into '{into}' is not the last conv of a tensor branch")
-    new = {c.replaces: c for c in site.new_conv}
-    if into not in new:
-        raise ValueError(f"absorb.pool_into '{into}' has no new_conv entry")
-    window = pool_branch["pool_window"]
-    if new[into].kernel[0] < window[0] or new[into].kernel[1] < window[1]:
-        raise ValueError(f"absorbing conv '{into}' has kernel {new[into].kernel}, smaller than "
-                         f"the {window[0]}x{window[1]} pool window it must cover")
-    for name, spec in new.items():
-        if name not in branches:
-            raise ValueError(f"new_conv '{name}' is not a branch's last conv")
+def _validate_branch(site: RebirthSite, ref: RebirthSite, module_convs: dict) -> None:
+    """A branch site: the user may edit ``absorb`` (which branch takes which) and the
+    reducers' widths; everything else follows from those and the module."""
+    if site.kind != ref.kind or list(site.ops) != list(ref.ops):
+        raise ValueError(f"kind/ops {site.kind} {site.ops} differ from the model's "
+                         f"{ref.kind} {ref.ops}")
+    if [b.get("convs") for b in site.branches] != [b["convs"] for b in ref.branches]:
+        raise ValueError("branches differ from the model's (only absorb and new_conv "
+                         "widths may be edited)")
+    if site.exact:
+        raise ValueError("a branch merge is learned: exact must be false")
+    site.branches = [dict(b) for b in ref.branches]
+    groups = branch_groups(site)
+    pool_index = next(i for i, b in enumerate(ref.branches) if b["pool"])
+    if site.absorb.get("pool_branch") != ref.branches[pool_index]["convs"][-1]:
+        raise ValueError(f"absorb.pool_branch must be "
+                         f"'{ref.branches[pool_index]['convs'][-1]}', the pool branch's conv")
+    for receiver, covered in groups.items():
+        b = ref.branches[receiver]
+        if b["pool"] or "batch_norm" in b["ops"] or len(b["convs"]) > 2 or (
+                len(b["convs"]) == 2 and b["kernels"][0] != [1, 1]):
+            raise ValueError(f"'{b['convs'][-1]}' cannot absorb other branches (a receiver is "
+                             "a conv, or a 1x1 reducer -> conv, without pools or BN)")
+        if pool_index in covered:
+            window, kernel = ref.branches[pool_index]["pool_window"], b["kernels"][-1]
+            if kernel[0] < window[0] or kernel[1] < window[1]:
+                raise ValueError(f"absorbing conv '{b['convs'][-1]}' has kernel {kernel}, "
+                                 f"smaller than the {window[0]}x{window[1]} pool window it "
+                                 "must cover")
+    layout = branch_conv_layout(site, groups)
+    names = [name for name, _, _ in layout]
+    if [c.replaces for c in site.new_conv] != names or \
+            [c.replaces for c in site.old_conv] != names:
+        raise ValueError(f"old_conv/new_conv must list {names} (the receivers' reducer and "
+                         "last conv, in branch order) for this absorb")
+    reducer_out = {}
+    for (name, role, receiver), old, new in zip(layout, site.old_conv, site.new_conv):
+        where = f"new_conv '{name}'"
+        if old.to_dict() != module_convs[name].to_dict():
+            raise ValueError(f"old_conv '{name}' differs from the model's convolution")
+        if (new.kernel, new.stride, new.padding, new.groups) != (
+                old.kernel, old.stride, old.padding, old.groups):
+            raise ValueError(f"{where}: branch slimming keeps kernel, stride, padding and "
+                             f"groups ({old.describe()}); only widths change")
+        if role == "reducer":
+            if new.in_channels != old.in_channels:
+                raise ValueError(f"{where}: in_channels must stay {old.in_channels}")
+            reducer_out[receiver] = new.out_channels
+            continue
+        want_in = reducer_out.get(receiver, old.in_channels)
+        want_out = sum(ref.branches[i]["out_channels"] for i in groups[receiver])
+        if new.in_channels != want_in:
+            raise ValueError(f"{where}: in_channels must be {want_in} (its input's width)")
+        if new.out_channels != want_out:
+            parts = "+".join(str(ref.branches[i]["out_channels"]) for i in groups[receiver])
+            raise ValueError(f"{where}: out_channels must be {parts}={want_out}, the widths "
+                             "of the branches it computes (the module keeps its width)")
 
 
 def _atomic_write(path: Path, text: str) -> None:
