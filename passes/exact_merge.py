@@ -140,3 +140,14 @@ def _is_const_like(expr, var2val):
         return True
     except (ValueError, KeyError):
         return False
+
+
+def conv_block_weights(finder, block):
+    """(W [OIHW], b) of a ConvBlock as the module computes it (the bias add folded in)."""
+    graph = finder._graph
+    weight = evaluate_constant(graph.value[block.conv].args[1], graph.var2val)
+    if block.end.same_as(block.conv):
+        bias = np.zeros(weight.shape[0])
+    else:
+        bias = evaluate_constant(graph.value[block.end].args[1], graph.var2val).reshape(-1)
+    return weight.astype("float32"), bias.astype("float32")

@@ -20,8 +20,10 @@ import numpy as np
 from .build import Runner
 from .errors import RebirthError
 from .fit import conv_forward, fit_rebirth_conv, pool_forward
-from .passes import FindRebirthSites, StreamlineSlimming, exact_site_weights, weight_keys
-from .passes.site import refit_keys
+from .passes import (SITE_KINDS, FindRebirthSites, exact_site_weights, rebirth_pipeline,
+                     weight_keys)
+from .passes.exact_merge import conv_block_weights
+from .passes.site import branch_conv_layout, branch_groups, refit_keys
 from .weights import RebirthWeights
 
 
@@ -37,7 +39,7 @@ def capture_module(mod, select, policy="keep-kernel", func_name="main"):
 
     plain = relax.transform.ToNonDataflow()(mod)
     plain = tvm.IRModule(dict(plain.functions), attrs=mod.attrs)
-    finder = FindRebirthSites(policy, ["streamline"], func_name)
+    finder = FindRebirthSites(policy, SITE_KINDS, func_name)
     finder.find(plain)
     outputs = select(finder)
     func = plain[func_name]
@@ -80,17 +82,31 @@ def _with_enabled(plan, site_ids):
     return dataclasses.replace(plan, sites=sites)
 
 
-def _fit_one(x, y, spec, relu, held, arrays, wkey, bkey):
-    """Fit one conv on the non-held-out images; store it; return squared-error sums."""
+def _fit_one(x, y, spec, relu, held, arrays, wkey, bkey, original=None):
+    """Fit one conv on the non-held-out images; store it; return squared-error sums.
+    ``original`` = (channels, W, b): output channels an existing conv already computes from
+    this input; each keeps whichever of its original and fitted weights is closer."""
     check = held if held.any() else ~held
     result = fit_rebirth_conv(x[~held], y[~held], spec, relu=relu)
-    arrays[wkey], arrays[bkey] = result.weight, result.bias
-    pred = conv_forward(x[check], result.weight, result.bias, spec)
-    pred = np.maximum(pred, 0) if relu else pred
+    weight, bias = result.weight, result.bias
+    act = (lambda z: np.maximum(z, 0)) if relu else (lambda z: z)
     fit_norm = float(np.sum(y[~held].astype(np.float64) ** 2))
+    fit_err = result.rel_error ** 2 * fit_norm
+    if original is not None:
+        channels, w0, b0 = original
+        fit_x, fit_y = x[~held], y[~held][:, channels]
+        err_new = np.sum((act(conv_forward(fit_x, weight[channels], bias[channels], spec))
+                          - fit_y).astype(np.float64) ** 2, axis=(0, 2, 3))
+        err_old = np.sum((act(conv_forward(fit_x, w0, b0, spec)) - fit_y).astype(np.float64)
+                         ** 2, axis=(0, 2, 3))
+        better = np.asarray(channels)[err_old < err_new]
+        weight[better] = w0[err_old < err_new]
+        bias[better] = b0[err_old < err_new]
+        fit_err -= float(np.sum(np.maximum(err_new - err_old, 0)))
+    arrays[wkey], arrays[bkey] = weight, bias
+    pred = act(conv_forward(x[check], weight, bias, spec))
     return (float(np.sum((pred - y[check]).astype(np.float64) ** 2)),
-            float(np.sum(y[check].astype(np.float64) ** 2)),
-            result.rel_error ** 2 * fit_norm, fit_norm)
+            float(np.sum(y[check].astype(np.float64) ** 2)), fit_err, fit_norm)
 
 
 def _combine(pieces):
@@ -122,12 +138,94 @@ def _refit_consumers(site, fits, consumers, finder, targets, held, arrays):
     return report
 
 
+def _fit_branch(site, finder, fork, target, held, arrays):
+    """Learn a branch site's receivers from the module's fork input and the original
+    module's output: reducers first (kept channels, plus channels that carry what an
+    absorbed branch computed), then each receiver's last conv, fitted to the channels of
+    every branch it now covers. A receiver's own channels keep their original weights
+    wherever those stay closer to the target."""
+    groups = branch_groups(site)
+    trace = finder.traces[site.id]
+    offsets = np.cumsum([0] + [b["out_channels"] for b in site.branches])
+    fit_images = ~held if held.any() else np.ones(len(fork), bool)
+    data, reducer_kept, pieces = {}, {}, []
+    for (name, role, receiver), spec, (_, wkey, bkey) in zip(
+            branch_conv_layout(site, groups), site.new_conv, weight_keys(site)):
+        block = trace.convs[name]
+        w0, b0 = conv_block_weights(finder, block)
+        geometry = dataclasses.replace(finder._conv_spec(block.conv, name),
+                                       in_channels=spec.in_channels,
+                                       out_channels=spec.out_channels)
+        if role == "reducer":
+            consumer = trace.convs[site.branches[receiver]["convs"][-1]]
+            w, b, kept = _reducer_weights(site, finder, trace, groups[receiver], receiver, w0,
+                                          b0, spec.out_channels, fork[fit_images], geometry,
+                                          block.relu, conv_block_weights(finder, consumer)[0])
+            arrays[wkey], arrays[bkey] = w, b
+            reducer_kept[receiver] = kept
+            r = conv_forward(fork, w, b, geometry)
+            data[receiver] = np.maximum(r, 0) if block.relu else r
+            continue
+        x = data.get(receiver, fork)
+        covered = groups[receiver]
+        y = np.concatenate([target[:, offsets[i]:offsets[i + 1]] for i in covered], axis=1)
+        own = covered.index(receiver)
+        start = sum(site.branches[i]["out_channels"] for i in covered[:own])
+        channels = list(range(start, start + w0.shape[0]))
+        original = None
+        kept = reducer_kept.get(receiver, list(range(w0.shape[1])))
+        if kept is not None:  # the receiver's original inputs are still there
+            w_orig = np.zeros((w0.shape[0], spec.in_channels, *w0.shape[2:]), np.float32)
+            w_orig[:, :len(kept)] = w0[:, kept]
+            original = (channels, w_orig, b0)
+        pieces.append(_fit_one(x, y, geometry, block.relu, held, arrays, wkey, bkey,
+                               original=original))
+    return {"id": site.id, "kind": "branch", "exact": False, **_combine(pieces),
+            "method": "receivers fitted by ridge least squares + ReLU-aware refinement",
+            "held_out_images": int(held.sum())}
+
+
+def _reducer_weights(site, finder, trace, covered, receiver, w0, b0, width, x, geometry, relu,
+                     consumer_w):
+    """A receiver's 1x1 reducer at its new width: (W, b, kept original channels or None).
+
+    Wider: the original channels, then channels computing the absorbed branches' own 1x1
+    convs on the same input (the pool projection before its pool), so the receiver can
+    reproduce them; then principal directions of the input if still short. Thinner: the
+    channels the consumer relies on most (|consumer weights| x activation RMS)."""
+    old = w0.shape[0]
+    if width <= old:
+        r = conv_forward(x, w0, b0, dataclasses.replace(geometry, out_channels=old))
+        r = np.maximum(r, 0) if relu else r
+        importance = np.sqrt((consumer_w.astype(np.float64) ** 2).sum(axis=(0, 2, 3))) * \
+            np.sqrt((r.astype(np.float64) ** 2).mean(axis=(0, 2, 3)))
+        keep = sorted(np.argsort(-importance)[:width].tolist())
+        return w0[keep], b0[keep], None
+    rows_w, rows_b = [w0], [b0]
+    for i in covered:
+        convs = site.branches[i]["convs"]
+        if i == receiver or len(convs) != 1:
+            continue
+        w, b = conv_block_weights(finder, trace.convs[convs[0]])
+        if w.shape[2:] == (1, 1) and w.shape[1] == w0.shape[1]:
+            rows_w.append(w)
+            rows_b.append(b)
+    w, b = np.concatenate(rows_w), np.concatenate(rows_b)
+    if len(w) < width:  # principal directions of the input channels
+        flat = x.transpose(1, 0, 2, 3).reshape(x.shape[1], -1).astype(np.float64)
+        _, vectors = np.linalg.eigh(np.cov(flat))
+        extra = vectors[:, ::-1][:, :width - len(w)].T.astype(np.float32)
+        w = np.concatenate([w, extra[:, :, None, None]])
+        b = np.concatenate([b, np.zeros(len(extra), np.float32)])
+    return w[:width], b[:width], list(range(old))
+
+
 def _refine_end_to_end(model, plan, arrays, images, epochs, log):
     """Distil the original outputs into every learned conv (rebirth and refitted)."""
     from .distill import distill
 
     trainable = {}
-    for site in plan.enabled_sites("streamline"):
+    for site in plan.enabled_sites():
         if site.exact:
             continue
         for replaces, wkey, bkey in weight_keys(site):
@@ -136,7 +234,7 @@ def _refine_end_to_end(model, plan, arrays, images, epochs, log):
         for key in list(arrays):
             if key.startswith(prefix) and key.endswith("/weight"):
                 trainable[key[len(prefix):-len("/weight")]] = (key, key[:-len("weight")] + "bias")
-    rebirth = StreamlineSlimming(plan, arrays)(model.mod)
+    rebirth = rebirth_pipeline(plan, arrays)(model.mod)
     log(f"[finetune] end-to-end refinement of {len(trainable)} convs on {len(images)} images")
     learned, report = distill(model.mod, rebirth, trainable, images, epochs=epochs, log=log)
     for key, value in learned.items():
@@ -144,11 +242,19 @@ def _refine_end_to_end(model, plan, arrays, images, epochs, log):
     return report
 
 
+def _branch_target(plan, finder, site):
+    """What a branch site must reproduce in the original model: its concat, or the pool
+    after it when a streamline site folds that pool into the module's convs."""
+    pooled = [s for s in plan.enabled_sites("streamline")
+              if s.ops[0] == "concat" and s.layers[0] == site.id]
+    return _trace(finder, pooled[0].id).end if pooled else _trace(finder, site.id).concat
+
+
 def finetune(model, plan, images=None, calibration="", log=_log,
              refit_consumers=True, e2e_images=None, e2e_epochs=8) -> tuple:
-    """Learn the plan's enabled streamline sites. Returns (RebirthWeights, report dict)."""
+    """Learn the plan's enabled sites, bottom-up. Returns (RebirthWeights, report dict)."""
     start = time.time()
-    sites = plan.enabled_sites("streamline")
+    sites = plan.enabled_sites()
     arrays, report, done = {}, [], []
     for site in sites:
         if site.exact:
@@ -156,7 +262,7 @@ def finetune(model, plan, images=None, calibration="", log=_log,
             (_, wkey, bkey), = weight_keys(site)
             arrays[wkey], arrays[bkey] = weight, bias
             done.append(site.id)
-            report.append({"id": site.id, "exact": True, "rel_error": None,
+            report.append({"id": site.id, "kind": site.kind, "exact": True, "rel_error": None,
                            "method": "closed form", "seconds": 0.0})
             log(f"[finetune] {site.id}: exact, closed form")
     learned = [s for s in sites if not s.exact]
@@ -170,18 +276,21 @@ def finetune(model, plan, images=None, calibration="", log=_log,
         def original_targets(finder):
             outs = []
             for site in learned:
+                if site.kind == "branch":
+                    outs.append(_branch_target(plan, finder, site))
+                    continue
                 outs.append(_trace(finder, site.id).end)
                 if refit_consumers:
                     outs += [c.out for c in _consumers(finder, site.id, site_convs)]
             return outs
         columns = iter(run_all(Runner(capture_module(model.mod, original_targets, plan.policy)),
                                images, "original model"))
-        finder = FindRebirthSites(plan.policy, ["streamline"])
+        finder = FindRebirthSites(plan.policy, SITE_KINDS)
         finder.find(model.mod)
         targets, consumer_targets = {}, {}
         for site in learned:
             targets[site.id] = next(columns)
-            if refit_consumers:
+            if refit_consumers and site.kind == "streamline":
                 for c in _consumers(finder, site.id, site_convs):
                     consumer_targets[(site.id, c.name)] = next(columns)
     # every 8th image is held out: reported errors are measured on unseen images
@@ -189,11 +298,25 @@ def finetune(model, plan, images=None, calibration="", log=_log,
         else np.zeros(0 if images is None else len(images), bool)
     for site in learned:
         t = time.time()
-        current = StreamlineSlimming(_with_enabled(plan, set(done)), arrays)(model.mod)
+        current = rebirth_pipeline(_with_enabled(plan, set(done)), arrays)(model.mod)
+        target = targets.pop(site.id)
+        if site.kind == "branch":
+            (fork,) = run_all(Runner(capture_module(
+                current, lambda f: [_trace(f, site.id).fork], plan.policy)),
+                images, f"input of {site.id}")
+            finder = FindRebirthSites(plan.policy, ["branch"])
+            finder.find(current)
+            entry = _fit_branch(site, finder, fork, target, held, arrays)
+            done.append(site.id)
+            entry["seconds"] = round(time.time() - t, 2)
+            report.append(entry)
+            log(f"[finetune] {site.id}: relative error {entry['rel_error']:.4f} on "
+                f"{entry['held_out_images']} held-out images (fit {entry['rel_error_fit']:.4f}), "
+                f"{entry['seconds']}s")
+            continue
         inputs = run_all(Runner(capture_module(
             current, lambda f: list(_trace(f, site.id).inputs), plan.policy)),
             images, f"inputs of {site.id}")
-        target = targets.pop(site.id)
         finder = FindRebirthSites(plan.policy, ["streamline"])
         finder.find(current)
         relus = finder.traces[site.id].relu
@@ -204,7 +327,7 @@ def finetune(model, plan, images=None, calibration="", log=_log,
             y = target[:, offset:offset + spec.out_channels]
             offset += spec.out_channels
             pieces.append(_fit_one(x, y, spec, relu, held, arrays, wkey, bkey))
-        entry = {"id": site.id, "exact": False, **_combine(pieces),
+        entry = {"id": site.id, "kind": site.kind, "exact": False, **_combine(pieces),
                  "method": "ridge least squares + ReLU-aware refinement",
                  "held_out_images": int(held.sum())}
         done.append(site.id)

@@ -31,8 +31,29 @@ def im2col(x, kernel, stride, padding):
     return cols.transpose(0, 4, 5, 1, 2, 3).reshape(n * ho * wo, c * kh * kw), (ho, wo)
 
 
-def conv_forward(x, weight, bias, spec):
+def patches_at(x, kernel, stride, padding, rows):
+    """The im2col rows ``rows`` (flat indices into [N, Ho, Wo]) only: what a subsampled
+    fit needs, without building every patch."""
+    n, c, h, w = x.shape
+    (kh, kw), (sh, sw), (pt, pl, pb, pr) = kernel, stride, padding
+    ho = (h + pt + pb - kh) // sh + 1
+    wo = (w + pl + pr - kw) // sw + 1
+    xp = np.pad(x, ((0, 0), (0, 0), (pt, pb), (pl, pr)))
+    img, pos = np.divmod(rows, ho * wo)
+    top, left = np.divmod(pos, wo)
+    top, left = top * sh, left * sw
+    cols = np.empty((len(rows), c, kh, kw), dtype=x.dtype)
+    for i in range(kh):
+        for j in range(kw):
+            cols[:, :, i, j] = xp[img, :, top + i, left + j]
+    return cols.reshape(len(rows), c * kh * kw)
+
+
+def conv_forward(x, weight, bias, spec, chunk=16):
     """Reference NCHW convolution (numpy) with a ConvSpec's stride/padding/groups."""
+    if len(x) > chunk:  # bounded im2col memory
+        return np.concatenate([conv_forward(x[i:i + chunk], weight, bias, spec, chunk)
+                               for i in range(0, len(x), chunk)])
     g = spec.groups
     n = x.shape[0]
     cin_g, cout_g = x.shape[1] // g, weight.shape[0] // g
@@ -71,18 +92,23 @@ def fit_rebirth_conv(x, y, spec, relu=True, ridge=1e-3, steps=12,
     closed_w, closed_b = weight.copy(), bias.copy()
     act = (lambda z: np.maximum(z, 0)) if relu else (lambda z: z)
     sq_closed = sq_refined = norm = 0.0
+    ho, wo = spec.output_hw(x.shape[2:])
+    if (ho, wo) != tuple(y.shape[2:]):
+        raise ValueError(f"conv {spec.describe()} gives {ho}x{wo}, the target is "
+                         f"{y.shape[2]}x{y.shape[3]}")
+    total = len(x) * ho * wo
     for gi in range(g):
-        cols, (ho, wo) = im2col(x[:, gi * cin_g:(gi + 1) * cin_g], spec.kernel, spec.stride,
-                                spec.padding)
-        if (ho, wo) != tuple(y.shape[2:]):
-            raise ValueError(f"conv {spec.describe()} gives {ho}x{wo}, the target is "
-                             f"{y.shape[2]}x{y.shape[3]}")
+        xg = x[:, gi * cin_g:(gi + 1) * cin_g]
         target = y[:, gi * cout_g:(gi + 1) * cout_g].transpose(0, 2, 3, 1).reshape(-1, cout_g)
-        if len(cols) > max_rows_per_column * cols.shape[1]:
+        unknowns = cin_g * spec.kernel[0] * spec.kernel[1]
+        if total > max_rows_per_column * unknowns:
             # far more patches than unknowns: a seeded subsample fits as well, much faster
             keep = np.sort(np.random.default_rng(gi).choice(
-                len(cols), size=max_rows_per_column * cols.shape[1], replace=False))
-            cols, target = cols[keep], target[keep]
+                total, size=max_rows_per_column * unknowns, replace=False))
+            cols, target = patches_at(xg, spec.kernel, spec.stride, spec.padding, keep), \
+                target[keep]
+        else:
+            cols, _ = im2col(xg, spec.kernel, spec.stride, spec.padding)
         w, b, chol = _ridge(cols, target, ridge)
         out = slice(gi * cout_g, (gi + 1) * cout_g)
         closed_w[out] = w.T.reshape(cout_g, cin_g, *spec.kernel)
