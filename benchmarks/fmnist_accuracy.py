@@ -1,6 +1,8 @@
-"""Accuracy of fmnist-inception as streamline sites are slimmed one by one (paper Table 2
-style): top-1/top-5 on the 10k Fashion-MNIST test images with layer-wise fine-tuning, plus
-a last row with the optional end-to-end refinement when PyTorch is installed.
+"""Accuracy of fmnist-inception as sites are slimmed one by one in network order (paper
+Table 2 style: conv1, conv2, then each inception module): top-1/top-5 on the 10k
+Fashion-MNIST test images with layer-wise fine-tuning; then the branch sites alone with
+both reducer-width presets, and a last row with the optional end-to-end refinement of all
+sites when PyTorch is installed.
 
     python benchmarks/fmnist_accuracy.py [--images 256] [--limit N]
 
@@ -21,7 +23,7 @@ from tvm_rebirth.build import Runner  # noqa: E402
 from tvm_rebirth.calib import calibration_images  # noqa: E402
 from tvm_rebirth.finetune import finetune  # noqa: E402
 from tvm_rebirth.measure import labeled_set, top_k  # noqa: E402
-from tvm_rebirth.passes import StreamlineSlimming  # noqa: E402
+from tvm_rebirth.passes import rebirth_pipeline  # noqa: E402
 
 
 def main():
@@ -32,7 +34,7 @@ def main():
     ap.add_argument("--e2e-epochs", type=int, default=10)
     args = ap.parse_args()
     model = load_model("fmnist-inception")
-    full = RebirthPlan.from_model(model, kinds=["streamline"])
+    full = RebirthPlan.from_model(model)
     images, description = calibration_images(model, count=args.images)
     test_x, test_y, test_desc = labeled_set(model, args.limit)
     steps, runners = [], {"original": Runner(model.mod)}
@@ -41,7 +43,12 @@ def main():
         plan = dataclasses.replace(full, sites=[dataclasses.replace(s, enabled=s.id in ids)
                                                 for s in full.sites])
         weights, _ = finetune(model, plan, images, description)
-        runners[f"+ {full.sites[k - 1].id}"] = Runner(StreamlineSlimming(plan, weights)(model.mod))
+        runners[f"+ {full.sites[k - 1].id}"] = Runner(rebirth_pipeline(plan, weights)(model.mod))
+    for widths in ("carry", "paper"):
+        plan = RebirthPlan.from_model(model, kinds=["branch"], branch_widths=widths)
+        weights, _ = finetune(model, plan, images, description)
+        runners[f"branch sites only ({widths} widths)"] = Runner(
+            rebirth_pipeline(plan, weights)(model.mod))
     e2e = None
     try:
         import torch  # noqa: F401  (the optional extra)
@@ -53,7 +60,7 @@ def main():
                                    e2e_epochs=args.e2e_epochs)
         e2e = report["end_to_end"]
         runners["all sites + end-to-end refinement"] = Runner(
-            StreamlineSlimming(full, weights)(model.mod))
+            rebirth_pipeline(full, weights)(model.mod))
     result = top_k(runners, test_x, test_y)
     base = result["original"]["top1"]
     for name in runners:
@@ -64,7 +71,7 @@ def main():
     md = ("# fmnist-inception: accuracy per slimming step\n\n"
           + table([[s["step"], f"{s['top1'] * 100:.2f}", f"{s['top5'] * 100:.2f}",
                     f"{s['top1_change_points']:+.2f}"] for s in steps],
-                  ["step (cumulative)", "top-1 %", "top-5 %", "top-1 change (pt)"])
+                  ["step", "top-1 %", "top-5 %", "top-1 change (pt)"])
           + f"\n\n{test_desc}; calibration: {description}."
           + (f" End-to-end refinement (PyTorch, optional): {e2e['epochs']} epochs on "
              f"{e2e['images']} unlabeled train images, {e2e['seconds']} s." if e2e else ""))

@@ -34,7 +34,7 @@ import tvm
 from tvm import relax
 from tvm.relax.dpl import is_const, is_op, wildcard
 
-from .site import (KERNEL_POLICIES, LINEAR_OPS, NON_TENSOR_OPS, SITE_KINDS, ConvSpec,
+from .site import (BRANCH_WIDTHS, KERNEL_POLICIES, LINEAR_OPS, NON_TENSOR_OPS, SITE_KINDS, ConvSpec,
                    RebirthSite, Window, branch_conv_layout, branch_groups, rebirth_geometry)
 
 _POOL_OPS = {"relax.nn.max_pool2d": "max_pool2d", "relax.nn.avg_pool2d": "avg_pool2d"}
@@ -151,7 +151,12 @@ class FindRebirthSites:
     ``find_rebirth_sites`` returns the sites directly.
     """
 
-    def __init__(self, policy: str = "keep-kernel", kinds=SITE_KINDS, func_name: str = "main"):
+    def __init__(self, policy: str = "keep-kernel", kinds=SITE_KINDS, func_name: str = "main",
+                 branch_widths: str = "carry"):
+        if branch_widths not in BRANCH_WIDTHS:
+            raise ValueError(f"unknown branch widths '{branch_widths}' (use one of "
+                             f"{BRANCH_WIDTHS})")
+        self.branch_widths = branch_widths
         if policy not in KERNEL_POLICIES:
             raise ValueError(f"unknown kernel policy '{policy}' (use one of {KERNEL_POLICIES})")
         bad = [k for k in kinds if k not in SITE_KINDS]
@@ -584,10 +589,13 @@ class FindRebirthSites:
             spec = self._conv_spec(conv_vars[name], name)
             site.old_conv.append(spec)
             if role == "reducer":
-                # the reducer also carries what the pool branch saw (see BranchSlimming)
-                carry = pool_branch["out_channels"] if branches.index(pool_branch) in \
-                    groups[receiver] else 0
-                new = dataclasses.replace(spec, out_channels=spec.out_channels + carry)
+                pool_into_here = branches.index(pool_branch) in groups[receiver]
+                if self.branch_widths == "paper":  # the paper: thin the 3x3 reducer by half
+                    width = spec.out_channels if pool_into_here else max(spec.out_channels // 2, 1)
+                else:  # "carry": the reducer also carries what the pool branch saw
+                    width = spec.out_channels + (pool_branch["out_channels"] if pool_into_here
+                                                 else 0)
+                new = dataclasses.replace(spec, out_channels=width)
             else:
                 width = sum(branches[i]["out_channels"] for i in groups[receiver])
                 in_channels = site.new_conv[-1].out_channels if len(
@@ -612,6 +620,7 @@ def layer_vars(graph, lrns) -> dict:
     return order
 
 
-def find_rebirth_sites(mod, policy="keep-kernel", kinds=SITE_KINDS, func_name="main"):
+def find_rebirth_sites(mod, policy="keep-kernel", kinds=SITE_KINDS, func_name="main",
+                       branch_widths="carry"):
     """The rebirth sites of ``mod[func_name]`` (see FindRebirthSites)."""
-    return FindRebirthSites(policy, kinds, func_name).find(mod)
+    return FindRebirthSites(policy, kinds, func_name, branch_widths).find(mod)

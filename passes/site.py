@@ -9,6 +9,10 @@ import dataclasses
 
 KERNEL_POLICIES = ("keep-kernel", "keep-receptive-field")
 SITE_KINDS = ("streamline", "branch")
+# default reducer widths of a branch site: "carry" grows the reducer feeding the pool
+# branch's receiver by the pool projection's width (accuracy first); "paper" halves the 3x3
+# reducer and keeps the 5x5 one (DeepRebirth's GoogLeNet: fewer FLOPs, more error)
+BRANCH_WIDTHS = ("carry", "paper")
 # ops that are not tensor (learned) layers: what a streamline chain absorbs
 NON_TENSOR_OPS = ("max_pool2d", "avg_pool2d", "lrn", "batch_norm", "scale")
 # ops through which a chain stays a linear function of the conv output

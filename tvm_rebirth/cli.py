@@ -11,7 +11,7 @@ import time
 import traceback
 
 from .errors import RebirthError
-from .passes.site import KERNEL_POLICIES, SITE_KINDS
+from .passes.site import BRANCH_WIDTHS, KERNEL_POLICIES, SITE_KINDS
 
 
 def log(message: str) -> None:
@@ -93,7 +93,8 @@ def cmd_plan(args) -> None:
         out = args.check
     else:
         log(f"[plan] finding rebirth sites ({args.policy})")
-        plan = RebirthPlan.from_model(model, policy=args.policy, kinds=kinds)
+        plan = RebirthPlan.from_model(model, policy=args.policy, kinds=kinds,
+                                      branch_widths=args.branch_widths)
         out = args.output or f"{model.name}.plan.yaml"
         plan.save(out)
     payload = {"model": model.name, "sha256": model.sha256, "plan": os.path.abspath(out),
@@ -125,7 +126,7 @@ def _plan_for(args, model):
 def _calibration(args, model, plan):
     from .calib import calibration_images
 
-    if not any(not s.exact for s in plan.enabled_sites("streamline")):
+    if not any(not s.exact for s in plan.enabled_sites()):
         return None, "none needed (exact sites only)"
     log(f"[{args.command}] loading {args.images} calibration images")
     return calibration_images(model, args.calib, count=args.images)
@@ -146,9 +147,9 @@ def _weights_for(args, model, plan):
 
 
 def _rebirth_module(model, plan, weights):
-    from .passes import StreamlineSlimming
+    from .passes import rebirth_pipeline
 
-    return StreamlineSlimming(plan, weights)(model.mod)
+    return rebirth_pipeline(plan, weights)(model.mod)
 
 
 def cmd_finetune(args) -> None:
@@ -169,18 +170,15 @@ def cmd_finetune(args) -> None:
                                e2e_epochs=args.e2e_epochs)
     out = args.output or f"{model.name}.weights.npz"
     weights.save(out)
-    skipped = [s.id for s in plan.enabled_sites("branch")]
     payload = {"model": model.name, "weights": os.path.abspath(out), "plan_sha256": plan.sha256,
                "calibration": description, "sites": report["sites"],
-               "skipped_branch_sites": skipped, "seconds": round(time.time() - start, 2),
+               "seconds": round(time.time() - start, 2),
                **({"end_to_end": report["end_to_end"]} if "end_to_end" in report else {})}
     rows = [[r["id"], "exact" if r["exact"] else "learned",
              "-" if r["rel_error"] is None else f"{r['rel_error']:.4f}", f"{r['seconds']:.1f}"]
             for r in report["sites"]]
     text = _table(rows, ["site", "kind", "rel. error", "seconds"]) + (
         f"\n\nweights written to {out} ({description}); {payload['seconds']}s")
-    if skipped:
-        text += f"\n{len(skipped)} branch site(s) not fitted: branch slimming is not built yet"
     if "end_to_end" in report:
         e2e = report["end_to_end"]
         text += (f"\nend-to-end refinement: held-out output error "
@@ -216,7 +214,7 @@ def cmd_bench(args) -> None:
     target = host_target()
     payload = {"model": model.name, "device": f"host {target.attrs['mcpu']} "
                                                f"({os.environ.get('TVM_NUM_THREADS')} threads)",
-               "input": input_desc, "sites": [s.id for s in plan.enabled_sites("streamline")],
+               "input": input_desc, "sites": [s.id for s in plan.enabled_sites()],
                **result}
     if args.output:
         _write_json(args.output, payload)
@@ -244,7 +242,7 @@ def cmd_eval(args) -> None:
     runners = {"original": Runner(model.mod), "rebirth": Runner(_rebirth_module(model, plan, weights))}
     result = top_k(runners, images, labels)
     payload = {"model": model.name, "labeled_set": description,
-               "sites": [s.id for s in plan.enabled_sites("streamline")], **result}
+               "sites": [s.id for s in plan.enabled_sites()], **result}
     rows = [[name, f"{result[name]['top1'] * 100:.2f}", f"{result[name]['top5'] * 100:.2f}"]
             for name in ("original", "rebirth")]
     text = _table(rows, ["model", "top-1 %", "top-5 %"]) + (
@@ -316,8 +314,7 @@ def cmd_demo(args) -> None:
     plan.save(os.path.join(report, f"{model.name}.plan.yaml"))
     counts = {k: sum(s.kind == k for s in plan.sites) for k in SITE_KINDS}
     stage("plan")
-    log(f"[demo] 3/6 fine-tuning {len(plan.enabled_sites('streamline'))} streamline sites "
-        f"on {args.images} images")
+    log(f"[demo] 3/6 fine-tuning {len(plan.enabled_sites())} sites on {args.images} images")
     images, description = calibration_images(model, count=args.images)
     weights, fit = finetune(model, plan, images, description)
     weights.save(os.path.join(report, f"{model.name}.weights.npz"))
@@ -339,7 +336,7 @@ def cmd_demo(args) -> None:
     log("[demo] 6/6 writing the report")
     summary = {
         "model": model.name, "sites": counts,
-        "streamline_sites_applied": [s.id for s in plan.enabled_sites("streamline")],
+        "sites_applied": [s.id for s in plan.enabled_sites()],
         "fit": fit["sites"], "bench": bench,
         "speedup": bench["speedup"], "memory_ratio": bench["memory_ratio"],
         "accuracy": {"model": fm.name, "labeled_set": test_desc, **accuracy,
@@ -386,6 +383,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--policy", choices=KERNEL_POLICIES, default="keep-kernel",
                    help="rebirth conv kernel: keep-kernel (the paper, default) or "
                         "keep-receptive-field")
+    p.add_argument("--branch-widths", choices=BRANCH_WIDTHS, default="carry",
+                   help="branch sites' reducer widths: carry (the pool branch's receiver's "
+                        "reducer grows by the pool projection's width; default) or paper "
+                        "(3x3 reducer halved: fewer FLOPs, more error)")
     def add_flow(p, weights=True):
         p.add_argument("model", help="zoo name or path to an .onnx file")
         p.add_argument("--plan", help="plan file (default: plan every site, keep-kernel)")

@@ -63,28 +63,43 @@ def interleaved_rounds(timers, rounds, label, log=_log) -> dict:
     return samples
 
 
-def bench_pair(original_mod, rebirth_mod, x, rounds=7, number=5, log=_log) -> dict:
-    """Compile both with the same settings, run the same input, time interleaved rounds."""
-    log("[bench] building the original model")
-    original = Runner(original_mod)
-    log("[bench] building the rebirth model")
-    rebirth = Runner(rebirth_mod)
-    out_o, out_r = original(x)[0], rebirth(x)[0]
-    samples = interleaved_rounds({"original": tvm_timer(original, x, number),
-                                  "rebirth": tvm_timer(rebirth, x, number)}, rounds, "bench", log)
+def bench_variants(mods, x, rounds=7, number=5, log=_log) -> dict:
+    """Compile every module of ``mods`` ({name: IRModule}, the first is the baseline) with the
+    same settings, run the same input and time them in interleaved rounds. Returns {name:
+    {latency_ms, latency_ms_rounds, memory_mb, gflops, max_abs_err}} plus ``speedup``,
+    ``memory_ratio`` and ``gflops_ratio`` of every other variant against the baseline."""
+    runners, outputs = {}, {}
+    for name, mod in mods.items():
+        log(f"[bench] building {name}")
+        runners[name] = Runner(mod)
+        outputs[name] = runners[name](x)[0]
+    samples = interleaved_rounds({n: tvm_timer(r, x, number) for n, r in runners.items()},
+                                 rounds, "bench", log)
+    base = next(iter(mods))
     result = {}
-    for name, runner, mod in (("original", original, original_mod),
-                              ("rebirth", rebirth, rebirth_mod)):
+    for name, mod in mods.items():
         result[name] = {"latency_ms": round(statistics.median(samples[name]), 3),
                         "latency_ms_rounds": [round(v, 3) for v in samples[name]],
-                        "memory_mb": round(runner.planned_bytes / 2 ** 20, 3),
-                        "gflops": round(count_gflops(mod), 4)}
-    result["speedup"] = round(result["original"]["latency_ms"] / result["rebirth"]["latency_ms"], 3)
-    result["memory_ratio"] = round(result["original"]["memory_mb"] / result["rebirth"]["memory_mb"], 3)
-    result["gflops_ratio"] = round(result["original"]["gflops"] / result["rebirth"]["gflops"], 3)
-    result["max_abs_err"] = float(np.abs(out_o - out_r).max())
-    result["max_abs_output"] = float(np.abs(out_o).max())
+                        "memory_mb": round(runners[name].planned_bytes / 2 ** 20, 3),
+                        "gflops": round(count_gflops(mod), 4),
+                        "max_abs_err": float(np.abs(outputs[name] - outputs[base]).max())}
+    for name in list(mods)[1:]:
+        o, r = result[base], result[name]
+        r["speedup"] = round(o["latency_ms"] / r["latency_ms"], 3)
+        r["memory_ratio"] = round(o["memory_mb"] / r["memory_mb"], 3)
+        r["gflops_ratio"] = round(o["gflops"] / r["gflops"], 3)
+    result["max_abs_output"] = float(np.abs(outputs[base]).max())
     result["rounds"], result["number"] = rounds, number
+    return result
+
+
+def bench_pair(original_mod, rebirth_mod, x, rounds=7, number=5, log=_log) -> dict:
+    """Original vs rebirth (see bench_variants), in the CLI's bench contract layout."""
+    result = bench_variants({"original": original_mod, "rebirth": rebirth_mod}, x, rounds,
+                            number, log)
+    for key in ("speedup", "memory_ratio", "gflops_ratio", "max_abs_err"):
+        result[key] = result["rebirth"].pop(key)
+    result["original"].pop("max_abs_err")
     return result
 
 

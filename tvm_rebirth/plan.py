@@ -32,8 +32,9 @@ class RebirthPlan:
 
     # -- construction --------------------------------------------------------------------
     @classmethod
-    def from_model(cls, model, policy="keep-kernel", kinds=SITE_KINDS) -> "RebirthPlan":
-        finder = FindRebirthSites(policy, kinds)
+    def from_model(cls, model, policy="keep-kernel", kinds=SITE_KINDS,
+                   branch_widths="carry") -> "RebirthPlan":
+        finder = FindRebirthSites(policy, kinds, branch_widths=branch_widths)
         sites = finder.find(model.mod)
         return cls(model_name=model.name, model_sha256=model.sha256,
                    input_shapes={k: list(v) for k, v in model.input_shapes.items()},
