@@ -228,3 +228,17 @@ def test_streamline_then_branch_on_one_module(tmp_path):
     assert len(strided) == 2  # the two receivers' last convs
     test = x[:1]
     assert Runner(slim)(test)[0].shape == Runner(model.mod)(test)[0].shape
+
+
+def test_parallel_1x1_convs_merge_exactly(tmp_path):
+    from tvm_rebirth.passes import MergeParallelConvs
+
+    model = load_model(inception_model(tmp_path / "inc.onnx", pool_after=False))
+    merged = MergeParallelConvs()(model.mod)
+    convs = [b.value for blk in merged["main"].body.blocks for b in blk.bindings
+             if getattr(getattr(b.value, "op", None), "name", "") == "relax.nn.conv2d"]
+    # stem, one wide 1x1 (1x1 + 3x3_reduce + 5x5_reduce = 8 + 12 + 4), 3x3, 5x5, pool_proj, tail
+    assert [int(c.args[1].ty.shape.values[0]) for c in convs] == [24, 24, 16, 6, 6, 4]
+    x = np.random.default_rng(8).standard_normal((1, 16, 28, 28)).astype("float32")
+    np.testing.assert_allclose(Runner(merged)(x)[0], Runner(model.mod)(x)[0],
+                               rtol=1e-4, atol=1e-4)

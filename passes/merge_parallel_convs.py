@@ -1,0 +1,100 @@
+"""MergeParallelConvs: 1x1 convs that read the same tensor become one wide conv + split.
+
+Lossless (the plan calls such a merge ``exact``): the wide conv's weights and bias are the
+originals stacked along the output channels.
+
+Before (GoogLeNet inception_3a after BranchSlimming: both reducers read the module input)::
+
+    a  = R.nn.conv2d(x, W_3r)           # 1x1, 96 channels
+    a2 = R.add(a, b_3r)
+    b  = R.nn.conv2d(x, W_5r)           # 1x1, 48 channels
+    b2 = R.add(b, b_5r)
+
+After::
+
+    w  = R.nn.conv2d(x, concat([W_3r, W_5r]))      # 1x1, 144 channels
+    w2 = R.add(w, concat([b_3r, b_5r]))
+    s  = R.split(w2, [96], axis=1)
+    a2 = s[0]; b2 = s[1]                 # every reader of a2 / b2 is unchanged
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import tvm
+from tvm import relax
+
+from .exact_merge import conv_block_weights
+from .find_rebirth_sites import FindRebirthSites, _Dataflow, _op_name
+
+
+@relax.expr_functor.mutator
+class _MergeRewriter(relax.PyExprMutator):
+    def __init__(self, mod, groups):
+        super().__init__(mod)
+        # first block's end var -> (blocks, W, b, widths); each block's end -> (group, index)
+        self.first = {g[0][0].end: g for g in groups}
+        self.pieces = {block.end: (id(g), i) for g in groups for i, block in enumerate(g[0])}
+        self.splits = {}
+
+    def visit_var_binding_(self, binding):
+        if binding.var in self.first:
+            blocks, weight, bias, widths = self.first[binding.var]
+            data = self.visit_expr(blocks[0].data)
+            wide = self.builder_.emit(relax.op.nn.conv2d(data, relax.const(weight)),
+                                      name_hint="+".join(b.name for b in blocks))
+            wide = self.builder_.emit(relax.op.add(wide, relax.const(bias.reshape(1, -1, 1, 1))))
+            cuts = np.cumsum(widths)[:-1].tolist()
+            self.splits[id(self.first[binding.var])] = self.builder_.emit(
+                relax.op.split(wide, cuts, axis=1))
+        if binding.var in self.pieces:
+            group, index = self.pieces[binding.var]
+            piece = self.builder_.emit(relax.TupleGetItem(self.splits[group], index))
+            self.set_var_remap(binding.var, piece)
+            return
+        super().visit_var_binding_(binding)
+
+
+@tvm.transform.module_pass(opt_level=0, name="MergeParallelConvs")
+class MergeParallelConvs:
+    """Merge every group of >= 2 plain 1x1 convs (stride 1, no padding, groups 1, + optional
+    per-channel bias) reading the same tensor into one wide conv and a split."""
+
+    def __init__(self, func_name: str = "main"):
+        self.func_name = func_name
+
+    def transform_module(self, mod: tvm.IRModule, _ctx=None) -> tvm.IRModule:
+        finder = FindRebirthSites(kinds=[], func_name=self.func_name)
+        finder.find(mod)
+        graph: _Dataflow = finder._graph
+        groups = []
+        for var, users in graph.users.items():
+            blocks = [finder._conv_block(u) for u in dict.fromkeys(users)
+                      if u in graph.value and _op_name(graph.value[u]) == "relax.nn.conv2d"
+                      and graph.value[u].args[0].same_as(var) and self._is_pointwise(finder, u)]
+            blocks = [b for b in blocks if isinstance(b.end, relax.DataflowVar)]
+            if len(blocks) < 2:
+                continue
+            blocks.sort(key=lambda b: graph.position[b.end])
+            weights = [conv_block_weights(finder, b) for b in blocks]
+            groups.append((blocks, np.concatenate([w for w, _ in weights]),
+                           np.concatenate([b for _, b in weights]),
+                           [w.shape[0] for w, _ in weights]))
+        if not groups:
+            return mod
+        func = _MergeRewriter(mod, groups).visit_expr(mod[self.func_name])
+        func = relax.analysis.remove_all_unused(func)
+        updated = tvm.IRModule(dict(mod.functions), attrs=mod.attrs)
+        updated[self.func_name] = func
+        return updated
+
+    @staticmethod
+    def _is_pointwise(finder, var):
+        if not finder._is_plain_conv(var):
+            return False
+        a = finder._graph.value[var].attrs
+        weight = finder._graph.value[var].args[1]
+        shape = [int(v) for v in weight.ty.shape.values]
+        return (shape[2:] == [1, 1] and all(int(s) == 1 for s in a.strides)
+                and not any(int(p) for p in a.padding) and int(a.groups) == 1
+                and isinstance(finder._graph.value[var].args[0], relax.Var))
