@@ -58,7 +58,7 @@ class RebirthWeights:
             raise RebirthError(f"{label}: learned for plan {self.plan_sha256[:12]}, not for this "
                                f"plan{where} ({plan.sha256[:12]}); re-run `tvm-rebirth finetune`")
         for site in plan.sites:
-            if not site.enabled or site.kind != "streamline":
+            if not site.enabled:
                 continue
             for spec, (_, wkey, bkey) in zip(site.new_conv, weight_keys(site)):
                 if wkey not in self.arrays and site.exact:
@@ -67,7 +67,12 @@ class RebirthWeights:
                 for key, shape in [(wkey, want), (bkey, (spec.out_channels,))]:
                     if key not in self.arrays:
                         raise RebirthError(f"{label}: site '{site.id}': missing '{key}'")
-                    if tuple(self.arrays[key].shape) != tuple(shape):
+                    got = tuple(self.arrays[key].shape)
+                    if site.kind == "branch" and key == wkey:
+                        # a branch conv keeps the kernel it has when BranchSlimming runs
+                        # (a folded pool may have grown it): only the widths are the plan's
+                        got, shape = got[:2], shape[:2]
+                    if got != tuple(shape):
                         raise RebirthError(
                             f"{label}: site '{site.id}': '{key}' has shape "
                             f"{list(self.arrays[key].shape)}, the plan needs {list(shape)}")
