@@ -33,7 +33,7 @@ from tvm import relax
 
 from ..errors import RebirthError
 from .find_rebirth_sites import FindRebirthSites, _shape
-from .site import branch_conv_layout, branch_groups, weight_keys
+from .site import branch_conv_layout, branch_groups, weight_arrays, weight_keys
 
 
 @relax.expr_functor.mutator
@@ -109,11 +109,7 @@ class BranchSlimming:
         sites = [s for s in self.plan.sites if s.enabled and s.kind == "branch"]
         if not sites:
             return mod
-        arrays = getattr(self.weights, "arrays", self.weights)
-        plan_sha = getattr(self.weights, "plan_sha256", None)
-        if plan_sha and plan_sha != self.plan.sha256:
-            raise RebirthError(f"weights were learned for plan {plan_sha[:12]}, not for this "
-                               f"plan ({self.plan.sha256[:12]}); re-run `tvm-rebirth finetune`")
+        arrays = weight_arrays(self.plan, self.weights)
         finder = FindRebirthSites(self.plan.policy, ["branch"], self.func_name)
         found = {s.id: s for s in finder.find(mod)}
         rewrites = {}

@@ -267,3 +267,15 @@ def branch_conv_layout(site: RebirthSite, groups=None) -> list:
             layout.append((convs[0], "reducer", receiver))
         layout.append((convs[-1], "grown", receiver))
     return layout
+
+
+def weight_arrays(plan, weights) -> dict:
+    """The {key: array} mapping of ``weights`` (a dict, or a loaded weights file whose plan
+    hash must be ``plan``'s)."""
+    from ..errors import RebirthError
+
+    plan_sha = getattr(weights, "plan_sha256", None)
+    if plan_sha and plan_sha != plan.sha256:
+        raise RebirthError(f"weights were learned for plan {plan_sha[:12]}, not for this "
+                           f"plan ({plan.sha256[:12]}); re-run `tvm-rebirth finetune`")
+    return getattr(weights, "arrays", weights)

@@ -28,7 +28,7 @@ from tvm import relax
 from ..errors import RebirthError
 from .exact_merge import exact_site_weights
 from .find_rebirth_sites import FindRebirthSites
-from .site import refit_keys, weight_keys
+from .site import refit_keys, weight_arrays, weight_keys
 
 
 @relax.expr_functor.mutator
@@ -107,11 +107,7 @@ class StreamlineSlimming:
         sites = [s for s in self.plan.sites if s.enabled and s.kind == "streamline"]
         if not sites:
             return mod
-        arrays = getattr(self.weights, "arrays", self.weights)
-        plan_sha = getattr(self.weights, "plan_sha256", None)
-        if plan_sha and plan_sha != self.plan.sha256:
-            raise RebirthError(f"weights were learned for plan {plan_sha[:12]}, not for this "
-                               f"plan ({self.plan.sha256[:12]}); re-run `tvm-rebirth finetune`")
+        arrays = weight_arrays(self.plan, self.weights)
         finder = FindRebirthSites(self.plan.policy, ["streamline"], self.func_name)
         found = {s.id: s for s in finder.find(mod)}
         replacements, refits = {}, {}
