@@ -602,7 +602,8 @@ class FindRebirthSites:
                     branches[receiver]["convs"]) == 2 else spec.in_channels
                 new = dataclasses.replace(spec, in_channels=in_channels, out_channels=width)
             site.new_conv.append(new)
-        site.note = f"{len(branches)} branches -> {len(branches) - sum(len(c) - 1 for c in groups.values())}"
+        merged = sum(len(covered) - 1 for covered in groups.values())
+        site.note = f"{len(branches)} branches -> {len(branches) - merged}"
         self.traces[site_id] = BranchTrace(
             fork=paths[0][0], concat=concat_var, fields=list(fields),
             convs={n: self._conv_block(v) for n, v in conv_vars.items()})

@@ -138,6 +138,35 @@ def _refit_consumers(site, fits, consumers, finder, targets, held, arrays):
     return report
 
 
+def _fit_streamline(site, current, target, policy, images, held, arrays, site_convs,
+                    consumer_targets, log):
+    """Learn a streamline site's conv(s) from inputs captured in ``current`` (every site
+    below already slimmed); then refit the convs reading it unless ``site_convs`` is None."""
+    inputs = run_all(Runner(capture_module(
+        current, lambda f: list(_trace(f, site.id).inputs), policy)),
+        images, f"inputs of {site.id}")
+    finder = FindRebirthSites(policy, ["streamline"])
+    finder.find(current)
+    relus = finder.traces[site.id].relu
+    fits = [(wkey, bkey, spec, x, relu) for (_, wkey, bkey), spec, x, relu in
+            zip(weight_keys(site), site.new_conv, inputs, relus)]
+    offset, pieces = 0, []
+    for wkey, bkey, spec, x, relu in fits:
+        y = target[:, offset:offset + spec.out_channels]
+        offset += spec.out_channels
+        pieces.append(_fit_one(x, y, spec, relu, held, arrays, wkey, bkey))
+    entry = {"id": site.id, "kind": site.kind, "exact": False, **_combine(pieces),
+             "method": "ridge least squares + ReLU-aware refinement",
+             "held_out_images": int(held.sum())}
+    consumers = _consumers(finder, site.id, site_convs) if site_convs is not None else []
+    if consumers:
+        refit = _refit_consumers(site, fits, consumers, finder, consumer_targets, held, arrays)
+        entry["refit"] = refit
+        log(f"[finetune] {site.id}: refitted {', '.join(c.name for c in consumers)} "
+            f"(held-out error {', '.join(str(r['rel_error']) for r in refit)})")
+    return entry
+
+
 def _fit_branch(site, finder, fork, target, held, arrays):
     """Learn a branch site's receivers from the module's fork input and the original
     module's output: reducers first (kept channels, plus channels that carry what an
@@ -307,37 +336,11 @@ def finetune(model, plan, images=None, calibration="", log=_log,
             finder = FindRebirthSites(plan.policy, ["branch"])
             finder.find(current)
             entry = _fit_branch(site, finder, fork, target, held, arrays)
-            done.append(site.id)
-            entry["seconds"] = round(time.time() - t, 2)
-            report.append(entry)
-            log(f"[finetune] {site.id}: relative error {entry['rel_error']:.4f} on "
-                f"{entry['held_out_images']} held-out images (fit {entry['rel_error_fit']:.4f}), "
-                f"{entry['seconds']}s")
-            continue
-        inputs = run_all(Runner(capture_module(
-            current, lambda f: list(_trace(f, site.id).inputs), plan.policy)),
-            images, f"inputs of {site.id}")
-        finder = FindRebirthSites(plan.policy, ["streamline"])
-        finder.find(current)
-        relus = finder.traces[site.id].relu
-        fits = [(wkey, bkey, spec, x, relu) for (_, wkey, bkey), spec, x, relu in
-                zip(weight_keys(site), site.new_conv, inputs, relus)]
-        offset, pieces = 0, []
-        for wkey, bkey, spec, x, relu in fits:
-            y = target[:, offset:offset + spec.out_channels]
-            offset += spec.out_channels
-            pieces.append(_fit_one(x, y, spec, relu, held, arrays, wkey, bkey))
-        entry = {"id": site.id, "kind": site.kind, "exact": False, **_combine(pieces),
-                 "method": "ridge least squares + ReLU-aware refinement",
-                 "held_out_images": int(held.sum())}
+        else:
+            entry = _fit_streamline(site, current, target, plan.policy, images, held, arrays,
+                                    site_convs if refit_consumers else None, consumer_targets,
+                                    log)
         done.append(site.id)
-        consumers = _consumers(finder, site.id, site_convs) if refit_consumers else []
-        if consumers:
-            refit = _refit_consumers(site, fits, consumers, finder, consumer_targets, held,
-                                     arrays)
-            entry["refit"] = refit
-            log(f"[finetune] {site.id}: refitted {', '.join(c.name for c in consumers)} "
-                f"(held-out error {', '.join(str(r['rel_error']) for r in refit)})")
         entry["seconds"] = round(time.time() - t, 2)
         report.append(entry)
         log(f"[finetune] {site.id}: relative error {entry['rel_error']:.4f} on "
