@@ -17,19 +17,35 @@ def host_target():
     return resolve_target("host")
 
 
-def _passes(target):
-    """(up to memory planning, the rest): TVM's CPU passes with our schedule after fusion."""
+def _stages(target, database):
+    """TVM's CPU passes in three stages: up to fusion; scheduling (tuning_logs records where
+    they exist, our generic schedule everywhere else) up to memory planning; the rest."""
+    from tvm import relax
     from tvm.relax.backend.cpu_generic import pipeline as cpu_generic
     from tvm.s_tir import dlight
 
     from .schedules import GenericCpuSchedule
 
     finalize = cpu_generic.finalize_passes(target)  # starts with StaticPlanBlockMemory
-    planned = (cpu_generic.library_dispatch_passes(target)
-               + cpu_generic.legalize_passes(target)
-               + [dlight.ApplyDefaultSchedule(GenericCpuSchedule())]
-               + cpu_generic.dataflow_lower_passes(target) + finalize[:1])
-    return planned, finalize[1:]
+    fused = cpu_generic.library_dispatch_passes(target) + cpu_generic.legalize_passes(target)
+    scheduled = ([relax.transform.MetaScheduleApplyDatabase()] if database is not None else []) \
+        + [dlight.ApplyDefaultSchedule(GenericCpuSchedule())] \
+        + cpu_generic.dataflow_lower_passes(target) + finalize[:1]
+    return fused, scheduled, finalize[1:]
+
+
+def _count_tuned(fused_mod, database, target) -> int:
+    """How many of the fused PrimFuncs the database has a record for."""
+    import tvm
+    from tvm import tirx
+
+    count = 0
+    for _, func in fused_mod.functions.items():
+        if isinstance(func, tirx.PrimFunc) and database.query_tuning_record(
+                tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target,
+                "main") is not None:
+            count += 1
+    return count
 
 
 def planned_activation_bytes(planned_mod, func_name="main") -> int:
@@ -48,31 +64,52 @@ def planned_activation_bytes(planned_mod, func_name="main") -> int:
     return total
 
 
-def compile_module(mod, target=None):
-    """Build ``mod`` for ``target`` (default: this host's CPU).
+class Compiled:
+    """A built module: ``executable`` (Relax VM), ``planned_bytes`` (activation memory after
+    static planning), ``functions`` (fused PrimFuncs) and ``tuned`` (how many of them took
+    their schedule from tuning_logs)."""
 
-    Returns (VM executable, planned activation bytes after static memory planning)."""
+    def __init__(self, executable, planned_bytes, functions, tuned):
+        self.executable, self.planned_bytes = executable, planned_bytes
+        self.functions, self.tuned = functions, tuned
+
+
+def compile_module(mod, target=None, tuned=True) -> Compiled:
+    """Build ``mod`` for ``target`` (default: this host's CPU), applying the target's
+    tuning_logs databases unless ``tuned`` is False."""
     import tvm
-    from tvm import relax
+    from tvm import relax, tirx
+
+    from .tuning import load_database
 
     target = target or host_target()
-    before, after = _passes(target)
+    database = load_database(target) if tuned else None
     with tvm.transform.PassContext(opt_level=3), target:
-        planned = tvm.transform.Sequential(before)(mod)
-        memory = planned_activation_bytes(planned)
-        lowered = tvm.transform.Sequential(after)(planned)
-        return relax.build(lowered, target=target, relax_pipeline=None), memory
+        fused, scheduled, after = _stages(target, database)
+        mod = tvm.transform.Sequential(fused)(mod)
+        functions = sum(isinstance(f, tirx.PrimFunc) for _, f in mod.functions.items())
+        n_tuned = _count_tuned(mod, database, target) if database is not None else 0
+        if database is not None:
+            with database:
+                mod = tvm.transform.Sequential(scheduled)(mod)
+        else:
+            mod = tvm.transform.Sequential(scheduled)(mod)
+        memory = planned_activation_bytes(mod)
+        lowered = tvm.transform.Sequential(after)(mod)
+        executable = relax.build(lowered, target=target, relax_pipeline=None)
+    return Compiled(executable, memory, functions, n_tuned)
 
 
 class Runner:
     """A built module on the local CPU: ``runner(x) -> list of numpy outputs``."""
 
-    def __init__(self, mod, target=None, func_name="main"):
+    def __init__(self, mod, target=None, func_name="main", tuned=True):
         import tvm
         from tvm import relax
 
         t = time.time()
-        self.executable, self.planned_bytes = compile_module(mod, target)
+        self.compiled = compile_module(mod, target, tuned)
+        self.executable, self.planned_bytes = self.compiled.executable, self.compiled.planned_bytes
         self.build_seconds = time.time() - t
         self.device = tvm.cpu()
         self.vm = relax.VirtualMachine(self.executable, self.device)

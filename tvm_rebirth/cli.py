@@ -258,23 +258,64 @@ def cmd_build(args) -> None:
     target = resolve_target(args.target)
     start = time.time()
     model = load_model(args.model)
-    if args.plan or args.weights:
-        plan = _plan_for(args, model)
-        mod = _rebirth_module(model, plan, _weights_for(args, model, plan))
-        what = "rebirth"
-    else:
-        mod, what = model.mod, "original"
+    mod, what = _model_and_module(args, model)
     log(f"[build] compiling the {what} {model.name} for {args.target}")
-    executable, planned = compile_module(mod, target)
+    compiled = compile_module(mod, target, tuned=not args.no_tuning_logs)
     out = args.output or f"{model.name}-{what}-{args.target}.so"
-    export_library(executable, out, target)
+    export_library(compiled.executable, out, target)
     payload = {"model": model.name, "variant": what, "path": os.path.abspath(out),
                "target": args.target, "target_json": str(target),
-               "planned_memory_mb": round(planned / 2 ** 20, 3),
+               "planned_memory_mb": round(compiled.planned_bytes / 2 ** 20, 3),
+               "tuned_functions": compiled.tuned, "functions": compiled.functions,
                "bytes": os.path.getsize(out), "seconds": round(time.time() - start, 2)}
     _emit(args, payload, f"{what} {model.name} for {args.target} -> {out} "
                          f"({payload['bytes'] / 2 ** 20:.1f} MiB, planned activations "
-                         f"{payload['planned_memory_mb']} MB, {payload['seconds']}s)")
+                         f"{payload['planned_memory_mb']} MB, {compiled.tuned}/"
+                         f"{compiled.functions} functions from tuning_logs, "
+                         f"{payload['seconds']}s)")
+
+
+def _model_and_module(args, model):
+    """(module, "original"|"rebirth"): the rebirth module when --plan/--weights are given."""
+    if args.plan or args.weights:
+        plan = _plan_for(args, model)
+        return _rebirth_module(model, plan, _weights_for(args, model, plan)), "rebirth"
+    return model.mod, "original"
+
+
+def cmd_tune(args) -> None:
+    from .model import load_model
+    from .targets import resolve_target
+    from .tuning import default_log_dir, tune
+
+    target = resolve_target(args.target)
+    if args.tracker or args.key:
+        raise RebirthError("tuning on a device through --tracker/--key needs "
+                           "`tvm-rebirth device` (not available yet); tune for the host")
+    if args.trials < 1:
+        raise RebirthError(f"--trials must be positive, got {args.trials}")
+    model = load_model(args.model)
+    mod, what = _model_and_module(args, model)
+    log_dir = args.log_dir or default_log_dir(model.name, target, what == "rebirth")
+    log(f"[tune] {what} {model.name} for {args.target}: up to {args.trials} trials -> {log_dir}")
+    report = tune(mod, target, log_dir, args.trials, model_name=model.name,
+                  max_tasks=args.max_tasks, build_timeout=args.build_timeout)
+    tasks = report["tasks"]
+    default = sum(t["calls"] * (t["default_ms"] or 0) for t in tasks.values())
+    best = sum(t["calls"] * (t["best_ms"] or t["default_ms"] or 0) for t in tasks.values())
+    payload = {"model": model.name, "variant": what, "target": args.target,
+               "database": os.path.abspath(log_dir), "trials": report["trials"],
+               "failed_trials": report["failed_trials"], "wall_seconds": report["wall_seconds"],
+               "default_ms": round(default, 3), "best_ms": round(best, 3),
+               "tasks": tasks}
+    rows = sorted(([n, t["calls"], t["default_ms"], t["best_ms"],
+                    f"{(t.get('time_share') or 0) * 100:.1f}%"] for n, t in tasks.items()),
+                  key=lambda r: -float(r[4][:-1]))
+    text = _table(rows[:15], ["task", "calls", "default (ms)", "best (ms)", "time share"]) + (
+        f"\n\n{report['trials']} trials in {report['wall_seconds']:.0f}s; sum of task times "
+        f"{payload['default_ms']} ms with the default schedule -> {payload['best_ms']} ms tuned"
+        f"\ndatabase: {payload['database']}")
+    _emit(args, payload, text)
 
 
 def _write_json(path, payload):
@@ -423,6 +464,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--target", default="host",
                    help="host, cortex-a53, cortex-a55, cortex-a72 or cortex-a76 (default host)")
     p.add_argument("-o", "--output", help="library path (default: <model>-<variant>-<target>.so)")
+    p.add_argument("--no-tuning-logs", action="store_true",
+                   help="ignore tuning_logs: generic schedule everywhere")
+    p = add("tune", cmd_tune, "MetaSchedule-tune the (original, or with --plan/--weights "
+                              "rebirth) model into a tuning_logs database that builds apply")
+    p.add_argument("model", help="zoo name or path to an .onnx file")
+    p.add_argument("--plan", help="plan file: tune the rebirth model")
+    p.add_argument("--weights", help="weights for --plan (default: fine-tune first)")
+    p.add_argument("--calib", help="calibration images when fine-tuning is needed")
+    p.add_argument("--images", type=int, default=256, help="calibration images (256)")
+    p.add_argument("--target", default="host", help="target preset (default host)")
+    p.add_argument("--trials", type=int, required=True,
+                   help="searched trials the database should hold in total (a rerun continues)")
+    p.add_argument("--max-tasks", type=int,
+                   help="search only the N heaviest tasks (default: about trials / 16)")
+    p.add_argument("--build-timeout", type=float, default=60.0,
+                   help="seconds before a candidate's compilation is killed (60)")
+    p.add_argument("--log-dir", help="database folder (default: "
+                                     "tuning_logs/<target>/<model>[-rebirth]/)")
+    p.add_argument("--tracker", help="RPC tracker host:port (device tuning)")
+    p.add_argument("--key", help="device key on the tracker")
     p = add("demo", cmd_demo, "run the whole flow on the default model")
     p.add_argument("--report-dir", default="rebirth-demo", help="where the report goes")
     p.add_argument("--images", type=int, default=256, help="calibration images (256)")

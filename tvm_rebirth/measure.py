@@ -66,7 +66,8 @@ def interleaved_rounds(timers, rounds, label, log=_log) -> dict:
 def bench_variants(mods, x, rounds=7, number=5, log=_log) -> dict:
     """Compile every module of ``mods`` ({name: IRModule}, the first is the baseline) with the
     same settings, run the same input and time them in interleaved rounds. Returns {name:
-    {latency_ms, latency_ms_rounds, memory_mb, gflops, max_abs_err}} plus ``speedup``,
+    {latency_ms, latency_ms_rounds, memory_mb, gflops, tuned_functions, functions,
+    max_abs_err}} plus ``speedup``,
     ``memory_ratio`` and ``gflops_ratio`` of every other variant against the baseline."""
     runners, outputs = {}, {}
     for name, mod in mods.items():
@@ -82,6 +83,8 @@ def bench_variants(mods, x, rounds=7, number=5, log=_log) -> dict:
                         "latency_ms_rounds": [round(v, 3) for v in samples[name]],
                         "memory_mb": round(runners[name].planned_bytes / 2 ** 20, 3),
                         "gflops": round(count_gflops(mod), 4),
+                        "tuned_functions": runners[name].compiled.tuned,
+                        "functions": runners[name].compiled.functions,
                         "max_abs_err": float(np.abs(outputs[name] - outputs[base]).max())}
     for name in list(mods)[1:]:
         o, r = result[base], result[name]

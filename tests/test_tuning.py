@@ -1,0 +1,104 @@
+"""tvm-rebirth tune: a real (tiny) MetaSchedule run writes a database that builds apply, a
+killed tune resumes from its finished records, and the tuned build computes the same."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from tvm_rebirth.build import Runner
+from tvm_rebirth.model import load_model
+from tvm_rebirth.targets import resolve_target
+from tvm_rebirth.tuning import DB_FILES, default_log_dir, extract_tasks, load_database
+
+from onnx_models import chain_model
+from test_cli import run
+from test_flow_cli import assert_error
+
+
+@pytest.fixture
+def logs(tmp_path, monkeypatch):
+    """A private tuning_logs root, so tests never read or write the committed databases."""
+    root = tmp_path / "tuning_logs"
+    monkeypatch.setenv("TVM_REBIRTH_TUNING_LOGS", str(root))
+    return root
+
+
+def _records(log_dir):
+    return (log_dir / DB_FILES[1]).read_text().splitlines()
+
+
+def _tune_cmd(model_path, trials):
+    return [sys.executable, "-m", "tvm_rebirth.cli", "tune", str(model_path), "--trials",
+            str(trials), "--max-tasks", "1", "--json"]
+
+
+def test_killed_tune_resumes_and_the_build_applies_its_database(tmp_path, logs):
+    model_path = chain_model(tmp_path / "net.onnx", ["relu", "max_pool2d"])
+    model = load_model(model_path)
+    target = resolve_target("host")
+    log_dir = default_log_dir(model.name, target, rebirth=False)
+    tasks = extract_tasks(model.mod, target)
+    assert len(tasks) == 3  # conv+bias+relu, max-pool, conv+bias
+
+    # first run: killed (SIGKILL, no chance to clean up) once some searched trials are in
+    proc = subprocess.Popen(_tune_cmd(model_path, 48), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    report = log_dir / "tuning.json"
+    deadline = time.time() + 400
+    while time.time() < deadline and proc.poll() is None:
+        if report.exists() and json.loads(report.read_text())["trials"] >= 8:
+            break
+        time.sleep(0.5)
+    assert proc.poll() is None, proc.communicate()
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    kept = json.loads(report.read_text())
+    records_before = len(_records(log_dir))
+    assert 8 <= kept["trials"] < 48
+    assert records_before >= len(tasks) + kept["trials"]  # defaults + searched, all on disk
+
+    # second run continues to the same total, without re-measuring the defaults
+    code, stdout, err = run(*_tune_cmd(model_path, 48)[3:])
+    assert code == 0, err
+    assert "measuring the default schedule" not in err
+    assert f"searching {48 - kept['trials']} trials" in err
+    data = json.loads(stdout)
+    assert data["trials"] == 48 and data["database"] == str(log_dir)
+    assert len(_records(log_dir)) >= records_before + 48 - kept["trials"] - data["failed_trials"]
+    assert data["wall_seconds"] > kept["wall_seconds"]
+    for task in data["tasks"].values():
+        assert task["default_ms"] > 0 and task["best_ms"] <= task["default_ms"]
+
+    # builds apply the database (every task has at least its default record) and compute
+    # the same as ONNX Runtime; --no-tuning-logs ignores it
+    assert load_database(target) is not None
+    tuned, plain = Runner(model.mod), Runner(model.mod, tuned=False)
+    assert (tuned.compiled.tuned, tuned.compiled.functions) == (3, 3)
+    assert plain.compiled.tuned == 0
+    x = np.random.default_rng(0).standard_normal((1, 4, 32, 32)).astype("float32")
+    want = ort.InferenceSession(str(model_path)).run(None, {model.input_name: x})[0]
+    np.testing.assert_allclose(tuned(x)[0], want, rtol=1e-3, atol=1e-4)
+    code, stdout, err = run("build", model_path, "-o", str(tmp_path / "t.so"), "--json")
+    assert code == 0, err
+    assert json.loads(stdout)["tuned_functions"] == 3
+
+
+def test_tune_errors(tmp_path, logs):
+    model_path = chain_model(tmp_path / "net.onnx", ["relu"])
+    assert_error(run("tune", model_path, "--trials", "4", "--target", "pentium"),
+                 "unknown target 'pentium'", "cortex-a72", command="tune")
+    assert_error(run("tune", model_path, "--trials", "0"), "--trials must be positive",
+                 command="tune")
+    bad = tmp_path / "logs"
+    bad.mkdir()
+    (bad / "tuning.json").write_text("{not json")
+    assert_error(run("tune", model_path, "--trials", "4", "--log-dir", str(bad)),
+                 str(bad / "tuning.json"), "not valid JSON", command="tune")
+    assert (bad / "tuning.json").read_text() == "{not json"
