@@ -1,7 +1,11 @@
 """What a user would pick instead, side by side in one run on this CPU: ONNX Runtime on the
-original model, TVM (our build) on the original, TVM on the rebirth model.
+original model, TVM (our build) on the original, TVM on the rebirth model; both TVM builds
+apply the committed tuning_logs (and report how many of their functions were tuned).
 
-    python benchmarks/peers.py --model googlenet [--plan P --weights W] [--rounds 9] [--json]
+    python benchmarks/peers.py --model googlenet [--plan P --weights W] [--kinds streamline]
+                               [--rounds 9] [--json]
+
+Without --plan the default plan (every site) is fine-tuned on 256 calibration images.
 
 Medians of interleaved rounds, the same thread count for everyone (TVM_NUM_THREADS).
 Writes benchmarks/results/peers_<model>.{json,md}.
@@ -23,7 +27,7 @@ from tvm_rebirth.build import Runner  # noqa: E402
 from tvm_rebirth.calib import calibration_images  # noqa: E402
 from tvm_rebirth.finetune import finetune  # noqa: E402
 from tvm_rebirth.measure import count_gflops, interleaved_rounds, tvm_timer  # noqa: E402
-from tvm_rebirth.passes import StreamlineSlimming  # noqa: E402
+from tvm_rebirth.passes import rebirth_pipeline  # noqa: E402
 from tvm_rebirth.weights import RebirthWeights  # noqa: E402
 
 
@@ -41,6 +45,8 @@ def main():
     ap.add_argument("--model", default="googlenet")
     ap.add_argument("--plan")
     ap.add_argument("--weights")
+    ap.add_argument("--kinds", default="streamline,branch", help="site kinds without --plan")
+    ap.add_argument("--branch-widths", default="carry", help="branch widths without --plan")
     ap.add_argument("--rounds", type=int, default=9)
     ap.add_argument("--number", type=int, default=5)
     ap.add_argument("--json", action="store_true")
@@ -53,11 +59,12 @@ def main():
         plan = RebirthPlan.load(args.plan)
         plan.validate(model)
     else:
-        plan = RebirthPlan.from_model(model, kinds=["streamline"])
+        plan = RebirthPlan.from_model(model, kinds=args.kinds.split(","),
+                                      branch_widths=args.branch_widths)
     images, description = calibration_images(model, count=256)
     weights = (RebirthWeights.load(args.weights, plan) if args.weights
                else finetune(model, plan, images, description)[0])
-    rebirth = StreamlineSlimming(plan, weights)(model.mod)
+    rebirth = rebirth_pipeline(plan, weights)(model.mod)
     x = images[:1]
     opts = ort.SessionOptions()
     opts.intra_op_num_threads, opts.inter_op_num_threads = threads, 1
@@ -87,13 +94,18 @@ def main():
                "achieved_gflops_per_s": {k: round(v, 2) for k, v in achieved.items()},
                "peak_gflops_per_s": round(peak, 1),
                "rounds": {k: [round(s, 3) for s in v] for k, v in samples.items()},
-               "sites": [s.id for s in plan.enabled_sites("streamline")], "machine": machine()}
+               "tuned_functions": {k: [r.compiled.tuned, r.compiled.functions]
+                                   for k, r in runners.items()},
+               "sites": [s.id for s in plan.enabled_sites()], "machine": machine()}
     rows = [[name.replace("_", " "), ms[f"{name}_ms"], f"{achieved[name]:.1f}",
              f"{achieved[name] / peak * 100:.1f} %"] for name in timers]
     md = (f"# Peers on {args.model} ({threads} threads)\n\n"
           + table(rows, ["runtime", "ms (median)", "GFLOP/s", "of nominal peak"])
           + f"\n\nNominal fp32 peak {peak:.0f} GFLOP/s ({threads} threads x 32 FLOP/cycle). "
-            "TVM builds use the generic schedule (no tuning logs yet).")
+            + "; ".join(f"{k.replace('_', ' ')}: {r.compiled.tuned}/{r.compiled.functions} "
+                        "functions from tuning_logs" for k, r in runners.items())
+            + f". Rebirth: {len(plan.enabled_sites())} sites "
+              f"({', '.join(sorted({s.kind for s in plan.enabled_sites()}))}).")
     write(f"peers_{args.model}", payload, md)
     print(json.dumps(payload, indent=2) if args.json else md)
 

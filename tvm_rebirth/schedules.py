@@ -79,7 +79,58 @@ def _parallel_outer(sch, block, n_spatial):
             break
     fused = sch.fuse(*loops[:take]) if take > 1 else loops[0]
     sch.parallel(fused)
-    return fused
+    return fused, take - 1
+
+
+ACCUMULATORS = 8  # vector registers of accumulators (x86 AVX2 has 16, NEON 32)
+
+
+def _register_vector(extent):
+    """Output-width tile kept in registers: at most 16 lanes and a divisor of the width (a
+    tail would predicate every vector op, which LLVM scalarises: 55 columns run as 5 x 11)."""
+    if extent <= 16:
+        return extent if extent >= 2 else 0
+    for d in (16, 8, *range(15, 3, -1)):
+        if extent % d == 0:
+            return d
+    return 16
+
+
+def _channel_tile(channels, lanes, registers):
+    """Output channels sharing each input load: as many as the accumulators allow."""
+    if not registers:
+        return CHANNEL_TILE if channels % CHANNEL_TILE == 0 else 1
+    per_channel = max(1, -(-max(lanes, 1) // VECTOR_LANES))
+    for tile in range(max(1, ACCUMULATORS // per_channel), 1, -1):
+        if channels % tile == 0:
+            return tile
+    return 1
+
+
+def _accumulate_in_registers(sch, main, later, tile_loop, first_reduce, inner):
+    """The main block accumulates one (channel tile x width tile) of outputs in a local
+    buffer that LLVM keeps in registers; the epilogue (bias, ReLU, ...) or a plain write-back
+    runs per tile, right after the tile's reduction."""
+    producers_of = lambda b: {sch.get(p) for p in sch.get_producers(b)}
+    chain, attached = [], {sch.get(main)}
+    for info in later:
+        if producers_of(info.block_rv) & attached:
+            chain.append(info.block_rv)
+            attached.add(sch.get(info.block_rv))
+    for block in chain[1:]:  # bias-add then ReLU: one epilogue block
+        sch.reverse_compute_inline(block)
+    if chain:
+        epilogue = chain[0]
+        sch.reverse_compute_at(epilogue, tile_loop)
+        sch.set_scope(main, 0, "local")
+    else:
+        epilogue = sch.cache_write(main, 0, "local")
+        sch.reverse_compute_at(epilogue, tile_loop)
+    _vectorize_own(sch, sch.get_loops(epilogue)[-1])
+    init = sch.decompose_reduction(main, first_reduce)
+    _vectorize_own(sch, sch.get_loops(init)[-1])
+    for loop in inner:
+        sch.unroll(loop)
 
 
 class GenericCpuSchedule(ScheduleRule):
@@ -88,12 +139,14 @@ class GenericCpuSchedule(ScheduleRule):
     def apply(self, func, target, tunable):
         if not isinstance(func, tirx.PrimFunc) or target.kind.name not in ("llvm", "c"):
             return None
-        try:
-            return self._schedule(func)
-        except Exception:  # an exotic function: leave it to TVM's default lowering
-            return None
+        for registers in (True, False):
+            try:
+                return self._schedule(func, registers)
+            except Exception:  # noqa: BLE001 -- try the simpler variant, then TVM's default
+                continue
+        return None
 
-    def _schedule(self, func):
+    def _schedule(self, func, registers=True):
         sch = s_tir.Schedule(func)
         infos = normalize_prim_func(sch)
         if not infos:
@@ -133,20 +186,30 @@ class GenericCpuSchedule(ScheduleRule):
         # the innermost spatial axis (output width / dense columns) becomes the vector axis
         vec = spatial.pop()
         inner = []
+        extent = _extent(sch, vec) or 0
+        factor = _register_vector(extent) if registers else _vector_factor(extent)
         # split output channels (NCHW: the axis before the rows) for register reuse
-        if reduce and len(spatial) >= 2 and (_extent(sch, spatial[-2]) or 0) % CHANNEL_TILE == 0:
-            co, ci = sch.split(spatial[-2], factors=[None, CHANNEL_TILE])
+        tile = _channel_tile(_extent(sch, spatial[-2]) or 0, factor, registers) \
+            if reduce and len(spatial) >= 2 else 1
+        if tile > 1:
+            co, ci = sch.split(spatial[-2], factors=[None, tile])
             spatial[-2] = co
             inner = [ci]
-        extent = _extent(sch, vec) or 0
-        factor = _vector_factor(extent)
         if factor and factor < extent:
             vec_outer, vec = sch.split(vec, factors=[None, factor])
             spatial.append(vec_outer)
         sch.reorder(*spatial, *reduce, *inner, vec)
-        outer = _parallel_outer(sch, main.block_rv, len(spatial)) if spatial else None
+        n_spatial = len(spatial)
+        outer, fused = _parallel_outer(sch, main.block_rv, n_spatial) if spatial else (None, 0)
         if extent >= 2:
             sch.vectorize(vec)
+        if registers:
+            if not (reduce and spatial):
+                raise ValueError("nothing to keep in registers")
+            tile_loop = sch.get_loops(main.block_rv)[n_spatial - fused - 1]
+            _accumulate_in_registers(sch, main.block_rv, remaining[main_index + 1:], tile_loop,
+                                     reduce[0], inner)
+            return sch
         if reduce:
             sch.decompose_reduction(main.block_rv, reduce[0])
         # epilogues (bias, ReLU, ...): computed per parallel chunk, vectorised
