@@ -75,6 +75,10 @@ def test_killed_tune_resumes_and_the_build_applies_its_database(tmp_path, logs):
     assert data["wall_seconds"] > kept["wall_seconds"]
     for task in data["tasks"].values():
         assert task["default_ms"] > 0 and task["best_ms"] <= task["default_ms"]
+    whole = data["model_ms"]  # the whole model timed with and without the database
+    assert whole["default_schedule"] > 0 and whole["tuned"] > 0
+    assert (whole["tuned_functions"], whole["functions"]) == (3, 3)
+    assert json.loads((log_dir / "tuning.json").read_text())["model_ms"] == whole
 
     # builds apply the database (every task has at least its default record) and compute
     # the same as ONNX Runtime; --no-tuning-logs ignores it

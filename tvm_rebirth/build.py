@@ -75,15 +75,15 @@ class Compiled:
 
 
 def compile_module(mod, target=None, tuned=True) -> Compiled:
-    """Build ``mod`` for ``target`` (default: this host's CPU), applying the target's
-    tuning_logs databases unless ``tuned`` is False."""
+    """Build ``mod`` for ``target`` (default: this host's CPU). ``tuned``: True applies the
+    target's tuning_logs databases, False none, or a MetaSchedule Database to apply."""
     import tvm
     from tvm import relax, tirx
 
     from .tuning import load_database
 
     target = target or host_target()
-    database = load_database(target) if tuned else None
+    database = load_database(target) if tuned is True else (tuned or None)
     with tvm.transform.PassContext(opt_level=3), target:
         fused, scheduled, after = _stages(target, database)
         mod = tvm.transform.Sequential(fused)(mod)

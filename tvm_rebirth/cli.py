@@ -299,7 +299,8 @@ def cmd_tune(args) -> None:
     log_dir = args.log_dir or default_log_dir(model.name, target, what == "rebirth")
     log(f"[tune] {what} {model.name} for {args.target}: up to {args.trials} trials -> {log_dir}")
     report = tune(mod, target, log_dir, args.trials, model_name=model.name,
-                  max_tasks=args.max_tasks, build_timeout=args.build_timeout)
+                  max_tasks=args.max_tasks, build_timeout=args.build_timeout,
+                  measure=not args.no_measure)
     tasks = report["tasks"]
     default = sum(t["calls"] * (t["default_ms"] or 0) for t in tasks.values())
     best = sum(t["calls"] * (t["best_ms"] or t["default_ms"] or 0) for t in tasks.values())
@@ -307,7 +308,7 @@ def cmd_tune(args) -> None:
                "database": os.path.abspath(log_dir), "trials": report["trials"],
                "failed_trials": report["failed_trials"], "wall_seconds": report["wall_seconds"],
                "default_ms": round(default, 3), "best_ms": round(best, 3),
-               "tasks": tasks}
+               "model_ms": report.get("model_ms"), "tasks": tasks}
     rows = sorted(([n, t["calls"], t["default_ms"], t["best_ms"],
                     f"{(t.get('time_share') or 0) * 100:.1f}%"] for n, t in tasks.items()),
                   key=lambda r: -float(r[4][:-1]))
@@ -315,6 +316,10 @@ def cmd_tune(args) -> None:
         f"\n\n{report['trials']} trials in {report['wall_seconds']:.0f}s; sum of task times "
         f"{payload['default_ms']} ms with the default schedule -> {payload['best_ms']} ms tuned"
         f"\ndatabase: {payload['database']}")
+    if payload["model_ms"]:
+        m = payload["model_ms"]
+        text += (f"\nwhole model: {m['default_schedule']} ms generic schedule -> {m['tuned']} ms "
+                 f"tuned ({m['speedup']}x, {m['tuned_functions']}/{m['functions']} functions)")
     _emit(args, payload, text)
 
 
@@ -480,6 +485,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="search only the N heaviest tasks (default: about trials / 16)")
     p.add_argument("--build-timeout", type=float, default=60.0,
                    help="seconds before a candidate's compilation is killed (60)")
+    p.add_argument("--no-measure", action="store_true",
+                   help="skip timing the whole model before/after at the end")
     p.add_argument("--log-dir", help="database folder (default: "
                                      "tuning_logs/<target>/<model>[-rebirth]/)")
     p.add_argument("--tracker", help="RPC tracker host:port (device tuning)")

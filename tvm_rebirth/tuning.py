@@ -262,13 +262,17 @@ def _default_schedule(task_mod, target):
 
 def tune(mod, target, log_dir, trials: int, *, model_name="model", max_tasks=None,
          trials_per_iter=8, build_timeout=60.0, runner=None, workers=None, seed=0,
-         log=_log) -> dict:
+         measure=True, log=_log) -> dict:
     """Tune ``mod``'s tasks for ``target`` into ``log_dir`` until the folder holds ``trials``
     searched trials (a rerun continues: finished records are kept, only the rest is run).
 
     Tasks are weighted by their share of the model's time under the default schedule; with
-    few trials only the heaviest tasks are searched (about two search rounds each)."""
+    few trials only the heaviest tasks are searched (about two search rounds each). With
+    ``measure``, the whole model is then timed with the generic schedule vs this database
+    (host targets; ``model_ms`` in the report)."""
     from tvm.s_tir import meta_schedule as ms
+
+    from .targets import is_cross
 
     log_dir = Path(log_dir)
     log_dir.mkdir(parents=True, exist_ok=True)
@@ -349,9 +353,36 @@ def tune(mod, target, log_dir, trials: int, *, model_name="model", max_tasks=Non
             + [_make_progress(names, report, started, log)],
             task_scheduler="gradient")
     report["wall_seconds"] = round(report["prior_seconds"] + time.time() - started, 1)
+    if measure and not is_cross(target):
+        report["model_ms"] = _measure_model(mod, target, database, log)
     _write_report(report)
     report.pop("prior_seconds")
     return report
+
+
+def _measure_model(mod, target, database, log, rounds=7, number=3) -> dict:
+    """Whole-model latency on this CPU with the generic schedule vs with this database,
+    medians of interleaved rounds."""
+    from .build import Runner
+    from .measure import interleaved_rounds, tvm_timer
+
+    x = _random_args_for(mod)
+    runners = {"default_schedule": Runner(mod, target, tuned=False),
+               "tuned": Runner(mod, target, tuned=database)}
+    timers = {name: tvm_timer(r, x, number) for name, r in runners.items()}
+    for timer in timers.values():
+        timer()
+    samples = interleaved_rounds(timers, rounds, "tune: whole model", log)
+    result = {name: round(float(np.median(v)), 3) for name, v in samples.items()}
+    result["speedup"] = round(result["default_schedule"] / result["tuned"], 3)
+    result["tuned_functions"] = runners["tuned"].compiled.tuned
+    result["functions"] = runners["tuned"].compiled.functions
+    return result
+
+
+def _random_args_for(mod):
+    shape = [int(v) for v in mod["main"].params[0].ty.shape.values]
+    return np.random.default_rng(0).standard_normal(shape).astype("float32")
 
 
 def _remove_artifact(path):
