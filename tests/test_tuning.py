@@ -4,6 +4,7 @@ killed tune resumes from its finished records, and the tuned build computes the 
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -106,3 +107,79 @@ def test_tune_errors(tmp_path, logs):
     assert_error(run("tune", model_path, "--trials", "4", "--log-dir", str(bad)),
                  str(bad / "tuning.json"), "not valid JSON", command="tune")
     assert (bad / "tuning.json").read_text() == "{not json"
+
+
+def _free_port():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _wait_for_key(port, key, seconds=60):
+    from tvm_rebirth.rpc import tracker_summary
+
+    deadline = time.time() + seconds
+    while time.time() < deadline:
+        try:
+            if key in tracker_summary("127.0.0.1", port).get("queue_info", {}):
+                return
+        except Exception:  # noqa: BLE001 -- not up yet
+            pass
+        time.sleep(0.5)
+    raise TimeoutError(f"key {key} never registered")
+
+
+@pytest.fixture
+def tracker():
+    """A real RPC tracker and one host RPC server (key 'local'), both on 127.0.0.1."""
+    port, server_port = _free_port(), _free_port()
+    procs = [subprocess.Popen([sys.executable, "-m", "tvm.exec.rpc_tracker", "--host",
+                               "127.0.0.1", "--port", str(port), "--port-end",
+                               str(port + 1)], stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)]
+    time.sleep(1)
+    procs.append(subprocess.Popen(
+        [sys.executable, "-m", "tvm.exec.rpc_server", "--tracker", f"127.0.0.1:{port}",
+         "--key", "local", "--host", "127.0.0.1", "--port", str(server_port),
+         "--port-end", str(server_port + 1), "--custom-addr", "127.0.0.1"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+    try:
+        _wait_for_key(port, "local")
+        yield f"127.0.0.1:{port}"
+    finally:
+        for proc in procs:
+            proc.kill()
+            proc.wait()
+
+
+def test_tune_measures_on_a_device_from_the_tracker(tmp_path, logs, tracker):
+    model_path = chain_model(tmp_path / "net.onnx", ["relu", "max_pool2d"])
+    log_dir = tmp_path / "remote-db"
+    code, stdout, err = run("tune", model_path, "--trials", "8", "--max-tasks", "1",
+                            "--tracker", tracker, "--key", "local", "--log-dir", str(log_dir),
+                            "--json")
+    assert code == 0, err
+    data = json.loads(stdout)
+    assert data["trials"] == 8 and data["failed_trials"] == 0
+    assert data["model_ms"] is None  # whole-model timing only when measuring on this CPU
+    report = json.loads((log_dir / "tuning.json").read_text())
+    assert report["measured_on"] == f"local via tracker {tracker}"
+    assert all(t["default_ms"] > 0 for t in report["tasks"].values())
+    assert len(_records(log_dir)) >= 3 + 8
+
+
+def test_tracker_errors(tmp_path, logs, tracker):
+    model_path = chain_model(tmp_path / "net.onnx", ["relu"])
+    dead = f"127.0.0.1:{_free_port()}"
+    cases = [
+        (["--tracker", dead, "--key", "local"], [f"RPC tracker {dead} is unreachable"]),
+        (["--tracker", tracker, "--key", "pixel7"],
+         ["no device with key 'pixel7'", tracker, "keys there: local"]),
+        (["--tracker", tracker], ["--tracker and --key go together"]),
+        (["--tracker", "localhost", "--key", "local"], ["--tracker 'localhost'", "HOST:PORT"]),
+    ]
+    for extra, fragments in cases:
+        log_dir = tmp_path / "db"
+        assert_error(run("tune", model_path, "--trials", "4", "--log-dir", str(log_dir), *extra),
+                     *fragments, command="tune")
+        assert not log_dir.exists()  # nothing written before the device is known

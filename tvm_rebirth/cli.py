@@ -289,9 +289,9 @@ def cmd_tune(args) -> None:
     from .tuning import default_log_dir, tune
 
     target = resolve_target(args.target)
-    if args.tracker or args.key:
-        raise RebirthError("tuning on a device through --tracker/--key needs "
-                           "`tvm-rebirth device` (not available yet); tune for the host")
+    if bool(args.tracker) != bool(args.key):
+        raise RebirthError("--tracker and --key go together (the tracker's address and the "
+                           "device key to measure on)")
     if args.trials < 1:
         raise RebirthError(f"--trials must be positive, got {args.trials}")
     model = load_model(args.model)
@@ -300,7 +300,7 @@ def cmd_tune(args) -> None:
     log(f"[tune] {what} {model.name} for {args.target}: up to {args.trials} trials -> {log_dir}")
     report = tune(mod, target, log_dir, args.trials, model_name=model.name,
                   max_tasks=args.max_tasks, build_timeout=args.build_timeout,
-                  measure=not args.no_measure)
+                  tracker=args.tracker, key=args.key, measure=not args.no_measure)
     tasks = report["tasks"]
     default = sum(t["calls"] * (t["default_ms"] or 0) for t in tasks.values())
     best = sum(t["calls"] * (t["best_ms"] or t["default_ms"] or 0) for t in tasks.values())

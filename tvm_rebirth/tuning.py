@@ -190,6 +190,47 @@ def _make_local_runner(number: int, repeat: int, min_repeat_ms: int):
     return InProcessRunner()
 
 
+def _make_rpc_runner(host, port, key, number: int, repeat: int, min_repeat_ms: int,
+                     session_timeout: float = 600):
+    from tvm.ir.utils import derived_object
+    from tvm.s_tir.meta_schedule.runner import PyRunner, RunnerFuture, RunnerResult
+
+    from .rpc import request_session
+
+    @derived_object
+    class TrackerRunner(PyRunner):
+        """Times candidates on a device requested from the RPC tracker: uploads each library,
+        fills the arguments from the host, runs the time evaluator there. A session that
+        breaks fails the rest of its batch (those candidates only); the next batch asks the
+        tracker again, so tuning goes on while any device with the key is alive."""
+
+        def run(self, runner_inputs):
+            futures, session = [], None
+            for inp in runner_inputs:
+                try:
+                    if session is None:
+                        session = request_session(host, port, key, session_timeout)
+                    name = os.path.basename(inp.artifact_path)
+                    session.upload(inp.artifact_path, name)
+                    rt_mod = session.load_module(name)
+                    device = session.cpu()
+                    args = _random_args(inp.args_info, device)
+                    evaluator = rt_mod.time_evaluator(rt_mod.entry_name, device, number=number,
+                                                      repeat=repeat, min_repeat_ms=min_repeat_ms)
+                    result = RunnerResult([float(s) for s in evaluator(*args).results], None)
+                    try:
+                        session.remove(name)
+                    except Exception:  # noqa: BLE001 -- leftovers in the server's temp dir
+                        pass
+                except Exception as exc:  # noqa: BLE001 -- the candidate or the session failed
+                    result = RunnerResult(None, f"{type(exc).__name__}: {str(exc)[:300]}")
+                    session = None
+                futures.append(RunnerFuture(f_done=lambda: True, f_result=lambda r=result: r))
+            return futures
+
+    return TrackerRunner()
+
+
 def _make_progress(names, report, started, log):
     from tvm.ir.utils import derived_object
     from tvm.s_tir.meta_schedule.measure_callback import PyMeasureCallback
@@ -261,25 +302,33 @@ def _default_schedule(task_mod, target):
 
 
 def tune(mod, target, log_dir, trials: int, *, model_name="model", max_tasks=None,
-         trials_per_iter=8, build_timeout=60.0, runner=None, workers=None, seed=0,
-         measure=True, log=_log) -> dict:
+         trials_per_iter=8, build_timeout=60.0, tracker=None, key=None, workers=None,
+         seed=0, measure=True, log=_log) -> dict:
     """Tune ``mod``'s tasks for ``target`` into ``log_dir`` until the folder holds ``trials``
     searched trials (a rerun continues: finished records are kept, only the rest is run).
 
     Tasks are weighted by their share of the model's time under the default schedule; with
     few trials only the heaviest tasks are searched (about two search rounds each). With
     ``measure``, the whole model is then timed with the generic schedule vs this database
-    (host targets; ``model_ms`` in the report)."""
+    (when measuring on this CPU; ``model_ms`` in the report). ``tracker`` ("host:port") and
+    ``key`` measure every candidate on a device from an RPC tracker instead of this CPU."""
     from tvm.s_tir import meta_schedule as ms
 
     from .targets import is_cross
 
     log_dir = Path(log_dir)
-    log_dir.mkdir(parents=True, exist_ok=True)
     started = time.time()
     workers = workers or max(1, int(target.attrs.get("num-cores", 2)))
     builder = _make_builder(build_timeout, workers)
-    runner = runner or _make_local_runner(number=3, repeat=1, min_repeat_ms=50)
+    if tracker:
+        from .rpc import parse_tracker, require_key
+
+        host, port = parse_tracker(tracker)
+        require_key(host, port, key)
+        runner = _make_rpc_runner(host, port, key, number=3, repeat=1, min_repeat_ms=50)
+    else:
+        runner = _make_local_runner(number=3, repeat=1, min_repeat_ms=50)
+    log_dir.mkdir(parents=True, exist_ok=True)
     database = ms.database.JSONDatabase(str(log_dir / DB_FILES[0]),
                                         str(log_dir / DB_FILES[1]), allow_missing=True)
     previous = _read_report(log_dir)
@@ -287,6 +336,7 @@ def tune(mod, target, log_dir, trials: int, *, model_name="model", max_tasks=Non
     if not tasks:
         raise RebirthError("the model has no tunable functions")
     report = {"log_dir": str(log_dir), "model": model_name, "target": str(target),
+              "measured_on": f"{key} via tracker {tracker}" if tracker else "this host",
               "trials": int(previous.get("trials", 0)),
               "failed_trials": int(previous.get("failed_trials", 0)),
               "prior_seconds": float(previous.get("wall_seconds", 0.0)),
@@ -353,7 +403,7 @@ def tune(mod, target, log_dir, trials: int, *, model_name="model", max_tasks=Non
             + [_make_progress(names, report, started, log)],
             task_scheduler="gradient")
     report["wall_seconds"] = round(report["prior_seconds"] + time.time() - started, 1)
-    if measure and not is_cross(target):
+    if measure and not tracker and not is_cross(target):
         report["model_ms"] = _measure_model(mod, target, database, log)
     _write_report(report)
     report.pop("prior_seconds")
