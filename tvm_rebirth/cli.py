@@ -323,6 +323,35 @@ def cmd_tune(args) -> None:
     _emit(args, payload, text)
 
 
+def cmd_device(args) -> None:
+    from . import device
+
+    if args.action == "start":
+        if args.servers < 1:
+            raise RebirthError(f"--servers must be at least 1, got {args.servers}")
+        if args.no_emulated and not args.local:
+            raise RebirthError("nothing to start: --no-emulated needs --local")
+        device.start(port=args.port, local=args.local, emulated=not args.no_emulated,
+                     servers=args.servers)
+    elif args.action == "stop":
+        stopped = device.stop()
+        payload = {"stopped": [{"role": p["role"], "pid": p["pid"]} for p in stopped]}
+        _emit(args, payload, f"stopped {len(stopped)} process(es)" if stopped
+              else "nothing was running")
+        return
+    info = device.status()
+    payload = {"running": info["running"], "tracker": info["tracker"], "keys": info["keys"],
+               "processes": info["processes"]}
+    if not info["running"]:
+        _emit(args, payload, "no devices running (`tvm-rebirth device start`)")
+        return
+    rows = [[key, q.get("free", 0), q.get("pending", 0)] for key, q in info["keys"].items()]
+    procs = "\n".join(f"  {p['role']}: pid {p['pid']} ({'alive' if p['alive'] else 'dead'})"
+                      for p in info["processes"])
+    _emit(args, payload, f"tracker {info['tracker']}\n"
+                         + _table(rows, ["key", "free", "pending"]) + "\n" + procs)
+
+
 def _write_json(path, payload):
     import tempfile
 
@@ -491,6 +520,16 @@ def build_parser() -> argparse.ArgumentParser:
                                      "tuning_logs/<target>/<model>[-rebirth]/)")
     p.add_argument("--tracker", help="RPC tracker host:port (device tuning)")
     p.add_argument("--key", help="device key on the tracker")
+    p = add("device", cmd_device, "RPC tracker + emulated Cortex-A72 (and this host) on "
+                                  "127.0.0.1")
+    p.add_argument("action", choices=["start", "stop", "status"])
+    p.add_argument("--port", type=int, help="tracker port (default: the first free from 9190)")
+    p.add_argument("--local", action="store_true",
+                   help="also serve this host under key 'local'")
+    p.add_argument("--no-emulated", action="store_true",
+                   help="no emulated Cortex-A72 (with --local: a host-only tracker)")
+    p.add_argument("--servers", type=int, default=1,
+                   help="emulated Cortex-A72 servers under the key (a small farm; default 1)")
     p = add("demo", cmd_demo, "run the whole flow on the default model")
     p.add_argument("--report-dir", default="rebirth-demo", help="where the report goes")
     p.add_argument("--images", type=int, default=256, help="calibration images (256)")

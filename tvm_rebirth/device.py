@@ -1,0 +1,326 @@
+"""Devices on 127.0.0.1: an RPC tracker, an emulated Cortex-A72 and optionally this host.
+
+The emulated device is the aarch64 apache-tvm runtime in an arm64 Debian sysroot, run by
+qemu-user with ``QEMU_CPU=cortex-a72`` (instructions the core lacks trap, as on a phone).
+The sysroot is built once (mmdebstrap + the aarch64 wheels, compiler library removed) into
+the cache dir. Everything binds to loopback; the processes started are recorded in
+``devices/state.json`` so ``stop`` ends exactly those.
+
+The guest Python cannot be exec'd by the host kernel (no binfmt_misc in containers), and TVM's
+RPC server runs each session in a child started from ``sys.executable``: the server is
+launched with ``sys.executable`` pointing at a host wrapper script that starts the guest
+Python under qemu again. A crashing session then takes only that child down.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from .errors import RebirthError
+from .zoo import cache_dir
+
+EMULATED_KEY = "cortex-a72"
+LOCAL_KEY = "local"
+DEBIAN_SUITE = "bookworm"
+GUEST_PYTHON = "usr/bin/python3.11"
+# the aarch64 wheels the emulated device runs (the runtime only; pinned like setup.py)
+GUEST_WHEELS = ["apache-tvm==0.27.0.post1", "apache-tvm-ffi==0.1.14.post1", "numpy",
+                "typing_extensions", "cloudpickle"]
+# Debian packages that provide the tools, by command
+TOOLS = {"qemu-aarch64-static": "qemu-user-static", "qemu-aarch64": "qemu-user",
+         "mmdebstrap": "mmdebstrap", "aarch64-linux-gnu-g++": "g++-aarch64-linux-gnu"}
+
+
+def _log(message):
+    print(message, file=sys.stderr, flush=True)
+
+
+def devices_dir() -> Path:
+    return cache_dir() / "devices"
+
+
+def state_path() -> Path:
+    return devices_dir() / "state.json"
+
+
+# --------------------------------------------------------------------------- provisioning
+
+
+def ensure_tools(log=_log) -> None:
+    """Install the missing tools with apt-get when we can, else say exactly what to install."""
+    missing = sorted({pkg for cmd, pkg in TOOLS.items() if shutil.which(cmd) is None})
+    if not missing:
+        return
+    if os.geteuid() == 0 and shutil.which("apt-get"):
+        log(f"[device] installing {' '.join(missing)} (apt-get)")
+        for args in (["apt-get", "update", "-qq"], ["apt-get", "install", "-y", "-qq", *missing]):
+            proc = subprocess.run(args, capture_output=True, text=True,
+                                  env=dict(os.environ, DEBIAN_FRONTEND="noninteractive"))
+            if proc.returncode != 0 and args[1] == "install":
+                raise RebirthError(f"apt-get install {' '.join(missing)} failed: "
+                                   f"{(proc.stderr.strip().splitlines() or ['?'])[-1]}")
+        still = sorted({pkg for cmd, pkg in TOOLS.items() if shutil.which(cmd) is None})
+        if not still:
+            return
+        missing = still
+    raise RebirthError(f"the emulated device needs {' '.join(missing)}: install them with "
+                       f"`apt-get install {' '.join(missing)}` (as root)")
+
+
+def sysroot_dir() -> Path:
+    return devices_dir() / f"arm64-{DEBIAN_SUITE}"
+
+
+def ensure_sysroot(log=_log) -> Path:
+    """The arm64 sysroot with the aarch64 TVM runtime, built once (about a minute)."""
+    root = sysroot_dir()
+    if (root / "ready.json").exists():
+        return root
+    ensure_tools(log)
+    build = root.with_name(root.name + f".build{os.getpid()}")
+    shutil.rmtree(build, ignore_errors=True)
+    build.mkdir(parents=True)
+    try:
+        log(f"[device] building the arm64 Debian sysroot in {root} (once)")
+        _run(["mmdebstrap", "--variant=extract", "--architectures=arm64",
+              "--include=python3.11,libstdc++6", DEBIAN_SUITE, str(build / "root")],
+             "mmdebstrap (needs network access to deb.debian.org)")
+        wheels = build / "wheels"
+        log("[device] downloading the aarch64 wheels: " + ", ".join(GUEST_WHEELS))
+        _run([sys.executable, "-m", "pip", "download", "--quiet", "--only-binary=:all:",
+              "--no-deps", "--platform", "manylinux_2_28_aarch64", "--platform",
+              "manylinux2014_aarch64", "--python-version", "3.11", "-d", str(wheels),
+              *GUEST_WHEELS], "pip download of the aarch64 wheels")
+        import zipfile
+
+        site = build / "root/usr/lib/python3/dist-packages"
+        for wheel in sorted(wheels.glob("*.whl")):
+            with zipfile.ZipFile(wheel) as zf:
+                zf.extractall(site)
+        # the device runs compiled libraries only: drop the 240 MB compiler
+        for lib in site.glob("tvm/lib/libtvm_compiler.so"):
+            lib.unlink()
+        shutil.rmtree(wheels)
+        (build / "ready.json").write_text(json.dumps(
+            {"suite": DEBIAN_SUITE, "wheels": GUEST_WHEELS, "built": time.time()}) + "\n")
+        shutil.rmtree(root, ignore_errors=True)
+        os.replace(build, root)
+    finally:
+        shutil.rmtree(build, ignore_errors=True)
+    return root
+
+
+def _run(args, what):
+    proc = subprocess.run(args, capture_output=True, text=True)
+    if proc.returncode != 0:
+        last = (proc.stderr.strip().splitlines() or proc.stdout.strip().splitlines() or ["?"])
+        raise RebirthError(f"{what} failed: {last[-1][:300]}")
+
+
+def guest_python(root: Path) -> Path:
+    """A host script that runs the guest Python under qemu as a Cortex-A72."""
+    script = root / "guest-python"
+    script.write_text(
+        "#!/bin/sh\n"
+        f"exec env QEMU_CPU=cortex-a72 TVM_USE_RUNTIME_LIB=1 {shutil.which('qemu-aarch64-static')}"
+        f" -L {root / 'root'} {root / 'root' / GUEST_PYTHON} \"$@\"\n")
+    script.chmod(0o755)
+    return script
+
+
+# --------------------------------------------------------------------------- processes
+
+
+def free_port(start: int) -> int:
+    for port in range(start, start + 200):
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+                return port
+            except OSError:
+                continue
+    raise RebirthError(f"no free port on 127.0.0.1 in {start}..{start + 199}")
+
+
+def _spawn(args, log_file: Path):
+    log_file.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_file, "ab") as out:
+        # own session: stop kills the whole group (server + its session children)
+        return subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, start_new_session=True).pid
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except OSError:
+        return False
+    try:  # a zombie child of ours is not alive
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] != "Z"
+    except OSError:
+        return True
+
+
+def read_state() -> dict | None:
+    path = state_path()
+    if not path.exists():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError:
+        raise RebirthError(f"{path}: corrupt device state; remove it and run "
+                           "`tvm-rebirth device start` again")
+
+
+def _write_state(state: dict) -> None:
+    path = state_path()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(state, indent=1) + "\n")
+    os.replace(tmp, path)
+
+
+def server_command(python, tracker_port: int, key: str, port: int, load_library=None):
+    """An RPC server registering ``key``, bound to loopback. ``python`` may be the guest
+    wrapper: the server's session children are then started through it as well."""
+    launcher = ("import sys, runpy; sys.executable = sys.argv.pop(1); "
+                "sys.argv[0] = 'rpc_server'; runpy.run_module('tvm.exec.rpc_server', "
+                "run_name='__main__')")
+    args = [str(python), "-c", launcher, str(python), "--tracker",
+            f"127.0.0.1:{tracker_port}", "--key", key, "--host", "127.0.0.1", "--port",
+            str(port), "--port-end", str(port + 50), "--custom-addr", "127.0.0.1"]
+    if load_library:
+        args += ["--load-library", load_library]
+    return args
+
+
+def wait_for_keys(port: int, keys, timeout: float, pids=()) -> dict:
+    from .rpc import tracker_summary
+
+    deadline = time.time() + timeout
+    queues = {}
+    while time.time() < deadline:
+        try:
+            queues = tracker_summary("127.0.0.1", port).get("queue_info", {})
+        except RebirthError:
+            queues = {}
+        if all(k in queues for k in keys):
+            return queues
+        dead = [p for p in pids if not _alive(p)]
+        if dead:
+            break
+        time.sleep(0.5)
+    missing = [k for k in keys if k not in queues]
+    raise RebirthError(f"device(s) {', '.join(missing)} did not register with the tracker "
+                       f"127.0.0.1:{port} within {timeout:.0f}s (logs in {devices_dir()})")
+
+
+def start(port=None, local=False, emulated=True, servers=1, log=_log) -> dict:
+    """Start a tracker on 127.0.0.1 and the devices; returns the state (also on disk)."""
+    state = read_state()
+    if state and any(_alive(p["pid"]) for p in state["processes"]):
+        raise RebirthError(f"devices already running (tracker 127.0.0.1:{state['port']}); "
+                           "`tvm-rebirth device stop` first")
+    root = ensure_sysroot(log) if emulated else None
+    port = port or free_port(9190)
+    logs = devices_dir() / "logs"
+    processes = []
+    state = {"host": "127.0.0.1", "port": port, "processes": processes, "keys": []}
+    try:
+        pid = _spawn([sys.executable, "-m", "tvm.exec.rpc_tracker", "--host", "127.0.0.1",
+                      "--port", str(port), "--port-end", str(port + 1)], logs / "tracker.log")
+        processes.append({"role": "tracker", "pid": pid})
+        _write_state(state)
+        _wait_port(port, 30, pid)
+        next_port = port + 10
+        if emulated:
+            python = guest_python(root)
+            for i in range(servers):
+                server_port = free_port(next_port)
+                next_port = server_port + 60
+                pid = _spawn(server_command(python, port, EMULATED_KEY, server_port),
+                             logs / f"{EMULATED_KEY}-{i}.log")
+                processes.append({"role": f"server {EMULATED_KEY}", "pid": pid,
+                                  "key": EMULATED_KEY, "port": server_port})
+            state["keys"].append(EMULATED_KEY)
+        if local:
+            server_port = free_port(next_port)
+            pid = _spawn(server_command(sys.executable, port, LOCAL_KEY, server_port),
+                         logs / f"{LOCAL_KEY}.log")
+            processes.append({"role": f"server {LOCAL_KEY}", "pid": pid, "key": LOCAL_KEY,
+                              "port": server_port})
+            state["keys"].append(LOCAL_KEY)
+        _write_state(state)
+        log(f"[device] tracker 127.0.0.1:{port}; waiting for {', '.join(state['keys'])}")
+        wait_for_keys(port, state["keys"], 120, [p["pid"] for p in processes])
+    except BaseException:
+        stop()
+        raise
+    return state
+
+
+def _wait_port(port, timeout, pid):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            if not _alive(pid):
+                break
+            time.sleep(0.2)
+    raise RebirthError(f"the RPC tracker did not start on 127.0.0.1:{port} "
+                       f"(log: {devices_dir() / 'logs' / 'tracker.log'})")
+
+
+def stop() -> list:
+    """End the processes `start` recorded (and only those); returns what was stopped."""
+    state = read_state()
+    if not state:
+        return []
+    stopped = []
+    for proc in state["processes"]:
+        if _alive(proc["pid"]):
+            try:
+                os.killpg(proc["pid"], signal.SIGTERM)
+            except OSError:
+                continue
+            stopped.append(proc)
+    deadline = time.time() + 10
+    for proc in stopped:
+        while _alive(proc["pid"]) and time.time() < deadline:
+            time.sleep(0.1)
+        if _alive(proc["pid"]):
+            try:
+                os.killpg(proc["pid"], signal.SIGKILL)
+            except OSError:
+                pass
+    state_path().unlink(missing_ok=True)
+    return stopped
+
+
+def status() -> dict:
+    """What runs: tracker address, processes alive, and the tracker's view of each key."""
+    from .rpc import tracker_summary
+
+    state = read_state()
+    if not state:
+        return {"running": False, "tracker": None, "keys": {}, "processes": []}
+    processes = [dict(p, alive=_alive(p["pid"])) for p in state["processes"]]
+    queues = {}
+    if processes and processes[0]["alive"]:
+        try:
+            queues = tracker_summary("127.0.0.1", state["port"]).get("queue_info", {})
+        except RebirthError:
+            queues = {}
+    return {"running": bool(processes and processes[0]["alive"]),
+            "tracker": f"127.0.0.1:{state['port']}", "keys": queues, "processes": processes}
