@@ -205,27 +205,48 @@ def cmd_bench(args) -> None:
     from .measure import bench_pair
     from .model import load_model
 
+    if bool(args.tracker) != bool(args.key):
+        raise RebirthError("--tracker and --key go together")
+    if args.tracker:  # fail before any fine-tuning when the device is not there
+        from .rpc import parse_tracker, require_key
+
+        require_key(*parse_tracker(args.tracker), args.key)
     model = load_model(args.model)
     plan = _plan_for(args, model)
     weights = _weights_for(args, model, plan)
     rebirth = _rebirth_module(model, plan, weights)
     x, input_desc = _bench_input(model)
-    result = bench_pair(model.mod, rebirth, x, rounds=args.rounds)
-    target = host_target()
-    payload = {"model": model.name, "device": f"host {target.attrs['mcpu']} "
-                                               f"({os.environ.get('TVM_NUM_THREADS')} threads)",
-               "input": input_desc, "sites": [s.id for s in plan.enabled_sites()],
-               **result}
+    if args.tracker:
+        from .measure import pair_layout
+        from .remote import bench_on_device
+
+        result = pair_layout(bench_on_device({"original": model.mod, "rebirth": rebirth}, x,
+                                             args.tracker, args.key, args.target,
+                                             rounds=args.rounds))
+        device = result.pop("device")
+    else:
+        result = bench_pair(model.mod, rebirth, x, rounds=args.rounds)
+        target = host_target()
+        device = f"host {target.attrs['mcpu']} ({os.environ.get('TVM_NUM_THREADS')} threads)"
+    payload = {"model": model.name, "device": device, "input": input_desc,
+               "sites": [s.id for s in plan.enabled_sites()], **result}
     if args.output:
         _write_json(args.output, payload)
     o, r = result["original"], result["rebirth"]
-    rows = [["latency (ms, median)", o["latency_ms"], r["latency_ms"], f"{result['speedup']}x"],
+    latency = "latency (ms, median)" if not result.get("latency_is_emulated") else \
+        "latency (ms, EMULATED: not phone speed)"
+    rows = [[latency, o["latency_ms"], r["latency_ms"], f"{result['speedup']}x"],
             ["planned memory (MB)", o["memory_mb"], r["memory_mb"],
              f"{result['memory_ratio']}x"],
             ["GFLOPs", o["gflops"], r["gflops"], f"{result['gflops_ratio']}x"]]
+    if "instructions" in o:
+        rows.append(["instructions/inference (qemu cortex-a72, 1 thread)", o["instructions"],
+                     r["instructions"], f"{result['instructions_ratio']}x"])
     text = _table(rows, ["", "original", "rebirth", "ratio"]) + (
         f"\n\nmax |original - rebirth| = {result['max_abs_err']:.4g} "
-        f"(outputs up to {result['max_abs_output']:.4g}); {payload['device']}")
+        f"(outputs up to {result['max_abs_output']:.4g}); {device}")
+    if "device_vs_host_max_abs_err" in result:
+        text += f"\ndevice vs host build: max abs difference {result['device_vs_host_max_abs_err']:.3g}"
     _emit(args, payload, text)
 
 
@@ -483,6 +504,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--e2e-epochs", type=int, default=8, help="epochs of it (8)")
     p = add("bench", cmd_bench, "original vs rebirth side by side: latency, memory, GFLOPs")
     add_flow(p)
+    p.add_argument("--tracker", help="RPC tracker HOST:PORT: run both on a device from it")
+    p.add_argument("--key", help="device key on the tracker (with --tracker)")
+    p.add_argument("--target", help="target preset for the device (default: the key when it "
+                                    "names a preset, host for 'local')")
     p.add_argument("--rounds", type=int, default=7, help="interleaved timing rounds (7)")
     p.add_argument("-o", "--output", help="also write the JSON report to this file")
     p = add("eval", cmd_eval, "top-1/top-5 of original and rebirth on the labeled set")

@@ -100,8 +100,14 @@ def bench_pair(original_mod, rebirth_mod, x, rounds=7, number=5, log=_log) -> di
     """Original vs rebirth (see bench_variants), in the CLI's bench contract layout."""
     result = bench_variants({"original": original_mod, "rebirth": rebirth_mod}, x, rounds,
                             number, log)
-    for key in ("speedup", "memory_ratio", "gflops_ratio", "max_abs_err"):
-        result[key] = result["rebirth"].pop(key)
+    return pair_layout(result)
+
+
+def pair_layout(result) -> dict:
+    """bench_variants' result for {"original", "rebirth"} with the ratios at the top level."""
+    for key in ("speedup", "memory_ratio", "gflops_ratio", "max_abs_err", "instructions_ratio"):
+        if key in result["rebirth"]:
+            result[key] = result["rebirth"].pop(key)
     result["original"].pop("max_abs_err")
     return result
 

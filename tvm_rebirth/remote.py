@@ -1,0 +1,199 @@
+"""Original vs rebirth on a device from the RPC tracker: cross-build, upload, run, time,
+compare with the host build, and on the emulated Cortex-A72 count guest instructions."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from .errors import RebirthError
+
+
+def _log(message):
+    print(message, file=sys.stderr, flush=True)
+
+
+def default_target_for(key: str) -> str:
+    from .device import LOCAL_KEY
+    from .targets import PRESETS
+
+    if key in PRESETS:
+        return key
+    if key == LOCAL_KEY:
+        return "host"
+    raise RebirthError(f"key '{key}' is not a target preset: pass --target "
+                       f"(one of host, {', '.join(PRESETS)})")
+
+
+def is_emulated(host: str, port: int, key: str) -> bool:
+    """Whether (tracker, key) is the emulated Cortex-A72 that `tvm-rebirth device` started."""
+    from .device import EMULATED_KEY, read_state
+
+    state = read_state()
+    return bool(state and key == EMULATED_KEY and state["port"] == port
+                and host in ("127.0.0.1", "localhost"))
+
+
+def bench_on_device(mods, x, tracker: str, key: str, target_name=None, rounds=5, number=1,
+                    count_instructions=True, log=_log) -> dict:
+    """Like measure.bench_variants, on a tracker device. ``mods``: {name: IRModule}, the first
+    is the baseline. Adds ``device``, ``device_vs_host_max_abs_err`` and, on the emulated
+    device, per-variant ``instructions`` and ``instructions_ratio``."""
+    import tvm
+    from tvm import relax
+
+    from .build import Runner, compile_module, export_library
+    from .measure import count_gflops, interleaved_rounds
+    from .rpc import parse_tracker, request_session, require_key
+    from .targets import resolve_target
+
+    host, port = parse_tracker(tracker)
+    require_key(host, port, key)
+    target_name = target_name or default_target_for(key)
+    target = resolve_target(target_name)
+    emulated = is_emulated(host, port, key)
+    where = f"device '{key}' on tracker {host}:{port}"
+    workdir = Path(tempfile.mkdtemp(prefix="tvm-rebirth-remote-"))
+    try:
+        libs, compiled, host_out = {}, {}, {}
+        for name, mod in mods.items():
+            log(f"[bench] building {name} for {target_name}")
+            compiled[name] = compile_module(mod, target)
+            libs[name] = workdir / f"{name.replace(' ', '_')}.so"
+            export_library(compiled[name].executable, str(libs[name]), target)
+            host_out[name] = Runner(mod)(x)[0]
+        try:
+            session = request_session(host, port, key, timeout=3600)
+            device = session.cpu()
+            vms, device_out = {}, {}
+            for name, lib in libs.items():
+                log(f"[bench] uploading {name} to {where}")
+                session.upload(str(lib), lib.name)
+                vms[name] = relax.VirtualMachine(session.load_module(lib.name), device)
+                arg = tvm.runtime.tensor(x, device)
+                device_out[name] = vms[name]["main"](arg).numpy()
+            arg = tvm.runtime.tensor(x, device)
+
+            def timer(vm):
+                evaluator = vm.time_evaluator("main", device, number=number, repeat=1)
+                return lambda: evaluator(arg).mean * 1000
+
+            samples = interleaved_rounds({n: timer(vm) for n, vm in vms.items()}, rounds,
+                                         "bench on " + key, log)
+        except RebirthError:
+            raise
+        except Exception as exc:  # noqa: BLE001 -- the device died or the session broke
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+            raise RebirthError(f"{where} failed during the run: {first}")
+        base = next(iter(mods))
+        result = {}
+        for name, mod in mods.items():
+            result[name] = {
+                "latency_ms": round(statistics.median(samples[name]), 3),
+                "latency_ms_rounds": [round(v, 3) for v in samples[name]],
+                "memory_mb": round(compiled[name].planned_bytes / 2 ** 20, 3),
+                "gflops": round(count_gflops(mod), 4),
+                "tuned_functions": compiled[name].tuned, "functions": compiled[name].functions,
+                "max_abs_err": float(np.abs(device_out[name] - device_out[base]).max())}
+        if emulated and count_instructions:
+            for name, lib in libs.items():
+                log(f"[bench] counting guest instructions of {name} (qemu cortex-a72, 1 thread)")
+                result[name]["instructions"] = count_instructions_per_inference(lib, x, workdir)
+        for name in list(mods)[1:]:
+            o, r = result[base], result[name]
+            r["speedup"] = round(o["latency_ms"] / r["latency_ms"], 3)
+            r["memory_ratio"] = round(o["memory_mb"] / r["memory_mb"], 3)
+            r["gflops_ratio"] = round(o["gflops"] / r["gflops"], 3)
+            if "instructions" in r:
+                r["instructions_ratio"] = round(o["instructions"] / r["instructions"], 3)
+        result["device"] = (f"aarch64 cortex-a72 (emulated: qemu-user, {key} on {host}:{port})"
+                            if emulated else f"{key} via tracker {host}:{port} ({target_name})")
+        result["latency_is_emulated"] = emulated
+        result["target"] = target_name
+        result["device_vs_host_max_abs_err"] = float(max(
+            np.abs(device_out[n] - host_out[n]).max() for n in mods))
+        result["max_abs_output"] = float(np.abs(host_out[base]).max())
+        result["rounds"], result["number"] = rounds, number
+        return result
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------- instructions
+
+# runs in the emulated device's Python; the lseek markers delimit what the plugin counts
+_GUEST_RUN = """import os
+import sys
+import numpy as np
+import tvm
+from tvm.runtime import vm as runtime_vm
+
+
+def mark(code):
+    try:
+        os.lseek(-1, code, 0)
+    except OSError:
+        pass
+
+
+main = runtime_vm.VirtualMachine(tvm.runtime.load_module(sys.argv[1]), tvm.cpu())["main"]
+x = tvm.runtime.tensor(np.load(sys.argv[2]), tvm.cpu())
+main(x)  # the first run allocates; count the steady state
+mark(0x5EB1)
+for _ in range(int(sys.argv[3])):
+    main(x)
+mark(0x5EB2)
+"""
+
+
+def plugin_path() -> Path:
+    """The instruction-counting QEMU plugin, compiled on first use into the cache."""
+    from .device import devices_dir
+
+    source = Path(__file__).parent / "qemu_plugin" / "insn_count.c"
+    out = devices_dir() / "libinsn_count.so"
+    if out.exists() and out.stat().st_mtime >= source.stat().st_mtime:
+        return out
+    compiler = shutil.which("gcc") or shutil.which("cc")
+    if compiler is None:
+        raise RebirthError("counting instructions needs a C compiler (apt-get install gcc)")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(f".tmp{os.getpid()}.so")
+    proc = subprocess.run([compiler, "-shared", "-fPIC", "-O2", "-o", str(tmp), str(source)],
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RebirthError(f"compiling {source} failed: {proc.stderr.strip()[-300:]}")
+    os.replace(tmp, out)
+    return out
+
+
+def count_instructions_per_inference(lib: Path, x, workdir: Path, runs: int = 2) -> int:
+    """Guest aarch64 instructions of one inference of ``lib`` under qemu as a Cortex-A72 with
+    one TVM thread: ``runs`` steady-state inferences counted by the plugin, divided by runs."""
+    from .device import GUEST_PYTHON, sysroot_dir
+
+    root = sysroot_dir() / "root"
+    qemu = shutil.which("qemu-aarch64")
+    if qemu is None or not root.exists():
+        raise RebirthError("counting instructions needs qemu-aarch64 (apt-get install "
+                           "qemu-user) and the emulated device's sysroot "
+                           "(`tvm-rebirth device start`)")
+    script, data = workdir / "guest_run.py", workdir / "input.npy"
+    script.write_text(_GUEST_RUN)
+    np.save(data, x)
+    counter = workdir / f"count-{lib.stem}.txt"
+    env = dict(os.environ, QEMU_CPU="cortex-a72", TVM_NUM_THREADS="1", TVM_USE_RUNTIME_LIB="1")
+    proc = subprocess.run([qemu, "-L", str(root), "-plugin", f"{plugin_path()},outfile={counter}",
+                           str(root / GUEST_PYTHON), str(script), str(lib), str(data), str(runs)],
+                          capture_output=True, text=True, env=env, timeout=3600)
+    if proc.returncode != 0 or not counter.exists():
+        last = (proc.stderr.strip().splitlines() or [f"exit code {proc.returncode}"])[-1]
+        raise RebirthError(f"instruction count of {lib.name} under qemu failed: {last[:300]}")
+    return int(round(int(counter.read_text().strip()) / runs))
