@@ -6,10 +6,10 @@ The sysroot is built once (mmdebstrap + the aarch64 wheels, compiler library rem
 the cache dir. Everything binds to loopback; the processes started are recorded in
 ``devices/state.json`` so ``stop`` ends exactly those.
 
-The guest Python cannot be exec'd by the host kernel (no binfmt_misc in containers), and TVM's
-RPC server runs each session in a child started from ``sys.executable``: the server is
-launched with ``sys.executable`` pointing at a host wrapper script that starts the guest
-Python under qemu again. A crashing session then takes only that child down.
+The servers are `resilient_rpc_server.py`: TVM's server with a listen loop that survives a
+crashed session (an illegal instruction kills only that session's forked child). The guest
+Python runs through a host wrapper script (the host kernel cannot exec aarch64 binaries
+without binfmt_misc, which containers lack).
 """
 
 from __future__ import annotations
@@ -48,7 +48,10 @@ def devices_dir() -> Path:
 
 
 def state_path() -> Path:
-    return devices_dir() / "state.json"
+    """Where `start` records its processes ($TVM_REBIRTH_DEVICE_STATE overrides it, so a
+    second set of devices -- e.g. the tests' -- never touches the user's)."""
+    env = os.environ.get("TVM_REBIRTH_DEVICE_STATE")
+    return Path(env) if env else devices_dir() / "state.json"
 
 
 # --------------------------------------------------------------------------- provisioning
@@ -190,14 +193,12 @@ def _write_state(state: dict) -> None:
 
 
 def server_command(python, tracker_port: int, key: str, port: int, load_library=None):
-    """An RPC server registering ``key``, bound to loopback. ``python`` may be the guest
-    wrapper: the server's session children are then started through it as well."""
-    launcher = ("import sys, runpy; sys.executable = sys.argv.pop(1); "
-                "sys.argv[0] = 'rpc_server'; runpy.run_module('tvm.exec.rpc_server', "
-                "run_name='__main__')")
-    args = [str(python), "-c", launcher, str(python), "--tracker",
-            f"127.0.0.1:{tracker_port}", "--key", key, "--host", "127.0.0.1", "--port",
-            str(port), "--port-end", str(port + 50), "--custom-addr", "127.0.0.1"]
+    """An RPC server registering ``key``, bound to loopback, that survives crashed sessions
+    (``python`` is this host's or the emulated device's)."""
+    script = Path(__file__).with_name("resilient_rpc_server.py")
+    args = [str(python), str(script), "--tracker", f"127.0.0.1:{tracker_port}", "--key", key,
+            "--host", "127.0.0.1", "--port", str(port), "--port-end", str(port + 50),
+            "--custom-addr", "127.0.0.1"]
     if load_library:
         args += ["--load-library", load_library]
     return args
@@ -232,7 +233,7 @@ def start(port=None, local=False, emulated=True, servers=1, log=_log) -> dict:
                            "`tvm-rebirth device stop` first")
     root = ensure_sysroot(log) if emulated else None
     port = port or free_port(9190)
-    logs = devices_dir() / "logs"
+    logs = state_path().parent / "logs"
     processes = []
     state = {"host": "127.0.0.1", "port": port, "processes": processes, "keys": []}
     try:

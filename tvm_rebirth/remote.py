@@ -91,6 +91,9 @@ def bench_on_device(mods, x, tracker: str, key: str, target_name=None, rounds=5,
             raise
         except Exception as exc:  # noqa: BLE001 -- the device died or the session broke
             first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+            if "kShutdown" in first or "connection" in first.lower():
+                first = ("the session ended abruptly: the device's process crashed (an "
+                         "instruction the core lacks? check --target) or the device went away")
             raise RebirthError(f"{where} failed during the run: {first}")
         base = next(iter(mods))
         result = {}

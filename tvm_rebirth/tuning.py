@@ -197,36 +197,56 @@ def _make_rpc_runner(host, port, key, number: int, repeat: int, min_repeat_ms: i
 
     from .rpc import request_session
 
+    def run_share(inputs, results):
+        """One device's share of a batch, in one session (re-requested if it breaks)."""
+        session = None
+        for i, inp in inputs:
+            try:
+                if session is None:
+                    session = request_session(host, port, key, session_timeout)
+                name = os.path.basename(inp.artifact_path)
+                session.upload(inp.artifact_path, name)
+                rt_mod = session.load_module(name)
+                device = session.cpu()
+                args = _random_args(inp.args_info, device)
+                evaluator = rt_mod.time_evaluator(rt_mod.entry_name, device, number=number,
+                                                  repeat=repeat, min_repeat_ms=min_repeat_ms)
+                results[i] = RunnerResult([float(s) for s in evaluator(*args).results], None)
+                try:
+                    session.remove(name)
+                except Exception:  # noqa: BLE001 -- leftovers in the server's temp dir
+                    pass
+            except Exception as exc:  # noqa: BLE001 -- the candidate or the device failed
+                results[i] = RunnerResult(None, f"{type(exc).__name__}: {str(exc)[:300]}")
+                session = None
+
     @derived_object
     class TrackerRunner(PyRunner):
-        """Times candidates on a device requested from the RPC tracker: uploads each library,
-        fills the arguments from the host, runs the time evaluator there. A session that
-        breaks fails the rest of its batch (those candidates only); the next batch asks the
-        tracker again, so tuning goes on while any device with the key is alive."""
+        """Times candidates on the devices the RPC tracker has for ``key``: each batch is
+        shared among as many threads as the key has servers, one session each; libraries
+        are uploaded, arguments filled from the host, the time evaluator runs there. A
+        device that dies fails only the candidate it was running; its thread asks the
+        tracker again and the surviving devices carry on."""
 
         def run(self, runner_inputs):
-            futures, session = [], None
-            for inp in runner_inputs:
-                try:
-                    if session is None:
-                        session = request_session(host, port, key, session_timeout)
-                    name = os.path.basename(inp.artifact_path)
-                    session.upload(inp.artifact_path, name)
-                    rt_mod = session.load_module(name)
-                    device = session.cpu()
-                    args = _random_args(inp.args_info, device)
-                    evaluator = rt_mod.time_evaluator(rt_mod.entry_name, device, number=number,
-                                                      repeat=repeat, min_repeat_ms=min_repeat_ms)
-                    result = RunnerResult([float(s) for s in evaluator(*args).results], None)
-                    try:
-                        session.remove(name)
-                    except Exception:  # noqa: BLE001 -- leftovers in the server's temp dir
-                        pass
-                except Exception as exc:  # noqa: BLE001 -- the candidate or the session failed
-                    result = RunnerResult(None, f"{type(exc).__name__}: {str(exc)[:300]}")
-                    session = None
-                futures.append(RunnerFuture(f_done=lambda: True, f_result=lambda r=result: r))
-            return futures
+            import threading
+
+            from .rpc import tracker_summary
+
+            try:
+                queue = tracker_summary(host, port).get("queue_info", {}).get(key, {})
+                devices = max(1, int(queue.get("free", 0)))
+            except RebirthError:
+                devices = 1
+            results = [None] * len(runner_inputs)
+            indexed = list(enumerate(runner_inputs))
+            threads = [threading.Thread(target=run_share, args=(indexed[k::devices], results))
+                       for k in range(min(devices, len(indexed)))]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join()
+            return [RunnerFuture(f_done=lambda: True, f_result=lambda r=r: r) for r in results]
 
     return TrackerRunner()
 
