@@ -204,7 +204,8 @@ def server_command(python, tracker_port: int, key: str, port: int, load_library=
     return args
 
 
-def wait_for_keys(port: int, keys, timeout: float, pids=()) -> dict:
+def wait_for_keys(port: int, counts: dict, timeout: float, pids=()) -> dict:
+    """Wait until the tracker lists ``counts[key]`` free servers for every key."""
     from .rpc import tracker_summary
 
     deadline = time.time() + timeout
@@ -214,15 +215,15 @@ def wait_for_keys(port: int, keys, timeout: float, pids=()) -> dict:
             queues = tracker_summary("127.0.0.1", port).get("queue_info", {})
         except RebirthError:
             queues = {}
-        if all(k in queues for k in keys):
+        if all(queues.get(k, {}).get("free", 0) >= n for k, n in counts.items()):
             return queues
-        dead = [p for p in pids if not _alive(p)]
-        if dead:
+        if any(not _alive(p) for p in pids):
             break
         time.sleep(0.5)
-    missing = [k for k in keys if k not in queues]
+    missing = [k for k, n in counts.items() if queues.get(k, {}).get("free", 0) < n]
     raise RebirthError(f"device(s) {', '.join(missing)} did not register with the tracker "
-                       f"127.0.0.1:{port} within {timeout:.0f}s (logs in {devices_dir()})")
+                       f"127.0.0.1:{port} within {timeout:.0f}s (logs in "
+                       f"{state_path().parent / 'logs'})")
 
 
 def start(port=None, local=False, emulated=True, servers=1, log=_log) -> dict:
@@ -262,7 +263,10 @@ def start(port=None, local=False, emulated=True, servers=1, log=_log) -> dict:
             state["keys"].append(LOCAL_KEY)
         _write_state(state)
         log(f"[device] tracker 127.0.0.1:{port}; waiting for {', '.join(state['keys'])}")
-        wait_for_keys(port, state["keys"], 120, [p["pid"] for p in processes])
+        counts = {}
+        for proc in processes[1:]:
+            counts[proc["key"]] = counts.get(proc["key"], 0) + 1
+        wait_for_keys(port, counts, 180, [p["pid"] for p in processes])
     except BaseException:
         stop()
         raise
