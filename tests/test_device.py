@@ -200,3 +200,41 @@ def test_device_errors(devices, tmp_path):
     assert_error(run(*base, "--tracker", devices["tracker"]), "--tracker and --key",
                  command="bench")
     assert not report.exists()
+
+
+def test_a_device_killed_mid_run_is_a_one_line_error_and_no_report(devices, tmp_path):
+    from tvm_rebirth.rpc import parse_tracker
+
+    _, port = parse_tracker(devices["tracker"])
+    doomed = subprocess.Popen(server_command(sysroot_dir() / "guest-python", port, "doomed",
+                                             9800), stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        from test_tuning import _wait_for_key
+
+        _wait_for_key(port, "doomed", 120)
+        model_path = chain_model(tmp_path / "net.onnx", ["batch_norm"])
+        assert run("plan", model_path, "-o", str(tmp_path / "p.yaml"))[0] == 0
+        report = tmp_path / "r.json"
+        bench = subprocess.Popen(
+            [sys.executable, "-m", "tvm_rebirth.cli", "bench", str(model_path), "--plan",
+             str(tmp_path / "p.yaml"), "--tracker", devices["tracker"], "--key", "doomed",
+             "--target", "cortex-a72", "--rounds", "100000", "-o", str(report)],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for line in bench.stderr:  # kill the device once timing rounds are running
+            if "round 3/" in line:
+                os.killpg(doomed.pid, signal.SIGKILL)
+                break
+        rest = bench.stderr.read()
+        bench.wait(timeout=300)
+        assert bench.returncode == 2, rest
+        last = rest.strip().splitlines()[-1]
+        assert last.startswith("tvm-rebirth bench: error: device 'doomed' on tracker "
+                               f"{devices['tracker']} failed during the run"), last
+        assert "Traceback" not in rest and not report.exists()
+    finally:
+        try:
+            os.killpg(doomed.pid, signal.SIGKILL)
+        except OSError:
+            pass
+        doomed.wait()
