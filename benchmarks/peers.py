@@ -105,7 +105,10 @@ def main():
             + "; ".join(f"{k.replace('_', ' ')}: {r.compiled.tuned}/{r.compiled.functions} "
                         "functions from tuning_logs" for k, r in runners.items())
             + f". Rebirth: {len(plan.enabled_sites())} sites "
-              f"({', '.join(sorted({s.kind for s in plan.enabled_sites()}))}).")
+              f"({', '.join(sorted({s.kind for s in plan.enabled_sites()}))})"
+            + (f"; --plan/--weights made by `tvm-rebirth plan {args.model} -o P` and "
+               f"`tvm-rebirth finetune {args.model} --plan P -o W` (the default flow)."
+               if args.plan else "."))
     write(f"peers_{args.model}", payload, md)
     print(json.dumps(payload, indent=2) if args.json else md)
 
