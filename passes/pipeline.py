@@ -9,12 +9,15 @@
    after a module makes that module's branch convs strided).
 
 Both read the same plan and weights file. Add ``tvm.relax.backend`` lowering after them as
-for any Relax module.
+for any Relax module. Importing this module also registers the pipeline with Relax:
+
+    mod = tvm.relax.get_pipeline("rebirth", plan=plan, weights=weights)(mod)
 """
 
 from __future__ import annotations
 
 import tvm
+from tvm.relax import pipeline as relax_pipeline
 
 from .branch_slimming import BranchSlimming
 from .streamline_slimming import StreamlineSlimming
@@ -26,3 +29,7 @@ def rebirth_pipeline(plan, weights, func_name: str = "main") -> tvm.transform.Pa
         StreamlineSlimming(plan, weights, func_name),
         BranchSlimming(plan, weights, func_name),
     ], name="rebirth_pipeline")
+
+
+if "rebirth" not in relax_pipeline.PIPELINE_MAP:
+    relax_pipeline.register_pipeline("rebirth")(rebirth_pipeline)
