@@ -222,7 +222,8 @@ def cmd_bench(args) -> None:
 
         result = pair_layout(bench_on_device({"original": model.mod, "rebirth": rebirth}, x,
                                              args.tracker, args.key, args.target,
-                                             rounds=args.rounds))
+                                             rounds=args.rounds,
+                                             session_timeout=args.session_timeout))
         device = result.pop("device")
     else:
         result = bench_pair(model.mod, rebirth, x, rounds=args.rounds)
@@ -508,6 +509,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--key", help="device key on the tracker (with --tracker)")
     p.add_argument("--target", help="target preset for the device (default: the key when it "
                                     "names a preset, host for 'local')")
+    p.add_argument("--session-timeout", type=float, default=3600.0,
+                   help="seconds the device session may last (3600)")
     p.add_argument("--rounds", type=int, default=7, help="interleaved timing rounds (7)")
     p.add_argument("-o", "--output", help="also write the JSON report to this file")
     p = add("eval", cmd_eval, "top-1/top-5 of original and rebirth on the labeled set")

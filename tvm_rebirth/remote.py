@@ -42,10 +42,11 @@ def is_emulated(host: str, port: int, key: str) -> bool:
 
 
 def bench_on_device(mods, x, tracker: str, key: str, target_name=None, rounds=5, number=1,
-                    count_instructions=True, log=_log) -> dict:
+                    count_instructions=True, session_timeout=3600.0, log=_log) -> dict:
     """Like measure.bench_variants, on a tracker device. ``mods``: {name: IRModule}, the first
     is the baseline. Adds ``device``, ``device_vs_host_max_abs_err`` and, on the emulated
-    device, per-variant ``instructions`` and ``instructions_ratio``."""
+    device, per-variant ``instructions`` and ``instructions_ratio``. The device ends a
+    session older than ``session_timeout`` seconds (a hung device cannot hold the run)."""
     import tvm
     from tvm import relax
 
@@ -70,7 +71,7 @@ def bench_on_device(mods, x, tracker: str, key: str, target_name=None, rounds=5,
             export_library(compiled[name].executable, str(libs[name]), target)
             host_out[name] = Runner(mod)(x)[0]
         try:
-            session = request_session(host, port, key, timeout=3600)
+            session = request_session(host, port, key, timeout=session_timeout)
             device = session.cpu()
             vms, device_out = {}, {}
             for name, lib in libs.items():
@@ -91,7 +92,10 @@ def bench_on_device(mods, x, tracker: str, key: str, target_name=None, rounds=5,
             raise
         except Exception as exc:  # noqa: BLE001 -- the device died or the session broke
             first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
-            if "kShutdown" in first or "connection" in first.lower():
+            if "SessionTimeout" in str(exc):
+                first = (f"the session outlived --session-timeout "
+                         f"({session_timeout:g}s) and the device ended it")
+            elif "kShutdown" in first or "connection" in first.lower():
                 first = ("the session ended abruptly: the device's process crashed (an "
                          "instruction the core lacks? check --target) or the device went away")
             raise RebirthError(f"{where} failed during the run: {first}")
