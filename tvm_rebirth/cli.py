@@ -200,17 +200,24 @@ def _bench_input(model):
         "seeded standard-normal input"
 
 
+def _require_device(args) -> None:
+    """--tracker/--key checked before any fine-tuning or building: both or neither, and the
+    tracker must have the key."""
+    if bool(args.tracker) != bool(args.key):
+        raise RebirthError("--tracker and --key go together (the tracker's address and the "
+                           "device key to measure on)")
+    if args.tracker:
+        from .rpc import parse_tracker, require_key
+
+        require_key(*parse_tracker(args.tracker), args.key)
+
+
 def cmd_bench(args) -> None:
     from .build import host_target
     from .measure import bench_pair
     from .model import load_model
 
-    if bool(args.tracker) != bool(args.key):
-        raise RebirthError("--tracker and --key go together")
-    if args.tracker:  # fail before any fine-tuning when the device is not there
-        from .rpc import parse_tracker, require_key
-
-        require_key(*parse_tracker(args.tracker), args.key)
+    _require_device(args)
     model = load_model(args.model)
     plan = _plan_for(args, model)
     weights = _weights_for(args, model, plan)
@@ -311,9 +318,7 @@ def cmd_tune(args) -> None:
     from .tuning import default_log_dir, tune
 
     target = resolve_target(args.target)
-    if bool(args.tracker) != bool(args.key):
-        raise RebirthError("--tracker and --key go together (the tracker's address and the "
-                           "device key to measure on)")
+    _require_device(args)
     if args.trials < 1:
         raise RebirthError(f"--trials must be positive, got {args.trials}")
     model = load_model(args.model)
@@ -494,6 +499,17 @@ def build_parser() -> argparse.ArgumentParser:
                                        ".npy array (default: the zoo model's own source)")
         p.add_argument("--images", type=int, default=256, help="calibration images (256)")
 
+    def add_variant(p, verb):
+        """MODEL, the original or (with --plan/--weights) rebirth variant, and --target."""
+        p.add_argument("model", help="zoo name or path to an .onnx file")
+        p.add_argument("--plan", help=f"plan file: {verb} the rebirth model")
+        p.add_argument("--weights", help="weights for --plan (default: fine-tune first)")
+        p.add_argument("--calib", help="calibration images when fine-tuning is needed")
+        p.add_argument("--images", type=int, default=256, help="calibration images (256)")
+        p.add_argument("--target", default="host",
+                       help="host, cortex-a53, cortex-a55, cortex-a72 or cortex-a76 "
+                            "(default host)")
+
     p = add("finetune", cmd_finetune, "learn the rebirth convs of a plan from unlabeled images")
     add_flow(p, weights=False)
     p.add_argument("-o", "--output", help="weights file (default: <model>.weights.npz)")
@@ -518,24 +534,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, help="evaluate only the first N labeled images")
     p = add("build", cmd_build, "compile the original (or, with --plan/--weights, the "
                                 "rebirth) model into a deployable shared library")
-    p.add_argument("model", help="zoo name or path to an .onnx file")
-    p.add_argument("--plan", help="plan file: build the rebirth model")
-    p.add_argument("--weights", help="weights for --plan (default: fine-tune first)")
-    p.add_argument("--calib", help="calibration images when fine-tuning is needed")
-    p.add_argument("--images", type=int, default=256, help="calibration images (256)")
-    p.add_argument("--target", default="host",
-                   help="host, cortex-a53, cortex-a55, cortex-a72 or cortex-a76 (default host)")
+    add_variant(p, "build")
     p.add_argument("-o", "--output", help="library path (default: <model>-<variant>-<target>.so)")
     p.add_argument("--no-tuning-logs", action="store_true",
                    help="ignore tuning_logs: generic schedule everywhere")
     p = add("tune", cmd_tune, "MetaSchedule-tune the (original, or with --plan/--weights "
                               "rebirth) model into a tuning_logs database that builds apply")
-    p.add_argument("model", help="zoo name or path to an .onnx file")
-    p.add_argument("--plan", help="plan file: tune the rebirth model")
-    p.add_argument("--weights", help="weights for --plan (default: fine-tune first)")
-    p.add_argument("--calib", help="calibration images when fine-tuning is needed")
-    p.add_argument("--images", type=int, default=256, help="calibration images (256)")
-    p.add_argument("--target", default="host", help="target preset (default host)")
+    add_variant(p, "tune")
     p.add_argument("--trials", type=int, required=True,
                    help="searched trials the database should hold in total (a rerun continues)")
     p.add_argument("--max-tasks", type=int,

@@ -161,6 +161,14 @@ def _random_args(args_info, device, seed=0):
     return args
 
 
+def _time_candidate(rt_mod, device, args_info, number, repeat, min_repeat_ms) -> list:
+    """Seconds per run of a built candidate on ``device`` (local or remote), random inputs."""
+    args = _random_args(args_info, device)
+    evaluator = rt_mod.time_evaluator(rt_mod.entry_name, device, number=number, repeat=repeat,
+                                      min_repeat_ms=min_repeat_ms)
+    return [float(s) for s in evaluator(*args).results]
+
+
 def _make_local_runner(number: int, repeat: int, min_repeat_ms: int):
     from tvm.ir.utils import derived_object
     from tvm.s_tir.meta_schedule.runner import PyRunner, RunnerFuture, RunnerResult
@@ -176,12 +184,9 @@ def _make_local_runner(number: int, repeat: int, min_repeat_ms: int):
             futures = []
             for inp in runner_inputs:
                 try:
-                    device = tvm.cpu()
-                    rt_mod = tvm.runtime.load_module(inp.artifact_path)
-                    args = _random_args(inp.args_info, device)
-                    evaluator = rt_mod.time_evaluator(rt_mod.entry_name, device, number=number,
-                                                      repeat=repeat, min_repeat_ms=min_repeat_ms)
-                    result = RunnerResult([float(s) for s in evaluator(*args).results], None)
+                    result = RunnerResult(_time_candidate(
+                        tvm.runtime.load_module(inp.artifact_path), tvm.cpu(), inp.args_info,
+                        number, repeat, min_repeat_ms), None)
                 except Exception as exc:  # noqa: BLE001 -- a failing candidate, not a failure
                     result = RunnerResult(None, f"{type(exc).__name__}: {str(exc)[:500]}")
                 futures.append(RunnerFuture(f_done=lambda: True, f_result=lambda r=result: r))
@@ -206,12 +211,9 @@ def _make_rpc_runner(host, port, key, number: int, repeat: int, min_repeat_ms: i
                     session = request_session(host, port, key, session_timeout)
                 name = os.path.basename(inp.artifact_path)
                 session.upload(inp.artifact_path, name)
-                rt_mod = session.load_module(name)
-                device = session.cpu()
-                args = _random_args(inp.args_info, device)
-                evaluator = rt_mod.time_evaluator(rt_mod.entry_name, device, number=number,
-                                                  repeat=repeat, min_repeat_ms=min_repeat_ms)
-                results[i] = RunnerResult([float(s) for s in evaluator(*args).results], None)
+                results[i] = RunnerResult(_time_candidate(
+                    session.load_module(name), session.cpu(), inp.args_info, number, repeat,
+                    min_repeat_ms), None)
                 try:
                     session.remove(name)
                 except Exception:  # noqa: BLE001 -- leftovers in the server's temp dir
