@@ -41,7 +41,9 @@ def table(rows, header) -> str:
 def write(name: str, payload: dict, markdown: str) -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     payload = dict(payload, machine=machine(), revision=git_revision(),
-                   command="python " + " ".join([os.path.relpath(sys.argv[0])] + sys.argv[1:]))
+                   command="python " + " ".join(
+                       [os.path.relpath(os.path.abspath(sys.argv[0]), RESULTS.parents[1])]
+                       + sys.argv[1:]))
     (RESULTS / f"{name}.json").write_text(json.dumps(payload, indent=2) + "\n")
     (RESULTS / f"{name}.md").write_text(markdown + f"\n\nReproduce: `{payload['command']}`\n")
     print(f"wrote {RESULTS / name}.json and .md", file=sys.stderr)

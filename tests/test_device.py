@@ -87,6 +87,27 @@ def test_small_model_on_the_emulated_device_matches_the_host(devices, tmp_path):
     assert data["instructions_ratio"] == round(o["instructions"] / r["instructions"], 3)
 
 
+def test_private_emulated_device_for_the_demo(devices, tmp_path):
+    """demo and benchmarks start their own tracker + emulated A72 beside the user's devices,
+    bench through it, and stop exactly what they started."""
+    from tvm_rebirth.remote import bench_on_emulated_device
+
+    model = load_model(chain_model(tmp_path / "net.onnx", ["relu", "max_pool2d"]))
+    x = np.random.default_rng(0).standard_normal((1, 4, 32, 32)).astype("float32")
+    logs = []
+    result = bench_on_emulated_device({"original": model.mod}, x, tmp_path / "private",
+                                      log=logs.append)
+    assert result["latency_is_emulated"] and result["original"]["instructions"] > 0
+    assert result["device_vs_host_max_abs_err"] <= 1e-5 * max(1.0, result["max_abs_output"])
+    assert not (tmp_path / "private" / "state.json").exists()  # stopped
+    assert (tmp_path / "private" / "logs" / "tracker.log").exists()
+    assert any("[device] tracker 127.0.0.1:" in line for line in logs)
+    status = json.loads(run("device", "status", "--json")[1])  # the user's devices stay
+    assert status["tracker"] == devices["tracker"] and all(p["alive"] for p in status["processes"])
+    tracker = result["device"].split(" on ")[1].rstrip(")")
+    assert tracker != devices["tracker"]
+
+
 def test_alexnet_rebirth_executes_fewer_instructions(devices, tmp_path):
     code, stdout, err = run("bench", "alexnet", "--tracker", devices["tracker"], "--key",
                             EMULATED_KEY, "--rounds", "1", "--images", "64", "--json")

@@ -139,9 +139,11 @@ def test_eval_fmnist_inception_on_a_slice_of_the_test_set(tmp_path):
 
 
 def test_demo_runs_the_whole_flow(tmp_path):
-    """README's first command, with fewer images and rounds so CI stays quick."""
-    code, out, err = run("demo", "--report-dir", str(tmp_path / "report"), "--images", "24",
-                         "--rounds", "1", "--eval-limit", "200", "--json")
+    """README's first command, with fewer images and rounds so CI stays quick (the emulated
+    device stage is exercised by tests/test_device.py)."""
+    report = tmp_path / "report"
+    code, out, err = run("demo", "--report-dir", str(report), "--images", "24",
+                         "--rounds", "1", "--eval-limit", "200", "--no-device", "--json")
     assert code == 0, err
     data = json.loads(out)
     assert data["sites"] == {"streamline": 4, "branch": 9}
@@ -149,10 +151,22 @@ def test_demo_runs_the_whole_flow(tmp_path):
     assert data["bench"]["rebirth"]["gflops"] < data["bench"]["original"]["gflops"]
     assert data["memory_ratio"] > 1
     assert data["accuracy"]["n"] == 200
-    for name in ("summary.json", "summary.md", "googlenet.plan.yaml", "googlenet.weights.npz"):
-        assert (tmp_path / "report" / name).exists()
-    for stage in ("load", "plan", "finetune", "bench", "eval"):
+    assert data["device"] == {"skipped": "--no-device"} and data["instructions_ratio"] is None
+    for name in ("summary.json", "summary.md", "googlenet.plan.yaml", "googlenet.weights.npz",
+                 "layer_time.png", "latency_memory.png"):
+        assert (report / name).exists(), name
+    for png in ("layer_time.png", "latency_memory.png"):
+        assert (report / png).read_bytes()[:4] == b"\x89PNG"
+    assert json.loads((report / "summary.json").read_text())["bench"] == data["bench"]
+    # the paper's figure: LRN and pooling time goes away with the slimmed stem and modules
+    share = {k: data["bench"][k]["time_by_layer_type"] for k in ("original", "rebirth")}
+    assert share["original"]["LRN"] > 0 and share["rebirth"]["LRN"] == 0
+    assert share["rebirth"]["pooling"] < share["original"]["pooling"]
+    summary = (report / "summary.md").read_text()
+    assert "![time per layer type](layer_time.png)" in summary and "LRN" in summary
+    for stage in ("load", "plan", "finetune", "bench", "device", "eval", "report"):
         assert stage in data["stage_seconds"]
+    assert "[demo] 7/7" in err
 
 
 def test_end_to_end_refinement_lowers_the_output_error(tmp_path):

@@ -24,3 +24,21 @@ def test_python_api_snippet_runs():
                             and getattr(b.value.op, "name", "") == "relax.nn.conv2d")
     assert convs(slim) < convs(scope["model"].mod)  # slimmed
     tvm.ir.assert_structural_equal(tvm.relax.transform.FoldConstant()(same), slim)
+
+
+def test_results_section_is_generated_from_the_result_files():
+    """README's Results are exactly what benchmarks/run_all.py renders from results/*.json,
+    and every result file names a script that exists."""
+    import importlib.util
+    import json
+
+    bench = README.parent / "benchmarks"
+    spec = importlib.util.spec_from_file_location("run_all", bench / "run_all.py")
+    run_all = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(run_all)
+    text = README.read_text()
+    section = text.split(run_all.BEGIN, 1)[1].split(run_all.END, 1)[0]
+    assert section == "\n" + run_all.render(), "run `python benchmarks/run_all.py --readme-only`"
+    for path in sorted((bench / "results").glob("*.json")):
+        command = run_all.command_of(json.loads(path.read_text())).split()
+        assert command[0] == "python" and (README.parent / command[1]).is_file(), path

@@ -11,17 +11,12 @@ import time
 import traceback
 
 from .errors import RebirthError
+from .output import table, write_json
 from .passes.site import BRANCH_WIDTHS, KERNEL_POLICIES, SITE_KINDS
 
 
 def log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
-
-
-def _table(rows, header) -> str:
-    widths = [max(len(str(r[i])) for r in [header] + rows) for i in range(len(header))]
-    line = lambda r: "  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip()
-    return "\n".join([line(header), line(["-" * w for w in widths])] + [line(r) for r in rows])
 
 
 def _emit(args, payload: dict, text: str) -> None:
@@ -47,7 +42,7 @@ def cmd_models(args) -> None:
              "x".join(map(str, m["input_shape"])), "yes" if m["cached"] else "no"]
             for m in models]
     _emit(args, {"models": models},
-          _table(rows, ["model", "architecture", "input", "cached"]))
+          table(rows, ["model", "architecture", "input", "cached"]))
 
 
 def _parse_kinds(text: str) -> list:
@@ -103,7 +98,7 @@ def cmd_plan(args) -> None:
                "sites": [_site_json(s) for s in plan.sites], "rejected": plan.rejected,
                "counts": {k: sum(s.kind == k for s in plan.sites) for k in SITE_KINDS},
                "seconds": round(time.time() - start, 2)}
-    text = _table(_site_rows(plan.sites), ["site", "kind", "ops", "old -> new conv", "exact"])
+    text = table(_site_rows(plan.sites), ["site", "kind", "ops", "old -> new conv", "exact"])
     counts = ", ".join(f"{v} {k}" for k, v in payload["counts"].items())
     done = "is valid" if args.check else "written to"
     text += f"\n\n{model.name}: {counts} site(s); plan {done} {out}"
@@ -177,7 +172,7 @@ def cmd_finetune(args) -> None:
     rows = [[r["id"], "exact" if r["exact"] else "learned",
              "-" if r["rel_error"] is None else f"{r['rel_error']:.4f}", f"{r['seconds']:.1f}"]
             for r in report["sites"]]
-    text = _table(rows, ["site", "kind", "rel. error", "seconds"]) + (
+    text = table(rows, ["site", "kind", "rel. error", "seconds"]) + (
         f"\n\nweights written to {out} ({description}); {payload['seconds']}s")
     if "end_to_end" in report:
         e2e = report["end_to_end"]
@@ -218,6 +213,8 @@ def cmd_bench(args) -> None:
     from .model import load_model
 
     _require_device(args)
+    if args.profile and args.tracker:
+        raise RebirthError("--profile times kernels on this CPU; drop it with --tracker")
     model = load_model(args.model)
     plan = _plan_for(args, model)
     weights = _weights_for(args, model, plan)
@@ -233,13 +230,13 @@ def cmd_bench(args) -> None:
                                              session_timeout=args.session_timeout))
         device = result.pop("device")
     else:
-        result = bench_pair(model.mod, rebirth, x, rounds=args.rounds)
+        result = bench_pair(model.mod, rebirth, x, rounds=args.rounds, profile=args.profile)
         target = host_target()
         device = f"host {target.attrs['mcpu']} ({os.environ.get('TVM_NUM_THREADS')} threads)"
     payload = {"model": model.name, "device": device, "input": input_desc,
                "sites": [s.id for s in plan.enabled_sites()], **result}
     if args.output:
-        _write_json(args.output, payload)
+        write_json(args.output, payload)
     o, r = result["original"], result["rebirth"]
     latency = "latency (ms, median)" if not result.get("latency_is_emulated") else \
         "latency (ms, EMULATED: not phone speed)"
@@ -250,9 +247,18 @@ def cmd_bench(args) -> None:
     if "instructions" in o:
         rows.append(["instructions/inference (qemu cortex-a72, 1 thread)", o["instructions"],
                      r["instructions"], f"{result['instructions_ratio']}x"])
-    text = _table(rows, ["", "original", "rebirth", "ratio"]) + (
+    text = table(rows, ["", "original", "rebirth", "ratio"]) + (
         f"\n\nmax |original - rebirth| = {result['max_abs_err']:.4g} "
         f"(outputs up to {result['max_abs_output']:.4g}); {device}")
+    if args.profile:
+        from .profile import LAYER_TYPES
+
+        po, pr = o["time_by_layer_type"], r["time_by_layer_type"]
+        share = [[kind, f"{po[kind]:.3f} ({100 * po[kind] / po['total_ms']:.0f}%)",
+                  f"{pr[kind]:.3f} ({100 * pr[kind] / pr['total_ms']:.0f}%)"]
+                 for kind in LAYER_TYPES if po[kind] or pr[kind]]
+        text += "\n\ntime per layer type (ms per inference, share):\n" + table(
+            share, ["layer type", "original", "rebirth"])
     if "device_vs_host_max_abs_err" in result:
         text += f"\ndevice vs host build: max abs difference {result['device_vs_host_max_abs_err']:.3g}"
     _emit(args, payload, text)
@@ -274,7 +280,7 @@ def cmd_eval(args) -> None:
                "sites": [s.id for s in plan.enabled_sites()], **result}
     rows = [[name, f"{result[name]['top1'] * 100:.2f}", f"{result[name]['top5'] * 100:.2f}"]
             for name in ("original", "rebirth")]
-    text = _table(rows, ["model", "top-1 %", "top-5 %"]) + (
+    text = table(rows, ["model", "top-1 %", "top-5 %"]) + (
         f"\n\n{description}; predictions agree on {result['agreement'] * 100:.2f}%")
     _emit(args, payload, text)
 
@@ -339,7 +345,7 @@ def cmd_tune(args) -> None:
     rows = sorted(([n, t["calls"], t["default_ms"], t["best_ms"],
                     f"{(t.get('time_share') or 0) * 100:.1f}%"] for n, t in tasks.items()),
                   key=lambda r: -float(r[4][:-1]))
-    text = _table(rows[:15], ["task", "calls", "default (ms)", "best (ms)", "time share"]) + (
+    text = table(rows[:15], ["task", "calls", "default (ms)", "best (ms)", "time share"]) + (
         f"\n\n{report['trials']} trials in {report['wall_seconds']:.0f}s; sum of task times "
         f"{payload['default_ms']} ms with the default schedule -> {payload['best_ms']} ms tuned"
         f"\ndatabase: {payload['database']}")
@@ -376,90 +382,19 @@ def cmd_device(args) -> None:
     procs = "\n".join(f"  {p['role']}: pid {p['pid']} ({'alive' if p['alive'] else 'dead'})"
                       for p in info["processes"])
     _emit(args, payload, f"tracker {info['tracker']}\n"
-                         + _table(rows, ["key", "free", "pending"]) + "\n" + procs)
-
-
-def _write_json(path, payload):
-    import tempfile
-
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=directory, delete=False, suffix=".tmp") as f:
-        json.dump(payload, f, indent=2)
-    os.replace(f.name, path)
+                         + table(rows, ["key", "free", "pending"]) + "\n" + procs)
 
 
 def cmd_demo(args) -> None:
-    """plan -> fine-tune -> slim -> build -> bench on GoogLeNet; accuracy on fmnist-inception."""
-    from . import zoo
-    from .build import Runner
-    from .calib import calibration_images
-    from .finetune import finetune
-    from .measure import bench_pair, labeled_set, top_k
-    from .model import load_model
-    from .plan import RebirthPlan
+    """plan -> fine-tune -> slim -> build -> bench (CPU, emulated Cortex-A72) on GoogLeNet;
+    accuracy on fmnist-inception; report folder with JSON, markdown and PNG plots."""
+    from .demo import run_demo, stage_line, summary_rows
 
-    report = os.path.abspath(args.report_dir)
-    os.makedirs(report, exist_ok=True)
-    stages = {}
-
-    def stage(name):
-        stages[name] = round(time.time() - stage.t, 2)
-        stage.t = time.time()
-    stage.t = time.time()
-
-    log(f"[demo] 1/6 loading {zoo.DEFAULT_MODEL} (materialised once into {zoo.cache_dir()})")
-    model = load_model(zoo.DEFAULT_MODEL)
-    stage("load")
-    log("[demo] 2/6 finding rebirth sites")
-    plan = RebirthPlan.from_model(model)
-    plan.save(os.path.join(report, f"{model.name}.plan.yaml"))
-    counts = {k: sum(s.kind == k for s in plan.sites) for k in SITE_KINDS}
-    stage("plan")
-    log(f"[demo] 3/6 fine-tuning {len(plan.enabled_sites())} sites on {args.images} images")
-    images, description = calibration_images(model, count=args.images)
-    weights, fit = finetune(model, plan, images, description)
-    weights.save(os.path.join(report, f"{model.name}.weights.npz"))
-    stage("finetune")
-    log("[demo] 4/6 slimming, building and benchmarking original vs rebirth")
-    rebirth = _rebirth_module(model, plan, weights)
-    bench = bench_pair(model.mod, rebirth, images[:1], rounds=args.rounds)
-    stage("bench")
-    log("[demo] 5/6 accuracy: fmnist-inception (trained on Fashion-MNIST)")
-    fm = load_model("fmnist-inception")
-    fm_plan = RebirthPlan.from_model(fm)
-    fm_images, fm_desc = calibration_images(fm, count=args.images)
-    fm_weights, fm_fit = finetune(fm, fm_plan, fm_images, fm_desc)
-    test_x, test_y, test_desc = labeled_set(fm, args.eval_limit)
-    runners = {"original": Runner(fm.mod),
-               "rebirth": Runner(_rebirth_module(fm, fm_plan, fm_weights))}
-    accuracy = top_k(runners, test_x, test_y)
-    stage("eval")
-    log("[demo] 6/6 writing the report")
-    summary = {
-        "model": model.name, "sites": counts,
-        "sites_applied": [s.id for s in plan.enabled_sites()],
-        "fit": fit["sites"], "bench": bench,
-        "speedup": bench["speedup"], "memory_ratio": bench["memory_ratio"],
-        "accuracy": {"model": fm.name, "labeled_set": test_desc, **accuracy,
-                     "fit": fm_fit["sites"]},
-        "stage_seconds": stages, "report_dir": report,
-    }
-    _write_json(os.path.join(report, "summary.json"), summary)
-    o, r = bench["original"], bench["rebirth"]
-    rows = [
-        ["sites found", f"{counts['streamline']} streamline + {counts['branch']} branch", "", ""],
-        ["latency (ms)", o["latency_ms"], r["latency_ms"], f"{bench['speedup']}x"],
-        ["planned memory (MB)", o["memory_mb"], r["memory_mb"], f"{bench['memory_ratio']}x"],
-        ["GFLOPs", o["gflops"], r["gflops"], f"{bench['gflops_ratio']}x"],
-        [f"{fm.name} top-1 (%)", f"{accuracy['original']['top1'] * 100:.2f}",
-         f"{accuracy['rebirth']['top1'] * 100:.2f}",
-         f"{(accuracy['rebirth']['top1'] - accuracy['original']['top1']) * 100:+.2f} pt"],
-    ]
-    table = _table(rows, ["", "original", "rebirth", "change"])
-    with open(os.path.join(report, "summary.md"), "w") as f:
-        f.write(f"# tvm-rebirth demo\n\n```\n{table}\n```\n\nstages (s): {stages}\n")
-    _emit(args, summary, table + f"\n\nstages (s): {stages}\nreport: {report}")
+    summary = run_demo(args.report_dir, images=args.images, rounds=args.rounds,
+                       eval_limit=args.eval_limit, device=not args.no_device, log=log)
+    text = table(summary_rows(summary), ["", "original", "rebirth", "change"])
+    _emit(args, summary, f"{text}\n\nstages: {stage_line(summary)} "
+                         f"(total {summary['total_seconds']:.0f}s)\nreport: {summary['report_dir']}")
 
 
 # -- entry point -----------------------------------------------------------------------------
@@ -528,6 +463,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--session-timeout", type=float, default=3600.0,
                    help="seconds the device session may last (3600)")
     p.add_argument("--rounds", type=int, default=7, help="interleaved timing rounds (7)")
+    p.add_argument("--profile", action="store_true",
+                   help="also time every kernel and report time per layer type (this CPU)")
     p.add_argument("-o", "--output", help="also write the JSON report to this file")
     p = add("eval", cmd_eval, "top-1/top-5 of original and rebirth on the labeled set")
     add_flow(p)
@@ -568,6 +505,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--images", type=int, default=256, help="calibration images (256)")
     p.add_argument("--rounds", type=int, default=7, help="interleaved timing rounds (7)")
     p.add_argument("--eval-limit", type=int, help="evaluate on the first N test images only")
+    p.add_argument("--no-device", action="store_true",
+                   help="skip the emulated Cortex-A72 stage (tracker + qemu device)")
     return parser
 
 

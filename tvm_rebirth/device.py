@@ -14,6 +14,7 @@ without binfmt_misc, which containers lack).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -52,6 +53,21 @@ def state_path() -> Path:
     second set of devices -- e.g. the tests' -- never touches the user's)."""
     env = os.environ.get("TVM_REBIRTH_DEVICE_STATE")
     return Path(env) if env else devices_dir() / "state.json"
+
+
+@contextlib.contextmanager
+def private_state(directory):
+    """Inside, start/stop/status use a state file (and logs) in ``directory``: devices a
+    tool starts for itself never clash with the user's own `tvm-rebirth device start`."""
+    old = os.environ.get("TVM_REBIRTH_DEVICE_STATE")
+    os.environ["TVM_REBIRTH_DEVICE_STATE"] = str(Path(directory) / "state.json")
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("TVM_REBIRTH_DEVICE_STATE", None)
+        else:
+            os.environ["TVM_REBIRTH_DEVICE_STATE"] = old
 
 
 # --------------------------------------------------------------------------- provisioning

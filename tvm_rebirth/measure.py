@@ -63,12 +63,12 @@ def interleaved_rounds(timers, rounds, label, log=_log) -> dict:
     return samples
 
 
-def bench_variants(mods, x, rounds=7, number=5, log=_log) -> dict:
+def bench_variants(mods, x, rounds=7, number=5, log=_log, profile=False) -> dict:
     """Compile every module of ``mods`` ({name: IRModule}, the first is the baseline) with the
     same settings, run the same input and time them in interleaved rounds. Returns {name:
     {latency_ms, latency_ms_rounds, memory_mb, gflops, tuned_functions, functions,
-    max_abs_err}} plus ``speedup``,
-    ``memory_ratio`` and ``gflops_ratio`` of every other variant against the baseline."""
+    max_abs_err}} plus ``speedup``, ``memory_ratio`` and ``gflops_ratio`` of every other
+    variant against the baseline. ``profile``: also ``time_by_layer_type`` per variant."""
     runners, outputs = {}, {}
     for name, mod in mods.items():
         log(f"[bench] building {name}")
@@ -86,6 +86,11 @@ def bench_variants(mods, x, rounds=7, number=5, log=_log) -> dict:
                         "tuned_functions": runners[name].compiled.tuned,
                         "functions": runners[name].compiled.functions,
                         "max_abs_err": float(np.abs(outputs[name] - outputs[base]).max())}
+        if profile:
+            from .profile import time_by_layer_type
+
+            log(f"[bench] timing every kernel of {name} by layer type")
+            result[name]["time_by_layer_type"] = time_by_layer_type(runners[name], x, runs=rounds)
     for name in list(mods)[1:]:
         o, r = result[base], result[name]
         r["speedup"] = round(o["latency_ms"] / r["latency_ms"], 3)
@@ -96,10 +101,11 @@ def bench_variants(mods, x, rounds=7, number=5, log=_log) -> dict:
     return result
 
 
-def bench_pair(original_mod, rebirth_mod, x, rounds=7, number=5, log=_log) -> dict:
+def bench_pair(original_mod, rebirth_mod, x, rounds=7, number=5, log=_log,
+               profile=False) -> dict:
     """Original vs rebirth (see bench_variants), in the CLI's bench contract layout."""
     result = bench_variants({"original": original_mod, "rebirth": rebirth_mod}, x, rounds,
-                            number, log)
+                            number, log, profile)
     return pair_layout(result)
 
 

@@ -133,6 +133,26 @@ def bench_on_device(mods, x, tracker: str, key: str, target_name=None, rounds=5,
         shutil.rmtree(workdir, ignore_errors=True)
 
 
+def bench_on_emulated_device(mods, x, state_dir, log=_log) -> dict:
+    """bench_on_device (one round) on a tracker + emulated Cortex-A72 started for this call,
+    their state and logs in ``state_dir`` (the user's own devices, if any, are untouched);
+    {"skipped": reason} if the device cannot start (no qemu/mmdebstrap, not root, offline)."""
+    from . import device
+
+    with device.private_state(state_dir):
+        try:
+            state = device.start(emulated=True, log=log)
+        except RebirthError as err:
+            log(f"[device] the emulated Cortex-A72 cannot start; skipping it: {err}")
+            return {"skipped": str(err)}
+        try:
+            tracker = f"127.0.0.1:{state['port']}"
+            return bench_on_device(mods, x, tracker, device.EMULATED_KEY, rounds=1, number=1,
+                                   log=log)
+        finally:
+            device.stop()
+
+
 # --------------------------------------------------------------------------- instructions
 
 # runs in the emulated device's Python; the lseek markers delimit what the plugin counts

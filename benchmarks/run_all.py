@@ -1,0 +1,216 @@
+"""Regenerate every result file in benchmarks/results/ and README's Results section.
+
+    python benchmarks/run_all.py                  # every benchmark (hours on 2 cores), then README
+    python benchmarks/run_all.py --only peers,zoo_models
+    python benchmarks/run_all.py --readme-only    # README's Results from the JSON files as they are
+
+README's section between the `results:begin` and `results:end` markers is generated here
+from benchmarks/results/*.json and nothing else (tests/test_readme.py checks that it
+matches), so no figure in it is typed by hand. The paper's figures are quoted, not measured.
+"""
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+RESULTS = HERE / "results"
+README = ROOT / "README.md"
+BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
+
+# name -> (script and arguments, result files it writes); run in this order
+BENCHMARKS = {
+    "tuning_logs": (["tuning_summary.py"], ["tuning_logs"]),
+    "zoo_models": (["zoo_models.py"], ["zoo_models"]),
+    "peers": (["peers.py", "--model", "googlenet"], ["peers_googlenet"]),
+    "googlenet_branch": (["branch_googlenet.py"], ["googlenet_branch"]),
+    "fmnist_accuracy": (["fmnist_accuracy.py"], ["fmnist_inception_accuracy"]),
+}
+
+# DeepRebirth (Li et al., WACV 2018), GoogLeNet on a Samsung Galaxy S5 (Caffe, CPU):
+# quoted from the paper for comparison, never measured here.
+PAPER_GOOGLENET = {"speedup": 3.09, "memory_ratio": 2.5, "top5_change_points": -0.46,
+                   "device": "Samsung Galaxy S5 (Caffe, CPU)"}
+
+
+def _load(name):
+    path = RESULTS / f"{name}.json"
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def _table(rows, header):
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(str(c) for c in r) + " |" for r in rows])
+
+
+def command_of(data) -> str:
+    """The recorded command, its script path made relative to the repository root (older
+    result files recorded it relative to benchmarks/, where they were run)."""
+    words = data["command"].split()
+    if not (ROOT / words[1]).is_file() and (HERE / words[1]).is_file():
+        words[1] = f"benchmarks/{words[1]}"
+    return " ".join(words)
+
+
+def _reproduce(data):
+    return f"Reproduce: `{command_of(data)}` (revision {data.get('revision') or '?'})."
+
+
+def _machine(data):
+    m = data.get("machine", {})
+    return f"{m.get('cpu', '?')}, {m.get('threads', '?')} threads"
+
+
+def zoo_section(zoo):
+    rows = []
+    for e in zoo["models"]:
+        if "latency_ms" not in e:
+            continue
+        ms, mem, g, ins = e["latency_ms"], e["memory_mb"], e["gflops"], e.get("instructions", {})
+        rows.append([
+            f"`{e['model']}`", f"{e['sites']['streamline']} + {e['sites']['branch']}",
+            f"{g['original']:.2f} / {g['rebirth']:.2f}",
+            f"{ms['original']:.1f} / {ms['rebirth']:.1f}", f"**{e['speedup']}x**",
+            f"{mem['original']:.2f} / {mem['rebirth']:.2f}", f"**{e['memory_ratio']}x**",
+            f"{ms['onnxruntime']:.1f}",
+            f"{ins['original'] / 1e9:.2f} / {ins['rebirth'] / 1e9:.2f} ({ins['ratio']}x)"
+            if "ratio" in ins else "-"])
+    none = [e["model"] for e in zoo["models"] if "latency_ms" not in e]
+    return ("### Every zoo model the passes apply to\n\n"
+            + _table(rows, ["model", "sites (streamline + branch)", "GFLOPs orig / rebirth",
+                            "TVM ms orig / rebirth", "speedup", "memory MB orig / rebirth",
+                            "memory ratio", "ONNX Runtime ms (orig)",
+                            "emulated A72 instructions 1e9 (ratio)"])
+            + f"\n\nDefault plan (every site, keep-kernel, carry widths); {_machine(zoo)}; "
+              f"medians of {zoo['rounds']} interleaved rounds, both TVM builds with the committed "
+              "tuning_logs where they hold records; memory is TVM's planned activation memory; "
+              "instructions are exact guest counts per inference under qemu-user cortex-a72 "
+              "(1 thread, generic schedule)."
+            + (f" No rebirth site found in: {', '.join(none)}." if none else "")
+            + f" {_reproduce(zoo)}\n")
+
+
+def paper_section(zoo, accuracy):
+    g = next((e for e in (zoo or {}).get("models", []) if e["model"] == "googlenet"), None)
+    rows = [["speedup", f"{PAPER_GOOGLENET['speedup']}x",
+             f"{g['speedup']}x (latency, this CPU)" if g else "-",
+             f"{g['instructions']['ratio']}x (instructions, emulated A72)"
+             if g and "ratio" in g.get("instructions", {}) else "-"],
+            ["memory", f"{PAPER_GOOGLENET['memory_ratio']}x",
+             f"{g['memory_ratio']}x (planned activations)" if g else "-", ""]]
+    cumulative = [s for s in (accuracy or {}).get("steps", []) if s["step"].startswith("+ ")]
+    if cumulative:  # the last cumulative step has every site slimmed
+        full, base = cumulative[-1], accuracy["steps"][0]
+        rows.append(["accuracy change", f"{PAPER_GOOGLENET['top5_change_points']} pt top-5 "
+                     "(ImageNet, retrained)",
+                     f"{(full['top5'] - base['top5']) * 100:+.2f} pt top-5, "
+                     f"{full['top1_change_points']:+.2f} pt top-1 (fmnist-inception, "
+                     "layer-wise only)", ""])
+    return ("### Next to the paper (GoogLeNet)\n\n"
+            + _table(rows, ["", f"paper, {PAPER_GOOGLENET['device']}", "here",
+                            "here, Cortex-A72"])
+            + "\n\nThe paper's figures are quoted from DeepRebirth (WACV 2018); ours come from "
+              "the tables on this page. The paper measures Caffe on a phone, where LRN and "
+              "pooling took a large share of the time; TVM fuses and schedules them, so "
+              "convolutions dominate here (`tvm-rebirth demo` plots the share per layer type).\n")
+
+
+def peers_section(peers):
+    rows = [[name.replace("_", " "), peers[f"{name}_ms"],
+             peers["achieved_gflops_per_s"][name]]
+            for name in ("onnxruntime_original", "tvm_original", "tvm_rebirth")]
+    return ("### GoogLeNet against ONNX Runtime\n\n"
+            + _table(rows, ["runtime", "ms (median)", "GFLOP/s"])
+            + f"\n\n{_machine(peers)}, nominal fp32 peak {peers['peak_gflops_per_s']} GFLOP/s; "
+              f"rebirth = {len(peers['sites'])} sites. {_reproduce(peers)}\n")
+
+
+def branch_section(branch):
+    rows = []
+    for name in [k for k in branch if isinstance(branch[k], dict) and "latency_ms" in branch[k]]:
+        v = branch[name]
+        rows.append([name, v["latency_ms"], v["memory_mb"], v["gflops"],
+                     f"{v['speedup']}x" if "speedup" in v else "-",
+                     f"{v['memory_ratio']}x" if "memory_ratio" in v else "-"])
+    return ("### GoogLeNet: streamline vs branch slimming\n\n"
+            + _table(rows, ["variant", "ms", "memory MB", "GFLOPs", "speedup", "memory ratio"])
+            + f"\n\n{_machine(branch)}, generic schedule (no tuning_logs). {_reproduce(branch)}\n")
+
+
+def accuracy_section(accuracy):
+    rows = [[s["step"], f"{s['top1'] * 100:.2f}", f"{s['top5'] * 100:.2f}",
+             f"{s['top1_change_points']:+.2f}"] for s in accuracy["steps"]]
+    return ("### Accuracy per slimming step (fmnist-inception)\n\n"
+            + _table(rows, ["step", "top-1 %", "top-5 %", "top-1 change (pt)"])
+            + f"\n\n{accuracy['labeled_set']}; calibration: {accuracy['calibration']}; steps "
+              f"are cumulative in network order (the paper's Table 2). {_reproduce(accuracy)}\n")
+
+
+def tuning_section(tuning):
+    rows = [[d["target"], d["database"], d["trials"], d["model_ms"]["default_schedule"],
+             d["model_ms"]["tuned"], f"{d['model_ms']['speedup']}x"]
+            for d in tuning["databases"] if d.get("model_ms")]
+    return ("### Committed tuning_logs\n\n"
+            + _table(rows, ["target", "database", "trials", "generic schedule ms", "tuned ms",
+                            "speedup"])
+            + f"\n\nWhole model right after tuning, on the tuning machine. {_reproduce(tuning)}\n")
+
+
+def render() -> str:
+    """README's Results section from the result files that exist."""
+    zoo, accuracy = _load("zoo_models"), _load("fmnist_inception_accuracy")
+    parts = ["## Results\n\nGenerated by `python benchmarks/run_all.py` from "
+             "`benchmarks/results/*.json`; every table says how to reproduce it.\n"]
+    if zoo:
+        parts.append(zoo_section(zoo))
+    parts.append(paper_section(zoo, accuracy))
+    for name, section in (("peers_googlenet", peers_section),
+                          ("fmnist_inception_accuracy", accuracy_section),
+                          ("googlenet_branch", branch_section), ("tuning_logs", tuning_section)):
+        data = _load(name)
+        if data:
+            parts.append(section(data))
+    return "\n".join(parts)
+
+
+def update_readme(text=None) -> bool:
+    """Replace README's generated section; True if it changed."""
+    readme = README.read_text()
+    if BEGIN not in readme or END not in readme:
+        raise SystemExit(f"{README}: the {BEGIN} / {END} markers are missing")
+    head, rest = readme.split(BEGIN, 1)
+    _, tail = rest.split(END, 1)
+    new = head + BEGIN + "\n" + (text or render()) + END + tail
+    README.write_text(new)
+    return new != readme
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--only", help=f"comma-separated subset of {','.join(BENCHMARKS)}")
+    ap.add_argument("--readme-only", action="store_true",
+                    help="do not run benchmarks; regenerate README's section only")
+    args = ap.parse_args()
+    names = list(BENCHMARKS)
+    if args.only:
+        names = args.only.split(",")
+        unknown = [n for n in names if n not in BENCHMARKS]
+        if unknown:
+            raise SystemExit(f"--only: unknown benchmark(s) {', '.join(unknown)}; "
+                             f"choose from {', '.join(BENCHMARKS)}")
+    if not args.readme_only:
+        for i, name in enumerate(names):
+            script = BENCHMARKS[name][0]
+            print(f"[run_all] {i + 1}/{len(names)} {name}: python benchmarks/"
+                  f"{' '.join(script)}", file=sys.stderr, flush=True)
+            subprocess.run([sys.executable, str(HERE / script[0]), *script[1:]], cwd=ROOT,
+                           check=True)
+    changed = update_readme()
+    print(f"[run_all] README Results {'updated' if changed else 'unchanged'}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

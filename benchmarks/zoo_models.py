@@ -1,0 +1,144 @@
+"""Every zoo model the passes apply to, original vs rebirth (default plan), in one table:
+sites found, GFLOPs, latency and planned activation memory on this CPU (both TVM builds
+apply the committed tuning_logs where they exist), ONNX Runtime on the original as the
+peer, and guest instructions per inference on the emulated Cortex-A72 (--device-models).
+
+    python benchmarks/zoo_models.py [--models a,b] [--images 64] [--rounds 7]
+                                    [--device-models googlenet,alexnet,fmnist-inception]
+
+Latencies are medians of interleaved rounds (ONNX Runtime, TVM original, TVM rebirth in
+every round, the same thread count). Weights are fitted on --images calibration images:
+their quality does not change speed or memory (accuracy is fmnist_accuracy.py's job).
+Writes benchmarks/results/zoo_models.{json,md}.
+"""
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+os.environ.setdefault("TVM_NUM_THREADS", "2")
+
+from _common import table, write  # noqa: E402
+
+from tvm_rebirth import RebirthPlan, load_model  # noqa: E402
+from tvm_rebirth.build import Runner  # noqa: E402
+from tvm_rebirth.calib import calibration_images  # noqa: E402
+from tvm_rebirth.finetune import finetune  # noqa: E402
+from tvm_rebirth.measure import count_gflops, interleaved_rounds, tvm_timer  # noqa: E402
+from tvm_rebirth.passes import rebirth_pipeline  # noqa: E402
+from tvm_rebirth.remote import bench_on_emulated_device  # noqa: E402
+from tvm_rebirth.zoo import ZOO  # noqa: E402
+
+
+def ort_timer(model, x, threads, number):
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads, opts.inter_op_num_threads = threads, 1
+    session = ort.InferenceSession(str(model.path), opts, providers=["CPUExecutionProvider"])
+
+    def timer():
+        start = time.perf_counter()
+        for _ in range(number):
+            session.run(None, {model.input_name: x})
+        return (time.perf_counter() - start) / number * 1000
+    return timer
+
+
+def measure(name, args, threads):
+    model = load_model(name)
+    plan = RebirthPlan.from_model(model)
+    counts = {k: sum(s.kind == k for s in plan.sites) for k in ("streamline", "branch")}
+    if not plan.enabled_sites():
+        return {"model": name, "sites": counts}
+    start = time.time()
+    images, description = calibration_images(model, count=args.images)
+    weights, _ = finetune(model, plan, images, description)
+    fit_seconds = round(time.time() - start, 1)
+    rebirth = rebirth_pipeline(plan, weights)(model.mod)
+    x = images[:1]
+    runners = {"original": Runner(model.mod), "rebirth": Runner(rebirth)}
+    timers = {"onnxruntime": ort_timer(model, x, threads, args.number)}
+    timers.update({k: tvm_timer(r, x, args.number) for k, r in runners.items()})
+    for timer in timers.values():  # warm up
+        timer()
+    samples = interleaved_rounds(timers, args.rounds, f"zoo {name}")
+    ms = {k: round(statistics.median(v), 3) for k, v in samples.items()}
+    out = runners["original"](x)[0]
+    entry = {
+        "model": name, "sites": counts, "fit_images": args.images, "fit_seconds": fit_seconds,
+        "gflops": {"original": round(count_gflops(model.mod), 4),
+                   "rebirth": round(count_gflops(rebirth), 4)},
+        "latency_ms": ms, "latency_ms_rounds": {k: [round(s, 3) for s in v]
+                                                 for k, v in samples.items()},
+        "memory_mb": {k: round(r.planned_bytes / 2 ** 20, 3) for k, r in runners.items()},
+        "tuned_functions": {k: [r.compiled.tuned, r.compiled.functions]
+                            for k, r in runners.items()},
+        "max_abs_err": float(abs(runners["rebirth"](x)[0] - out).max()),
+        "max_abs_output": float(abs(out).max()),
+    }
+    entry["speedup"] = round(ms["original"] / ms["rebirth"], 3)
+    entry["memory_ratio"] = round(entry["memory_mb"]["original"] / entry["memory_mb"]["rebirth"], 3)
+    if name in args.device_models:
+        with tempfile.TemporaryDirectory(prefix="zoo-device-") as tmp:
+            dev = bench_on_emulated_device({"original": model.mod, "rebirth": rebirth}, x, tmp)
+        if "skipped" in dev:
+            entry["instructions"] = {"skipped": dev["skipped"]}
+        else:
+            entry["instructions"] = {k: dev[k]["instructions"] for k in ("original", "rebirth")}
+            entry["instructions"]["ratio"] = dev["rebirth"]["instructions_ratio"]
+            entry["instructions"]["device"] = dev["device"]
+    return entry
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--models", help="comma-separated zoo names (default: every zoo model)")
+    ap.add_argument("--images", type=int, default=64)
+    ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--number", type=int, default=3)
+    ap.add_argument("--device-models", default="googlenet,alexnet,fmnist-inception",
+                    help="models also counted on the emulated Cortex-A72 ('' for none)")
+    args = ap.parse_args()
+    args.device_models = [m for m in args.device_models.split(",") if m]
+    threads = int(os.environ["TVM_NUM_THREADS"])
+    names = args.models.split(",") if args.models else list(ZOO)
+    entries = []
+    for i, name in enumerate(names):
+        print(f"[zoo] {i + 1}/{len(names)} {name}", file=sys.stderr, flush=True)
+        entries.append(measure(name, args, threads))
+    rows, skipped = [], []
+    for e in entries:
+        if "latency_ms" not in e:
+            skipped.append(e["model"])
+            continue
+        ms, mem, g = e["latency_ms"], e["memory_mb"], e["gflops"]
+        ins = e.get("instructions", {})
+        rows.append([
+            e["model"], f"{e['sites']['streamline']} + {e['sites']['branch']}",
+            f"{g['original']:.2f} -> {g['rebirth']:.2f}",
+            f"{ms['original']:.2f} / {ms['rebirth']:.2f} ({e['speedup']}x)",
+            f"{mem['original']:.2f} / {mem['rebirth']:.2f} ({e['memory_ratio']}x)",
+            f"{ms['onnxruntime']:.2f}",
+            f"{ins['original'] / 1e9:.3g} / {ins['rebirth'] / 1e9:.3g} ({ins['ratio']}x)"
+            if "ratio" in ins else "-",
+            f"{e['tuned_functions']['original'][0]}/{e['tuned_functions']['original'][1]}, "
+            f"{e['tuned_functions']['rebirth'][0]}/{e['tuned_functions']['rebirth'][1]}"])
+    md = ("# Zoo models: original vs rebirth (default plan)\n\n"
+          + table(rows, ["model", "sites (streamline + branch)", "GFLOPs", "TVM ms orig / rebirth",
+                         "memory MB orig / rebirth", "ONNX Runtime ms (orig)",
+                         "A72 instructions 1e9 orig / rebirth", "tuned functions"])
+          + f"\n\nThis CPU, {threads} threads, medians of {args.rounds} interleaved rounds; "
+            "instructions: exact guest counts per inference under qemu-user cortex-a72 (1 "
+            "thread, generic schedule). 'tuned functions': how many of each build's functions "
+            "came from the committed tuning_logs."
+          + (f" No rebirth site: {', '.join(skipped)}." if skipped else ""))
+    write("zoo_models", {"models": entries, "threads": threads, "rounds": args.rounds}, md)
+    print(md)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

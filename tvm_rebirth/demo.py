@@ -1,0 +1,181 @@
+"""`tvm-rebirth demo`: the whole flow on the built-in default model.
+
+GoogLeNet (zoo): plan -> fine-tune -> slim -> build with the committed tuning_logs -> bench
+on this CPU (with time per layer type) -> the same pair on an emulated Cortex-A72 through
+an RPC tracker (instruction counts), when that device can start; then accuracy on
+fmnist-inception, the zoo network trained on Fashion-MNIST. Writes a report folder:
+summary.json, summary.md, layer_time.png, latency_memory.png, the plan and the weights.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+from .errors import RebirthError
+from .output import table, write_json
+from .passes.site import SITE_KINDS
+
+STEPS = 7
+
+
+def _log(message):
+    print(message, file=sys.stderr, flush=True)
+
+
+class _Stages:
+    """Wall time per stage, in the order they ran."""
+
+    def __init__(self):
+        self.seconds, self._t = {}, time.time()
+
+    def done(self, name):
+        self.seconds[name] = round(time.time() - self._t, 2)
+        self._t = time.time()
+
+
+def run_demo(report_dir, images=256, rounds=7, eval_limit=None, device=True,
+             log=_log) -> dict:
+    """Run the demo and write its report; returns the summary (also summary.json)."""
+    from . import zoo
+    from .build import Runner
+    from .calib import calibration_images
+    from .finetune import finetune
+    from .measure import bench_pair, labeled_set, pair_layout, top_k
+    from .model import load_model
+    from .passes import rebirth_pipeline
+    from .plan import RebirthPlan
+    from .remote import bench_on_emulated_device
+
+    report = os.path.abspath(report_dir)
+    os.makedirs(report, exist_ok=True)
+    stages = _Stages()
+    log(f"[demo] 1/{STEPS} loading {zoo.DEFAULT_MODEL} (materialised once into "
+        f"{zoo.cache_dir()})")
+    model = load_model(zoo.DEFAULT_MODEL)
+    stages.done("load")
+    log(f"[demo] 2/{STEPS} finding rebirth sites")
+    plan = RebirthPlan.from_model(model)
+    plan.save(os.path.join(report, f"{model.name}.plan.yaml"))
+    counts = {k: sum(s.kind == k for s in plan.sites) for k in SITE_KINDS}
+    stages.done("plan")
+    log(f"[demo] 3/{STEPS} fine-tuning {len(plan.enabled_sites())} sites on {images} images")
+    calib, description = calibration_images(model, count=images)
+    weights, fit = finetune(model, plan, calib, description, log=log)
+    weights.save(os.path.join(report, f"{model.name}.weights.npz"))
+    stages.done("finetune")
+    log(f"[demo] 4/{STEPS} slimming, building (tuning_logs applied) and benchmarking "
+        "original vs rebirth on this CPU")
+    rebirth = rebirth_pipeline(plan, weights)(model.mod)
+    x, _ = calibration_images(model, count=1, seed=12345)
+    bench = bench_pair(model.mod, rebirth, x, rounds=rounds, log=log, profile=True)
+    stages.done("bench")
+    if device:
+        log(f"[demo] 5/{STEPS} the same pair on an emulated Cortex-A72 through an RPC tracker")
+        on_device = bench_on_emulated_device({"original": model.mod, "rebirth": rebirth}, x,
+                                             os.path.join(report, "device"), log)
+        if "skipped" not in on_device:
+            on_device = pair_layout(on_device)
+    else:
+        log(f"[demo] 5/{STEPS} device stage skipped (--no-device)")
+        on_device = {"skipped": "--no-device"}
+    stages.done("device")
+    log(f"[demo] 6/{STEPS} accuracy: fmnist-inception (trained on Fashion-MNIST)")
+    fm = load_model("fmnist-inception")
+    fm_plan = RebirthPlan.from_model(fm)
+    fm_images, fm_desc = calibration_images(fm, count=images)
+    fm_weights, fm_fit = finetune(fm, fm_plan, fm_images, fm_desc, log=log)
+    test_x, test_y, test_desc = labeled_set(fm, eval_limit)
+    runners = {"original": Runner(fm.mod),
+               "rebirth": Runner(rebirth_pipeline(fm_plan, fm_weights)(fm.mod))}
+    accuracy = top_k(runners, test_x, test_y, log=log)
+    stages.done("eval")
+    log(f"[demo] 7/{STEPS} writing the report to {report}")
+    summary = {
+        "model": model.name, "sites": counts,
+        "sites_applied": [s.id for s in plan.enabled_sites()],
+        "fit": fit["sites"], "bench": bench, "device": on_device,
+        "speedup": bench["speedup"], "memory_ratio": bench["memory_ratio"],
+        "instructions_ratio": on_device.get("instructions_ratio"),
+        "accuracy": {"model": fm.name, "labeled_set": test_desc, **accuracy,
+                     "fit": fm_fit["sites"]},
+        "stage_seconds": stages.seconds, "report_dir": report,
+    }
+    write_report(report, summary)
+    stages.done("report")
+    summary["stage_seconds"] = stages.seconds
+    summary["total_seconds"] = round(sum(stages.seconds.values()), 1)
+    write_json(os.path.join(report, "summary.json"), summary)
+    return summary
+
+
+def summary_rows(summary) -> list:
+    """[label, original, rebirth, change] rows of the demo's table."""
+    bench, acc = summary["bench"], summary["accuracy"]
+    o, r = bench["original"], bench["rebirth"]
+    counts = summary["sites"]
+    rows = [
+        ["sites found", " + ".join(f"{counts[k]} {k}" for k in SITE_KINDS), "", ""],
+        ["latency on this CPU (ms)", o["latency_ms"], r["latency_ms"], f"{bench['speedup']}x"],
+        ["planned memory (MB)", o["memory_mb"], r["memory_mb"], f"{bench['memory_ratio']}x"],
+        ["GFLOPs", o["gflops"], r["gflops"], f"{bench['gflops_ratio']}x"],
+    ]
+    dev = summary["device"]
+    if "instructions_ratio" in dev:
+        rows.append(["instructions/inference (emulated A72)",
+                     f"{dev['original']['instructions']:.4g}",
+                     f"{dev['rebirth']['instructions']:.4g}", f"{dev['instructions_ratio']}x"])
+    elif "skipped" in dev:
+        rows.append(["emulated Cortex-A72", "skipped", "", ""])
+    rows.append([f"{acc['model']} top-1 (%)", f"{acc['original']['top1'] * 100:.2f}",
+                 f"{acc['rebirth']['top1'] * 100:.2f}",
+                 f"{(acc['rebirth']['top1'] - acc['original']['top1']) * 100:+.2f} pt"])
+    return rows
+
+
+def stage_line(summary) -> str:
+    return ", ".join(f"{k} {v:.0f}s" for k, v in summary["stage_seconds"].items())
+
+
+def write_report(report, summary) -> None:
+    """summary.md and the two PNG figures (summary.json is written by run_demo)."""
+    from .plots import plot_layer_time, plot_side_by_side
+    from .profile import LAYER_TYPES
+
+    bench, dev = summary["bench"], summary["device"]
+    profiles = {name: bench[name]["time_by_layer_type"] for name in ("original", "rebirth")}
+    plot_layer_time(profiles, os.path.join(report, "layer_time.png"),
+                    f"{summary['model']}: time per layer type on this CPU")
+    metrics = [("latency on this CPU (ms)",
+                {n: bench[n]["latency_ms"] for n in profiles}, f"{bench['speedup']}x faster"),
+               ("planned activation memory (MB)",
+                {n: bench[n]["memory_mb"] for n in profiles}, f"{bench['memory_ratio']}x less")]
+    if "instructions_ratio" in dev:
+        metrics.append(("instructions/inference, emulated A72 (1e9)",
+                        {n: dev[n]["instructions"] / 1e9 for n in profiles},
+                        f"{dev['instructions_ratio']}x fewer"))
+    plot_side_by_side(metrics, os.path.join(report, "latency_memory.png"),
+                      f"{summary['model']}: original vs rebirth")
+    share_rows = []
+    for kind in LAYER_TYPES:
+        o, r = profiles["original"][kind], profiles["rebirth"][kind]
+        if o or r:
+            share_rows.append([kind, f"{o:.2f} ({100 * o / profiles['original']['total_ms']:.0f}%)",
+                               f"{r:.2f} ({100 * r / profiles['rebirth']['total_ms']:.0f}%)"])
+    text = (f"# tvm-rebirth demo\n\n```\n"
+            + table(summary_rows(summary), ["", "original", "rebirth", "change"])
+            + "\n```\n\n## Time per layer type (ms per inference, share)\n\n```\n"
+            + table(share_rows, ["layer type", "original", "rebirth"])
+            + "\n```\n\n![time per layer type](layer_time.png)\n\n"
+            + "![latency and memory](latency_memory.png)\n\n"
+            + f"Stages: {stage_line(summary)}.\n")
+    if "skipped" in dev:
+        text += f"\nEmulated Cortex-A72 stage skipped: {dev['skipped']}\n"
+    elif dev:
+        text += (f"\nDevice: {dev['device']}; device vs host output difference "
+                 f"{dev['device_vs_host_max_abs_err']:.3g}. Latency under emulation is not "
+                 "phone speed; instruction counts are exact.\n")
+    with open(os.path.join(report, "summary.md"), "w") as f:
+        f.write(text)
+
