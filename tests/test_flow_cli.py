@@ -138,6 +138,7 @@ def test_eval_fmnist_inception_on_a_slice_of_the_test_set(tmp_path):
     assert 0 < data["agreement"] <= 1
 
 
+@pytest.mark.committed_tuning_logs
 def test_demo_runs_the_whole_flow(tmp_path):
     """README's first command, with fewer images and rounds so CI stays quick (the emulated
     device stage is exercised by tests/test_device.py)."""

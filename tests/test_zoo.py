@@ -6,9 +6,10 @@ import onnxruntime as ort
 import pytest
 
 from tvm_rebirth import zoo
-from tvm_rebirth.build import Runner
+from tvm_rebirth.build import Runner, host_target
 from tvm_rebirth.model import load_model
 from tvm_rebirth.passes import find_rebirth_sites
+from tvm_rebirth.tuning import target_key, tuning_logs_root
 
 REQUIRED = ["googlenet", "alexnet", "zfnet", "squeezenet", "resnet50", "vgg19", "inception_v2"]
 
@@ -35,6 +36,7 @@ def test_materialisation_is_deterministic(tmp_path, monkeypatch):
     assert zoo.file_sha256(fresh) == zoo.file_sha256(zoo.zoo_path("alexnet"))
 
 
+@pytest.mark.committed_tuning_logs
 @pytest.mark.parametrize("name", sorted(zoo.ZOO))
 def test_our_schedules_compute_what_onnxruntime_computes(name):
     """Every zoo model built with our CPU schedules (the committed tuning_logs where they
@@ -44,6 +46,9 @@ def test_our_schedules_compute_what_onnxruntime_computes(name):
     x = np.random.default_rng(2).standard_normal(shape).astype(np.float32)
     session = ort.InferenceSession(str(model.path), providers=["CPUExecutionProvider"])
     want = session.run(None, {model.input_name: x})[0]
-    got = Runner(model.mod)(x)[0]
+    runner = Runner(model.mod)
+    got = runner(x)[0]
     assert got.shape == want.shape
     assert np.abs(got - want).max() <= 1e-3 * np.abs(want).max()
+    if (tuning_logs_root() / target_key(host_target()) / name).is_dir():
+        assert runner.compiled.tuned > 0  # the committed database was applied

@@ -502,7 +502,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="emulated Cortex-A72 servers under the key (a small farm; default 1)")
     p = add("demo", cmd_demo, "run the whole flow on the default model")
     p.add_argument("--report-dir", default="rebirth-demo", help="where the report goes")
-    p.add_argument("--images", type=int, default=256, help="calibration images (256)")
+    p.add_argument("--images", type=int,
+                   help="calibration images per model (default: 64 for GoogLeNet, whose "
+                        "weights only need to be plausible for speed and memory; 256 for "
+                        "fmnist-inception, whose accuracy is reported)")
     p.add_argument("--rounds", type=int, default=7, help="interleaved timing rounds (7)")
     p.add_argument("--eval-limit", type=int, help="evaluate on the first N test images only")
     p.add_argument("--no-device", action="store_true",

@@ -48,17 +48,28 @@ def default_log_dir(model_name: str, target, rebirth: bool) -> Path:
     return tuning_logs_root() / target_key(target) / (model_name + ("-rebirth" if rebirth else ""))
 
 
+_LOADED: dict = {}  # (folder, files' sizes and mtimes) -> database
+
+
 def load_database(target, root=None):
-    """Union of every MetaSchedule database under the target's tuning_logs folder, or None."""
+    """Union of every MetaSchedule database under the target's tuning_logs folder, or None.
+    Parsing the committed JSON takes seconds (fine-tuning compiles a dozen modules), so a
+    process keeps what it loaded until a file under the folder changes."""
     from tvm.s_tir import meta_schedule as ms
 
     folder = Path(root or tuning_logs_root()) / target_key(target)
     dirs = sorted(p.parent for p in folder.glob(f"*/{DB_FILES[0]}")) if folder.is_dir() else []
     if not dirs:
         return None
-    dbs = [ms.database.JSONDatabase(str(d / DB_FILES[0]), str(d / DB_FILES[1]),
-                                    allow_missing=False) for d in dirs]
-    return dbs[0] if len(dbs) == 1 else ms.database.UnionDatabase(*dbs)
+    files = [d / name for d in dirs for name in DB_FILES]
+    key = (str(folder), tuple((str(f), f.stat().st_size, f.stat().st_mtime_ns)
+                              for f in files if f.exists()))
+    if key not in _LOADED:
+        dbs = [ms.database.JSONDatabase(str(d / DB_FILES[0]), str(d / DB_FILES[1]),
+                                        allow_missing=False) for d in dirs]
+        _LOADED.clear()  # one folder's worth at a time
+        _LOADED[key] = dbs[0] if len(dbs) == 1 else ms.database.UnionDatabase(*dbs)
+    return _LOADED[key]
 
 
 def fused_module(mod, target):
