@@ -5,7 +5,8 @@ apply the committed tuning_logs (and report how many of their functions were tun
     python benchmarks/peers.py --model googlenet [--plan P --weights W] [--kinds streamline]
                                [--rounds 9] [--json]
 
-Without --plan the default plan (every site) is fine-tuned on 256 calibration images.
+Without --plan the default plan (every site) is fine-tuned on --images (64) calibration
+images.
 
 Medians of interleaved rounds, the same thread count for everyone (TVM_NUM_THREADS).
 Writes benchmarks/results/peers_<model>.{json,md}.
@@ -47,6 +48,8 @@ def main():
     ap.add_argument("--weights")
     ap.add_argument("--kinds", default="streamline,branch", help="site kinds without --plan")
     ap.add_argument("--branch-widths", default="carry", help="branch widths without --plan")
+    ap.add_argument("--images", type=int, default=64,
+                    help="calibration images without --weights (speed does not depend on them)")
     ap.add_argument("--rounds", type=int, default=9)
     ap.add_argument("--number", type=int, default=5)
     ap.add_argument("--json", action="store_true")
@@ -61,7 +64,7 @@ def main():
     else:
         plan = RebirthPlan.from_model(model, kinds=args.kinds.split(","),
                                       branch_widths=args.branch_widths)
-    images, description = calibration_images(model, count=256)
+    images, description = calibration_images(model, count=args.images)
     weights = (RebirthWeights.load(args.weights, plan) if args.weights
                else finetune(model, plan, images, description)[0])
     rebirth = rebirth_pipeline(plan, weights)(model.mod)
