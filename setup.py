@@ -6,7 +6,7 @@ setup(
     description="DeepRebirth layer slimming as Apache TVM Relax passes",
     python_requires=">=3.10",
     packages=["tvm_rebirth", "tvm_rebirth.passes"],
-    package_data={"tvm_rebirth": ["zoo_data/*.onnx"]},
+    package_data={"tvm_rebirth": ["zoo_data/*.onnx", "qemu_plugin/*.c"]},
     package_dir={"tvm_rebirth": "tvm_rebirth", "tvm_rebirth.passes": "passes"},
     install_requires=[
         "apache-tvm[rpc]==0.27.0.post1",
@@ -20,6 +20,7 @@ setup(
         # materialises the zoo's BatchNorm statistics from real forward passes
         "onnxruntime>=1.17",
         "pillow>=9",  # calibration images (JPEG/PNG folders)
+        "matplotlib>=3.7",  # the demo's report figures
     ],
     # e2e: optional end-to-end refinement (the CPU wheel: pip install torch==2.13.0)
     extras_require={"dev": ["pytest>=7"], "e2e": ["torch==2.13.0"]},
