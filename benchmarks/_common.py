@@ -5,6 +5,7 @@ import os
 import platform
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -30,6 +31,23 @@ def git_revision() -> str:
                               text=True, cwd=Path(__file__).parent).stdout.strip()
     except OSError:
         return ""
+
+
+def ort_timer(model, x, threads: int, number: int):
+    """A callable giving the mean ms of ``number`` ONNX Runtime runs of the model's ONNX
+    file on ``x`` (CPU provider, ``threads`` intra-op threads): the peer on the original."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads, opts.inter_op_num_threads = threads, 1
+    session = ort.InferenceSession(str(model.path), opts, providers=["CPUExecutionProvider"])
+
+    def timer():
+        start = time.perf_counter()
+        for _ in range(number):
+            session.run(None, {model.input_name: x})
+        return (time.perf_counter() - start) / number * 1000
+    return timer
 
 
 def table(rows, header) -> str:

@@ -17,11 +17,10 @@ import json
 import os
 import statistics
 import sys
-import time
 
 os.environ.setdefault("TVM_NUM_THREADS", "2")
 
-from _common import machine, table, write  # noqa: E402
+from _common import machine, ort_timer, table, write  # noqa: E402
 
 from tvm_rebirth import RebirthPlan, load_model  # noqa: E402
 from tvm_rebirth.build import Runner  # noqa: E402
@@ -54,7 +53,6 @@ def main():
     ap.add_argument("--number", type=int, default=5)
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
-    import onnxruntime as ort
 
     threads = int(os.environ["TVM_NUM_THREADS"])
     model = load_model(args.model)
@@ -69,18 +67,8 @@ def main():
                else finetune(model, plan, images, description)[0])
     rebirth = rebirth_pipeline(plan, weights)(model.mod)
     x = images[:1]
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads, opts.inter_op_num_threads = threads, 1
-    session = ort.InferenceSession(str(model.path), opts, providers=["CPUExecutionProvider"])
     runners = {"tvm_original": Runner(model.mod), "tvm_rebirth": Runner(rebirth)}
-
-    def time_ort():
-        start = time.perf_counter()
-        for _ in range(args.number):
-            session.run(None, {model.input_name: x})
-        return (time.perf_counter() - start) / args.number * 1000
-
-    timers = {"onnxruntime_original": time_ort}
+    timers = {"onnxruntime_original": ort_timer(model, x, threads, args.number)}
     timers.update({name: tvm_timer(runner, x, args.number) for name, runner in runners.items()})
     for timer in timers.values():  # warm up
         timer()

@@ -15,6 +15,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from _common import table
+
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 RESULTS = HERE / "results"
@@ -39,11 +41,6 @@ PAPER_GOOGLENET = {"speedup": 3.09, "memory_ratio": 2.5, "top5_change_points": -
 def _load(name):
     path = RESULTS / f"{name}.json"
     return json.loads(path.read_text()) if path.exists() else None
-
-
-def _table(rows, header):
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    return "\n".join(lines + ["| " + " | ".join(str(c) for c in r) + " |" for r in rows])
 
 
 def command_of(data) -> str:
@@ -82,7 +79,7 @@ def zoo_section(zoo):
                                                 e["tuned_functions"]["rebirth"]))])
     none = [e["model"] for e in zoo["models"] if "latency_ms" not in e]
     return ("### Every zoo model the passes apply to\n\n"
-            + _table(rows, ["model", "sites (streamline + branch)", "GFLOPs orig / rebirth",
+            + table(rows, ["model", "sites (streamline + branch)", "GFLOPs orig / rebirth",
                             "TVM ms orig / rebirth", "speedup", "memory MB orig / rebirth",
                             "memory ratio", "ONNX Runtime ms (orig)",
                             "emulated A72 instructions 1e9 (ratio)",
@@ -116,7 +113,7 @@ def paper_section(zoo, accuracy):
                      f"{full['top1_change_points']:+.2f} pt top-1 (fmnist-inception, "
                      "layer-wise only)", ""])
     return ("### Next to the paper (GoogLeNet)\n\n"
-            + _table(rows, ["", f"paper, {PAPER_GOOGLENET['device']}", "here",
+            + table(rows, ["", f"paper, {PAPER_GOOGLENET['device']}", "here",
                             "here, Cortex-A72"])
             + "\n\nThe paper's figures are quoted from DeepRebirth (WACV 2018); ours come from "
               "the tables on this page. The paper measures Caffe on a phone, where LRN and "
@@ -129,7 +126,7 @@ def peers_section(peers):
              peers["achieved_gflops_per_s"][name]]
             for name in ("onnxruntime_original", "tvm_original", "tvm_rebirth")]
     return ("### GoogLeNet against ONNX Runtime\n\n"
-            + _table(rows, ["runtime", "ms (median)", "GFLOP/s"])
+            + table(rows, ["runtime", "ms (median)", "GFLOP/s"])
             + f"\n\n{_machine(peers)}, nominal fp32 peak {peers['peak_gflops_per_s']} GFLOP/s; "
               f"rebirth = {len(peers['sites'])} sites. {_reproduce(peers)}\n")
 
@@ -142,7 +139,7 @@ def branch_section(branch):
                      f"{v['speedup']}x" if "speedup" in v else "-",
                      f"{v['memory_ratio']}x" if "memory_ratio" in v else "-"])
     return ("### GoogLeNet: streamline vs branch slimming\n\n"
-            + _table(rows, ["variant", "ms", "memory MB", "GFLOPs", "speedup", "memory ratio"])
+            + table(rows, ["variant", "ms", "memory MB", "GFLOPs", "speedup", "memory ratio"])
             + f"\n\n{_machine(branch)}, generic schedule (no tuning_logs). {_reproduce(branch)}\n")
 
 
@@ -150,7 +147,7 @@ def accuracy_section(accuracy):
     rows = [[s["step"], f"{s['top1'] * 100:.2f}", f"{s['top5'] * 100:.2f}",
              f"{s['top1_change_points']:+.2f}"] for s in accuracy["steps"]]
     return ("### Accuracy per slimming step (fmnist-inception)\n\n"
-            + _table(rows, ["step", "top-1 %", "top-5 %", "top-1 change (pt)"])
+            + table(rows, ["step", "top-1 %", "top-5 %", "top-1 change (pt)"])
             + f"\n\n{accuracy['labeled_set']}; calibration: {accuracy['calibration']}; steps "
               f"are cumulative in network order (the paper's Table 2). {_reproduce(accuracy)}\n")
 
@@ -160,7 +157,7 @@ def tuning_section(tuning):
              d["model_ms"]["tuned"], f"{d['model_ms']['speedup']}x"]
             for d in tuning["databases"] if d.get("model_ms")]
     return ("### Committed tuning_logs\n\n"
-            + _table(rows, ["target", "database", "trials", "generic schedule ms", "tuned ms",
+            + table(rows, ["target", "database", "trials", "generic schedule ms", "tuned ms",
                             "speedup"])
             + f"\n\nWhole model right after tuning, on the tuning machine. {_reproduce(tuning)}\n")
 

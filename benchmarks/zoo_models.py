@@ -21,7 +21,7 @@ import time
 
 os.environ.setdefault("TVM_NUM_THREADS", "2")
 
-from _common import table, write  # noqa: E402
+from _common import ort_timer, table, write  # noqa: E402
 
 from tvm_rebirth import RebirthPlan, load_model  # noqa: E402
 from tvm_rebirth.build import Runner  # noqa: E402
@@ -31,21 +31,6 @@ from tvm_rebirth.measure import count_gflops, interleaved_rounds, tvm_timer  # n
 from tvm_rebirth.passes import rebirth_pipeline  # noqa: E402
 from tvm_rebirth.remote import bench_on_emulated_device  # noqa: E402
 from tvm_rebirth.zoo import ZOO  # noqa: E402
-
-
-def ort_timer(model, x, threads, number):
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads, opts.inter_op_num_threads = threads, 1
-    session = ort.InferenceSession(str(model.path), opts, providers=["CPUExecutionProvider"])
-
-    def timer():
-        start = time.perf_counter()
-        for _ in range(number):
-            session.run(None, {model.input_name: x})
-        return (time.perf_counter() - start) / number * 1000
-    return timer
 
 
 def measure(name, args, threads):

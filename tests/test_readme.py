@@ -26,13 +26,14 @@ def test_python_api_snippet_runs():
     tvm.ir.assert_structural_equal(tvm.relax.transform.FoldConstant()(same), slim)
 
 
-def test_results_section_is_generated_from_the_result_files():
+def test_results_section_is_generated_from_the_result_files(monkeypatch):
     """README's Results are exactly what benchmarks/run_all.py renders from results/*.json,
     and every result file names a script that exists."""
     import importlib.util
     import json
 
     bench = README.parent / "benchmarks"
+    monkeypatch.syspath_prepend(str(bench))  # as when run as a script: _common beside it
     spec = importlib.util.spec_from_file_location("run_all", bench / "run_all.py")
     run_all = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(run_all)

@@ -251,14 +251,12 @@ def cmd_bench(args) -> None:
         f"\n\nmax |original - rebirth| = {result['max_abs_err']:.4g} "
         f"(outputs up to {result['max_abs_output']:.4g}); {device}")
     if args.profile:
-        from .profile import LAYER_TYPES
+        from .profile import layer_time_rows
 
-        po, pr = o["time_by_layer_type"], r["time_by_layer_type"]
-        share = [[kind, f"{po[kind]:.3f} ({100 * po[kind] / po['total_ms']:.0f}%)",
-                  f"{pr[kind]:.3f} ({100 * pr[kind] / pr['total_ms']:.0f}%)"]
-                 for kind in LAYER_TYPES if po[kind] or pr[kind]]
+        rows = layer_time_rows({k: result[k]["time_by_layer_type"]
+                                for k in ("original", "rebirth")})
         text += "\n\ntime per layer type (ms per inference, share):\n" + table(
-            share, ["layer type", "original", "rebirth"])
+            rows, ["layer type", "original", "rebirth"])
     if "device_vs_host_max_abs_err" in result:
         text += f"\ndevice vs host build: max abs difference {result['device_vs_host_max_abs_err']:.3g}"
     _emit(args, payload, text)

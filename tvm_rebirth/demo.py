@@ -14,7 +14,7 @@ import sys
 import time
 
 from .errors import RebirthError
-from .output import table, write_json
+from .output import table, write_json, write_text
 from .passes.site import SITE_KINDS
 
 STEPS = 7
@@ -115,8 +115,7 @@ def run_demo(report_dir, images=None, rounds=7, eval_limit=None, device=True,
         "stage_seconds": stages.seconds, "report_dir": report,
     }
     write_report(report, summary)
-    stages.done("report")
-    summary["stage_seconds"] = stages.seconds
+    stages.done("report")  # summary["stage_seconds"] is this same dict
     summary["total_seconds"] = round(sum(stages.seconds.values()), 1)
     write_json(os.path.join(report, "summary.json"), summary)
     return summary
@@ -153,7 +152,7 @@ def stage_line(summary) -> str:
 def write_report(report, summary) -> None:
     """summary.md and the two PNG figures (summary.json is written by run_demo)."""
     from .plots import plot_layer_time, plot_side_by_side
-    from .profile import LAYER_TYPES
+    from .profile import layer_time_rows
 
     bench, dev = summary["bench"], summary["device"]
     profiles = {name: bench[name]["time_by_layer_type"] for name in ("original", "rebirth")}
@@ -169,16 +168,10 @@ def write_report(report, summary) -> None:
                         f"{dev['instructions_ratio']}x fewer"))
     plot_side_by_side(metrics, os.path.join(report, "latency_memory.png"),
                       f"{summary['model']}: original vs rebirth")
-    share_rows = []
-    for kind in LAYER_TYPES:
-        o, r = profiles["original"][kind], profiles["rebirth"][kind]
-        if o or r:
-            share_rows.append([kind, f"{o:.2f} ({100 * o / profiles['original']['total_ms']:.0f}%)",
-                               f"{r:.2f} ({100 * r / profiles['rebirth']['total_ms']:.0f}%)"])
-    text = (f"# tvm-rebirth demo\n\n```\n"
+    text = ("# tvm-rebirth demo\n\n```\n"
             + table(summary_rows(summary), ["", "original", "rebirth", "change"])
             + "\n```\n\n## Time per layer type (ms per inference, share)\n\n```\n"
-            + table(share_rows, ["layer type", "original", "rebirth"])
+            + table(layer_time_rows(profiles), ["layer type", "original", "rebirth"])
             + "\n```\n\n![time per layer type](layer_time.png)\n\n"
             + "![latency and memory](latency_memory.png)\n\n"
             + f"Stages: {stage_line(summary)}.\n")
@@ -188,6 +181,5 @@ def write_report(report, summary) -> None:
         text += (f"\nDevice: {dev['device']}; device vs host output difference "
                  f"{dev['device_vs_host_max_abs_err']:.3g}. Latency under emulation is not "
                  "phone speed; instruction counts are exact.\n")
-    with open(os.path.join(report, "summary.md"), "w") as f:
-        f.write(text)
+    write_text(os.path.join(report, "summary.md"), text)
 

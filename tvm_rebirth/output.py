@@ -14,11 +14,15 @@ def table(rows, header) -> str:
     return "\n".join([line(header), line(["-" * w for w in widths])] + [line(r) for r in rows])
 
 
-def write_json(path, payload) -> None:
-    """Write JSON to a temporary file beside ``path``, then rename: never a half file."""
+def write_text(path, text: str) -> None:
+    """Write to a temporary file beside ``path``, then rename: never a half file."""
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     with tempfile.NamedTemporaryFile("w", dir=directory, delete=False, suffix=".tmp") as f:
-        json.dump(payload, f, indent=2)
+        f.write(text)
     os.chmod(f.name, 0o644)  # NamedTemporaryFile creates 0600; a report is for everyone
     os.replace(f.name, path)
+
+
+def write_json(path, payload) -> None:
+    write_text(path, json.dumps(payload, indent=2))

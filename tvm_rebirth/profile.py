@@ -19,7 +19,7 @@ LAYER_TYPES = ("convolution", "fully connected", "pooling", "LRN", "batch norm",
 
 def layer_type(symbol: str) -> str | None:
     """The layer type of a kernel symbol; None for VM bookkeeping (``vm.builtin.*``)."""
-    if symbol.startswith("vm.builtin.") or symbol.startswith("vm."):
+    if symbol.startswith("vm."):
         return None
     ops = set(re.sub(r"\d+", "", symbol).replace("fused_", "").split("_"))
     name = symbol.lower()
@@ -31,7 +31,7 @@ def layer_type(symbol: str) -> str | None:
         return "LRN"
     if "pool" in name or ops & {"mean", "max"}:  # max/avg pools, global average pool
         return "pooling"
-    if "batch_norm" in name or ops == {"multiply", "add"} or ops == {"add", "multiply"}:
+    if "batch_norm" in name or ops == {"multiply", "add"}:
         return "batch norm"
     if "concat" in name:
         return "concat"
@@ -75,3 +75,11 @@ def time_by_layer_type(runner, x, runs: int = 5) -> dict:
     result["kernels"] = {s: round(ms, 4) for s, ms in sorted(kernels.items())
                          if layer_type(s) is not None}
     return result
+
+
+def layer_time_rows(profiles: dict) -> list:
+    """Table rows [layer type, "ms (share%)" per variant] for the layer types any of the
+    ``profiles`` ({name: time_by_layer_type result}) spent time in."""
+    return [[kind] + [f"{p[kind]:.3f} ({100 * p[kind] / p['total_ms']:.0f}%)"
+                      for p in profiles.values()]
+            for kind in LAYER_TYPES if any(p[kind] for p in profiles.values())]
