@@ -179,3 +179,57 @@ def test_end_to_end_refinement_lowers_the_output_error(tmp_path):
     e2e = json.loads(out)["end_to_end"]
     assert e2e["output_rel_error_after"] < e2e["output_rel_error_before"]
     assert e2e["parameters"] > 0 and "[finetune] end-to-end epoch 3/3" in err
+
+
+@pytest.fixture(scope="module")
+def labeled_npy(tmp_path_factory):
+    """1024 preprocessed Fashion-MNIST train images and their labels as .npy files."""
+    from tvm_rebirth import load_model
+    from tvm_rebirth.calib import preprocess
+
+    root = tmp_path_factory.mktemp("labeled")
+    model = load_model("fmnist-inception")
+    images, labels = fashion_mnist("train")
+    x = preprocess(images[:1024, :, :, None], model.zoo_entry, (1, 1, 28, 28))
+    np.save(root / "x.npy", x)
+    np.save(root / "y.npy", labels[:1024].astype(np.int64))
+    return root
+
+
+def test_retraining_with_labels_improves_held_out_top1(tmp_path, labeled_npy):
+    """The paper's recipe: layer-wise start, then labels + the original as teacher."""
+    pytest.importorskip("torch")
+    code, _, err = run("plan", "fmnist-inception", "--kinds", "streamline",
+                       "-o", str(tmp_path / "p.yaml"))
+    assert code == 0, err
+    code, out, err = run("finetune", "fmnist-inception", "--plan", str(tmp_path / "p.yaml"),
+                         "--calib", str(labeled_npy / "x.npy"), "--images", "128", "--e2e",
+                         "--e2e-labels", str(labeled_npy / "y.npy"), "--e2e-flip",
+                         "--e2e-images", "1024", "--e2e-epochs", "4",
+                         "-o", str(tmp_path / "w.npz"), "--json")
+    assert code == 0, err
+    e2e = json.loads(out)["end_to_end"]
+    assert e2e["loss"] == "cross-entropy + distillation" and e2e["flip"]
+    assert e2e["images"] == 896 and e2e["held_out_images"] == 128
+    # some epoch beat the layer-wise weights on the held-out images, and that epoch was kept
+    assert e2e["kept_epoch"] >= 1, err
+    assert e2e["held_out_top1_after"] > e2e["held_out_top1_before"]
+    assert "top-1" in err and "[finetune] end-to-end epoch 4/4" in err
+
+
+def test_bad_labels_fail_before_fitting(tmp_path, labeled_npy):
+    y = np.load(labeled_npy / "y.npy")
+    y[7] = 10
+    np.save(tmp_path / "bad.npy", y)
+    result = run("finetune", "fmnist-inception", "--calib", str(labeled_npy / "x.npy"), "--e2e",
+                 "--e2e-labels", str(tmp_path / "bad.npy"), "--e2e-images", "1024",
+                 "-o", str(tmp_path / "w.npz"))
+    assert_error(result, str(tmp_path / "bad.npy"), "labels must lie in 0..9", "got 0..10",
+                 command="finetune")
+    assert "[finetune] capturing" not in result[2] and not (tmp_path / "w.npz").exists()
+    result = run("finetune", "fmnist-inception", "--e2e", "--e2e-labels",
+                 str(tmp_path / "bad.npy"), "-o", str(tmp_path / "w.npz"))
+    assert_error(result, "--e2e-labels labels the rows of a --calib FILE.npy",
+                 command="finetune")
+    result = run("finetune", "fmnist-inception", "--e2e-flip", "-o", str(tmp_path / "w.npz"))
+    assert_error(result, "add --e2e", command="finetune")

@@ -131,12 +131,46 @@ def calibration_images(model, source=None, count=256, seed=0) -> tuple[np.ndarra
         raise RebirthError(f"{model.path}: this plan has learned (non-exact) sites; pass "
                            "--calib DIR (JPEG/PNG images) or --calib FILE.npy")
     if entry.calibration == "fashion-mnist":
-        from .datasets import fashion_mnist
-
-        images, _ = fashion_mnist("train")
-        idx = np.random.default_rng(seed).choice(len(images), size=count, replace=False)
-        return preprocess(images[idx][..., None], entry, shape), \
-            f"{count} Fashion-MNIST train images (seed {seed})"
+        x, _, description = _fashion_mnist_train(entry, shape, count, seed)
+        return x, description
     folder = imagenet_photos_dir()
     x = images_from_folder(folder, shape, count, entry, augment=True, seed=seed)
     return x, f"{count} seeded crops of the {len(list(folder.glob('*.jpg')))} foolbox ImageNet photos"
+
+
+def _fashion_mnist_train(entry, shape, count, seed):
+    from .datasets import fashion_mnist
+
+    images, labels = fashion_mnist("train")
+    if count > len(images):
+        raise RebirthError(f"Fashion-MNIST train has {len(images)} images; asked for {count}")
+    idx = np.random.default_rng(seed).choice(len(images), size=count, replace=False)
+    return preprocess(images[idx][..., None], entry, shape), labels[idx].astype(np.int64), \
+        f"{count} Fashion-MNIST train images (seed {seed})"
+
+
+def labeled_training_images(model, source=None, labels=None, count=4096, seed=1) -> tuple:
+    """(images NCHW float32, labels int64, description) for retraining with labels: rows of
+    ``source`` (.npy) labeled by ``labels`` (.npy of class indices, same order), or the zoo
+    model's own labeled training source."""
+    shape = model.input_shapes[model.input_name]
+    if labels is None:
+        entry = model.zoo_entry
+        if source is None and entry is not None and entry.calibration == "fashion-mnist":
+            return _fashion_mnist_train(entry, shape, count, seed)
+        raise RebirthError(f"{model.name}: no labeled training source; pass --calib FILE.npy "
+                           "with --e2e-labels LABELS.npy (one class index per row)")
+    if source is None or Path(source).suffix != ".npy":
+        raise RebirthError(f"{labels}: --e2e-labels labels the rows of a --calib FILE.npy "
+                           "array; pass both")
+    x = images_from_npy(source, shape, count)
+    try:
+        y = np.load(labels, allow_pickle=False)
+    except (OSError, ValueError) as err:
+        raise RebirthError(f"{labels}: not a readable .npy array ({err})") from None
+    if y.ndim != 1 or not np.issubdtype(y.dtype, np.integer):
+        raise RebirthError(f"{labels}: expected a 1-D array of integer class indices, got "
+                           f"{y.dtype} {list(y.shape)}")
+    if len(y) < len(x):
+        raise RebirthError(f"{labels}: {len(y)} labels for {len(x)} images of {source}")
+    return x, y[:len(x)].astype(np.int64), f"{len(x)} labeled images from {source}"

@@ -155,14 +155,29 @@ def cmd_finetune(args) -> None:
     model = load_model(args.model)
     plan = _plan_for(args, model)
     images, description = _calibration(args, model, plan)
-    e2e_images = None
+    e2e_images = e2e_labels = None
+    if (args.e2e_labels or args.e2e_flip) and not args.e2e:
+        raise RebirthError("--e2e-labels and --e2e-flip refine end to end: add --e2e")
     if args.e2e:
-        from .calib import calibration_images
+        from .calib import calibration_images, labeled_training_images
 
         log(f"[finetune] loading {args.e2e_images} images for end-to-end refinement")
-        e2e_images, _ = calibration_images(model, args.calib, count=args.e2e_images, seed=1)
+        if args.e2e_labels:
+            from .distill import check_labels
+
+            e2e_images, e2e_labels, source = labeled_training_images(
+                model, args.calib, None if args.e2e_labels == "source" else args.e2e_labels,
+                count=args.e2e_images)
+            try:
+                check_labels(model.mod, e2e_labels, len(e2e_images))
+            except RebirthError as err:
+                raise RebirthError(f"{args.e2e_labels if args.e2e_labels != 'source' else source}"
+                                   f": {err}") from None
+        else:
+            e2e_images, _ = calibration_images(model, args.calib, count=args.e2e_images, seed=1)
     weights, report = finetune(model, plan, images, description, e2e_images=e2e_images,
-                               e2e_epochs=args.e2e_epochs)
+                               e2e_epochs=args.e2e_epochs, e2e_labels=e2e_labels,
+                               e2e_flip=args.e2e_flip)
     out = args.output or f"{model.name}.weights.npz"
     weights.save(out)
     payload = {"model": model.name, "weights": os.path.abspath(out), "plan_sha256": plan.sha256,
@@ -176,9 +191,12 @@ def cmd_finetune(args) -> None:
         f"\n\nweights written to {out} ({description}); {payload['seconds']}s")
     if "end_to_end" in report:
         e2e = report["end_to_end"]
-        text += (f"\nend-to-end refinement: held-out output error "
-                 f"{e2e['output_rel_error_before']:.4f} -> {e2e['output_rel_error_after']:.4f} "
-                 f"({e2e['epochs']} epochs on {e2e['images']} images, {e2e['seconds']}s)")
+        text += (f"\nend-to-end refinement ({e2e['loss']}): held-out output error "
+                 f"{e2e['output_rel_error_before']:.4f} -> {e2e['output_rel_error_after']:.4f}"
+                 + (f", held-out top-1 {e2e['held_out_top1_before'] * 100:.2f}% -> "
+                    f"{e2e['held_out_top1_after'] * 100:.2f}%" if "held_out_top1_after" in e2e
+                    else "")
+                 + f" ({e2e['epochs']} epochs on {e2e['images']} images, {e2e['seconds']}s)")
     _emit(args, payload, text)
 
 
@@ -452,6 +470,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--e2e-images", type=int, default=4096,
                    help="images for end-to-end refinement (4096)")
     p.add_argument("--e2e-epochs", type=int, default=8, help="epochs of it (8)")
+    p.add_argument("--e2e-labels", nargs="?", const="source", metavar="LABELS.npy",
+                   help="retrain with labels, the original model as teacher: class indices "
+                        "for the rows of --calib FILE.npy; alone, the zoo model's own labeled "
+                        "training set")
+    p.add_argument("--e2e-flip", action="store_true",
+                   help="add random horizontal flips during end-to-end refinement")
     p = add("bench", cmd_bench, "original vs rebirth side by side: latency, memory, GFLOPs")
     add_flow(p)
     p.add_argument("--tracker", help="RPC tracker HOST:PORT: run both on a device from it")

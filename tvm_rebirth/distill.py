@@ -147,51 +147,134 @@ class RelaxInTorch:
         raise RebirthError(f"end-to-end refinement does not support {op or type(call).__name__}")
 
 
-def distill(original_mod, rebirth_mod, trainable, images, epochs=3, batch=64, lr=1e-3,
-            seed=0, log=_log) -> dict:
-    """Train the ``trainable`` convs of ``rebirth_mod`` so its outputs match
-    ``original_mod``'s on ``images``; returns {key: array} and a report."""
+def check_labels(mod, labels, count, func_name="main"):
+    """Labels for retraining: one class index per image, each below the model's output
+    width (checked before any fitting starts, so a bad file fails fast)."""
+    labels = np.asarray(labels)
+    if labels.ndim != 1 or len(labels) != count:
+        raise RebirthError(f"end-to-end refinement: {labels.size} labels for {count} images")
+    shape = [int(d) for d in mod[func_name].ret_ty.shape.values]
+    classes = int(np.prod(shape[1:]))
+    if len(labels) and (int(labels.min()) < 0 or int(labels.max()) >= classes):
+        raise RebirthError(f"end-to-end refinement: labels must lie in 0..{classes - 1} (the "
+                           f"model has {classes} outputs), got {int(labels.min())}.."
+                           f"{int(labels.max())}")
+
+
+def distill(original_mod, rebirth_mod, trainable, images, labels=None, flip=False, epochs=3,
+            batch=64, lr=2e-3, seed=0, temperature=4.0, log=_log) -> tuple:
+    """Train the ``trainable`` convs of ``rebirth_mod`` towards ``original_mod`` on ``images``;
+    returns ({key: array}, report).
+
+    Unlabeled: the loss is the squared error between both models' outputs. With ``labels``
+    (the paper's retraining): half cross-entropy on the labels, half the original model's
+    softened outputs (knowledge distillation at ``temperature``). ``flip`` adds seeded
+    horizontal flips (the original model sees the same flipped image). Every 8th image is
+    held out: the weights of the epoch that does best on them are returned (the layer-wise
+    ones if none does). AdamW with a one-cycle learning-rate schedule."""
     try:
         import torch
     except ImportError:
         raise RebirthError("end-to-end refinement needs PyTorch: pip install torch==2.13.0") \
             from None
     torch.manual_seed(seed)
+    F = torch.nn.functional
     teacher = RelaxInTorch(original_mod["main"])
     student = RelaxInTorch(rebirth_mod["main"], trainable)
     if not student.params:
         raise RebirthError("end-to-end refinement: no learned conv found in the rebirth model")
-    opt = torch.optim.Adam(student.params.values(), lr=lr)
     x_all = torch.from_numpy(np.ascontiguousarray(images, np.float32))
     held = torch.arange(len(x_all)) % 8 == 7
+    if not held.any():
+        held = torch.ones(len(x_all), dtype=torch.bool)
     train, check = x_all[~held], x_all[held]
-    with torch.no_grad():
-        target_train = torch.cat([teacher(train[i:i + batch]) for i in range(0, len(train), batch)])
-        target_check = torch.cat([teacher(check[i:i + batch]) for i in range(0, len(check), batch)])
-
-    def check_error():
-        with torch.no_grad():
-            out = torch.cat([student(check[i:i + batch]) for i in range(0, len(check), batch)])
-        return float((out - target_check).norm() / target_check.norm())
-
-    before = check_error()
-    gen = torch.Generator().manual_seed(seed)
+    y_train = y_check = None
+    if labels is not None:
+        check_labels(original_mod, labels, len(x_all))
+        y_all = torch.from_numpy(np.asarray(labels).astype(np.int64).reshape(-1))
+        y_train, y_check = y_all[~held], y_all[held]
     start = time.time()
+    log(f"[finetune] end-to-end: original outputs of {len(x_all)} images"
+        + (" and their flips" if flip else ""))
+    with torch.no_grad():
+        def logits(model, x):
+            return torch.cat([model(x[i:i + batch]).reshape(len(x[i:i + batch]), -1)
+                              for i in range(0, len(x), batch)])
+        target_train = logits(teacher, train)
+        target_flip = logits(teacher, train.flip(3)) if flip else None
+        target_check = logits(teacher, check)
+
+    def evaluate():
+        with torch.no_grad():
+            out = logits(student, check)
+        result = {"output_rel_error": float((out - target_check).norm() / target_check.norm()),
+                  "agreement": float((out.argmax(1) == target_check.argmax(1)).float().mean())}
+        if y_check is not None:
+            result["top1"] = float((out.argmax(1) == y_check).float().mean())
+        return result
+
+    def loss_of(out, target, y):
+        if y is None:
+            return F.mse_loss(out, target)
+        t = temperature
+        kd = F.kl_div(F.log_softmax(out / t, 1), F.softmax(target / t, 1),
+                      reduction="batchmean") * t * t
+        return 0.5 * kd + 0.5 * F.cross_entropy(out, y)
+
+    def score(result):  # what "better" means on the held-out images
+        return (result["top1"], -result["output_rel_error"]) if "top1" in result \
+            else (-result["output_rel_error"],)
+
+    def snapshot():
+        return {key: param.detach().numpy().astype(np.float32).copy()
+                for key, param in student.params.items()}
+
+    before = evaluate()
+    best, best_epoch, best_arrays = before, 0, snapshot()
+    steps = epochs * ((len(train) + batch - 1) // batch)
+    opt = torch.optim.AdamW(student.params.values(), lr=lr, weight_decay=5e-4)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=max(steps, 1),
+                                                pct_start=0.15)
+    gen = torch.Generator().manual_seed(seed)
     for epoch in range(epochs):
         perm = torch.randperm(len(train), generator=gen)
         for i in range(0, len(train), batch):
             idx = perm[i:i + batch]
-            loss = torch.nn.functional.mse_loss(student(train[idx]), target_train[idx])
+            xb, target = train[idx], target_train[idx]
+            if flip:
+                flips = torch.rand(len(idx), generator=gen) < 0.5
+                xb = torch.where(flips[:, None, None, None], xb.flip(3), xb)
+                target = torch.where(flips[:, None], target_flip[idx], target)
+            out = student(xb).reshape(len(idx), -1)
+            loss = loss_of(out, target, None if y_train is None else y_train[idx])
             opt.zero_grad()
             loss.backward()
             opt.step()
+            sched.step()
+        now = evaluate()
+        if score(now) > score(best):
+            best, best_epoch, best_arrays = now, epoch + 1, snapshot()
         log(f"[finetune] end-to-end epoch {epoch + 1}/{epochs}: held-out output error "
-            f"{check_error():.4f} ({time.time() - start:.0f}s)")
-    after = check_error()
-    arrays = {}
-    for key, param in student.params.items():
-        arrays[key] = param.detach().numpy().astype(np.float32)
-    return arrays, {"output_rel_error_before": round(before, 6),
-                    "output_rel_error_after": round(after, 6), "epochs": epochs,
-                    "images": len(train), "parameters": len(arrays),
-                    "seconds": round(time.time() - start, 1)}
+            f"{now['output_rel_error']:.4f}"
+            + (f", top-1 {now['top1'] * 100:.2f}%" if "top1" in now else "")
+            + f" ({time.time() - start:.0f}s)")
+    # early stopping on the held-out images: a refinement that made them worse is not kept
+    after, arrays = best, best_arrays
+    if best_epoch < epochs:
+        log(f"[finetune] end-to-end: keeping the weights after epoch {best_epoch} "
+            "(best on the held-out images)" if best_epoch else
+            "[finetune] end-to-end: no epoch beat the layer-wise weights on the held-out "
+            "images; keeping those")
+    report = {"kept_epoch": best_epoch,
+              "output_rel_error_before": round(before["output_rel_error"], 6),
+              "output_rel_error_after": round(after["output_rel_error"], 6),
+              "held_out_agreement_after": round(after["agreement"], 4),
+              "loss": "cross-entropy + distillation" if labels is not None else
+                      "output squared error (distillation)",
+              "flip": bool(flip), "epochs": epochs, "images": len(train),
+              "held_out_images": len(check), "parameters": len(arrays),
+              "seconds": round(time.time() - start, 1)}
+    if labels is not None:
+        report["held_out_top1_before"] = round(before["top1"], 4)
+        report["held_out_top1_after"] = round(after["top1"], 4)
+    return arrays, report

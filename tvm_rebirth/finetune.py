@@ -6,7 +6,8 @@ fit absorbs the errors of those below instead of compounding them unseen. Then t
 that read the site's output are refitted the same way (layer-wise, to their original
 outputs), which absorbs most of what one rebirth conv cannot express. Exact sites are
 computed in closed form and need no images. Optionally (``e2e_images``, needs PyTorch) all
-learned convs are then refined together by distilling the original model's outputs.
+learned convs are then refined together: by distilling the original model's outputs, or
+(``e2e_labels``) by retraining on labels with the original as teacher, the paper's way.
 """
 
 from __future__ import annotations
@@ -249,8 +250,9 @@ def _reducer_weights(site, finder, trace, covered, receiver, w0, b0, width, x, g
     return w[:width], b[:width], list(range(old))
 
 
-def _refine_end_to_end(model, plan, arrays, images, epochs, log):
-    """Distil the original outputs into every learned conv (rebirth and refitted)."""
+def _refine_end_to_end(model, plan, arrays, images, labels, flip, epochs, log):
+    """Train every learned conv (rebirth and refitted) together towards the original model's
+    outputs, and towards ``labels`` when given (see distill)."""
     from .distill import distill
 
     trainable = {}
@@ -264,8 +266,10 @@ def _refine_end_to_end(model, plan, arrays, images, epochs, log):
             if key.startswith(prefix) and key.endswith("/weight"):
                 trainable[key[len(prefix):-len("/weight")]] = (key, key[:-len("weight")] + "bias")
     rebirth = rebirth_pipeline(plan, arrays)(model.mod)
-    log(f"[finetune] end-to-end refinement of {len(trainable)} convs on {len(images)} images")
-    learned, report = distill(model.mod, rebirth, trainable, images, epochs=epochs, log=log)
+    log(f"[finetune] end-to-end refinement of {len(trainable)} convs on {len(images)} "
+        + ("labeled" if labels is not None else "unlabeled") + " images")
+    learned, report = distill(model.mod, rebirth, trainable, images, labels=labels, flip=flip,
+                              epochs=epochs, log=log)
     for key, value in learned.items():
         arrays[key] = value.reshape(arrays[key].shape)
     return report
@@ -280,9 +284,15 @@ def _branch_target(plan, finder, site):
 
 
 def finetune(model, plan, images=None, calibration="", log=_log,
-             refit_consumers=True, e2e_images=None, e2e_epochs=8) -> tuple:
-    """Learn the plan's enabled sites, bottom-up. Returns (RebirthWeights, report dict)."""
+             refit_consumers=True, e2e_images=None, e2e_epochs=8, e2e_labels=None,
+             e2e_flip=False) -> tuple:
+    """Learn the plan's enabled sites, bottom-up, then (``e2e_images``) refine them end to
+    end, with ``e2e_labels`` when given. Returns (RebirthWeights, report dict)."""
     start = time.time()
+    if e2e_labels is not None:
+        from .distill import check_labels
+
+        check_labels(model.mod, e2e_labels, len(e2e_images))
     sites = plan.enabled_sites()
     arrays, report, done = {}, [], []
     for site in sites:
@@ -348,7 +358,8 @@ def finetune(model, plan, images=None, calibration="", log=_log,
             f"{entry['seconds']}s")
     e2e = None
     if e2e_images is not None and learned:
-        e2e = _refine_end_to_end(model, plan, arrays, e2e_images, e2e_epochs, log)
+        e2e = _refine_end_to_end(model, plan, arrays, e2e_images, e2e_labels, e2e_flip,
+                                 e2e_epochs, log)
     order = {s.id: i for i, s in enumerate(plan.sites)}
     report.sort(key=lambda r: order[r["id"]])
     meta = {"calibration": calibration, "sites": report,
