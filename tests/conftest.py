@@ -1,4 +1,5 @@
 import os
+import shutil
 import tempfile
 
 import pytest
@@ -9,7 +10,12 @@ os.environ.setdefault("TVM_NUM_THREADS", "2")
 # the committed databases costs ~15 s per process (every CLI subprocess): by default the
 # tests see an empty tuning_logs root. Tests marked `committed_tuning_logs` get the real one.
 _USER_TUNING_LOGS = os.environ.get("TVM_REBIRTH_TUNING_LOGS")
-os.environ["TVM_REBIRTH_TUNING_LOGS"] = tempfile.mkdtemp(prefix="empty-tuning-logs-")
+_EMPTY_TUNING_LOGS = tempfile.mkdtemp(prefix="empty-tuning-logs-")
+os.environ["TVM_REBIRTH_TUNING_LOGS"] = _EMPTY_TUNING_LOGS
+
+
+def pytest_unconfigure(config):
+    shutil.rmtree(_EMPTY_TUNING_LOGS, ignore_errors=True)
 
 
 def pytest_configure(config):

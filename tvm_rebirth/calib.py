@@ -174,3 +174,14 @@ def labeled_training_images(model, source=None, labels=None, count=4096, seed=1)
     if len(y) < len(x):
         raise RebirthError(f"{labels}: {len(y)} labels for {len(x)} images of {source}")
     return x, y[:len(x)].astype(np.int64), f"{len(x)} labeled images from {source}"
+
+
+def bench_input(model) -> tuple[np.ndarray, str]:
+    """(input, description) every latency comparison runs on: one real image of a zoo
+    model's calibration source, else a seeded standard-normal tensor."""
+    shape = model.input_shapes[model.input_name]
+    if model.zoo_entry is not None:
+        x, _ = calibration_images(model, count=1, seed=12345)
+        return x, "one real image of the model's calibration source"
+    return np.random.default_rng(0).standard_normal(shape).astype("float32"), \
+        "seeded standard-normal input"

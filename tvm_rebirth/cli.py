@@ -200,19 +200,6 @@ def cmd_finetune(args) -> None:
     _emit(args, payload, text)
 
 
-def _bench_input(model):
-    import numpy as np
-
-    from .calib import calibration_images
-
-    shape = model.input_shapes[model.input_name]
-    if model.zoo_entry is not None:
-        x, _ = calibration_images(model, count=1, seed=12345)
-        return x, "one real image of the model's calibration source"
-    return np.random.default_rng(0).standard_normal(shape).astype("float32"), \
-        "seeded standard-normal input"
-
-
 def _require_device(args) -> None:
     """--tracker/--key checked before any fine-tuning or building: both or neither, and the
     tracker must have the key."""
@@ -237,7 +224,9 @@ def cmd_bench(args) -> None:
     plan = _plan_for(args, model)
     weights = _weights_for(args, model, plan)
     rebirth = _rebirth_module(model, plan, weights)
-    x, input_desc = _bench_input(model)
+    from .calib import bench_input
+
+    x, input_desc = bench_input(model)
     if args.tracker:
         from .measure import pair_layout
         from .remote import bench_on_device

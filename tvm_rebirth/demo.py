@@ -47,7 +47,7 @@ def run_demo(report_dir, images=None, rounds=7, eval_limit=None, device=True,
     ``images``: calibration images for both models (default 64 GoogLeNet, 256 fmnist)."""
     from . import zoo
     from .build import Runner
-    from .calib import calibration_images
+    from .calib import bench_input, calibration_images
     from .finetune import finetune
     from .measure import bench_pair, labeled_set, pair_layout, top_k
     from .model import load_model
@@ -76,7 +76,7 @@ def run_demo(report_dir, images=None, rounds=7, eval_limit=None, device=True,
     log(f"[demo] 4/{STEPS} slimming, building (tuning_logs applied) and benchmarking "
         "original vs rebirth on this CPU")
     rebirth = rebirth_pipeline(plan, weights)(model.mod)
-    x, _ = calibration_images(model, count=1, seed=12345)
+    x, _ = bench_input(model)
     bench = bench_pair(model.mod, rebirth, x, rounds=rounds, log=log, profile=True)
     stages.done("bench")
     if device:
