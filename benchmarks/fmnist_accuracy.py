@@ -27,6 +27,20 @@ from tvm_rebirth.measure import labeled_set, top_k  # noqa: E402
 from tvm_rebirth.passes import rebirth_pipeline  # noqa: E402
 
 
+def markdown(payload):
+    steps, e2e = payload["steps"], payload["end_to_end"]
+    return ("# fmnist-inception: accuracy per slimming step\n\n"
+            + table([[s["step"], f"{s['top1'] * 100:.2f}", f"{s['top5'] * 100:.2f}",
+                      f"{s['top1_change_points']:+.2f}"] for s in steps],
+                    ["step", "top-1 %", "top-5 %", "top-1 change (pt)"])
+            + f"\n\n{payload['labeled_set']}; layer-wise calibration: "
+              f"{payload['calibration']}."
+            + "".join(f" End-to-end {name} (PyTorch, the optional extra): {r['loss']}"
+                      f"{', random flips' if r['flip'] else ''}, {r['epochs']} epochs on "
+                      f"{r['images']} train images, weights of epoch {r['kept_epoch']} kept, "
+                      f"{r['seconds']:.0f} s." for name, r in e2e.items()))
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--images", type=int, default=256)
@@ -77,15 +91,7 @@ def main():
                       "top1_change_points": round((result[name]["top1"] - base) * 100, 2)})
     payload = {"model": "fmnist-inception", "labeled_set": test_desc, "calibration": description,
                "steps": steps, "n": result["n"], "end_to_end": e2e}
-    md = ("# fmnist-inception: accuracy per slimming step\n\n"
-          + table([[s["step"], f"{s['top1'] * 100:.2f}", f"{s['top5'] * 100:.2f}",
-                    f"{s['top1_change_points']:+.2f}"] for s in steps],
-                  ["step", "top-1 %", "top-5 %", "top-1 change (pt)"])
-          + f"\n\n{test_desc}; layer-wise calibration: {description}."
-          + "".join(f" End-to-end {name} (PyTorch, optional; {r['loss']}"
-                    f"{', flips' if r['flip'] else ''}): {r['epochs']} epochs on {r['images']} "
-                    f"train images, weights of epoch {r['kept_epoch']} kept, {r['seconds']:.0f} s."
-                    for name, r in e2e.items()))
+    md = markdown(payload)
     write("fmnist_inception_accuracy", payload, md)
     print(md)
 
