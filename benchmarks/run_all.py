@@ -30,6 +30,7 @@ BENCHMARKS = {
     "peers": (["peers.py", "--model", "googlenet"], ["peers_googlenet"]),
     "googlenet_branch": (["branch_googlenet.py"], ["googlenet_branch"]),
     "fmnist_accuracy": (["fmnist_accuracy.py"], ["fmnist_inception_accuracy"]),
+    "fmnist_layerwise_limits": (["fmnist_layerwise_limits.py"], ["fmnist_layerwise_limits"]),
 }
 
 # DeepRebirth (Li et al., WACV 2018), GoogLeNet on a Samsung Galaxy S5 (Caffe, CPU):
@@ -157,7 +158,8 @@ def accuracy_section(accuracy):
     if "epochs" in e2e:  # results written before the retraining row
         e2e = {"distillation": e2e}
     refined = "".join(
-        f" End-to-end {name}: {r.get('loss', 'output squared error')}{', random flips' if r.get('flip') else ''}, "
+        f" End-to-end {name}: {r.get('loss', 'output squared error')}"
+        f"{', random flips' if r.get('flip') else ''}, "
         f"{r['epochs']} epochs on {r['images']} train images"
         + (f", weights of epoch {r['kept_epoch']} kept" if "kept_epoch" in r else "")
         + f", {r['seconds']:.0f} s." for name, r in e2e.items())
@@ -166,6 +168,24 @@ def accuracy_section(accuracy):
             + f"\n\n{accuracy['labeled_set']}; layer-wise calibration: "
               f"{accuracy['calibration']}; steps are cumulative in network order (the paper's "
               f"Table 2).{refined} {_reproduce(accuracy)}\n")
+
+
+def limits_table(limits):
+    """The variants of fmnist_layerwise_limits.py (its result page uses it too)."""
+    rows = [[v["variant"], len(v["sites"]), f"{v['top1'] * 100:.2f}",
+             f"{v['top1_change_points']:+.2f}",
+             "-" if v["stem_rel_error"] is None else f"{v['stem_rel_error']:.3f}",
+             f"{v['worst_other_rel_error']:.3f}"] for v in limits["variants"]]
+    return table(rows, ["variant", "sites", "top-1 %", "top-1 change (pt)",
+                        "stem held-out error", "worst other site error"])
+
+
+def limits_section(limits):
+    return ("### Layer-wise fitting alone, by plan variant (fmnist-inception)\n\n"
+            + limits_table(limits)
+            + f"\n\nOriginal top-1 {limits['original_top1'] * 100:.2f} %; no end-to-end "
+              "refinement; errors are held-out relative reconstruction errors of each site's "
+              f"output. {_reproduce(limits)}\n")
 
 
 def tuning_section(tuning):
@@ -188,6 +208,7 @@ def render() -> str:
     parts.append(paper_section(zoo, accuracy))
     for name, section in (("peers_googlenet", peers_section),
                           ("fmnist_inception_accuracy", accuracy_section),
+                          ("fmnist_layerwise_limits", limits_section),
                           ("googlenet_branch", branch_section), ("tuning_logs", tuning_section)):
         data = _load(name)
         if data:
