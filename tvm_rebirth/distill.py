@@ -185,14 +185,14 @@ def distill(original_mod, rebirth_mod, trainable, images, labels=None, flip=Fals
         raise RebirthError("end-to-end refinement: no learned conv found in the rebirth model")
     x_all = torch.from_numpy(np.ascontiguousarray(images, np.float32))
     held = torch.arange(len(x_all)) % 8 == 7
-    if not held.any():
-        held = torch.ones(len(x_all), dtype=torch.bool)
-    train, check = x_all[~held], x_all[held]
+    train_rows = ~held if held.any() else torch.ones_like(held)  # < 8 images: check on all
+    check_rows = held if held.any() else train_rows
+    train, check = x_all[train_rows], x_all[check_rows]
     y_train = y_check = None
     if labels is not None:
         check_labels(original_mod, labels, len(x_all))
         y_all = torch.from_numpy(np.asarray(labels).astype(np.int64).reshape(-1))
-        y_train, y_check = y_all[~held], y_all[held]
+        y_train, y_check = y_all[train_rows], y_all[check_rows]
     start = time.time()
     log(f"[finetune] end-to-end: original outputs of {len(x_all)} images"
         + (" and their flips" if flip else ""))
