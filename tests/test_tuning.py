@@ -48,9 +48,10 @@ def test_killed_tune_resumes_and_the_build_applies_its_database(tmp_path, logs):
     tasks = extract_tasks(model.mod, target)
     assert len(tasks) == 3  # conv+bias+relu, max-pool, conv+bias
 
-    # first run: killed (SIGKILL, no chance to clean up) once some searched trials are in
+    # first run: killed (SIGKILL, no chance to clean up) once some searched trials are in;
+    # the whole process group, as a crash would take it, so no builder worker outlives it
     proc = subprocess.Popen(_tune_cmd(model_path, 48), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
     report = log_dir / "tuning.json"
     deadline = time.time() + 400
     while time.time() < deadline and proc.poll() is None:
@@ -58,7 +59,7 @@ def test_killed_tune_resumes_and_the_build_applies_its_database(tmp_path, logs):
             break
         time.sleep(0.5)
     assert proc.poll() is None, proc.communicate()
-    os.kill(proc.pid, signal.SIGKILL)
+    os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     kept = json.loads(report.read_text())
     records_before = len(_records(log_dir))
@@ -136,19 +137,19 @@ def tracker():
     procs = [subprocess.Popen([sys.executable, "-m", "tvm.exec.rpc_tracker", "--host",
                                "127.0.0.1", "--port", str(port), "--port-end",
                                str(port + 1)], stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL)]
+                              stderr=subprocess.DEVNULL, start_new_session=True)]
     time.sleep(1)
     procs.append(subprocess.Popen(
         [sys.executable, "-m", "tvm.exec.rpc_server", "--tracker", f"127.0.0.1:{port}",
          "--key", "local", "--host", "127.0.0.1", "--port", str(server_port),
          "--port-end", str(server_port + 1), "--custom-addr", "127.0.0.1"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True))
     try:
         _wait_for_key(port, "local")
         yield f"127.0.0.1:{port}"
     finally:
-        for proc in procs:
-            proc.kill()
+        for proc in procs:  # with the PopenWorker each of them runs its loop in
+            os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
 
 
