@@ -17,7 +17,8 @@ import sys
 
 os.environ.setdefault("TVM_NUM_THREADS", "2")
 
-from _common import table, write  # noqa: E402
+from _common import write  # noqa: E402
+from run_all import accuracy_table, end_to_end_text  # noqa: E402
 
 from tvm_rebirth import RebirthPlan, load_model  # noqa: E402
 from tvm_rebirth.build import Runner  # noqa: E402
@@ -28,17 +29,9 @@ from tvm_rebirth.passes import rebirth_pipeline  # noqa: E402
 
 
 def markdown(payload):
-    steps, e2e = payload["steps"], payload["end_to_end"]
-    return ("# fmnist-inception: accuracy per slimming step\n\n"
-            + table([[s["step"], f"{s['top1'] * 100:.2f}", f"{s['top5'] * 100:.2f}",
-                      f"{s['top1_change_points']:+.2f}"] for s in steps],
-                    ["step", "top-1 %", "top-5 %", "top-1 change (pt)"])
+    return ("# fmnist-inception: accuracy per slimming step\n\n" + accuracy_table(payload)
             + f"\n\n{payload['labeled_set']}; layer-wise calibration: "
-              f"{payload['calibration']}."
-            + "".join(f" End-to-end {name} (PyTorch, the optional extra): {r['loss']}"
-                      f"{', random flips' if r['flip'] else ''}, {r['epochs']} epochs on "
-                      f"{r['images']} train images, weights of epoch {r['kept_epoch']} kept, "
-                      f"{r['seconds']:.0f} s." for name, r in e2e.items()))
+              f"{payload['calibration']}." + end_to_end_text(payload))
 
 
 def main():

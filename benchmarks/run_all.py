@@ -107,13 +107,11 @@ def paper_section(zoo, accuracy):
             ["memory", f"{PAPER_GOOGLENET['memory_ratio']}x",
              f"{g['memory_ratio']}x (planned activations)" if g else "-", ""]]
     steps = (accuracy or {}).get("steps", [])
-    cumulative = [s for s in steps if s["step"].startswith("+ ")]
-    retrained = [s for s in steps if s["step"] == RETRAINED_STEP]
     # every site slimmed: the last cumulative step (layer-wise), and retrained when measured
-    for full, how in [(cumulative[-1:] or [None])[0], "layer-wise only"], \
-            [(retrained or [None])[0], "all sites retrained with labels"]:
-        if full is None:
-            continue
+    full_plan = [(s, "layer-wise only") for s in steps if s["step"].startswith("+ ")][-1:]
+    full_plan += [(s, "all sites retrained with labels") for s in steps
+                  if s["step"] == RETRAINED_STEP]
+    for full, how in full_plan:
         base = steps[0]
         rows.append(["accuracy change", f"{PAPER_GOOGLENET['top5_change_points']} pt top-5 "
                      "(ImageNet, retrained)",
@@ -151,23 +149,28 @@ def branch_section(branch):
             + f"\n\n{_machine(branch)}, generic schedule (no tuning_logs). {_reproduce(branch)}\n")
 
 
-def accuracy_section(accuracy):
+def accuracy_table(accuracy):
+    """The steps of fmnist_accuracy.py (its result page uses it too)."""
     rows = [[s["step"], f"{s['top1'] * 100:.2f}", f"{s['top5'] * 100:.2f}",
              f"{s['top1_change_points']:+.2f}"] for s in accuracy["steps"]]
-    e2e = accuracy.get("end_to_end") or {}
-    if "epochs" in e2e:  # results written before the retraining row
-        e2e = {"distillation": e2e}
-    refined = "".join(
-        f" End-to-end {name}: {r.get('loss', 'output squared error')}"
-        f"{', random flips' if r.get('flip') else ''}, "
-        f"{r['epochs']} epochs on {r['images']} train images"
-        + (f", weights of epoch {r['kept_epoch']} kept" if "kept_epoch" in r else "")
-        + f", {r['seconds']:.0f} s." for name, r in e2e.items())
+    return table(rows, ["step", "top-1 %", "top-5 %", "top-1 change (pt)"])
+
+
+def end_to_end_text(accuracy):
+    """One sentence per end-to-end row: how it was trained."""
+    return "".join(
+        f" End-to-end {name}: {r['loss']}{', random flips' if r['flip'] else ''}, "
+        f"{r['epochs']} epochs on {r['images']} train images, weights of epoch "
+        f"{r['kept_epoch']} kept, {r['seconds']:.0f} s."
+        for name, r in accuracy["end_to_end"].items())
+
+
+def accuracy_section(accuracy):
     return ("### Accuracy per slimming step (fmnist-inception)\n\n"
-            + table(rows, ["step", "top-1 %", "top-5 %", "top-1 change (pt)"])
+            + accuracy_table(accuracy)
             + f"\n\n{accuracy['labeled_set']}; layer-wise calibration: "
               f"{accuracy['calibration']}; steps are cumulative in network order (the paper's "
-              f"Table 2).{refined} {_reproduce(accuracy)}\n")
+              f"Table 2).{end_to_end_text(accuracy)} {_reproduce(accuracy)}\n")
 
 
 def limits_table(limits):

@@ -173,7 +173,14 @@ def labeled_training_images(model, source=None, labels=None, count=4096, seed=1)
                            f"{y.dtype} {list(y.shape)}")
     if len(y) < len(x):
         raise RebirthError(f"{labels}: {len(y)} labels for {len(x)} images of {source}")
-    return x, y[:len(x)].astype(np.int64), f"{len(x)} labeled images from {source}"
+    from .distill import check_labels
+
+    y = y[:len(x)].astype(np.int64)
+    try:
+        check_labels(model.mod, y, len(x))
+    except RebirthError as err:
+        raise RebirthError(f"{labels}: {err}") from None
+    return x, y, f"{len(x)} labeled images from {source}"
 
 
 def bench_input(model) -> tuple[np.ndarray, str]:

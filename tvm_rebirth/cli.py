@@ -163,16 +163,9 @@ def cmd_finetune(args) -> None:
 
         log(f"[finetune] loading {args.e2e_images} images for end-to-end refinement")
         if args.e2e_labels:
-            from .distill import check_labels
-
-            e2e_images, e2e_labels, source = labeled_training_images(
+            e2e_images, e2e_labels, _ = labeled_training_images(
                 model, args.calib, None if args.e2e_labels == "source" else args.e2e_labels,
                 count=args.e2e_images)
-            try:
-                check_labels(model.mod, e2e_labels, len(e2e_images))
-            except RebirthError as err:
-                raise RebirthError(f"{args.e2e_labels if args.e2e_labels != 'source' else source}"
-                                   f": {err}") from None
         else:
             e2e_images, _ = calibration_images(model, args.calib, count=args.e2e_images, seed=1)
     weights, report = finetune(model, plan, images, description, e2e_images=e2e_images,

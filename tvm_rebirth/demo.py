@@ -177,9 +177,10 @@ def write_report(report, summary) -> None:
             + f"Stages: {stage_line(summary)}.\n"
             + f"\nAccuracy ({summary['accuracy']['model']}): layer-wise fitting only. Retraining "
               "the slimmed network with labels and the original as teacher, as the paper does, "
-              "recovers most of the loss: `tvm-rebirth finetune fmnist-inception --e2e "
-              "--e2e-labels --e2e-flip --e2e-images 60000` (PyTorch, ~10 min), then `tvm-rebirth "
-              "eval fmnist-inception --plan P --weights W`.\n")
+              "recovers most of the loss: `tvm-rebirth plan fmnist-inception -o P`, "
+              "`tvm-rebirth finetune fmnist-inception --plan P --e2e --e2e-labels --e2e-flip "
+              "--e2e-images 60000 -o W` (PyTorch, ~10 min), then `tvm-rebirth eval "
+              "fmnist-inception --plan P --weights W`.\n")
     if "skipped" in dev:
         text += f"\nEmulated Cortex-A72 stage skipped: {dev['skipped']}\n"
     elif dev:

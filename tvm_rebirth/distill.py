@@ -189,8 +189,7 @@ def distill(original_mod, rebirth_mod, trainable, images, labels=None, flip=Fals
     check_rows = held if held.any() else train_rows
     train, check = x_all[train_rows], x_all[check_rows]
     y_train = y_check = None
-    if labels is not None:
-        check_labels(original_mod, labels, len(x_all))
+    if labels is not None:  # checked by finetune before any fitting (check_labels)
         y_all = torch.from_numpy(np.asarray(labels).astype(np.int64).reshape(-1))
         y_train, y_check = y_all[train_rows], y_all[check_rows]
     start = time.time()

@@ -71,9 +71,8 @@ def bench_on_device(mods, x, tracker: str, key: str, target_name=None, rounds=5,
             libs[name] = workdir / f"{name.replace(' ', '_')}.so"
             export_library(compiled[name].executable, str(libs[name]), target)
             host_out[name] = Runner(mod)(x)[0]
-        session_start = None
+        session_start = time.monotonic()
         try:
-            session_start = time.monotonic()
             session = request_session(host, port, key, timeout=session_timeout)
             device = session.cpu()
             vms, device_out = {}, {}
@@ -97,8 +96,7 @@ def bench_on_device(mods, x, tracker: str, key: str, target_name=None, rounds=5,
             first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
             # the device ends a session at its timeout wherever the protocol is; the client
             # then sees SessionTimeout, or (mid-message) a garbled event: judge by the clock
-            timed_out = session_timeout and session_start is not None and \
-                time.monotonic() - session_start >= session_timeout
+            timed_out = session_timeout and time.monotonic() - session_start >= session_timeout
             if "SessionTimeout" in str(exc) or timed_out:
                 first = (f"the session outlived --session-timeout "
                          f"({session_timeout:g}s) and the device ended it")
