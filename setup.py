@@ -5,8 +5,10 @@ setup(
     version="0.1.0",
     description="DeepRebirth layer slimming as Apache TVM Relax passes",
     python_requires=">=3.10",
-    packages=["tvm_rebirth", "tvm_rebirth.passes"],
-    package_data={"tvm_rebirth": ["zoo_data/*.onnx", "qemu_plugin/*.c"]},
+    packages=["tvm_rebirth", "tvm_rebirth.passes", "tvm_rebirth.frontend", "tvm_rebirth.learn",
+              "tvm_rebirth.compile", "tvm_rebirth.deploy", "tvm_rebirth.report"],
+    package_data={"tvm_rebirth.frontend": ["zoo_data/*.onnx"],
+                  "tvm_rebirth.deploy": ["qemu_plugin/*.c"]},
     package_dir={"tvm_rebirth": "tvm_rebirth", "tvm_rebirth.passes": "passes"},
     install_requires=[
         "apache-tvm[rpc]==0.27.0.post1",

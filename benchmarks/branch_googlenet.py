@@ -17,9 +17,9 @@ os.environ.setdefault("TVM_NUM_THREADS", "2")
 from _common import table, write  # noqa: E402
 
 from tvm_rebirth import RebirthPlan, load_model  # noqa: E402
-from tvm_rebirth.calib import calibration_images  # noqa: E402
-from tvm_rebirth.finetune import finetune  # noqa: E402
-from tvm_rebirth.measure import bench_variants  # noqa: E402
+from tvm_rebirth.learn.calib import calibration_images  # noqa: E402
+from tvm_rebirth.learn.finetune import finetune  # noqa: E402
+from tvm_rebirth.report.measure import bench_variants  # noqa: E402
 from tvm_rebirth.passes import rebirth_pipeline  # noqa: E402
 
 

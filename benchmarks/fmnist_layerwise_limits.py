@@ -19,10 +19,10 @@ from _common import write  # noqa: E402
 from run_all import limits_table  # noqa: E402
 
 from tvm_rebirth import RebirthPlan, load_model  # noqa: E402
-from tvm_rebirth.build import Runner  # noqa: E402
-from tvm_rebirth.calib import calibration_images  # noqa: E402
-from tvm_rebirth.finetune import finetune  # noqa: E402
-from tvm_rebirth.measure import labeled_set, top_k  # noqa: E402
+from tvm_rebirth.compile.build import Runner  # noqa: E402
+from tvm_rebirth.learn.calib import calibration_images  # noqa: E402
+from tvm_rebirth.learn.finetune import finetune  # noqa: E402
+from tvm_rebirth.report.measure import labeled_set, top_k  # noqa: E402
 from tvm_rebirth.passes import rebirth_pipeline  # noqa: E402
 
 STEM = "conv1+pool1+norm1"

@@ -23,12 +23,12 @@ os.environ.setdefault("TVM_NUM_THREADS", "2")
 from _common import machine, ort_timer, table, write  # noqa: E402
 
 from tvm_rebirth import RebirthPlan, load_model  # noqa: E402
-from tvm_rebirth.build import Runner  # noqa: E402
-from tvm_rebirth.calib import calibration_images  # noqa: E402
-from tvm_rebirth.finetune import finetune  # noqa: E402
-from tvm_rebirth.measure import count_gflops, interleaved_rounds, tvm_timer  # noqa: E402
+from tvm_rebirth.compile.build import Runner  # noqa: E402
+from tvm_rebirth.learn.calib import calibration_images  # noqa: E402
+from tvm_rebirth.learn.finetune import finetune  # noqa: E402
+from tvm_rebirth.report.measure import count_gflops, interleaved_rounds, tvm_timer  # noqa: E402
 from tvm_rebirth.passes import rebirth_pipeline  # noqa: E402
-from tvm_rebirth.weights import RebirthWeights  # noqa: E402
+from tvm_rebirth.learn.weights import RebirthWeights  # noqa: E402
 
 
 def peak_gflops(threads: int) -> float:

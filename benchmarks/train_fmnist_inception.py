@@ -8,7 +8,7 @@ exported to ONNX with BVLC-style layer names.
 
     pip install torch==2.13.0
     python benchmarks/train_fmnist_inception.py            # ~30 min on 2 cores
-writes tvm_rebirth/zoo_data/fmnist_inception.onnx and benchmarks/fmnist_inception/train_log.txt
+writes tvm_rebirth/frontend/zoo_data/fmnist_inception.onnx and benchmarks/fmnist_inception/train_log.txt
 """
 
 import argparse
@@ -24,7 +24,7 @@ from torch import nn
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from tvm_rebirth.datasets import fashion_mnist  # noqa: E402
+from tvm_rebirth.frontend.datasets import fashion_mnist  # noqa: E402
 
 MEAN, STD = 72.94, 90.02  # Fashion-MNIST train pixel statistics (0..255)
 
@@ -148,7 +148,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--epochs", type=int, default=8)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--out", default=str(ROOT / "tvm_rebirth" / "zoo_data" / "fmnist_inception.onnx"))
+    ap.add_argument("--out", default=str(ROOT / "tvm_rebirth" / "frontend" / "zoo_data" / "fmnist_inception.onnx"))
     ap.add_argument("--log", default=str(ROOT / "benchmarks" / "fmnist_inception" / "train_log.txt"))
     args = ap.parse_args()
     torch.manual_seed(0)

@@ -24,13 +24,13 @@ os.environ.setdefault("TVM_NUM_THREADS", "2")
 from _common import ort_timer, table, write  # noqa: E402
 
 from tvm_rebirth import RebirthPlan, load_model  # noqa: E402
-from tvm_rebirth.build import Runner  # noqa: E402
-from tvm_rebirth.calib import calibration_images  # noqa: E402
-from tvm_rebirth.finetune import finetune  # noqa: E402
-from tvm_rebirth.measure import count_gflops, interleaved_rounds, tvm_timer  # noqa: E402
+from tvm_rebirth.compile.build import Runner  # noqa: E402
+from tvm_rebirth.learn.calib import calibration_images  # noqa: E402
+from tvm_rebirth.learn.finetune import finetune  # noqa: E402
+from tvm_rebirth.report.measure import count_gflops, interleaved_rounds, tvm_timer  # noqa: E402
 from tvm_rebirth.passes import rebirth_pipeline  # noqa: E402
-from tvm_rebirth.remote import bench_on_emulated_device  # noqa: E402
-from tvm_rebirth.zoo import ZOO  # noqa: E402
+from tvm_rebirth.deploy.remote import bench_on_emulated_device  # noqa: E402
+from tvm_rebirth.frontend.zoo import ZOO  # noqa: E402
 
 
 def measure(name, args, threads):

@@ -8,8 +8,8 @@ from tvm.script import ir as I
 from tvm.script import relax as R
 
 from tvm_rebirth import RebirthError, RebirthPlan, load_model
-from tvm_rebirth.build import Runner
-from tvm_rebirth.finetune import finetune
+from tvm_rebirth.compile.build import Runner
+from tvm_rebirth.learn.finetune import finetune
 from tvm_rebirth.passes import BranchSlimming, StreamlineSlimming, rebirth_pipeline
 from tvm_rebirth.passes.site import weight_keys
 
@@ -197,7 +197,7 @@ def test_slimmed_module_is_not_slimmed_twice(inception):
 def test_finetune_learns_a_module_that_tracks_the_original(inception):
     model, plan = inception
     x = np.random.default_rng(5).standard_normal((64, 16, 28, 28)).astype("float32")
-    weights, report = finetune(model, plan, x, "seeded normal", log=lambda m: None)
+    weights, report = finetune(model, plan, x, "seeded normal")
     (entry,) = report["sites"]
     assert entry["id"] == "inc/output" and entry["kind"] == "branch"
     assert 0 < entry["rel_error"] < 0.6, entry
@@ -218,7 +218,7 @@ def test_streamline_then_branch_on_one_module(tmp_path):
     plan = RebirthPlan.from_model(model)
     assert [s.kind for s in plan.sites] == ["streamline", "branch"]
     x = np.random.default_rng(7).standard_normal((48, 16, 28, 28)).astype("float32")
-    weights, report = finetune(model, plan, x, "seeded normal", log=lambda m: None)
+    weights, report = finetune(model, plan, x, "seeded normal")
     assert [r["id"] for r in report["sites"]] == ["inc/output+pool3/3x3_s2", "inc/output"]
     streamlined = StreamlineSlimming(plan, weights)(model.mod)
     slim = BranchSlimming(plan, weights)(streamlined)

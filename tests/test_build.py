@@ -8,8 +8,8 @@ import pytest
 import tvm
 from tvm import relax
 
-from tvm_rebirth.build import Runner
-from tvm_rebirth.model import load_model
+from tvm_rebirth.compile.build import Runner
+from tvm_rebirth.frontend.loader import load_model
 
 from onnx_models import chain_model
 from test_cli import run

@@ -16,9 +16,9 @@ import psutil
 import pytest
 import tvm
 
-from tvm_rebirth.build import compile_module, export_library
-from tvm_rebirth.device import EMULATED_KEY, server_command, sysroot_dir
-from tvm_rebirth.model import load_model
+from tvm_rebirth.compile.build import compile_module, export_library
+from tvm_rebirth.deploy.device import EMULATED_KEY, server_command, sysroot_dir
+from tvm_rebirth.frontend.loader import load_model
 
 from onnx_models import chain_model
 from test_cli import run
@@ -87,16 +87,16 @@ def test_small_model_on_the_emulated_device_matches_the_host(devices, tmp_path):
     assert data["instructions_ratio"] == round(o["instructions"] / r["instructions"], 3)
 
 
-def test_private_emulated_device_for_the_demo(devices, tmp_path):
+def test_private_emulated_device_for_the_demo(devices, tmp_path, caplog):
     """demo and benchmarks start their own tracker + emulated A72 beside the user's devices,
     bench through it, and stop exactly what they started."""
-    from tvm_rebirth.remote import bench_on_emulated_device
+    from tvm_rebirth.deploy.remote import bench_on_emulated_device
 
     model = load_model(chain_model(tmp_path / "net.onnx", ["relu", "max_pool2d"]))
     x = np.random.default_rng(0).standard_normal((1, 4, 32, 32)).astype("float32")
-    logs = []
-    result = bench_on_emulated_device({"original": model.mod}, x, tmp_path / "private",
-                                      log=logs.append)
+    caplog.set_level("INFO", logger="tvm_rebirth")
+    result = bench_on_emulated_device({"original": model.mod}, x, tmp_path / "private")
+    logs = [record.getMessage() for record in caplog.records]
     assert result["latency_is_emulated"] and result["original"]["instructions"] > 0
     assert result["device_vs_host_max_abs_err"] <= 1e-5 * max(1.0, result["max_abs_output"])
     assert not (tmp_path / "private" / "state.json").exists()  # stopped
@@ -122,7 +122,7 @@ def test_illegal_instruction_traps_and_the_server_keeps_serving(devices, tmp_pat
     stays up and the next session works."""
     from tvm import relax
 
-    from tvm_rebirth.rpc import parse_tracker, request_session
+    from tvm_rebirth.deploy.rpc import parse_tracker, request_session
 
     model = load_model(chain_model(tmp_path / "net.onnx", ["relu", "max_pool2d"]))
     sve = tvm.target.Target({"kind": "llvm", "mtriple": "aarch64-linux-gnu",
@@ -168,7 +168,7 @@ def test_illegal_instruction_traps_and_the_server_keeps_serving(devices, tmp_pat
 
 def test_farm_tune_survives_a_killed_server(devices, tmp_path):
     """Two extra emulated servers under one key; one is killed while the tune runs."""
-    from tvm_rebirth.rpc import parse_tracker
+    from tvm_rebirth.deploy.rpc import parse_tracker
 
     _, port = parse_tracker(devices["tracker"])
     guest = sysroot_dir() / "guest-python"
@@ -228,7 +228,7 @@ def test_device_errors(devices, tmp_path):
 
 
 def test_a_device_killed_mid_run_is_a_one_line_error_and_no_report(devices, tmp_path):
-    from tvm_rebirth.rpc import parse_tracker
+    from tvm_rebirth.deploy.rpc import parse_tracker
 
     _, port = parse_tracker(devices["tracker"])
     doomed = subprocess.Popen(server_command(sysroot_dir() / "guest-python", port, "doomed",

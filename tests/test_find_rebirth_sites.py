@@ -9,7 +9,7 @@ from tvm import relax
 from tvm.script import ir as I
 from tvm.script import relax as R
 
-from tvm_rebirth.model import load_model
+from tvm_rebirth.frontend.loader import load_model
 from tvm_rebirth.passes import FindRebirthSites, find_rebirth_sites
 
 from onnx_models import chain_model, inception_model, GraphMaker

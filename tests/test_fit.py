@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from tvm_rebirth.fit import conv_forward, fit_rebirth_conv, im2col
+from tvm_rebirth.learn.fit import conv_forward, fit_rebirth_conv, im2col
 from tvm_rebirth.passes.site import ConvSpec
 
 RNG = np.random.default_rng(0)

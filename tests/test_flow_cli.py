@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tvm_rebirth.datasets import fashion_mnist
+from tvm_rebirth.frontend.datasets import fashion_mnist
 
 from onnx_models import chain_model, inception_model
 from test_cli import run
@@ -185,7 +185,7 @@ def test_end_to_end_refinement_lowers_the_output_error(tmp_path):
 def labeled_npy(tmp_path_factory):
     """1024 preprocessed Fashion-MNIST train images and their labels as .npy files."""
     from tvm_rebirth import load_model
-    from tvm_rebirth.calib import preprocess
+    from tvm_rebirth.learn.calib import preprocess
 
     root = tmp_path_factory.mktemp("labeled")
     model = load_model("fmnist-inception")

@@ -5,10 +5,10 @@ import json
 import numpy as np
 
 from tvm_rebirth import RebirthPlan, finetune, load_model
-from tvm_rebirth.build import Runner
+from tvm_rebirth.compile.build import Runner
 from tvm_rebirth.passes import rebirth_pipeline
-from tvm_rebirth.plots import plot_layer_time, plot_side_by_side
-from tvm_rebirth.profile import LAYER_TYPES, layer_type, time_by_layer_type
+from tvm_rebirth.report.plots import plot_layer_time, plot_side_by_side
+from tvm_rebirth.report.profile import LAYER_TYPES, layer_type, time_by_layer_type
 
 from onnx_models import chain_model
 from test_cli import run

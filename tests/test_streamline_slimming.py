@@ -9,9 +9,9 @@ from tvm.script import ir as I
 from tvm.script import relax as R
 
 from tvm_rebirth import RebirthError, RebirthPlan, load_model
-from tvm_rebirth.build import Runner
+from tvm_rebirth.compile.build import Runner
 from tvm_rebirth.passes import StreamlineSlimming, exact_site_weights
-from tvm_rebirth.weights import RebirthWeights
+from tvm_rebirth.learn.weights import RebirthWeights
 
 from onnx_models import chain_model, inception_model
 
@@ -164,7 +164,7 @@ def test_corrupt_weights_file(tmp_path, chain):
 def test_torch_interpretation_matches_the_tvm_build(tmp_path):
     """The end-to-end refinement trains exactly what TVM compiles."""
     torch = pytest.importorskip("torch")
-    from tvm_rebirth.distill import RelaxInTorch
+    from tvm_rebirth.learn.distill import RelaxInTorch
 
     model = load_model(inception_model(tmp_path / "inc.onnx"))
     x = np.random.default_rng(4).standard_normal((1, 16, 28, 28)).astype("float32")

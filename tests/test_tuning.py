@@ -13,10 +13,11 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from tvm_rebirth.build import Runner
-from tvm_rebirth.model import load_model
-from tvm_rebirth.targets import resolve_target
-from tvm_rebirth.tuning import DB_FILES, default_log_dir, extract_tasks, load_database
+from tvm_rebirth.compile.build import Runner
+from tvm_rebirth.frontend.loader import load_model
+from tvm_rebirth.compile.targets import resolve_target
+from tvm_rebirth.compile.database import DB_FILES, default_log_dir, load_database
+from tvm_rebirth.compile.tune import extract_tasks
 
 from onnx_models import chain_model
 from test_cli import run
@@ -117,7 +118,7 @@ def _free_port():
 
 
 def _wait_for_key(port, key, seconds=60):
-    from tvm_rebirth.rpc import tracker_summary
+    from tvm_rebirth.deploy.rpc import tracker_summary
 
     deadline = time.time() + seconds
     while time.time() < deadline:

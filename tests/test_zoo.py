@@ -5,11 +5,11 @@ import onnx
 import onnxruntime as ort
 import pytest
 
-from tvm_rebirth import zoo
-from tvm_rebirth.build import Runner, host_target
-from tvm_rebirth.model import load_model
+from tvm_rebirth.frontend import zoo
+from tvm_rebirth.compile.build import Runner, host_target
+from tvm_rebirth.frontend.loader import load_model
 from tvm_rebirth.passes import find_rebirth_sites
-from tvm_rebirth.tuning import target_key, tuning_logs_root
+from tvm_rebirth.compile.database import target_key, tuning_logs_root
 
 REQUIRED = ["googlenet", "alexnet", "zfnet", "squeezenet", "resnet50", "vgg19", "inception_v2"]
 

@@ -5,18 +5,18 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 import time
 import traceback
 
 from .errors import RebirthError
-from .output import table, write_json
+from .report.output import table, write_json
 from .passes.site import BRANCH_WIDTHS, KERNEL_POLICIES, SITE_KINDS
 
 
-def log(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
+logger = logging.getLogger("tvm_rebirth.cli")  # also when run as __main__
 
 
 def _emit(args, payload: dict, text: str) -> None:
@@ -28,7 +28,7 @@ def _emit(args, payload: dict, text: str) -> None:
 
 # -- commands ------------------------------------------------------------------------------
 def cmd_models(args) -> None:
-    from . import zoo
+    from .frontend import zoo
 
     models = []
     for entry in zoo.ZOO.values():
@@ -74,20 +74,20 @@ def _site_json(s) -> dict:
 
 
 def cmd_plan(args) -> None:
-    from .model import load_model
+    from .frontend.loader import load_model
     from .plan import RebirthPlan
 
     kinds = _parse_kinds(args.kinds)
     start = time.time()
-    log(f"[plan] loading {args.model}")
+    logger.info(f"[plan] loading {args.model}")
     model = load_model(args.model)
     if args.check:
         plan = RebirthPlan.load(args.check)
-        log(f"[plan] validating {args.check} against {model.name}")
+        logger.info(f"[plan] validating {args.check} against {model.name}")
         plan.validate(model, label=args.check)
         out = args.check
     else:
-        log(f"[plan] finding rebirth sites ({args.policy})")
+        logger.info(f"[plan] finding rebirth sites ({args.policy})")
         plan = RebirthPlan.from_model(model, policy=args.policy, kinds=kinds,
                                       branch_widths=args.branch_widths)
         out = args.output or f"{model.name}.plan.yaml"
@@ -114,28 +114,28 @@ def _plan_for(args, model):
         plan = RebirthPlan.load(args.plan)
         plan.validate(model)
         return plan
-    log(f"[{args.command}] no --plan: planning every site of {model.name} (keep-kernel)")
+    logger.info(f"[{args.command}] no --plan: planning every site of {model.name} (keep-kernel)")
     return RebirthPlan.from_model(model)
 
 
 def _calibration(args, model, plan):
-    from .calib import calibration_images
+    from .learn.calib import calibration_images
 
     if not any(not s.exact for s in plan.enabled_sites()):
         return None, "none needed (exact sites only)"
-    log(f"[{args.command}] loading {args.images} calibration images")
+    logger.info(f"[{args.command}] loading {args.images} calibration images")
     return calibration_images(model, args.calib, count=args.images)
 
 
 def _weights_for(args, model, plan):
-    from .finetune import finetune
-    from .weights import RebirthWeights
+    from .learn.finetune import finetune
+    from .learn.weights import RebirthWeights
 
     if getattr(args, "weights", None):
         if not getattr(args, "plan", None):
             raise RebirthError("--weights needs the --plan it was learned for")
         return RebirthWeights.load(args.weights, plan)
-    log(f"[{args.command}] no --weights: fine-tuning the plan first")
+    logger.info(f"[{args.command}] no --weights: fine-tuning the plan first")
     images, description = _calibration(args, model, plan)
     weights, _ = finetune(model, plan, images, description)
     return weights
@@ -148,8 +148,8 @@ def _rebirth_module(model, plan, weights):
 
 
 def cmd_finetune(args) -> None:
-    from .finetune import finetune
-    from .model import load_model
+    from .learn.finetune import finetune
+    from .frontend.loader import load_model
 
     start = time.time()
     model = load_model(args.model)
@@ -159,9 +159,9 @@ def cmd_finetune(args) -> None:
     if (args.e2e_labels or args.e2e_flip) and not args.e2e:
         raise RebirthError("--e2e-labels and --e2e-flip refine end to end: add --e2e")
     if args.e2e:
-        from .calib import calibration_images, labeled_training_images
+        from .learn.calib import calibration_images, labeled_training_images
 
-        log(f"[finetune] loading {args.e2e_images} images for end-to-end refinement")
+        logger.info(f"[finetune] loading {args.e2e_images} images for end-to-end refinement")
         if args.e2e_labels:
             e2e_images, e2e_labels, _ = labeled_training_images(
                 model, args.calib, None if args.e2e_labels == "source" else args.e2e_labels,
@@ -200,15 +200,15 @@ def _require_device(args) -> None:
         raise RebirthError("--tracker and --key go together (the tracker's address and the "
                            "device key to measure on)")
     if args.tracker:
-        from .rpc import parse_tracker, require_key
+        from .deploy.rpc import parse_tracker, require_key
 
         require_key(*parse_tracker(args.tracker), args.key)
 
 
 def cmd_bench(args) -> None:
-    from .build import host_target
-    from .measure import bench_pair
-    from .model import load_model
+    from .compile.build import host_target
+    from .report.measure import bench_pair
+    from .frontend.loader import load_model
 
     _require_device(args)
     if args.profile and args.tracker:
@@ -217,12 +217,12 @@ def cmd_bench(args) -> None:
     plan = _plan_for(args, model)
     weights = _weights_for(args, model, plan)
     rebirth = _rebirth_module(model, plan, weights)
-    from .calib import bench_input
+    from .learn.calib import bench_input
 
     x, input_desc = bench_input(model)
     if args.tracker:
-        from .measure import pair_layout
-        from .remote import bench_on_device
+        from .report.measure import pair_layout
+        from .deploy.remote import bench_on_device
 
         result = pair_layout(bench_on_device({"original": model.mod, "rebirth": rebirth}, x,
                                              args.tracker, args.key, args.target,
@@ -251,7 +251,7 @@ def cmd_bench(args) -> None:
         f"\n\nmax |original - rebirth| = {result['max_abs_err']:.4g} "
         f"(outputs up to {result['max_abs_output']:.4g}); {device}")
     if args.profile:
-        from .profile import layer_time_rows
+        from .report.profile import layer_time_rows
 
         rows = layer_time_rows({k: result[k]["time_by_layer_type"]
                                 for k in ("original", "rebirth")})
@@ -263,15 +263,15 @@ def cmd_bench(args) -> None:
 
 
 def cmd_eval(args) -> None:
-    from .build import Runner
-    from .measure import labeled_set, top_k
-    from .model import load_model
+    from .compile.build import Runner
+    from .report.measure import labeled_set, top_k
+    from .frontend.loader import load_model
 
     model = load_model(args.model)
     images, labels, description = labeled_set(model, args.limit)
     plan = _plan_for(args, model)
     weights = _weights_for(args, model, plan)
-    log(f"[eval] building original and rebirth models; evaluating on {description}")
+    logger.info(f"[eval] building original and rebirth models; evaluating on {description}")
     runners = {"original": Runner(model.mod), "rebirth": Runner(_rebirth_module(model, plan, weights))}
     result = top_k(runners, images, labels)
     payload = {"model": model.name, "labeled_set": description,
@@ -284,15 +284,15 @@ def cmd_eval(args) -> None:
 
 
 def cmd_build(args) -> None:
-    from .build import compile_module, export_library
-    from .model import load_model
-    from .targets import resolve_target
+    from .compile.build import compile_module, export_library
+    from .frontend.loader import load_model
+    from .compile.targets import resolve_target
 
     target = resolve_target(args.target)
     start = time.time()
     model = load_model(args.model)
     mod, what = _model_and_module(args, model)
-    log(f"[build] compiling the {what} {model.name} for {args.target}")
+    logger.info(f"[build] compiling the {what} {model.name} for {args.target}")
     compiled = compile_module(mod, target, tuned=not args.no_tuning_logs)
     out = args.output or f"{model.name}-{what}-{args.target}.so"
     export_library(compiled.executable, out, target)
@@ -317,9 +317,10 @@ def _model_and_module(args, model):
 
 
 def cmd_tune(args) -> None:
-    from .model import load_model
-    from .targets import resolve_target
-    from .tuning import default_log_dir, tune
+    from .frontend.loader import load_model
+    from .compile.targets import resolve_target
+    from .compile.database import default_log_dir
+    from .compile.tune import tune
 
     target = resolve_target(args.target)
     _require_device(args)
@@ -328,7 +329,7 @@ def cmd_tune(args) -> None:
     model = load_model(args.model)
     mod, what = _model_and_module(args, model)
     log_dir = args.log_dir or default_log_dir(model.name, target, what == "rebirth")
-    log(f"[tune] {what} {model.name} for {args.target}: up to {args.trials} trials -> {log_dir}")
+    logger.info(f"[tune] {what} {model.name} for {args.target}: up to {args.trials} trials -> {log_dir}")
     report = tune(mod, target, log_dir, args.trials, model_name=model.name,
                   max_tasks=args.max_tasks, build_timeout=args.build_timeout,
                   tracker=args.tracker, key=args.key, measure=not args.no_measure)
@@ -355,7 +356,7 @@ def cmd_tune(args) -> None:
 
 
 def cmd_device(args) -> None:
-    from . import device
+    from .deploy import device
 
     if args.action == "start":
         if args.servers < 1:
@@ -389,7 +390,7 @@ def cmd_demo(args) -> None:
     from .demo import run_demo, stage_line, summary_rows
 
     summary = run_demo(args.report_dir, images=args.images, rounds=args.rounds,
-                       eval_limit=args.eval_limit, device=not args.no_device, log=log)
+                       eval_limit=args.eval_limit, device=not args.no_device)
     text = table(summary_rows(summary), ["", "original", "rebirth", "change"])
     _emit(args, summary, f"{text}\n\nstages: {stage_line(summary)} "
                          f"(total {summary['total_seconds']:.0f}s)\nreport: {summary['report_dir']}")
@@ -517,9 +518,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _log_to_stderr() -> None:
+    """Progress of every stage on stderr, one plain line per message (stdout is the table or
+    the JSON object)."""
+    root = logging.getLogger("tvm_rebirth")
+    if not any(getattr(h, "tvm_rebirth_cli", False) for h in root.handlers):
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        handler.tvm_rebirth_cli = True
+        root.addHandler(handler)
+    root.setLevel(logging.INFO)
+
+
 def main(argv=None) -> int:
     os.environ.setdefault("TVM_NUM_THREADS", str(min(os.cpu_count() or 1, 2)))
     args = build_parser().parse_args(argv)
+    _log_to_stderr()
     try:
         args.func(args)
     except RebirthError as err:

@@ -9,19 +9,19 @@ summary.json, summary.md, layer_time.png, latency_memory.png, the plan and the w
 
 from __future__ import annotations
 
+import logging
 import os
-import sys
 import time
 
 from .errors import RebirthError
-from .output import table, write_json, write_text
+from .report.output import table, write_json, write_text
 from .passes.site import SITE_KINDS
+
+logger = logging.getLogger(__name__)
 
 STEPS = 7
 
 
-def _log(message):
-    print(message, file=sys.stderr, flush=True)
 
 
 class _Stages:
@@ -41,69 +41,68 @@ DEMO_IMAGES = 64
 ACCURACY_IMAGES = 256
 
 
-def run_demo(report_dir, images=None, rounds=7, eval_limit=None, device=True,
-             log=_log) -> dict:
+def run_demo(report_dir, images=None, rounds=7, eval_limit=None, device=True) -> dict:
     """Run the demo and write its report; returns the summary (also summary.json).
     ``images``: calibration images for both models (default 64 GoogLeNet, 256 fmnist)."""
-    from . import zoo
-    from .build import Runner
-    from .calib import bench_input, calibration_images
-    from .finetune import finetune
-    from .measure import bench_pair, labeled_set, pair_layout, top_k
-    from .model import load_model
+    from .frontend import zoo
+    from .compile.build import Runner
+    from .learn.calib import bench_input, calibration_images
+    from .learn.finetune import finetune
+    from .report.measure import bench_pair, labeled_set, pair_layout, top_k
+    from .frontend.loader import load_model
     from .passes import rebirth_pipeline
     from .plan import RebirthPlan
-    from .remote import bench_on_emulated_device
+    from .deploy.remote import bench_on_emulated_device
 
     report = os.path.abspath(report_dir)
     os.makedirs(report, exist_ok=True)
     stages = _Stages()
-    log(f"[demo] 1/{STEPS} loading {zoo.DEFAULT_MODEL} (materialised once into "
+    logger.info(f"[demo] 1/{STEPS} loading {zoo.DEFAULT_MODEL} (materialised once into "
         f"{zoo.cache_dir()})")
     model = load_model(zoo.DEFAULT_MODEL)
     stages.done("load")
-    log(f"[demo] 2/{STEPS} finding rebirth sites")
+    logger.info(f"[demo] 2/{STEPS} finding rebirth sites")
     plan = RebirthPlan.from_model(model)
     plan.save(os.path.join(report, f"{model.name}.plan.yaml"))
     counts = {k: sum(s.kind == k for s in plan.sites) for k in SITE_KINDS}
     stages.done("plan")
     count = images or DEMO_IMAGES
-    log(f"[demo] 3/{STEPS} fine-tuning {len(plan.enabled_sites())} sites on {count} images")
+    logger.info(f"[demo] 3/{STEPS} fine-tuning {len(plan.enabled_sites())} sites on {count} images")
     calib, description = calibration_images(model, count=count)
-    weights, fit = finetune(model, plan, calib, description, log=log)
+    weights, fit = finetune(model, plan, calib, description)
     weights.save(os.path.join(report, f"{model.name}.weights.npz"))
     stages.done("finetune")
-    log(f"[demo] 4/{STEPS} slimming, building (tuning_logs applied) and benchmarking "
+    logger.info(f"[demo] 4/{STEPS} slimming, building (tuning_logs applied) and benchmarking "
         "original vs rebirth on this CPU")
     rebirth = rebirth_pipeline(plan, weights)(model.mod)
     x, _ = bench_input(model)
-    bench = bench_pair(model.mod, rebirth, x, rounds=rounds, log=log, profile=True)
+    bench = bench_pair(model.mod, rebirth, x, rounds=rounds, profile=True)
     stages.done("bench")
     if device:
-        log(f"[demo] 5/{STEPS} the same pair on an emulated Cortex-A72 through an RPC tracker")
+        logger.info(f"[demo] 5/{STEPS} the same pair on an emulated Cortex-A72 through an RPC tracker")
         try:
             on_device = bench_on_emulated_device({"original": model.mod, "rebirth": rebirth},
-                                                 x, os.path.join(report, "device"), log)
+                                                 x, os.path.join(report, "device"))
         except RebirthError as err:  # the demo goes on; the report says what happened
-            log(f"[demo] the emulated device failed, continuing without it: {err}")
+            logger.info(f"[demo] the emulated device failed, continuing without it: {err}")
             on_device = {"skipped": f"failed: {err}"}
         if "skipped" not in on_device:
             on_device = pair_layout(on_device)
     else:
-        log(f"[demo] 5/{STEPS} device stage skipped (--no-device)")
+        logger.info(f"[demo] 5/{STEPS} device stage skipped (--no-device)")
         on_device = {"skipped": "--no-device"}
     stages.done("device")
-    log(f"[demo] 6/{STEPS} accuracy: fmnist-inception (trained on Fashion-MNIST)")
+    logger.info(f"[demo] 6/{STEPS} accuracy: fmnist-inception (trained on Fashion-MNIST)")
     fm = load_model("fmnist-inception")
     fm_plan = RebirthPlan.from_model(fm)
     fm_images, fm_desc = calibration_images(fm, count=images or ACCURACY_IMAGES)
-    fm_weights, fm_fit = finetune(fm, fm_plan, fm_images, fm_desc, log=log)
+    fm_weights, fm_fit = finetune(fm, fm_plan, fm_images, fm_desc)
     test_x, test_y, test_desc = labeled_set(fm, eval_limit)
     runners = {"original": Runner(fm.mod),
                "rebirth": Runner(rebirth_pipeline(fm_plan, fm_weights)(fm.mod))}
-    accuracy = top_k(runners, test_x, test_y, log=log)
+    accuracy = top_k(runners, test_x, test_y)
     stages.done("eval")
-    log(f"[demo] 7/{STEPS} writing the report to {report}")
+    logger.info(f"[demo] 7/{STEPS} writing the report to {report}")
     summary = {
         "model": model.name, "sites": counts,
         "sites_applied": [s.id for s in plan.enabled_sites()],
@@ -151,8 +150,8 @@ def stage_line(summary) -> str:
 
 def write_report(report, summary) -> None:
     """summary.md and the two PNG figures (summary.json is written by run_demo)."""
-    from .plots import plot_layer_time, plot_side_by_side
-    from .profile import layer_time_rows
+    from .report.plots import plot_layer_time, plot_side_by_side
+    from .report.profile import layer_time_rows
 
     bench, dev = summary["bench"], summary["device"]
     profiles = {name: bench[name]["time_by_layer_type"] for name in ("original", "rebirth")}

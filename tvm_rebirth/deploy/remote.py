@@ -3,27 +3,25 @@ compare with the host build, and on the emulated Cortex-A72 count guest instruct
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
-from .errors import RebirthError
+from ..errors import RebirthError
 
-
-def _log(message):
-    print(message, file=sys.stderr, flush=True)
+logger = logging.getLogger(__name__)
 
 
 def default_target_for(key: str) -> str:
     from .device import LOCAL_KEY
-    from .targets import PRESETS
+    from ..compile.targets import PRESETS
 
     if key in PRESETS:
         return key
@@ -43,7 +41,7 @@ def is_emulated(host: str, port: int, key: str) -> bool:
 
 
 def bench_on_device(mods, x, tracker: str, key: str, target_name=None, rounds=5, number=1,
-                    count_instructions=True, session_timeout=3600.0, log=_log) -> dict:
+                    count_instructions=True, session_timeout=3600.0) -> dict:
     """Like measure.bench_variants, on a tracker device. ``mods``: {name: IRModule}, the first
     is the baseline. Adds ``device``, ``device_vs_host_max_abs_err`` and, on the emulated
     device, per-variant ``instructions`` and ``instructions_ratio``. The device ends a
@@ -51,10 +49,10 @@ def bench_on_device(mods, x, tracker: str, key: str, target_name=None, rounds=5,
     import tvm
     from tvm import relax
 
-    from .build import Runner, compile_module, export_library
-    from .measure import count_gflops, interleaved_rounds
+    from ..compile.build import Runner, compile_module, export_library
+    from ..report.measure import count_gflops, interleaved_rounds
     from .rpc import parse_tracker, request_session, require_key
-    from .targets import resolve_target
+    from ..compile.targets import resolve_target
 
     host, port = parse_tracker(tracker)
     require_key(host, port, key)
@@ -66,7 +64,7 @@ def bench_on_device(mods, x, tracker: str, key: str, target_name=None, rounds=5,
     try:
         libs, compiled, host_out = {}, {}, {}
         for name, mod in mods.items():
-            log(f"[bench] building {name} for {target_name}")
+            logger.info(f"[bench] building {name} for {target_name}")
             compiled[name] = compile_module(mod, target)
             libs[name] = workdir / f"{name.replace(' ', '_')}.so"
             export_library(compiled[name].executable, str(libs[name]), target)
@@ -77,7 +75,7 @@ def bench_on_device(mods, x, tracker: str, key: str, target_name=None, rounds=5,
             device = session.cpu()
             vms, device_out = {}, {}
             for name, lib in libs.items():
-                log(f"[bench] uploading {name} to {where}")
+                logger.info(f"[bench] uploading {name} to {where}")
                 session.upload(str(lib), lib.name)
                 vms[name] = relax.VirtualMachine(session.load_module(lib.name), device)
                 arg = tvm.runtime.tensor(x, device)
@@ -89,7 +87,7 @@ def bench_on_device(mods, x, tracker: str, key: str, target_name=None, rounds=5,
                 return lambda: evaluator(arg).mean * 1000
 
             samples = interleaved_rounds({n: timer(vm) for n, vm in vms.items()}, rounds,
-                                         "bench on " + key, log)
+                                         "bench on " + key)
         except RebirthError:
             raise
         except Exception as exc:  # noqa: BLE001 -- the device died or the session broke
@@ -116,7 +114,7 @@ def bench_on_device(mods, x, tracker: str, key: str, target_name=None, rounds=5,
                 "max_abs_err": float(np.abs(device_out[name] - device_out[base]).max())}
         if emulated and count_instructions:
             for name, lib in libs.items():
-                log(f"[bench] counting guest instructions of {name} (qemu cortex-a72, 1 thread)")
+                logger.info(f"[bench] counting guest instructions of {name} (qemu cortex-a72, 1 thread)")
                 result[name]["instructions"] = count_instructions_per_inference(lib, x, workdir)
         for name in list(mods)[1:]:
             o, r = result[base], result[name]
@@ -138,7 +136,7 @@ def bench_on_device(mods, x, tracker: str, key: str, target_name=None, rounds=5,
         shutil.rmtree(workdir, ignore_errors=True)
 
 
-def bench_on_emulated_device(mods, x, state_dir, log=_log) -> dict:
+def bench_on_emulated_device(mods, x, state_dir) -> dict:
     """bench_on_device (one round) on a tracker + emulated Cortex-A72 started for this call,
     their state and logs in ``state_dir`` (the user's own devices, if any, are untouched);
     {"skipped": reason} if the device cannot start (no qemu/mmdebstrap, not root, offline)."""
@@ -146,14 +144,13 @@ def bench_on_emulated_device(mods, x, state_dir, log=_log) -> dict:
 
     with device.private_state(state_dir):
         try:
-            state = device.start(emulated=True, log=log)
+            state = device.start(emulated=True)
         except RebirthError as err:
-            log(f"[device] the emulated Cortex-A72 cannot start; skipping it: {err}")
+            logger.info(f"[device] the emulated Cortex-A72 cannot start; skipping it: {err}")
             return {"skipped": str(err)}
         try:
             tracker = f"127.0.0.1:{state['port']}"
-            return bench_on_device(mods, x, tracker, device.EMULATED_KEY, rounds=1, number=1,
-                                   log=log)
+            return bench_on_device(mods, x, tracker, device.EMULATED_KEY, rounds=1, number=1)
         finally:
             device.stop()
 
@@ -166,6 +163,7 @@ import sys
 import numpy as np
 import tvm
 from tvm.runtime import vm as runtime_vm
+
 
 
 def mark(code):

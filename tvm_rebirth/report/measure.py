@@ -3,19 +3,19 @@ GFLOPs, output error, and accuracy on a labeled set."""
 
 from __future__ import annotations
 
+import logging
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-from .build import Runner
-from .errors import RebirthError
+from ..compile.build import Runner
+from ..errors import RebirthError
+
+logger = logging.getLogger(__name__)
 
 
-def _log(message):
-    print(message, file=sys.stderr, flush=True)
 
 
 def count_gflops(mod, func_name="main") -> float:
@@ -52,18 +52,18 @@ def tvm_timer(runner, x, number):
     return lambda: evaluator(arg).mean * 1000
 
 
-def interleaved_rounds(timers, rounds, label, log=_log) -> dict:
+def interleaved_rounds(timers, rounds, label) -> dict:
     """{name: [ms per round]}: every timer once per round, so machine noise hits all alike."""
     samples = {name: [] for name in timers}
     for r in range(rounds):
         for name, timer in timers.items():
             samples[name].append(timer())
-        log(f"[{label}] round {r + 1}/{rounds}: " + ", ".join(
+        logger.info(f"[{label}] round {r + 1}/{rounds}: " + ", ".join(
             f"{name} {values[-1]:.2f} ms" for name, values in samples.items()))
     return samples
 
 
-def bench_variants(mods, x, rounds=7, number=5, log=_log, profile=False) -> dict:
+def bench_variants(mods, x, rounds=7, number=5, profile=False) -> dict:
     """Compile every module of ``mods`` ({name: IRModule}, the first is the baseline) with the
     same settings, run the same input and time them in interleaved rounds. Returns {name:
     {latency_ms, latency_ms_rounds, memory_mb, gflops, tuned_functions, functions,
@@ -71,11 +71,11 @@ def bench_variants(mods, x, rounds=7, number=5, log=_log, profile=False) -> dict
     variant against the baseline. ``profile``: also ``time_by_layer_type`` per variant."""
     runners, outputs = {}, {}
     for name, mod in mods.items():
-        log(f"[bench] building {name}")
+        logger.info(f"[bench] building {name}")
         runners[name] = Runner(mod)
         outputs[name] = runners[name](x)[0]
     samples = interleaved_rounds({n: tvm_timer(r, x, number) for n, r in runners.items()},
-                                 rounds, "bench", log)
+                                 rounds, "bench")
     base = next(iter(mods))
     result = {}
     for name, mod in mods.items():
@@ -89,7 +89,7 @@ def bench_variants(mods, x, rounds=7, number=5, log=_log, profile=False) -> dict
         if profile:
             from .profile import time_by_layer_type
 
-            log(f"[bench] timing every kernel of {name} by layer type")
+            logger.info(f"[bench] timing every kernel of {name} by layer type")
             result[name]["time_by_layer_type"] = time_by_layer_type(runners[name], x, runs=rounds)
     for name in list(mods)[1:]:
         o, r = result[base], result[name]
@@ -101,11 +101,11 @@ def bench_variants(mods, x, rounds=7, number=5, log=_log, profile=False) -> dict
     return result
 
 
-def bench_pair(original_mod, rebirth_mod, x, rounds=7, number=5, log=_log,
+def bench_pair(original_mod, rebirth_mod, x, rounds=7, number=5,
                profile=False) -> dict:
     """Original vs rebirth (see bench_variants), in the CLI's bench contract layout."""
     result = bench_variants({"original": original_mod, "rebirth": rebirth_mod}, x, rounds,
-                            number, log, profile)
+                            number, profile)
     return pair_layout(result)
 
 
@@ -120,8 +120,8 @@ def pair_layout(result) -> dict:
 
 def labeled_set(model, limit=None):
     """(images NCHW float32, labels int) of the model's labeled evaluation set."""
-    from . import calib
-    from .datasets import fashion_mnist
+    from ..learn import calib
+    from ..frontend.datasets import fashion_mnist
 
     entry = model.zoo_entry
     shape = model.input_shapes[model.input_name]
@@ -140,7 +140,7 @@ def labeled_set(model, limit=None):
     return images, labels, f"foolbox ImageNet photos ({len(files)} images)"
 
 
-def top_k(runners, images, labels, log=_log) -> dict:
+def top_k(runners, images, labels) -> dict:
     """top-1/top-5 of several runners on the same images (one image at a time)."""
     hits = {name: [0, 0] for name in runners}
     agree = 0
@@ -155,7 +155,7 @@ def top_k(runners, images, labels, log=_log) -> dict:
             hits[name][1] += int(y in order[:5])
         agree += int(len(set(preds.values())) == 1)
         if (i + 1) % 1000 == 0:
-            log(f"[eval] {i + 1}/{len(labels)} images ({time.time() - start:.0f}s)")
+            logger.info(f"[eval] {i + 1}/{len(labels)} images ({time.time() - start:.0f}s)")
     n = len(labels)
     result = {name: {"top1": round(h[0] / n, 5), "top5": round(h[1] / n, 5)}
               for name, h in hits.items()}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import glob
 import os
 import subprocess
@@ -12,8 +13,10 @@ from pathlib import Path
 
 import numpy as np
 
-from . import zoo
-from .errors import RebirthError
+from ..frontend import zoo
+from ..errors import RebirthError
+
+logger = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
 FOOLBOX_WHEEL = "foolbox==3.3.4"  # carries 20 labeled ImageNet photos in foolbox/data/
@@ -94,8 +97,7 @@ def imagenet_photos_dir() -> Path:
     target = zoo.cache_dir() / "imagenet-photos"
     if target.exists() and any(target.glob("*.jpg")):
         return target
-    print(f"[calib] fetching ImageNet sample photos ({FOOLBOX_WHEEL} wheel) into {target}",
-          file=sys.stderr)
+    logger.info(f"[calib] fetching ImageNet sample photos ({FOOLBOX_WHEEL} wheel) into {target}")
     with tempfile.TemporaryDirectory() as tmp:
         proc = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-q",
                                "-d", tmp, FOOLBOX_WHEEL], capture_output=True, text=True)
@@ -139,7 +141,7 @@ def calibration_images(model, source=None, count=256, seed=0) -> tuple[np.ndarra
 
 
 def _fashion_mnist_train(entry, shape, count, seed):
-    from .datasets import fashion_mnist
+    from ..frontend.datasets import fashion_mnist
 
     images, labels = fashion_mnist("train")
     if count > len(images):

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import RebirthError
-from .passes.site import weight_keys
+from ..errors import RebirthError
+from ..passes.site import weight_keys
 
 
 @dataclasses.dataclass

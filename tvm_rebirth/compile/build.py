@@ -7,7 +7,7 @@ import time
 
 import numpy as np
 
-from .errors import RebirthError
+from ..errors import RebirthError
 
 
 def host_target():
@@ -64,6 +64,16 @@ def planned_activation_bytes(planned_mod, func_name="main") -> int:
     return total
 
 
+def fused_module(mod, target):
+    """The module as both build and tuning see it: legalized and fused, not yet scheduled."""
+    import tvm
+    from tvm.relax.backend.cpu_generic import pipeline as cpu_generic
+
+    with tvm.transform.PassContext(opt_level=3), target:
+        return tvm.transform.Sequential(cpu_generic.library_dispatch_passes(target)
+                                        + cpu_generic.legalize_passes(target))(mod)
+
+
 class Compiled:
     """A built module: ``executable`` (Relax VM), ``planned_bytes`` (activation memory after
     static planning), ``functions`` (fused PrimFuncs) and ``tuned`` (how many of them took
@@ -80,7 +90,7 @@ def compile_module(mod, target=None, tuned=True) -> Compiled:
     import tvm
     from tvm import relax, tirx
 
-    from .tuning import load_database
+    from .database import load_database
 
     target = target or host_target()
     database = load_database(target) if tuned is True else (tuned or None)

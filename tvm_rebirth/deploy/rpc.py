@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import socket
 
-from .errors import RebirthError
+from ..errors import RebirthError
 
 
 def parse_tracker(text: str) -> tuple:

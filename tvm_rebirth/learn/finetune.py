@@ -12,24 +12,24 @@ learned convs are then refined together: by distilling the original model's outp
 
 from __future__ import annotations
 
+import logging
 import dataclasses
-import sys
 import time
 
 import numpy as np
 
-from .build import Runner
-from .errors import RebirthError
+from ..compile.build import Runner
+from ..errors import RebirthError
 from .fit import conv_forward, fit_rebirth_conv, pool_forward
-from .passes import (SITE_KINDS, FindRebirthSites, exact_site_weights, rebirth_pipeline,
+from ..passes import (SITE_KINDS, FindRebirthSites, exact_site_weights, rebirth_pipeline,
                      weight_keys)
-from .passes.exact_merge import conv_block_weights
-from .passes.site import branch_conv_layout, branch_groups, refit_keys
+from ..passes.exact_merge import conv_block_weights
+from ..passes.site import branch_conv_layout, branch_groups, refit_keys
 from .weights import RebirthWeights
 
+logger = logging.getLogger(__name__)
 
-def _log(message):
-    print(message, file=sys.stderr, flush=True)
+
 
 
 def capture_module(mod, select, policy="keep-kernel", func_name="main"):
@@ -62,7 +62,7 @@ def _consumers(finder, site_id, site_convs):
     return [c for c in _trace(finder, site_id).consumers if c.name not in site_convs]
 
 
-def run_all(runner, images, label, log=_log):
+def run_all(runner, images, label):
     """Run every image through ``runner``; returns one stacked array per output."""
     columns = None
     start = time.time()
@@ -73,7 +73,7 @@ def run_all(runner, images, label, log=_log):
         for column, out in zip(columns, outs):
             column.append(out[0])
         if (i + 1) % 64 == 0 or i + 1 == len(images):
-            log(f"[finetune]   {label}: {i + 1}/{len(images)} images "
+            logger.info(f"[finetune]   {label}: {i + 1}/{len(images)} images "
                 f"({time.time() - start:.1f}s)")
     return [np.stack(c) for c in columns]
 
@@ -140,7 +140,7 @@ def _refit_consumers(site, fits, consumers, finder, targets, held, arrays):
 
 
 def _fit_streamline(site, current, target, policy, images, held, arrays, site_convs,
-                    consumer_targets, log):
+                    consumer_targets):
     """Learn a streamline site's conv(s) from inputs captured in ``current`` (every site
     below already slimmed); then refit the convs reading it unless ``site_convs`` is None."""
     inputs = run_all(Runner(capture_module(
@@ -163,7 +163,7 @@ def _fit_streamline(site, current, target, policy, images, held, arrays, site_co
     if consumers:
         refit = _refit_consumers(site, fits, consumers, finder, consumer_targets, held, arrays)
         entry["refit"] = refit
-        log(f"[finetune] {site.id}: refitted {', '.join(c.name for c in consumers)} "
+        logger.info(f"[finetune] {site.id}: refitted {', '.join(c.name for c in consumers)} "
             f"(held-out error {', '.join(str(r['rel_error']) for r in refit)})")
     return entry
 
@@ -250,7 +250,7 @@ def _reducer_weights(site, finder, trace, covered, receiver, w0, b0, width, x, g
     return w[:width], b[:width], list(range(old))
 
 
-def _refine_end_to_end(model, plan, arrays, images, labels, flip, epochs, log):
+def _refine_end_to_end(model, plan, arrays, images, labels, flip, epochs):
     """Train every learned conv (rebirth and refitted) together towards the original model's
     outputs, and towards ``labels`` when given (see distill)."""
     from .distill import distill
@@ -266,10 +266,10 @@ def _refine_end_to_end(model, plan, arrays, images, labels, flip, epochs, log):
             if key.startswith(prefix) and key.endswith("/weight"):
                 trainable[key[len(prefix):-len("/weight")]] = (key, key[:-len("weight")] + "bias")
     rebirth = rebirth_pipeline(plan, arrays)(model.mod)
-    log(f"[finetune] end-to-end refinement of {len(trainable)} convs on {len(images)} "
+    logger.info(f"[finetune] end-to-end refinement of {len(trainable)} convs on {len(images)} "
         + ("labeled" if labels is not None else "unlabeled") + " images")
     learned, report = distill(model.mod, rebirth, trainable, images, labels=labels, flip=flip,
-                              epochs=epochs, log=log)
+                              epochs=epochs)
     for key, value in learned.items():
         arrays[key] = value.reshape(arrays[key].shape)
     return report
@@ -283,7 +283,7 @@ def _branch_target(plan, finder, site):
     return _trace(finder, pooled[0].id).end if pooled else _trace(finder, site.id).concat
 
 
-def finetune(model, plan, images=None, calibration="", log=_log,
+def finetune(model, plan, images=None, calibration="",
              refit_consumers=True, e2e_images=None, e2e_epochs=8, e2e_labels=None,
              e2e_flip=False) -> tuple:
     """Learn the plan's enabled sites, bottom-up, then (``e2e_images``) refine them end to
@@ -303,13 +303,13 @@ def finetune(model, plan, images=None, calibration="", log=_log,
             done.append(site.id)
             report.append({"id": site.id, "kind": site.kind, "exact": True, "rel_error": None,
                            "method": "closed form", "seconds": 0.0})
-            log(f"[finetune] {site.id}: exact, closed form")
+            logger.info(f"[finetune] {site.id}: exact, closed form")
     learned = [s for s in sites if not s.exact]
     site_convs = {c.replaces for s in sites for c in s.old_conv}
     if learned:
         if images is None or len(images) == 0:
             raise RebirthError("the plan has learned sites but no calibration images were given")
-        log(f"[finetune] capturing the original outputs of {len(learned)} site(s) on "
+        logger.info(f"[finetune] capturing the original outputs of {len(learned)} site(s) on "
             f"{len(images)} images")
 
         def original_targets(finder):
@@ -349,17 +349,17 @@ def finetune(model, plan, images=None, calibration="", log=_log,
         else:
             entry = _fit_streamline(site, current, target, plan.policy, images, held, arrays,
                                     site_convs if refit_consumers else None, consumer_targets,
-                                    log)
+                                    )
         done.append(site.id)
         entry["seconds"] = round(time.time() - t, 2)
         report.append(entry)
-        log(f"[finetune] {site.id}: relative error {entry['rel_error']:.4f} on "
+        logger.info(f"[finetune] {site.id}: relative error {entry['rel_error']:.4f} on "
             f"{entry['held_out_images']} held-out images (fit {entry['rel_error_fit']:.4f}), "
             f"{entry['seconds']}s")
     e2e = None
     if e2e_images is not None and learned:
         e2e = _refine_end_to_end(model, plan, arrays, e2e_images, e2e_labels, e2e_flip,
-                                 e2e_epochs, log)
+                                 e2e_epochs)
     order = {s.id: i for i, s in enumerate(plan.sites)}
     report.sort(key=lambda r: order[r["id"]])
     meta = {"calibration": calibration, "sites": report,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-from .errors import RebirthError
+from ..errors import RebirthError
 
 _ARM = {"kind": "llvm", "mtriple": "aarch64-linux-gnu", "num-cores": 4}
 PRESETS = {

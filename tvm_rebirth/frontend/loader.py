@@ -10,8 +10,8 @@ import warnings
 from pathlib import Path
 
 from . import zoo
-from .errors import RebirthError
-from .passes.attach_layer_names import AttachLayerNames
+from ..errors import RebirthError
+from ..passes.attach_layer_names import AttachLayerNames
 
 # ONNX op type -> the Relax op (or recognised subgraph) the ONNX frontend emits for it, so the
 # k-th Relax conv2d can be named after the k-th ONNX Conv node (the frontend keeps node order).

@@ -8,17 +8,17 @@ Install the extra with ``pip install torch==2.13.0``.
 
 from __future__ import annotations
 
-import sys
+import logging
 import time
 
 import numpy as np
 
-from .errors import RebirthError
-from .passes.exact_merge import evaluate_constant
+from ..errors import RebirthError
+from ..passes.exact_merge import evaluate_constant
+
+logger = logging.getLogger(__name__)
 
 
-def _log(message):
-    print(message, file=sys.stderr, flush=True)
 
 
 def _ints(values):
@@ -162,7 +162,7 @@ def check_labels(mod, labels, count, func_name="main"):
 
 
 def distill(original_mod, rebirth_mod, trainable, images, labels=None, flip=False, epochs=3,
-            batch=64, lr=2e-3, seed=0, temperature=4.0, log=_log) -> tuple:
+            batch=64, lr=2e-3, seed=0, temperature=4.0) -> tuple:
     """Train the ``trainable`` convs of ``rebirth_mod`` towards ``original_mod`` on ``images``;
     returns ({key: array}, report).
 
@@ -193,7 +193,7 @@ def distill(original_mod, rebirth_mod, trainable, images, labels=None, flip=Fals
         y_all = torch.from_numpy(np.asarray(labels).astype(np.int64).reshape(-1))
         y_train, y_check = y_all[train_rows], y_all[check_rows]
     start = time.time()
-    log(f"[finetune] end-to-end: original outputs of {len(x_all)} images"
+    logger.info(f"[finetune] end-to-end: original outputs of {len(x_all)} images"
         + (" and their flips" if flip else ""))
     with torch.no_grad():
         def logits(model, x):
@@ -253,14 +253,14 @@ def distill(original_mod, rebirth_mod, trainable, images, labels=None, flip=Fals
         now = evaluate()
         if score(now) > score(best):
             best, best_epoch, best_arrays = now, epoch + 1, snapshot()
-        log(f"[finetune] end-to-end epoch {epoch + 1}/{epochs}: held-out output error "
+        logger.info(f"[finetune] end-to-end epoch {epoch + 1}/{epochs}: held-out output error "
             f"{now['output_rel_error']:.4f}"
             + (f", top-1 {now['top1'] * 100:.2f}%" if "top1" in now else "")
             + f" ({time.time() - start:.0f}s)")
     # early stopping on the held-out images: a refinement that made them worse is not kept
     after, arrays = best, best_arrays
     if best_epoch < epochs:
-        log(f"[finetune] end-to-end: keeping the weights after epoch {best_epoch} "
+        logger.info(f"[finetune] end-to-end: keeping the weights after epoch {best_epoch} "
             "(best on the held-out images)" if best_epoch else
             "[finetune] end-to-end: no epoch beat the layer-wise weights on the held-out "
             "images; keeping those")

@@ -10,16 +10,18 @@ names where the original prototxt is known) so plan site ids say which layers th
 
 from __future__ import annotations
 
+import logging
 import dataclasses
 import hashlib
 import os
 import re
-import sys
 from pathlib import Path
 
 import numpy as np
 
-from .errors import RebirthError
+from ..errors import RebirthError
+
+logger = logging.getLogger(__name__)
 
 MATERIALISE_SEED = 20170815  # the DeepRebirth arXiv date; changing it changes every sha256
 
@@ -110,7 +112,7 @@ def zoo_path(name: str) -> Path:
         return path
     path = cache_dir() / "models" / f"{name}.onnx"
     if not path.exists():
-        print(f"[zoo] materialising {name} into {path} (once)", file=sys.stderr)
+        logger.info(f"[zoo] materialising {name} into {path} (once)")
         model = materialise(ZOO[name])
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".tmp{os.getpid()}")
@@ -222,7 +224,7 @@ def _calibrate_batchnorm(model, entry, rng):
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = int(os.environ.get("TVM_NUM_THREADS", "2"))
     opts.log_severity_level = 3
-    print(f"[zoo] {entry.name}: calibrating {len(bns)} BatchNorm layers", file=sys.stderr)
+    logger.info(f"[zoo] {entry.name}: calibrating {len(bns)} BatchNorm layers")
     for start in range(0, len(bns)):
         bn = bns[start]
         probe = onnx.ModelProto()

@@ -14,6 +14,7 @@ without binfmt_misc, which containers lack).
 
 from __future__ import annotations
 
+import logging
 import contextlib
 import json
 import os
@@ -25,8 +26,10 @@ import sys
 import time
 from pathlib import Path
 
-from .errors import RebirthError
-from .zoo import cache_dir
+from ..errors import RebirthError
+from ..frontend.zoo import cache_dir
+
+logger = logging.getLogger(__name__)
 
 EMULATED_KEY = "cortex-a72"
 LOCAL_KEY = "local"
@@ -40,8 +43,6 @@ TOOLS = {"qemu-aarch64-static": "qemu-user-static", "qemu-aarch64": "qemu-user",
          "mmdebstrap": "mmdebstrap", "aarch64-linux-gnu-g++": "g++-aarch64-linux-gnu"}
 
 
-def _log(message):
-    print(message, file=sys.stderr, flush=True)
 
 
 def devices_dir() -> Path:
@@ -73,13 +74,13 @@ def private_state(directory):
 # --------------------------------------------------------------------------- provisioning
 
 
-def ensure_tools(log=_log) -> None:
+def ensure_tools() -> None:
     """Install the missing tools with apt-get when we can, else say exactly what to install."""
     missing = sorted({pkg for cmd, pkg in TOOLS.items() if shutil.which(cmd) is None})
     if not missing:
         return
     if os.geteuid() == 0 and shutil.which("apt-get"):
-        log(f"[device] installing {' '.join(missing)} (apt-get)")
+        logger.info(f"[device] installing {' '.join(missing)} (apt-get)")
         for args in (["apt-get", "update", "-qq"], ["apt-get", "install", "-y", "-qq", *missing]):
             proc = subprocess.run(args, capture_output=True, text=True,
                                   env=dict(os.environ, DEBIAN_FRONTEND="noninteractive"))
@@ -98,22 +99,22 @@ def sysroot_dir() -> Path:
     return devices_dir() / f"arm64-{DEBIAN_SUITE}"
 
 
-def ensure_sysroot(log=_log) -> Path:
+def ensure_sysroot() -> Path:
     """The arm64 sysroot with the aarch64 TVM runtime, built once (about a minute)."""
     root = sysroot_dir()
     if (root / "ready.json").exists():
         return root
-    ensure_tools(log)
+    ensure_tools()
     build = root.with_name(root.name + f".build{os.getpid()}")
     shutil.rmtree(build, ignore_errors=True)
     build.mkdir(parents=True)
     try:
-        log(f"[device] building the arm64 Debian sysroot in {root} (once)")
+        logger.info(f"[device] building the arm64 Debian sysroot in {root} (once)")
         _run(["mmdebstrap", "--variant=extract", "--architectures=arm64",
               "--include=python3.11,libstdc++6", DEBIAN_SUITE, str(build / "root")],
              "mmdebstrap (needs network access to deb.debian.org)")
         wheels = build / "wheels"
-        log("[device] downloading the aarch64 wheels: " + ", ".join(GUEST_WHEELS))
+        logger.info("[device] downloading the aarch64 wheels: " + ", ".join(GUEST_WHEELS))
         _run([sys.executable, "-m", "pip", "download", "--quiet", "--only-binary=:all:",
               "--no-deps", "--platform", "manylinux_2_28_aarch64", "--platform",
               "manylinux2014_aarch64", "--python-version", "3.11", "-d", str(wheels),
@@ -242,13 +243,13 @@ def wait_for_keys(port: int, counts: dict, timeout: float, pids=()) -> dict:
                        f"{state_path().parent / 'logs'})")
 
 
-def start(port=None, local=False, emulated=True, servers=1, log=_log) -> dict:
+def start(port=None, local=False, emulated=True, servers=1) -> dict:
     """Start a tracker on 127.0.0.1 and the devices; returns the state (also on disk)."""
     state = read_state()
     if state and any(_alive(p["pid"]) for p in state["processes"]):
         raise RebirthError(f"devices already running (tracker 127.0.0.1:{state['port']}); "
                            "`tvm-rebirth device stop` first")
-    root = ensure_sysroot(log) if emulated else None
+    root = ensure_sysroot() if emulated else None
     port = port or free_port(9190)
     logs = state_path().parent / "logs"
     processes = []
@@ -278,7 +279,7 @@ def start(port=None, local=False, emulated=True, servers=1, log=_log) -> dict:
                               "port": server_port})
             state["keys"].append(LOCAL_KEY)
         _write_state(state)
-        log(f"[device] tracker 127.0.0.1:{port}; waiting for {', '.join(state['keys'])}")
+        logger.info(f"[device] tracker 127.0.0.1:{port}; waiting for {', '.join(state['keys'])}")
         counts = {}
         for proc in processes[1:]:
             counts[proc["key"]] = counts.get(proc["key"], 0) + 1

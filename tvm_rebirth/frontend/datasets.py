@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import RebirthError
+from ..errors import RebirthError
 
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 FASHION_MNIST_CLASSES = ["t-shirt/top", "trouser", "pullover", "dress", "coat", "sandal",

@@ -1,0 +1,1 @@
+"""Stage 5, the library: targets, schedule rules, tuning databases, MetaSchedule tuning, build."""

@@ -1,0 +1,1 @@
+"""Stage 3, the weights: calibration images, least-squares fitting, fine-tune, weights files."""

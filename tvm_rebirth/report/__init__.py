@@ -1,0 +1,1 @@
+"""Stage 7, the report: side-by-side measurements, time per layer type, plots, output files."""
