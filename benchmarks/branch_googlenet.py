@@ -10,17 +10,13 @@ writes benchmarks/results/<model>_branch.{json,md}
 import argparse
 import os
 import sys
-import time
 
 os.environ.setdefault("TVM_NUM_THREADS", "2")
 
 from _common import table, write  # noqa: E402
 
-from tvm_rebirth import RebirthPlan, load_model  # noqa: E402
-from tvm_rebirth.learn.calib import calibration_images  # noqa: E402
-from tvm_rebirth.learn.finetune import finetune  # noqa: E402
+from tvm_rebirth import flow  # noqa: E402
 from tvm_rebirth.report.measure import bench_variants  # noqa: E402
-from tvm_rebirth.passes import rebirth_pipeline  # noqa: E402
 
 
 def main():
@@ -29,20 +25,20 @@ def main():
     ap.add_argument("--images", type=int, default=256)
     ap.add_argument("--rounds", type=int, default=9)
     args = ap.parse_args()
-    model = load_model(args.model)
-    images, description = calibration_images(model, count=args.images)
-    plans = {
-        "streamline": RebirthPlan.from_model(model, kinds=["streamline"]),
-        "all sites (carry widths, default)": RebirthPlan.from_model(model),
-        "all sites (paper widths)": RebirthPlan.from_model(model, branch_widths="paper"),
+    model = flow.load(args.model)
+    calib = flow.calibration(model, flow.RebirthOptions(images=args.images))
+    images, description = calib
+    variants = {
+        "streamline": flow.RebirthOptions(kinds=("streamline",)),
+        "all sites (carry widths, default)": flow.RebirthOptions(),
+        "all sites (paper widths)": flow.RebirthOptions(branch_widths="paper"),
     }
     mods, fits = {"original": model.mod}, {}
-    for name, plan in plans.items():
+    for name, options in variants.items():
         print(f"== fine-tuning: {name}", file=sys.stderr)
-        t = time.time()
-        weights, fit = finetune(model, plan, images, description)
-        fits[name] = {"seconds": round(time.time() - t, 1), "sites": fit["sites"]}
-        mods[name] = rebirth_pipeline(plan, weights)(model.mod)
+        rebirth = flow.rebirth_model(model, options, images=calib)
+        fits[name] = {"seconds": round(rebirth.fit_seconds, 1), "sites": rebirth.fit["sites"]}
+        mods[name] = rebirth.mod
     bench = bench_variants(mods, images[:1], rounds=args.rounds)
     payload = {"model": args.model, "calibration": description, "fit": fits, **bench}
     rows = []

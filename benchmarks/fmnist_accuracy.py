@@ -11,7 +11,6 @@ writes benchmarks/results/fmnist_inception_accuracy.{json,md}
 """
 
 import argparse
-import dataclasses
 import os
 import sys
 
@@ -20,12 +19,9 @@ os.environ.setdefault("TVM_NUM_THREADS", "2")
 from _common import write  # noqa: E402
 from run_all import accuracy_table, end_to_end_text  # noqa: E402
 
-from tvm_rebirth import RebirthPlan, load_model  # noqa: E402
+from tvm_rebirth import flow  # noqa: E402
 from tvm_rebirth.compile.build import Runner  # noqa: E402
-from tvm_rebirth.learn.calib import calibration_images, labeled_training_images  # noqa: E402
-from tvm_rebirth.learn.finetune import finetune  # noqa: E402
 from tvm_rebirth.report.measure import labeled_set, top_k  # noqa: E402
-from tvm_rebirth.passes import rebirth_pipeline  # noqa: E402
 
 
 def markdown(payload):
@@ -43,40 +39,40 @@ def main():
     ap.add_argument("--retrain-images", type=int, default=60000, help="labeled retraining")
     ap.add_argument("--retrain-epochs", type=int, default=8)
     args = ap.parse_args()
-    model = load_model("fmnist-inception")
-    full = RebirthPlan.from_model(model)
-    images, description = calibration_images(model, count=args.images)
+    model = flow.load("fmnist-inception")
+    full = flow.find_plan(model)
+    calib = flow.calibration(model, flow.RebirthOptions(images=args.images))
+    description = calib[1]
     test_x, test_y, test_desc = labeled_set(model, args.limit)
     steps, runners = [], {"original": Runner(model.mod)}
+
+    def rebirth(name, options=None, plan=None):
+        """Fine-tune (on the shared calibration images) and slim; a runner named ``name``."""
+        result = flow.rebirth_model(model, options, plan=plan, images=calib)
+        runners[name] = Runner(result.mod)
+        return result
+
     for k in range(1, len(full.sites) + 1):  # cumulative, in network order
         ids = {s.id for s in full.sites[:k]}
-        plan = dataclasses.replace(full, sites=[dataclasses.replace(s, enabled=s.id in ids)
-                                                for s in full.sites])
-        weights, _ = finetune(model, plan, images, description)
-        runners[f"+ {full.sites[k - 1].id}"] = Runner(rebirth_pipeline(plan, weights)(model.mod))
+        rebirth(f"+ {full.sites[k - 1].id}", plan=flow.with_enabled(full, lambda s: s.id in ids))
     for widths in ("carry", "paper"):
-        plan = RebirthPlan.from_model(model, kinds=["branch"], branch_widths=widths)
-        weights, _ = finetune(model, plan, images, description)
-        runners[f"branch sites only ({widths} widths)"] = Runner(
-            rebirth_pipeline(plan, weights)(model.mod))
+        rebirth(f"branch sites only ({widths} widths)",
+                flow.RebirthOptions(kinds=("branch",), branch_widths=widths))
     e2e = {}
     try:
         import torch  # noqa: F401  (the optional extra)
     except ImportError:
         print("torch not installed: skipping the end-to-end rows", file=sys.stderr)
     else:
-        e2e_x, _ = calibration_images(model, count=args.e2e_images, seed=1)
-        weights, report = finetune(model, full, images, description, e2e_images=e2e_x,
-                                   e2e_epochs=args.e2e_epochs)
-        e2e["distillation"] = report["end_to_end"]
-        runners["all sites + end-to-end distillation (unlabeled)"] = Runner(
-            rebirth_pipeline(full, weights)(model.mod))
-        x, y, _ = labeled_training_images(model, count=args.retrain_images, seed=1)
-        weights, report = finetune(model, full, images, description, e2e_images=x,
-                                   e2e_labels=y, e2e_flip=True, e2e_epochs=args.retrain_epochs)
-        e2e["retraining"] = report["end_to_end"]
-        runners["all sites + retraining with labels"] = Runner(
-            rebirth_pipeline(full, weights)(model.mod))
+        e2e["distillation"] = rebirth(
+            "all sites + end-to-end distillation (unlabeled)",
+            flow.RebirthOptions(e2e=flow.E2EOptions(True, args.e2e_images, args.e2e_epochs)),
+            plan=full).fit["end_to_end"]
+        e2e["retraining"] = rebirth(
+            "all sites + retraining with labels",
+            flow.RebirthOptions(e2e=flow.E2EOptions(True, args.retrain_images,
+                                                    args.retrain_epochs, "source", flip=True)),
+            plan=full).fit["end_to_end"]
     result = top_k(runners, test_x, test_y)
     base = result["original"]["top1"]
     for name in runners:

@@ -9,7 +9,6 @@ writes benchmarks/results/fmnist_layerwise_limits.{json,md}
 """
 
 import argparse
-import dataclasses
 import os
 import sys
 
@@ -18,12 +17,9 @@ os.environ.setdefault("TVM_NUM_THREADS", "2")
 from _common import write  # noqa: E402
 from run_all import limits_table  # noqa: E402
 
-from tvm_rebirth import RebirthPlan, load_model  # noqa: E402
+from tvm_rebirth import flow  # noqa: E402
 from tvm_rebirth.compile.build import Runner  # noqa: E402
-from tvm_rebirth.learn.calib import calibration_images  # noqa: E402
-from tvm_rebirth.learn.finetune import finetune  # noqa: E402
 from tvm_rebirth.report.measure import labeled_set, top_k  # noqa: E402
-from tvm_rebirth.passes import rebirth_pipeline  # noqa: E402
 
 STEM = "conv1+pool1+norm1"
 # variant -> which sites of the default plan stay enabled
@@ -48,18 +44,17 @@ def main():
     ap.add_argument("--images", type=int, default=256)
     ap.add_argument("--limit", type=int)
     args = ap.parse_args()
-    model = load_model("fmnist-inception")
-    full = RebirthPlan.from_model(model)
-    images, description = calibration_images(model, count=args.images)
+    model = flow.load("fmnist-inception")
+    full = flow.find_plan(model)
+    calib = flow.calibration(model, flow.RebirthOptions(images=args.images))
+    description = calib[1]
     test_x, test_y, test_desc = labeled_set(model, args.limit)
     runners, fits = {"original": Runner(model.mod)}, {}
     for name, keep in VARIANTS.items():
         print(f"[limits] {name}", file=sys.stderr, flush=True)
-        plan = dataclasses.replace(full, sites=[dataclasses.replace(s, enabled=keep(s))
-                                                for s in full.sites])
-        weights, report = finetune(model, plan, images, description)
-        fits[name] = report["sites"]
-        runners[name] = Runner(rebirth_pipeline(plan, weights)(model.mod))
+        rebirth = flow.rebirth_model(model, plan=flow.with_enabled(full, keep), images=calib)
+        fits[name] = rebirth.fit["sites"]
+        runners[name] = Runner(rebirth.mod)
     result = top_k(runners, test_x, test_y)
     base = result["original"]["top1"]
     variants = []

@@ -22,13 +22,9 @@ os.environ.setdefault("TVM_NUM_THREADS", "2")
 
 from _common import machine, ort_timer, table, write  # noqa: E402
 
-from tvm_rebirth import RebirthPlan, load_model  # noqa: E402
+from tvm_rebirth import flow  # noqa: E402
 from tvm_rebirth.compile.build import Runner  # noqa: E402
-from tvm_rebirth.learn.calib import calibration_images  # noqa: E402
-from tvm_rebirth.learn.finetune import finetune  # noqa: E402
 from tvm_rebirth.report.measure import count_gflops, interleaved_rounds, tvm_timer  # noqa: E402
-from tvm_rebirth.passes import rebirth_pipeline  # noqa: E402
-from tvm_rebirth.learn.weights import RebirthWeights  # noqa: E402
 
 
 def peak_gflops(threads: int) -> float:
@@ -55,18 +51,14 @@ def main():
     args = ap.parse_args()
 
     threads = int(os.environ["TVM_NUM_THREADS"])
-    model = load_model(args.model)
-    if args.plan:
-        plan = RebirthPlan.load(args.plan)
-        plan.validate(model)
-    else:
-        plan = RebirthPlan.from_model(model, kinds=args.kinds.split(","),
-                                      branch_widths=args.branch_widths)
-    images, description = calibration_images(model, count=args.images)
-    weights = (RebirthWeights.load(args.weights, plan) if args.weights
-               else finetune(model, plan, images, description)[0])
-    rebirth = rebirth_pipeline(plan, weights)(model.mod)
-    x = images[:1]
+    model = flow.load(args.model)
+    options = flow.RebirthOptions(plan=args.plan, weights=args.weights, images=args.images,
+                                  kinds=tuple(args.kinds.split(",")),
+                                  branch_widths=args.branch_widths)
+    calib = flow.calibration(model, options)  # always: its first image is the timed input
+    result = flow.rebirth_model(model, options, images=calib)
+    plan, rebirth = result.plan, result.mod
+    x = calib[0][:1]
     runners = {"tvm_original": Runner(model.mod), "tvm_rebirth": Runner(rebirth)}
     timers = {"onnxruntime_original": ort_timer(model, x, threads, args.number)}
     timers.update({name: tvm_timer(runner, x, args.number) for name, runner in runners.items()})

@@ -23,28 +23,26 @@ os.environ.setdefault("TVM_NUM_THREADS", "2")
 
 from _common import ort_timer, table, write  # noqa: E402
 
-from tvm_rebirth import RebirthPlan, load_model  # noqa: E402
+from tvm_rebirth import flow  # noqa: E402
 from tvm_rebirth.compile.build import Runner  # noqa: E402
-from tvm_rebirth.learn.calib import calibration_images  # noqa: E402
-from tvm_rebirth.learn.finetune import finetune  # noqa: E402
 from tvm_rebirth.report.measure import count_gflops, interleaved_rounds, tvm_timer  # noqa: E402
-from tvm_rebirth.passes import rebirth_pipeline  # noqa: E402
-from tvm_rebirth.deploy.remote import bench_on_emulated_device  # noqa: E402
 from tvm_rebirth.frontend.zoo import ZOO  # noqa: E402
 
 
 def measure(name, args, threads):
-    model = load_model(name)
-    plan = RebirthPlan.from_model(model)
-    counts = {k: sum(s.kind == k for s in plan.sites) for k in ("streamline", "branch")}
+    model = flow.load(name)
+    plan = flow.find_plan(model)
+    counts = flow.site_counts(plan)
     if not plan.enabled_sites():
         return {"model": name, "sites": counts}
+    options = flow.RebirthOptions(images=args.images)
     start = time.time()
-    images, description = calibration_images(model, count=args.images)
-    weights, _ = finetune(model, plan, images, description)
-    fit_seconds = round(time.time() - start, 1)
-    rebirth = rebirth_pipeline(plan, weights)(model.mod)
-    x = images[:1]
+    calib = flow.calibration(model, options)  # always: its first image is the timed input
+    calib_seconds = time.time() - start
+    result = flow.rebirth_model(model, options, plan=plan, images=calib)
+    fit_seconds = round(calib_seconds + result.fit_seconds, 1)
+    rebirth = result.mod
+    x = calib[0][:1]
     runners = {"original": Runner(model.mod), "rebirth": Runner(rebirth)}
     timers = {"onnxruntime": ort_timer(model, x, threads, args.number)}
     timers.update({k: tvm_timer(r, x, args.number) for k, r in runners.items()})
@@ -69,12 +67,12 @@ def measure(name, args, threads):
     entry["memory_ratio"] = round(entry["memory_mb"]["original"] / entry["memory_mb"]["rebirth"], 3)
     if name in args.device_models:
         with tempfile.TemporaryDirectory(prefix="zoo-device-") as tmp:
-            dev = bench_on_emulated_device({"original": model.mod, "rebirth": rebirth}, x, tmp)
+            dev = flow.bench_emulated(model, rebirth, tmp, x=x)
         if "skipped" in dev:
             entry["instructions"] = {"skipped": dev["skipped"]}
         else:
             entry["instructions"] = {k: dev[k]["instructions"] for k in ("original", "rebirth")}
-            entry["instructions"]["ratio"] = dev["rebirth"]["instructions_ratio"]
+            entry["instructions"]["ratio"] = dev["instructions_ratio"]
             entry["instructions"]["device"] = dev["device"]
     return entry
 

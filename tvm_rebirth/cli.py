@@ -1,5 +1,8 @@
 """The `tvm-rebirth` command line (contract in DESIGN.md: a table by default, exactly one
-JSON object on stdout with --json, logs on stderr, one-line errors and exit code 2)."""
+JSON object on stdout with --json, logs on stderr, one-line errors and exit code 2).
+
+Only parsing and rendering: every command turns its arguments into flow's typed args and
+renders the payload flow returns (tvm_rebirth/flow.py does the work)."""
 
 from __future__ import annotations
 
@@ -8,9 +11,9 @@ import json
 import logging
 import os
 import sys
-import time
 import traceback
 
+from . import flow
 from .errors import RebirthError
 from .report.output import table, write_json
 from .passes.site import BRANCH_WIDTHS, KERNEL_POLICIES, SITE_KINDS
@@ -26,23 +29,13 @@ def _emit(args, payload: dict, text: str) -> None:
         sys.stdout.write(text + "\n")
 
 
-# -- commands ------------------------------------------------------------------------------
+# -- commands: parse -> flow -> render ------------------------------------------------------
 def cmd_models(args) -> None:
-    from .frontend import zoo
-
-    models = []
-    for entry in zoo.ZOO.values():
-        cached = (zoo.cache_dir() / "models" / f"{entry.name}.onnx").exists()
-        source = f"package: {entry.path}" if entry.path else f"onnx wheel: {entry.source}"
-        cached = cached or bool(entry.path)
-        models.append({"name": entry.name, "source": source,
-                       "input_shape": list(entry.input_shape), "description": entry.description,
-                       "cached": cached, "default": entry.name == zoo.DEFAULT_MODEL})
+    payload = flow.models()
     rows = [[m["name"] + (" (default)" if m["default"] else ""), m["description"],
              "x".join(map(str, m["input_shape"])), "yes" if m["cached"] else "no"]
-            for m in models]
-    _emit(args, {"models": models},
-          table(rows, ["model", "architecture", "input", "cached"]))
+            for m in payload["models"]]
+    _emit(args, payload, table(rows, ["model", "architecture", "input", "cached"]))
 
 
 def _parse_kinds(text: str) -> list:
@@ -66,124 +59,41 @@ def _site_rows(sites) -> list:
     return rows
 
 
-def _site_json(s) -> dict:
-    return {"id": s.id, "kind": s.kind, "exact": s.exact, "enabled": s.enabled, "ops": s.ops,
-            "layers": s.layers, "old_conv": [c.to_dict() for c in s.old_conv],
-            "new_conv": [c.to_dict() for c in s.new_conv], "note": s.note,
-            **({"absorb": s.absorb} if s.absorb else {})}
-
-
 def cmd_plan(args) -> None:
-    from .frontend.loader import load_model
-    from .plan import RebirthPlan
-
-    kinds = _parse_kinds(args.kinds)
-    start = time.time()
-    logger.info(f"[plan] loading {args.model}")
-    model = load_model(args.model)
-    if args.check:
-        plan = RebirthPlan.load(args.check)
-        logger.info(f"[plan] validating {args.check} against {model.name}")
-        plan.validate(model, label=args.check)
-        out = args.check
-    else:
-        logger.info(f"[plan] finding rebirth sites ({args.policy})")
-        plan = RebirthPlan.from_model(model, policy=args.policy, kinds=kinds,
-                                      branch_widths=args.branch_widths)
-        out = args.output or f"{model.name}.plan.yaml"
-        plan.save(out)
-    payload = {"model": model.name, "sha256": model.sha256, "plan": os.path.abspath(out),
-               "plan_sha256": plan.sha256, "valid": True,
-               "policy": plan.policy, "input_shapes": plan.input_shapes,
-               "sites": [_site_json(s) for s in plan.sites], "rejected": plan.rejected,
-               "counts": {k: sum(s.kind == k for s in plan.sites) for k in SITE_KINDS},
-               "seconds": round(time.time() - start, 2)}
+    plan, payload = flow.plan_command(flow.PlanArgs(
+        model=args.model, output=args.output, check=args.check, policy=args.policy,
+        kinds=_parse_kinds(args.kinds), branch_widths=args.branch_widths))
+    out = args.check or args.output or f"{payload['model']}.plan.yaml"
     text = table(_site_rows(plan.sites), ["site", "kind", "ops", "old -> new conv", "exact"])
     counts = ", ".join(f"{v} {k}" for k, v in payload["counts"].items())
     done = "is valid" if args.check else "written to"
-    text += f"\n\n{model.name}: {counts} site(s); plan {done} {out}"
+    text += f"\n\n{payload['model']}: {counts} site(s); plan {done} {out}"
     for r in plan.rejected:
         text += f"\nrejected {r['id']}: {r['reason']}"
     _emit(args, payload, text)
 
 
-def _plan_for(args, model):
-    from .plan import RebirthPlan
-
-    if getattr(args, "plan", None):
-        plan = RebirthPlan.load(args.plan)
-        plan.validate(model)
-        return plan
-    logger.info(f"[{args.command}] no --plan: planning every site of {model.name} (keep-kernel)")
-    return RebirthPlan.from_model(model)
-
-
-def _calibration(args, model, plan):
-    from .learn.calib import calibration_images
-
-    if not any(not s.exact for s in plan.enabled_sites()):
-        return None, "none needed (exact sites only)"
-    logger.info(f"[{args.command}] loading {args.images} calibration images")
-    return calibration_images(model, args.calib, count=args.images)
-
-
-def _weights_for(args, model, plan):
-    from .learn.finetune import finetune
-    from .learn.weights import RebirthWeights
-
-    if getattr(args, "weights", None):
-        if not getattr(args, "plan", None):
-            raise RebirthError("--weights needs the --plan it was learned for")
-        return RebirthWeights.load(args.weights, plan)
-    logger.info(f"[{args.command}] no --weights: fine-tuning the plan first")
-    images, description = _calibration(args, model, plan)
-    weights, _ = finetune(model, plan, images, description)
-    return weights
-
-
-def _rebirth_module(model, plan, weights):
-    from .passes import rebirth_pipeline
-
-    return rebirth_pipeline(plan, weights)(model.mod)
+def _rebirth_options(args) -> flow.RebirthOptions:
+    """--plan/--weights/--calib/--images (and finetune's --e2e*) as flow options."""
+    e2e = flow.E2EOptions()
+    if hasattr(args, "e2e"):
+        e2e = flow.E2EOptions(enabled=args.e2e, images=args.e2e_images, epochs=args.e2e_epochs,
+                              labels=args.e2e_labels, flip=args.e2e_flip)
+    return flow.RebirthOptions(plan=args.plan, weights=getattr(args, "weights", None),
+                               calib=args.calib, images=args.images, e2e=e2e)
 
 
 def cmd_finetune(args) -> None:
-    from .learn.finetune import finetune
-    from .frontend.loader import load_model
-
-    start = time.time()
-    model = load_model(args.model)
-    plan = _plan_for(args, model)
-    images, description = _calibration(args, model, plan)
-    e2e_images = e2e_labels = None
-    if (args.e2e_labels or args.e2e_flip) and not args.e2e:
-        raise RebirthError("--e2e-labels and --e2e-flip refine end to end: add --e2e")
-    if args.e2e:
-        from .learn.calib import calibration_images, labeled_training_images
-
-        logger.info(f"[finetune] loading {args.e2e_images} images for end-to-end refinement")
-        if args.e2e_labels:
-            e2e_images, e2e_labels, _ = labeled_training_images(
-                model, args.calib, None if args.e2e_labels == "source" else args.e2e_labels,
-                count=args.e2e_images)
-        else:
-            e2e_images, _ = calibration_images(model, args.calib, count=args.e2e_images, seed=1)
-    weights, report = finetune(model, plan, images, description, e2e_images=e2e_images,
-                               e2e_epochs=args.e2e_epochs, e2e_labels=e2e_labels,
-                               e2e_flip=args.e2e_flip)
-    out = args.output or f"{model.name}.weights.npz"
-    weights.save(out)
-    payload = {"model": model.name, "weights": os.path.abspath(out), "plan_sha256": plan.sha256,
-               "calibration": description, "sites": report["sites"],
-               "seconds": round(time.time() - start, 2),
-               **({"end_to_end": report["end_to_end"]} if "end_to_end" in report else {})}
+    payload = flow.finetune_command(flow.FinetuneArgs(
+        model=args.model, rebirth=_rebirth_options(args), output=args.output))
+    out = args.output or f"{payload['model']}.weights.npz"
     rows = [[r["id"], "exact" if r["exact"] else "learned",
              "-" if r["rel_error"] is None else f"{r['rel_error']:.4f}", f"{r['seconds']:.1f}"]
-            for r in report["sites"]]
+            for r in payload["sites"]]
     text = table(rows, ["site", "kind", "rel. error", "seconds"]) + (
-        f"\n\nweights written to {out} ({description}); {payload['seconds']}s")
-    if "end_to_end" in report:
-        e2e = report["end_to_end"]
+        f"\n\nweights written to {out} ({payload['calibration']}); {payload['seconds']}s")
+    if "end_to_end" in payload:
+        e2e = payload["end_to_end"]
         text += (f"\nend-to-end refinement ({e2e['loss']}): held-out output error "
                  f"{e2e['output_rel_error_before']:.4f} -> {e2e['output_rel_error_after']:.4f}"
                  + (f", held-out top-1 {e2e['held_out_top1_before'] * 100:.2f}% -> "
@@ -193,159 +103,72 @@ def cmd_finetune(args) -> None:
     _emit(args, payload, text)
 
 
-def _require_device(args) -> None:
-    """--tracker/--key checked before any fine-tuning or building: both or neither, and the
-    tracker must have the key."""
-    if bool(args.tracker) != bool(args.key):
-        raise RebirthError("--tracker and --key go together (the tracker's address and the "
-                           "device key to measure on)")
-    if args.tracker:
-        from .deploy.rpc import parse_tracker, require_key
-
-        require_key(*parse_tracker(args.tracker), args.key)
-
-
 def cmd_bench(args) -> None:
-    from .compile.build import host_target
-    from .report.measure import bench_pair
-    from .frontend.loader import load_model
-
-    _require_device(args)
-    if args.profile and args.tracker:
-        raise RebirthError("--profile times kernels on this CPU; drop it with --tracker")
-    model = load_model(args.model)
-    plan = _plan_for(args, model)
-    weights = _weights_for(args, model, plan)
-    rebirth = _rebirth_module(model, plan, weights)
-    from .learn.calib import bench_input
-
-    x, input_desc = bench_input(model)
-    if args.tracker:
-        from .report.measure import pair_layout
-        from .deploy.remote import bench_on_device
-
-        result = pair_layout(bench_on_device({"original": model.mod, "rebirth": rebirth}, x,
-                                             args.tracker, args.key, args.target,
-                                             rounds=args.rounds,
-                                             session_timeout=args.session_timeout))
-        device = result.pop("device")
-    else:
-        result = bench_pair(model.mod, rebirth, x, rounds=args.rounds, profile=args.profile)
-        target = host_target()
-        device = f"host {target.attrs['mcpu']} ({os.environ.get('TVM_NUM_THREADS')} threads)"
-    payload = {"model": model.name, "device": device, "input": input_desc,
-               "sites": [s.id for s in plan.enabled_sites()], **result}
+    payload = flow.bench(flow.BenchArgs(
+        model=args.model, rebirth=_rebirth_options(args), tracker=args.tracker, key=args.key,
+        target=args.target, session_timeout=args.session_timeout, rounds=args.rounds,
+        profile=args.profile))
     if args.output:
         write_json(args.output, payload)
-    o, r = result["original"], result["rebirth"]
-    latency = "latency (ms, median)" if not result.get("latency_is_emulated") else \
+    o, r = payload["original"], payload["rebirth"]
+    latency = "latency (ms, median)" if not payload.get("latency_is_emulated") else \
         "latency (ms, EMULATED: not phone speed)"
-    rows = [[latency, o["latency_ms"], r["latency_ms"], f"{result['speedup']}x"],
+    rows = [[latency, o["latency_ms"], r["latency_ms"], f"{payload['speedup']}x"],
             ["planned memory (MB)", o["memory_mb"], r["memory_mb"],
-             f"{result['memory_ratio']}x"],
-            ["GFLOPs", o["gflops"], r["gflops"], f"{result['gflops_ratio']}x"]]
+             f"{payload['memory_ratio']}x"],
+            ["GFLOPs", o["gflops"], r["gflops"], f"{payload['gflops_ratio']}x"]]
     if "instructions" in o:
         rows.append(["instructions/inference (qemu cortex-a72, 1 thread)", o["instructions"],
-                     r["instructions"], f"{result['instructions_ratio']}x"])
+                     r["instructions"], f"{payload['instructions_ratio']}x"])
     text = table(rows, ["", "original", "rebirth", "ratio"]) + (
-        f"\n\nmax |original - rebirth| = {result['max_abs_err']:.4g} "
-        f"(outputs up to {result['max_abs_output']:.4g}); {device}")
+        f"\n\nmax |original - rebirth| = {payload['max_abs_err']:.4g} "
+        f"(outputs up to {payload['max_abs_output']:.4g}); {payload['device']}")
     if args.profile:
         from .report.profile import layer_time_rows
 
-        rows = layer_time_rows({k: result[k]["time_by_layer_type"]
+        rows = layer_time_rows({k: payload[k]["time_by_layer_type"]
                                 for k in ("original", "rebirth")})
         text += "\n\ntime per layer type (ms per inference, share):\n" + table(
             rows, ["layer type", "original", "rebirth"])
-    if "device_vs_host_max_abs_err" in result:
-        text += f"\ndevice vs host build: max abs difference {result['device_vs_host_max_abs_err']:.3g}"
+    if "device_vs_host_max_abs_err" in payload:
+        text += ("\ndevice vs host build: max abs difference "
+                 f"{payload['device_vs_host_max_abs_err']:.3g}")
     _emit(args, payload, text)
 
 
 def cmd_eval(args) -> None:
-    from .compile.build import Runner
-    from .report.measure import labeled_set, top_k
-    from .frontend.loader import load_model
-
-    model = load_model(args.model)
-    images, labels, description = labeled_set(model, args.limit)
-    plan = _plan_for(args, model)
-    weights = _weights_for(args, model, plan)
-    logger.info(f"[eval] building original and rebirth models; evaluating on {description}")
-    runners = {"original": Runner(model.mod), "rebirth": Runner(_rebirth_module(model, plan, weights))}
-    result = top_k(runners, images, labels)
-    payload = {"model": model.name, "labeled_set": description,
-               "sites": [s.id for s in plan.enabled_sites()], **result}
-    rows = [[name, f"{result[name]['top1'] * 100:.2f}", f"{result[name]['top5'] * 100:.2f}"]
+    payload = flow.evaluate(flow.EvalArgs(model=args.model, rebirth=_rebirth_options(args),
+                                          limit=args.limit))
+    rows = [[name, f"{payload[name]['top1'] * 100:.2f}", f"{payload[name]['top5'] * 100:.2f}"]
             for name in ("original", "rebirth")]
     text = table(rows, ["model", "top-1 %", "top-5 %"]) + (
-        f"\n\n{description}; predictions agree on {result['agreement'] * 100:.2f}%")
+        f"\n\n{payload['labeled_set']}; predictions agree on {payload['agreement'] * 100:.2f}%")
     _emit(args, payload, text)
 
 
 def cmd_build(args) -> None:
-    from .compile.build import compile_module, export_library
-    from .frontend.loader import load_model
-    from .compile.targets import resolve_target
-
-    target = resolve_target(args.target)
-    start = time.time()
-    model = load_model(args.model)
-    mod, what = _model_and_module(args, model)
-    logger.info(f"[build] compiling the {what} {model.name} for {args.target}")
-    compiled = compile_module(mod, target, tuned=not args.no_tuning_logs)
-    out = args.output or f"{model.name}-{what}-{args.target}.so"
-    export_library(compiled.executable, out, target)
-    payload = {"model": model.name, "variant": what, "path": os.path.abspath(out),
-               "target": args.target, "target_json": str(target),
-               "planned_memory_mb": round(compiled.planned_bytes / 2 ** 20, 3),
-               "tuned_functions": compiled.tuned, "functions": compiled.functions,
-               "bytes": os.path.getsize(out), "seconds": round(time.time() - start, 2)}
-    _emit(args, payload, f"{what} {model.name} for {args.target} -> {out} "
+    payload = flow.build(flow.BuildArgs(model=args.model, rebirth=_rebirth_options(args),
+                                        target=args.target, output=args.output,
+                                        tuning_logs=not args.no_tuning_logs))
+    out = args.output or f"{payload['model']}-{payload['variant']}-{args.target}.so"
+    _emit(args, payload, f"{payload['variant']} {payload['model']} for {args.target} -> {out} "
                          f"({payload['bytes'] / 2 ** 20:.1f} MiB, planned activations "
-                         f"{payload['planned_memory_mb']} MB, {compiled.tuned}/"
-                         f"{compiled.functions} functions from tuning_logs, "
+                         f"{payload['planned_memory_mb']} MB, {payload['tuned_functions']}/"
+                         f"{payload['functions']} functions from tuning_logs, "
                          f"{payload['seconds']}s)")
 
 
-def _model_and_module(args, model):
-    """(module, "original"|"rebirth"): the rebirth module when --plan/--weights are given."""
-    if args.plan or args.weights:
-        plan = _plan_for(args, model)
-        return _rebirth_module(model, plan, _weights_for(args, model, plan)), "rebirth"
-    return model.mod, "original"
-
-
 def cmd_tune(args) -> None:
-    from .frontend.loader import load_model
-    from .compile.targets import resolve_target
-    from .compile.database import default_log_dir
-    from .compile.tune import tune
-
-    target = resolve_target(args.target)
-    _require_device(args)
-    if args.trials < 1:
-        raise RebirthError(f"--trials must be positive, got {args.trials}")
-    model = load_model(args.model)
-    mod, what = _model_and_module(args, model)
-    log_dir = args.log_dir or default_log_dir(model.name, target, what == "rebirth")
-    logger.info(f"[tune] {what} {model.name} for {args.target}: up to {args.trials} trials -> {log_dir}")
-    report = tune(mod, target, log_dir, args.trials, model_name=model.name,
-                  max_tasks=args.max_tasks, build_timeout=args.build_timeout,
-                  tracker=args.tracker, key=args.key, measure=not args.no_measure)
-    tasks = report["tasks"]
-    default = sum(t["calls"] * (t["default_ms"] or 0) for t in tasks.values())
-    best = sum(t["calls"] * (t["best_ms"] or t["default_ms"] or 0) for t in tasks.values())
-    payload = {"model": model.name, "variant": what, "target": args.target,
-               "database": os.path.abspath(log_dir), "trials": report["trials"],
-               "failed_trials": report["failed_trials"], "wall_seconds": report["wall_seconds"],
-               "default_ms": round(default, 3), "best_ms": round(best, 3),
-               "model_ms": report.get("model_ms"), "tasks": tasks}
+    payload = flow.tune(flow.TuneArgs(
+        model=args.model, trials=args.trials, rebirth=_rebirth_options(args),
+        target=args.target, max_tasks=args.max_tasks, build_timeout=args.build_timeout,
+        measure=not args.no_measure, log_dir=args.log_dir, tracker=args.tracker, key=args.key))
+    tasks = payload["tasks"]
     rows = sorted(([n, t["calls"], t["default_ms"], t["best_ms"],
                     f"{(t.get('time_share') or 0) * 100:.1f}%"] for n, t in tasks.items()),
                   key=lambda r: -float(r[4][:-1]))
     text = table(rows[:15], ["task", "calls", "default (ms)", "best (ms)", "time share"]) + (
-        f"\n\n{report['trials']} trials in {report['wall_seconds']:.0f}s; sum of task times "
+        f"\n\n{payload['trials']} trials in {payload['wall_seconds']:.0f}s; sum of task times "
         f"{payload['default_ms']} ms with the default schedule -> {payload['best_ms']} ms tuned"
         f"\ndatabase: {payload['database']}")
     if payload["model_ms"]:
@@ -356,31 +179,20 @@ def cmd_tune(args) -> None:
 
 
 def cmd_device(args) -> None:
-    from .deploy import device
-
-    if args.action == "start":
-        if args.servers < 1:
-            raise RebirthError(f"--servers must be at least 1, got {args.servers}")
-        if args.no_emulated and not args.local:
-            raise RebirthError("nothing to start: --no-emulated needs --local")
-        device.start(port=args.port, local=args.local, emulated=not args.no_emulated,
-                     servers=args.servers)
-    elif args.action == "stop":
-        stopped = device.stop()
-        payload = {"stopped": [{"role": p["role"], "pid": p["pid"]} for p in stopped]}
+    payload = flow.device(flow.DeviceArgs(action=args.action, port=args.port, local=args.local,
+                                          emulated=not args.no_emulated, servers=args.servers))
+    if args.action == "stop":
+        stopped = payload["stopped"]
         _emit(args, payload, f"stopped {len(stopped)} process(es)" if stopped
               else "nothing was running")
         return
-    info = device.status()
-    payload = {"running": info["running"], "tracker": info["tracker"], "keys": info["keys"],
-               "processes": info["processes"]}
-    if not info["running"]:
+    if not payload["running"]:
         _emit(args, payload, "no devices running (`tvm-rebirth device start`)")
         return
-    rows = [[key, q.get("free", 0), q.get("pending", 0)] for key, q in info["keys"].items()]
+    rows = [[key, q.get("free", 0), q.get("pending", 0)] for key, q in payload["keys"].items()]
     procs = "\n".join(f"  {p['role']}: pid {p['pid']} ({'alive' if p['alive'] else 'dead'})"
-                      for p in info["processes"])
-    _emit(args, payload, f"tracker {info['tracker']}\n"
+                      for p in payload["processes"])
+    _emit(args, payload, f"tracker {payload['tracker']}\n"
                          + table(rows, ["key", "free", "pending"]) + "\n" + procs)
 
 

@@ -22,8 +22,6 @@ logger = logging.getLogger(__name__)
 STEPS = 7
 
 
-
-
 class _Stages:
     """Wall time per stage, in the order they ran."""
 
@@ -44,63 +42,49 @@ ACCURACY_IMAGES = 256
 def run_demo(report_dir, images=None, rounds=7, eval_limit=None, device=True) -> dict:
     """Run the demo and write its report; returns the summary (also summary.json).
     ``images``: calibration images for both models (default 64 GoogLeNet, 256 fmnist)."""
+    from . import flow
     from .frontend import zoo
-    from .compile.build import Runner
-    from .learn.calib import bench_input, calibration_images
-    from .learn.finetune import finetune
-    from .report.measure import bench_pair, labeled_set, pair_layout, top_k
-    from .frontend.loader import load_model
-    from .passes import rebirth_pipeline
-    from .plan import RebirthPlan
-    from .deploy.remote import bench_on_emulated_device
+    from .report.measure import labeled_set
 
     report = os.path.abspath(report_dir)
     os.makedirs(report, exist_ok=True)
     stages = _Stages()
     logger.info(f"[demo] 1/{STEPS} loading {zoo.DEFAULT_MODEL} (materialised once into "
         f"{zoo.cache_dir()})")
-    model = load_model(zoo.DEFAULT_MODEL)
+    model = flow.load(zoo.DEFAULT_MODEL)
     stages.done("load")
     logger.info(f"[demo] 2/{STEPS} finding rebirth sites")
-    plan = RebirthPlan.from_model(model)
+    options = flow.RebirthOptions(images=images or DEMO_IMAGES)
+    plan = flow.plan_for(model, options)
     plan.save(os.path.join(report, f"{model.name}.plan.yaml"))
-    counts = {k: sum(s.kind == k for s in plan.sites) for k in SITE_KINDS}
+    counts = flow.site_counts(plan)
     stages.done("plan")
-    count = images or DEMO_IMAGES
-    logger.info(f"[demo] 3/{STEPS} fine-tuning {len(plan.enabled_sites())} sites on {count} images")
-    calib, description = calibration_images(model, count=count)
-    weights, fit = finetune(model, plan, calib, description)
+    logger.info(f"[demo] 3/{STEPS} fine-tuning {len(plan.enabled_sites())} sites on "
+                f"{options.images} images")
+    weights, fit = flow.weights_for(model, plan, options)
     weights.save(os.path.join(report, f"{model.name}.weights.npz"))
     stages.done("finetune")
     logger.info(f"[demo] 4/{STEPS} slimming, building (tuning_logs applied) and benchmarking "
         "original vs rebirth on this CPU")
-    rebirth = rebirth_pipeline(plan, weights)(model.mod)
-    x, _ = bench_input(model)
-    bench = bench_pair(model.mod, rebirth, x, rounds=rounds, profile=True)
+    rebirth = flow.slim(model, plan, weights)
+    bench, _ = flow.bench_host(model, rebirth, rounds=rounds, profile=True)
     stages.done("bench")
     if device:
         logger.info(f"[demo] 5/{STEPS} the same pair on an emulated Cortex-A72 through an RPC tracker")
         try:
-            on_device = bench_on_emulated_device({"original": model.mod, "rebirth": rebirth},
-                                                 x, os.path.join(report, "device"))
+            on_device = flow.bench_emulated(model, rebirth, os.path.join(report, "device"))
         except RebirthError as err:  # the demo goes on; the report says what happened
             logger.info(f"[demo] the emulated device failed, continuing without it: {err}")
             on_device = {"skipped": f"failed: {err}"}
-        if "skipped" not in on_device:
-            on_device = pair_layout(on_device)
     else:
         logger.info(f"[demo] 5/{STEPS} device stage skipped (--no-device)")
         on_device = {"skipped": "--no-device"}
     stages.done("device")
     logger.info(f"[demo] 6/{STEPS} accuracy: fmnist-inception (trained on Fashion-MNIST)")
-    fm = load_model("fmnist-inception")
-    fm_plan = RebirthPlan.from_model(fm)
-    fm_images, fm_desc = calibration_images(fm, count=images or ACCURACY_IMAGES)
-    fm_weights, fm_fit = finetune(fm, fm_plan, fm_images, fm_desc)
-    test_x, test_y, test_desc = labeled_set(fm, eval_limit)
-    runners = {"original": Runner(fm.mod),
-               "rebirth": Runner(rebirth_pipeline(fm_plan, fm_weights)(fm.mod))}
-    accuracy = top_k(runners, test_x, test_y)
+    fm = flow.rebirth_model("fmnist-inception",
+                            flow.RebirthOptions(images=images or ACCURACY_IMAGES))
+    test_x, test_y, test_desc = labeled_set(fm.model, eval_limit)
+    accuracy = flow.accuracy(fm.model, fm.mod, test_x, test_y)
     stages.done("eval")
     logger.info(f"[demo] 7/{STEPS} writing the report to {report}")
     summary = {
@@ -109,8 +93,8 @@ def run_demo(report_dir, images=None, rounds=7, eval_limit=None, device=True) ->
         "fit": fit["sites"], "bench": bench, "device": on_device,
         "speedup": bench["speedup"], "memory_ratio": bench["memory_ratio"],
         "instructions_ratio": on_device.get("instructions_ratio"),
-        "accuracy": {"model": fm.name, "labeled_set": test_desc, **accuracy,
-                     "fit": fm_fit["sites"]},
+        "accuracy": {"model": fm.model.name, "labeled_set": test_desc, **accuracy,
+                     "fit": fm.fit["sites"]},
         "stage_seconds": stages.seconds, "report_dir": report,
     }
     write_report(report, summary)

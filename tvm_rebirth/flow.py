@@ -1,0 +1,527 @@
+"""The one orchestrator of tvm-rebirth: the CLI, the demo and every benchmark run the flow here.
+
+    MODEL (zoo name | .onnx)   load()
+      -> RebirthPlan            plan_for(): a plan file, validated | every site found
+      -> calibration images     calibration(): none needed when every enabled site is exact
+      -> RebirthWeights         weights_for(): a weights file, checked | fine_tune() (+ e2e)
+      -> rebirth IRModule       slim() = passes.rebirth_pipeline(plan, weights)(model.mod)
+         (rebirth_model() is all four: "MODEL's rebirth model, defaults where nothing given")
+      -> commands               plan_command, finetune_command, bench, evaluate, build, tune,
+                                models, device: each returns its JSON payload (a plain dict)
+
+Functions take typed option dataclasses (RebirthOptions, BenchArgs, ...) and a ``tag``: the
+command whose progress lines they log (``[bench] ...``); ``tag=None`` logs nothing of the
+implicit-default steps. Errors are RebirthError with one-line messages.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+
+from .errors import RebirthError
+from .passes.site import SITE_KINDS
+
+logger = logging.getLogger(__name__)
+
+
+# -- options -------------------------------------------------------------------------------
+@dataclass
+class E2EOptions:
+    """End-to-end refinement after layer-wise fitting (finetune --e2e ...)."""
+
+    enabled: bool = False
+    images: int = 4096  # images it trains on
+    epochs: int = 8
+    labels: str | None = None  # "source" (the zoo model's labeled set) or a LABELS.npy path
+    flip: bool = False  # random horizontal flips
+
+    def check(self) -> None:
+        """Refuse labels or flips without end-to-end refinement."""
+        if (self.labels or self.flip) and not self.enabled:
+            raise RebirthError("--e2e-labels and --e2e-flip refine end to end: add --e2e")
+
+
+@dataclass
+class RebirthOptions:
+    """Where a rebirth model's plan and weights come from; None means the default."""
+
+    plan: str | None = None  # plan file; None: find every site (policy, kinds, branch_widths)
+    weights: str | None = None  # weights file learned for ``plan``; None: fine-tune
+    calib: str | None = None  # calibration folder or .npy; None: the zoo model's own source
+    images: int = 256  # calibration images
+    policy: str = "keep-kernel"
+    kinds: tuple = SITE_KINDS
+    branch_widths: str = "carry"
+    e2e: E2EOptions = field(default_factory=E2EOptions)
+
+    @property
+    def given(self) -> bool:
+        """True when a plan or weights file was named (build/tune then make the rebirth)."""
+        return bool(self.plan or self.weights)
+
+    def check(self) -> None:
+        """Option combinations that cannot work, refused before any work."""
+        if self.weights and not self.plan:
+            raise RebirthError("--weights needs the --plan it was learned for")
+        self.e2e.check()
+
+
+@dataclass
+class Rebirth:
+    """A model's rebirth: its plan, weights, the slimmed module and how the weights came."""
+
+    model: object  # LoadedModel
+    plan: object  # RebirthPlan
+    weights: object  # RebirthWeights
+    mod: object  # the slimmed IRModule
+    fit: dict | None = None  # learn.finetune's report when fine-tuned here, else None
+    fit_seconds: float = 0.0  # calibration loading + fine-tuning, 0 for a weights file
+
+
+@dataclass
+class ModelArgs:
+    """What every command on a model takes: MODEL and where its rebirth comes from."""
+
+    model: str
+    rebirth: RebirthOptions = field(default_factory=RebirthOptions)
+
+
+@dataclass
+class PlanArgs:
+    """`tvm-rebirth plan`: find sites and write a plan, or validate an edited one."""
+
+    model: str
+    output: str | None = None
+    check: str | None = None  # a plan file to validate instead of writing one
+    policy: str = "keep-kernel"
+    kinds: tuple = SITE_KINDS
+    branch_widths: str = "carry"
+
+
+@dataclass(kw_only=True)
+class FinetuneArgs(ModelArgs):
+    """`tvm-rebirth finetune`: learn a plan's rebirth convs into a weights file."""
+
+    output: str | None = None
+
+
+@dataclass(kw_only=True)
+class BenchArgs(ModelArgs):
+    """`tvm-rebirth bench`: original vs rebirth on this CPU or a tracker device."""
+
+    tracker: str | None = None  # HOST:PORT
+    key: str | None = None
+    target: str | None = None  # device target preset
+    session_timeout: float = 3600.0
+    rounds: int = 7
+    profile: bool = False  # time per layer type (this CPU only)
+
+
+@dataclass(kw_only=True)
+class EvalArgs(ModelArgs):
+    """`tvm-rebirth eval`: top-1/top-5 of original and rebirth on the labeled set."""
+
+    limit: int | None = None
+
+
+@dataclass(kw_only=True)
+class BuildArgs(ModelArgs):
+    """`tvm-rebirth build`: the original (or rebirth, when a plan/weights is given) library."""
+
+    target: str = "host"
+    output: str | None = None
+    tuning_logs: bool = True
+
+
+@dataclass(kw_only=True)
+class TuneArgs(ModelArgs):
+    """`tvm-rebirth tune`: MetaSchedule tuning into a tuning_logs database."""
+
+    trials: int
+    target: str = "host"
+    max_tasks: int | None = None
+    build_timeout: float = 60.0
+    measure: bool = True
+    log_dir: str | None = None
+    tracker: str | None = None
+    key: str | None = None
+
+
+@dataclass
+class DeviceArgs:
+    """`tvm-rebirth device start|stop|status`."""
+
+    action: str
+    port: int | None = None
+    local: bool = False
+    emulated: bool = True
+    servers: int = 1
+
+
+def _log(tag, message) -> None:
+    if tag:
+        logger.info(f"[{tag}] {message}")
+
+
+# -- the flow, step by step -----------------------------------------------------------------
+def load(model: str, tag: str | None = None):
+    """The LoadedModel of a zoo name or an .onnx path (logs '[tag] loading MODEL')."""
+    from .frontend.loader import load_model
+
+    _log(tag, f"loading {model}")
+    return load_model(model)
+
+
+def site_counts(plan) -> dict:
+    """{kind: number of sites of that kind} over every site kind."""
+    return {k: sum(s.kind == k for s in plan.sites) for k in SITE_KINDS}
+
+
+def load_plan(path, model, label=None):
+    """The plan file at ``path``, validated against ``model`` (errors name ``label``)."""
+    from .plan import RebirthPlan
+
+    plan = RebirthPlan.load(path)
+    plan.validate(model, label=label)
+    return plan
+
+
+def find_plan(model, policy="keep-kernel", kinds=SITE_KINDS, branch_widths="carry"):
+    """A new plan with every site of ``kinds`` found in ``model``."""
+    from .plan import RebirthPlan
+
+    return RebirthPlan.from_model(model, policy=policy, kinds=kinds, branch_widths=branch_widths)
+
+
+def plan_for(model, options: RebirthOptions, tag: str | None = None):
+    """The plan of ``options``: its plan file, validated, or every site found."""
+    if options.plan:
+        return load_plan(options.plan, model)
+    _log(tag, f"no --plan: planning every site of {model.name} ({options.policy})")
+    return find_plan(model, options.policy, options.kinds, options.branch_widths)
+
+
+def calibration(model, options: RebirthOptions, plan=None, tag: str | None = None) -> tuple:
+    """(images or None, description) to fit ``plan``'s learned sites on: ``options.images``
+    from ``options.calib`` (default the zoo model's own source); none when every enabled site
+    of ``plan`` is exact. Without a plan the images are always loaded."""
+    from .learn.calib import calibration_images
+
+    if plan is not None and not any(not s.exact for s in plan.enabled_sites()):
+        return None, "none needed (exact sites only)"
+    _log(tag, f"loading {options.images} calibration images")
+    return calibration_images(model, options.calib, count=options.images)
+
+
+def e2e_data(model, options: RebirthOptions, tag: str | None = None) -> tuple:
+    """(images, labels) for end-to-end refinement: ``options.e2e.images`` labeled training
+    images with ``e2e.labels`` ("source": the zoo model's own labeled set), else unlabeled
+    calibration images (seed 1); (None, None) when end-to-end refinement is off."""
+    from .learn.calib import calibration_images, labeled_training_images
+
+    e2e = options.e2e
+    if not e2e.enabled:
+        return None, None
+    _log(tag, f"loading {e2e.images} images for end-to-end refinement")
+    if e2e.labels:
+        images, labels, _ = labeled_training_images(
+            model, options.calib, None if e2e.labels == "source" else e2e.labels,
+            count=e2e.images)
+        return images, labels
+    images, _ = calibration_images(model, options.calib, count=e2e.images, seed=1)
+    return images, None
+
+
+def fine_tune(model, plan, options: RebirthOptions, tag: str | None = None,
+              images: tuple | None = None) -> tuple:
+    """(RebirthWeights, report) learned for ``plan``: layer-wise on the calibration images
+    (``images`` = (array, description) when already loaded), then end to end when
+    ``options.e2e.enabled``."""
+    from .learn.finetune import finetune
+
+    options.e2e.check()
+    calib, description = images if images is not None else calibration(model, options, plan, tag)
+    e2e_images, e2e_labels = e2e_data(model, options, tag)
+    return finetune(model, plan, calib, description, e2e_images=e2e_images,
+                    e2e_epochs=options.e2e.epochs, e2e_labels=e2e_labels,
+                    e2e_flip=options.e2e.flip)
+
+
+def weights_for(model, plan, options: RebirthOptions, tag: str | None = None,
+                images: tuple | None = None) -> tuple:
+    """(RebirthWeights, fine-tune report or None): the weights file of ``options``, checked
+    against ``plan`` (it needs the plan file it was learned for), or fine-tuned."""
+    from .learn.weights import RebirthWeights
+
+    if options.weights:
+        if not options.plan:
+            raise RebirthError("--weights needs the --plan it was learned for")
+        return RebirthWeights.load(options.weights, plan), None
+    _log(tag, "no --weights: fine-tuning the plan first")
+    return fine_tune(model, plan, options, tag, images)
+
+
+def slim(model, plan, weights):
+    """The slimmed module: passes.rebirth_pipeline(plan, weights) applied to the model."""
+    from .passes import rebirth_pipeline
+
+    return rebirth_pipeline(plan, weights)(model.mod)
+
+
+def rebirth_model(model, options: RebirthOptions | None = None, tag: str | None = None, *,
+                  plan=None, images: tuple | None = None) -> Rebirth:
+    """The rebirth model of ``model`` (a LoadedModel or a MODEL string) with the plan and
+    weights files of ``options`` where given, defaults otherwise (every site planned,
+    fine-tuned on the calibration images). ``plan``: a plan object to use instead of
+    ``options.plan``; ``images``: preloaded calibration (array, description)."""
+    options = options or RebirthOptions()
+    if isinstance(model, str):
+        model = load(model)
+    plan = plan if plan is not None else plan_for(model, options, tag)
+    start = time.time()
+    weights, fit = weights_for(model, plan, options, tag, images)
+    seconds = time.time() - start if fit is not None else 0.0
+    return Rebirth(model, plan, weights, slim(model, plan, weights), fit, seconds)
+
+
+def with_enabled(plan, keep):
+    """A copy of ``plan`` whose sites are enabled where ``keep(site)`` is true."""
+    return dataclasses.replace(plan, sites=[dataclasses.replace(s, enabled=bool(keep(s)))
+                                            for s in plan.sites])
+
+
+def variant(model, options: RebirthOptions, tag: str | None = None) -> tuple:
+    """(module, "original" | "rebirth"): the rebirth module when a plan/weights is given."""
+    if options.given:
+        return rebirth_model(model, options, tag).mod, "rebirth"
+    return model.mod, "original"
+
+
+def accuracy(model, mod, images, labels) -> dict:
+    """top-1/top-5 (report.measure.top_k) of the original model and ``mod`` on labeled images."""
+    from .compile.build import Runner
+    from .report.measure import top_k
+
+    return top_k({"original": Runner(model.mod), "rebirth": Runner(mod)}, images, labels)
+
+
+def require_device(tracker, key) -> None:
+    """Both or neither of tracker and key, and the tracker must have the key: checked before
+    any fine-tuning or building."""
+    if bool(tracker) != bool(key):
+        raise RebirthError("--tracker and --key go together (the tracker's address and the "
+                           "device key to measure on)")
+    if tracker:
+        from .deploy.rpc import parse_tracker, require_key
+
+        require_key(*parse_tracker(tracker), key)
+
+
+def bench_host(model, mod, rounds=7, profile=False, x=None) -> tuple:
+    """(result in the bench layout, device description): original vs ``mod`` on this CPU,
+    on ``x`` (default the model's bench input), ``profile``: time per layer type too."""
+    from .compile.build import host_target
+    from .learn.calib import bench_input
+    from .report.measure import bench_pair
+
+    x = bench_input(model)[0] if x is None else x
+    result = bench_pair(model.mod, mod, x, rounds=rounds, profile=profile)
+    device = f"host {host_target().attrs['mcpu']} ({os.environ.get('TVM_NUM_THREADS')} threads)"
+    return result, device
+
+
+def bench_emulated(model, mod, state_dir, x=None) -> dict:
+    """Original vs ``mod`` on an emulated Cortex-A72 started for this call (bench layout with
+    instruction counts), or {"skipped": reason} when that device cannot start."""
+    from .deploy.remote import bench_on_emulated_device
+    from .learn.calib import bench_input
+    from .report.measure import pair_layout
+
+    x = bench_input(model)[0] if x is None else x
+    result = bench_on_emulated_device({"original": model.mod, "rebirth": mod}, x, state_dir)
+    return result if "skipped" in result else pair_layout(result)
+
+
+# -- commands: each returns its JSON payload ------------------------------------------------
+def models() -> dict:
+    """`models`: every zoo entry with its source, input shape and whether it is cached."""
+    from .frontend import zoo
+
+    entries = []
+    for entry in zoo.ZOO.values():
+        cached = (zoo.cache_dir() / "models" / f"{entry.name}.onnx").exists()
+        source = f"package: {entry.path}" if entry.path else f"onnx wheel: {entry.source}"
+        cached = cached or bool(entry.path)
+        entries.append({"name": entry.name, "source": source,
+                        "input_shape": list(entry.input_shape),
+                        "description": entry.description,
+                        "cached": cached, "default": entry.name == zoo.DEFAULT_MODEL})
+    return {"models": entries}
+
+
+def site_json(s) -> dict:
+    """One plan site as the JSON the plan command prints."""
+    return {"id": s.id, "kind": s.kind, "exact": s.exact, "enabled": s.enabled, "ops": s.ops,
+            "layers": s.layers, "old_conv": [c.to_dict() for c in s.old_conv],
+            "new_conv": [c.to_dict() for c in s.new_conv], "note": s.note,
+            **({"absorb": s.absorb} if s.absorb else {})}
+
+
+def plan_command(args: PlanArgs) -> tuple:
+    """`plan`: (plan, payload) — every site found and written to ``args.output`` (default
+    <model>.plan.yaml), or the plan file ``args.check`` validated against the model."""
+    from .plan import RebirthPlan
+
+    start = time.time()
+    model = load(args.model, "plan")
+    if args.check:
+        plan = RebirthPlan.load(args.check)
+        logger.info(f"[plan] validating {args.check} against {model.name}")
+        plan.validate(model, label=args.check)
+        out = args.check
+    else:
+        logger.info(f"[plan] finding rebirth sites ({args.policy})")
+        plan = find_plan(model, args.policy, args.kinds, args.branch_widths)
+        out = args.output or f"{model.name}.plan.yaml"
+        plan.save(out)
+    payload = {"model": model.name, "sha256": model.sha256, "plan": os.path.abspath(out),
+               "plan_sha256": plan.sha256, "valid": True,
+               "policy": plan.policy, "input_shapes": plan.input_shapes,
+               "sites": [site_json(s) for s in plan.sites], "rejected": plan.rejected,
+               "counts": site_counts(plan), "seconds": round(time.time() - start, 2)}
+    return plan, payload
+
+
+def finetune_command(args: FinetuneArgs) -> dict:
+    """`finetune`: learn the plan's sites (+ end to end) and write the weights file
+    (default <model>.weights.npz); payload with per-site errors and seconds."""
+    options = args.rebirth
+    options.e2e.check()
+    start = time.time()
+    model = load(args.model)
+    plan = plan_for(model, options, "finetune")
+    images = calibration(model, options, plan, "finetune")
+    weights, report = fine_tune(model, plan, options, "finetune", images)
+    out = args.output or f"{model.name}.weights.npz"
+    weights.save(out)
+    return {"model": model.name, "weights": os.path.abspath(out), "plan_sha256": plan.sha256,
+            "calibration": images[1], "sites": report["sites"],
+            "seconds": round(time.time() - start, 2),
+            **({"end_to_end": report["end_to_end"]} if "end_to_end" in report else {})}
+
+
+def bench(args: BenchArgs) -> dict:
+    """`bench`: original vs rebirth side by side on this CPU (``profile``: per layer type)
+    or on the tracker device ``key``; the device is checked before any fine-tuning."""
+    require_device(args.tracker, args.key)
+    if args.profile and args.tracker:
+        raise RebirthError("--profile times kernels on this CPU; drop it with --tracker")
+    args.rebirth.check()
+    model = load(args.model)
+    rebirth = rebirth_model(model, args.rebirth, "bench")
+    from .learn.calib import bench_input
+
+    x, input_desc = bench_input(model)
+    if args.tracker:
+        from .deploy.remote import bench_on_device
+        from .report.measure import pair_layout
+
+        result = pair_layout(bench_on_device({"original": model.mod, "rebirth": rebirth.mod}, x,
+                                             args.tracker, args.key, args.target,
+                                             rounds=args.rounds,
+                                             session_timeout=args.session_timeout))
+        device = result.pop("device")
+    else:
+        result, device = bench_host(model, rebirth.mod, args.rounds, args.profile, x)
+    return {"model": model.name, "device": device, "input": input_desc,
+            "sites": [s.id for s in rebirth.plan.enabled_sites()], **result}
+
+
+def evaluate(args: EvalArgs) -> dict:
+    """`eval`: top-1/top-5 of original and rebirth on the model's labeled set (found before
+    any fine-tuning)."""
+    from .report.measure import labeled_set
+
+    args.rebirth.check()
+    model = load(args.model)
+    images, labels, description = labeled_set(model, args.limit)
+    rebirth = rebirth_model(model, args.rebirth, "eval")
+    logger.info(f"[eval] building original and rebirth models; evaluating on {description}")
+    result = accuracy(model, rebirth.mod, images, labels)
+    return {"model": model.name, "labeled_set": description,
+            "sites": [s.id for s in rebirth.plan.enabled_sites()], **result}
+
+
+def build(args: BuildArgs) -> dict:
+    """`build`: compile the original (or rebirth) model into a library for ``target``, with
+    the tuning_logs unless ``tuning_logs`` is false."""
+    from .compile.build import compile_module, export_library
+    from .compile.targets import resolve_target
+
+    target = resolve_target(args.target)
+    args.rebirth.check()
+    start = time.time()
+    model = load(args.model)
+    mod, what = variant(model, args.rebirth, "build")
+    logger.info(f"[build] compiling the {what} {model.name} for {args.target}")
+    compiled = compile_module(mod, target, tuned=args.tuning_logs)
+    out = args.output or f"{model.name}-{what}-{args.target}.so"
+    export_library(compiled.executable, out, target)
+    return {"model": model.name, "variant": what, "path": os.path.abspath(out),
+            "target": args.target, "target_json": str(target),
+            "planned_memory_mb": round(compiled.planned_bytes / 2 ** 20, 3),
+            "tuned_functions": compiled.tuned, "functions": compiled.functions,
+            "bytes": os.path.getsize(out), "seconds": round(time.time() - start, 2)}
+
+
+def tune(args: TuneArgs) -> dict:
+    """`tune`: MetaSchedule-tune the original (or rebirth) model into ``log_dir`` (default
+    tuning_logs/<target>/<model>[-rebirth]/), on this CPU or a tracker device."""
+    from .compile.database import default_log_dir
+    from .compile.targets import resolve_target
+    from .compile.tune import tune as run_tune
+
+    target = resolve_target(args.target)
+    require_device(args.tracker, args.key)
+    if args.trials < 1:
+        raise RebirthError(f"--trials must be positive, got {args.trials}")
+    args.rebirth.check()
+    model = load(args.model)
+    mod, what = variant(model, args.rebirth, "tune")
+    log_dir = args.log_dir or default_log_dir(model.name, target, what == "rebirth")
+    logger.info(f"[tune] {what} {model.name} for {args.target}: up to {args.trials} trials "
+                f"-> {log_dir}")
+    report = run_tune(mod, target, log_dir, args.trials, model_name=model.name,
+                      max_tasks=args.max_tasks, build_timeout=args.build_timeout,
+                      tracker=args.tracker, key=args.key, measure=args.measure)
+    tasks = report["tasks"]
+    default = sum(t["calls"] * (t["default_ms"] or 0) for t in tasks.values())
+    best = sum(t["calls"] * (t["best_ms"] or t["default_ms"] or 0) for t in tasks.values())
+    return {"model": model.name, "variant": what, "target": args.target,
+            "database": os.path.abspath(log_dir), "trials": report["trials"],
+            "failed_trials": report["failed_trials"], "wall_seconds": report["wall_seconds"],
+            "default_ms": round(default, 3), "best_ms": round(best, 3),
+            "model_ms": report.get("model_ms"), "tasks": tasks}
+
+
+def device(args: DeviceArgs) -> dict:
+    """`device`: start (then status), stop ({"stopped": [...]}) or status of the tracker and
+    its devices on 127.0.0.1."""
+    from .deploy import device as devices
+
+    if args.action == "start":
+        if args.servers < 1:
+            raise RebirthError(f"--servers must be at least 1, got {args.servers}")
+        if not args.emulated and not args.local:
+            raise RebirthError("nothing to start: --no-emulated needs --local")
+        devices.start(port=args.port, local=args.local, emulated=args.emulated,
+                      servers=args.servers)
+    elif args.action == "stop":
+        return {"stopped": [{"role": p["role"], "pid": p["pid"]} for p in devices.stop()]}
+    info = devices.status()
+    return {"running": info["running"], "tracker": info["tracker"], "keys": info["keys"],
+            "processes": info["processes"]}
