@@ -17,7 +17,8 @@ from __future__ import annotations
 import tvm
 from tvm import relax
 
-from .find_rebirth_sites import FindRebirthSites, _Dataflow, layer_vars
+from .dataflow import Dataflow
+from .layers import LAYER_NAMES_ATTR, LrnMatcher, layer_vars
 
 
 @relax.expr_functor.mutator
@@ -41,8 +42,16 @@ class _Renamer(relax.PyExprMutator):
 
 @tvm.transform.module_pass(opt_level=0, name="AttachLayerNames")
 class AttachLayerNames:
-    """Rename layer vars from ``names``: {kind: [layer names in graph order]} with kinds
-    conv2d, max_pool2d, avg_pool2d, lrn, batch_norm, concat."""
+    """Rename layer vars from their source model's layer names.
+
+    Parameters
+    ----------
+    names : dict
+        {kind: [layer names in graph order]} with kinds conv2d, max_pool2d, avg_pool2d, lrn,
+        batch_norm, concat (``frontend.loader.onnx_layer_names`` reads them from ONNX).
+    func_name : str
+        The function to rename in.
+    """
 
     def __init__(self, names: dict, func_name: str = "main"):
         self.names = {k: [str(n) for n in v] for k, v in names.items()}
@@ -50,8 +59,8 @@ class AttachLayerNames:
 
     def transform_module(self, mod: tvm.IRModule, _ctx=None) -> tvm.IRModule:
         func = mod[self.func_name]
-        graph = _Dataflow(func)
-        lrns = FindRebirthSites(func_name=self.func_name)._match_lrns(graph)
+        graph = Dataflow(func)
+        lrns = LrnMatcher().match(graph)
         renames, attached = {}, []
         for kind, vars_ in layer_vars(graph, lrns).items():
             source = self.names.get(kind, [])
@@ -63,4 +72,4 @@ class AttachLayerNames:
         func = _Renamer(mod, renames).visit_expr(func)
         updated = tvm.IRModule(dict(mod.functions), attrs=mod.attrs)
         updated[self.func_name] = func
-        return updated.with_attr("rebirth_layer_names", sorted(set(attached)))
+        return updated.with_attr(LAYER_NAMES_ATTR, sorted(set(attached)))

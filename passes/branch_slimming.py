@@ -22,18 +22,18 @@ adjacent in the concat the receiver's output is split and the pieces concatenate
 original order. Convs keep their kernel, stride and padding as they are in the module the
 pass runs on (StreamlineSlimming may have strided them first); only widths change. Plan,
 weights and module are all checked before anything is rewritten: a mismatch raises
-RebirthError naming the site.
+RebirthError naming the site and key.
 """
 
 from __future__ import annotations
 
-import numpy as np
 import tvm
 from tvm import relax
 
-from ..errors import RebirthError
-from .find_rebirth_sites import FindRebirthSites, _shape
-from .site import branch_conv_layout, branch_groups, weight_arrays, weight_keys
+from .analysis import analyze_sites, match_site
+from .dataflow import shape_of
+from .errors import RebirthError
+from .site import branch_conv_layout, branch_groups, site_conv_weights
 
 
 @relax.expr_functor.mutator
@@ -68,7 +68,7 @@ class _BranchRewriter(relax.PyExprMutator):
                 fields.append(self.visit_expr(source))
                 continue
             y = outputs[source]
-            width = _shape(y)[1]
+            width = shape_of(y)[1]
             if (start, stop) == (0, width):
                 fields.append(y)
                 continue
@@ -94,10 +94,17 @@ class _BranchRewriter(relax.PyExprMutator):
 class BranchSlimming:
     """Merge the branches of every enabled ``branch`` site of ``plan`` (see module doc).
 
-    ``weights`` maps ``<site id>/<layer>/weight`` (OIHW) and ``.../bias`` for every conv in
-    the site's ``new_conv`` (``site.weight_keys``) to arrays; an object with ``.arrays`` and
-    ``.plan_sha256`` (a loaded weights file) also has its plan hash checked. Run it after
-    StreamlineSlimming when both are used (``tvm_rebirth.passes.pipeline``).
+    Parameters
+    ----------
+    plan : RebirthPlan, or any object with ``sites`` (list of RebirthSite) and ``policy``
+        Where and how to slim.
+    weights : Mapping[str, numpy.ndarray]
+        ``<site id>/<layer>/weight`` (OIHW) and ``.../bias`` for every conv in the site's
+        ``new_conv`` (``site.weight_keys``).
+    func_name : str
+        The function to rewrite.
+
+    Run it after StreamlineSlimming when both are used (``pipeline.rebirth_pipeline``).
     """
 
     def __init__(self, plan, weights, func_name: str = "main"):
@@ -109,62 +116,45 @@ class BranchSlimming:
         sites = [s for s in self.plan.sites if s.enabled and s.kind == "branch"]
         if not sites:
             return mod
-        arrays = weight_arrays(self.plan, self.weights)
-        finder = FindRebirthSites(self.plan.policy, ["branch"], self.func_name)
-        found = {s.id: s for s in finder.find(mod)}
+        analysis = analyze_sites(mod, self.plan.policy, ["branch"], self.func_name)
         rewrites = {}
         for site in sites:
-            ref = found.get(site.id)
-            if ref is None:
-                raise RebirthError(f"site '{site.id}': not in the module (already slimmed, or a "
-                                   "plan for another model?)")
-            if [b["convs"] for b in ref.branches] != [b["convs"] for b in site.branches]:
-                raise RebirthError(f"site '{site.id}': the module's branches differ from the plan")
-            trace = finder.traces[site.id]
-            rewrites[trace.concat] = (site.id, *self._emission(site, trace, finder, arrays))
+            match_site(analysis, site)
+            trace = analysis.trace(site.id)
+            rewrites[trace.concat] = (site.id, *_emission(site, trace, analysis, self.weights))
         func = _BranchRewriter(mod, rewrites).visit_expr(mod[self.func_name])
         func = relax.analysis.remove_all_unused(func)
         updated = tvm.IRModule(dict(mod.functions), attrs=mod.attrs)
         updated[self.func_name] = func
         return updated
 
-    @staticmethod
-    def _emission(site, trace, finder, arrays):
-        """The convs each receiver emits, and the concat pieces in the original order."""
-        try:
-            groups = branch_groups(site)
-        except ValueError as err:
-            raise RebirthError(f"site '{site.id}': {err}") from None
-        receivers = {}
-        for (name, _, receiver), spec, (_, wkey, bkey) in zip(
-                branch_conv_layout(site, groups), site.new_conv, weight_keys(site)):
-            block = trace.convs[name]
-            call = finder._graph.value[block.conv]  # geometry as in this module
-            kernel = _shape(call.args[1])[2:]
-            missing = [k for k in (wkey, bkey) if k not in arrays]
-            if missing:
-                raise RebirthError(f"site '{site.id}': the weights have no '{missing[0]}' "
-                                   "(run `tvm-rebirth finetune` for this plan)")
-            weight, bias = np.asarray(arrays[wkey]), np.asarray(arrays[bkey])
-            want = (spec.out_channels, spec.in_channels, *kernel)
-            if tuple(weight.shape) != want or tuple(bias.shape) != (spec.out_channels,):
-                raise RebirthError(f"site '{site.id}': weight '{wkey}' has shape "
-                                   f"{list(weight.shape)} (bias {list(bias.shape)}), the plan "
-                                   f"needs {list(want)} ([{spec.out_channels}])")
-            receivers.setdefault(receiver, []).append(
-                (block, call.attrs, weight.astype("float32"), bias.astype("float32")))
-        pieces = []  # [receiver index or the original concat field, start, stop channel]
-        for index, field in enumerate(trace.fields):
-            owner = next((r for r, covered in groups.items() if index in covered), None)
-            if owner is None:
-                pieces.append([field, None, None])
-                continue
-            covered = groups[owner]
-            widths = [site.branches[i]["out_channels"] for i in covered]
-            start = sum(widths[:covered.index(index)])
-            stop = start + widths[covered.index(index)]
-            if pieces and pieces[-1][0] == owner and pieces[-1][2] == start:
-                pieces[-1][2] = stop  # adjacent channels of the same receiver: one piece
-            else:
-                pieces.append([owner, start, stop])
-        return receivers, pieces
+
+def _emission(site, trace, analysis, weights):
+    """The convs each receiver emits, and the concat pieces in the original order."""
+    try:
+        groups = branch_groups(site)
+    except ValueError as err:  # an absorb the plan cannot mean
+        raise RebirthError(f"site '{site.id}': {err}") from None
+    layout = branch_conv_layout(site, groups)
+    calls = [analysis.graph.value[trace.convs[name].conv] for name, _, _ in layout]
+    # geometry as in this module: StreamlineSlimming may have strided and grown the kernels
+    kernels = [shape_of(call.args[1])[2:] for call in calls]
+    receivers = {}
+    for (name, _, receiver), call, (weight, bias) in zip(
+            layout, calls, site_conv_weights(site, weights, kernels)):
+        receivers.setdefault(receiver, []).append((trace.convs[name], call.attrs, weight, bias))
+    pieces = []  # [receiver index or the original concat field, start, stop channel]
+    for index, field in enumerate(trace.fields):
+        owner = next((r for r, covered in groups.items() if index in covered), None)
+        if owner is None:
+            pieces.append([field, None, None])
+            continue
+        covered = groups[owner]
+        widths = [site.branches[i].out_channels for i in covered]
+        start = sum(widths[:covered.index(index)])
+        stop = start + widths[covered.index(index)]
+        if pieces and pieces[-1][0] == owner and pieces[-1][2] == start:
+            pieces[-1][2] = stop  # adjacent channels of the same receiver: one piece
+        else:
+            pieces.append([owner, start, stop])
+    return receivers, pieces

@@ -9,51 +9,11 @@ kernel is the average of k*k copies of the original kernel shifted by s_c.
 from __future__ import annotations
 
 import numpy as np
-import tvm
 from tvm import relax
 
-from .find_rebirth_sites import FindRebirthSites, _op_name
-
-_ELEMENTWISE = {
-    "relax.add": np.add, "relax.subtract": np.subtract, "relax.multiply": np.multiply,
-    "relax.divide": np.divide, "relax.power": np.power,
-}
-_UNARY = {"relax.sqrt": np.sqrt, "relax.rsqrt": lambda x: 1.0 / np.sqrt(x),
-          "relax.negative": np.negative, "relax.exp": np.exp}
-
-
-def evaluate_constant(expr, var2val):
-    """numpy value of a constant-only expression (bias reshapes, decomposed BN terms)."""
-    if isinstance(expr, tvm.ir.expr.Constant):
-        return expr.value.numpy().astype(np.float64)
-    if isinstance(expr, relax.Var):
-        if expr not in var2val:
-            raise ValueError(f"'{expr.name}' is not a constant")
-        return evaluate_constant(var2val[expr], var2val)
-    op = _op_name(expr)
-    if op in _ELEMENTWISE:
-        return _ELEMENTWISE[op](evaluate_constant(expr.args[0], var2val), evaluate_constant(expr.args[1], var2val))
-    if op in _UNARY:
-        return _UNARY[op](evaluate_constant(expr.args[0], var2val))
-    if op == "relax.reshape":
-        return evaluate_constant(expr.args[0], var2val).reshape(
-            [int(v) for v in expr.args[1].values])
-    if op == "relax.expand_dims":
-        arr = evaluate_constant(expr.args[0], var2val)
-        for axis in sorted(int(a) for a in expr.attrs.axis):
-            arr = np.expand_dims(arr, axis)
-        return arr
-    if op == "relax.squeeze":
-        axis = expr.attrs.axis
-        return np.squeeze(evaluate_constant(expr.args[0], var2val),
-                          axis=None if axis is None else tuple(int(a) for a in axis))
-    if op == "relax.permute_dims":
-        axes = expr.attrs.axes
-        return np.transpose(evaluate_constant(expr.args[0], var2val),
-                            None if axes is None else [int(a) for a in axes])
-    if op == "relax.astype":
-        return evaluate_constant(expr.args[0], var2val)
-    raise ValueError(f"cannot fold {op or type(expr).__name__} in closed form")
+from .analysis import SiteAnalysis
+from .dataflow import op_name
+from .errors import RebirthError
 
 
 def _per_channel(arr, channels):
@@ -61,7 +21,7 @@ def _per_channel(arr, channels):
     if flat.size == 1:
         return np.full(channels, flat[0])
     if flat.size != channels:
-        raise ValueError(f"expected {channels} per-channel values, got shape {arr.shape}")
+        raise RebirthError(f"expected {channels} per-channel values, got shape {arr.shape}")
     return flat
 
 
@@ -76,43 +36,40 @@ def _pool_kernel(weight, pool, conv_jump):
     return merged / (ph * pw)
 
 
-def exact_site_weights(mod, site_id: str, func_name: str = "main"):
-    """(weight OIHW, bias O) of the conv that computes exact site ``site_id`` of ``mod``."""
-    finder = FindRebirthSites(kinds=["streamline"], func_name=func_name)
-    sites = {s.id: s for s in finder.find(mod)}
-    site = sites.get(site_id)
+def exact_site_weights(analysis: SiteAnalysis, site_id: str) -> tuple:
+    """(weight OIHW, bias O) float32 of the one conv computing exact site ``site_id``."""
+    site = analysis.site(site_id)
     if site is None:
-        raise ValueError(f"site '{site_id}' not found in the module")
+        raise RebirthError(f"site '{site_id}': not in the module")
     if not site.exact or len(site.new_conv) != 1:
-        raise ValueError(f"site '{site_id}' is not exact: its weights must be learned")
-    trace = finder.traces[site_id]
-    var2val = relax.analysis.get_var2val(mod[func_name])
-    conv = var2val[trace.convs[0]]
-    weight = evaluate_constant(conv.args[1], var2val)
+        raise RebirthError(f"site '{site_id}' is not exact: its weights must be learned")
+    trace = analysis.trace(site_id)
+    graph = analysis.graph
+    conv = graph.value[trace.convs[0]]
+    weight = graph.constant(conv.args[1])
     channels = weight.shape[0]
     bias = np.zeros(channels)
     jump = [int(s) for s in conv.attrs.strides]
-    for kind, var in trace.steps:
-        call = var2val[var]
-        if kind == "bias":
+    for step in trace.steps:
+        call = graph.value[step.var]
+        if step.kind == "bias":
             other = call.args[1] if call.args[0].same_as(trace.convs[0]) else call.args[0]
-            bias = bias + _per_channel(evaluate_constant(other, var2val), channels)
-        elif kind == "batch_norm":
-            bn = var2val[call.tuple_value] if isinstance(call, relax.TupleGetItem) else call
-            gamma, beta, mean, var_ = (_per_channel(evaluate_constant(a, var2val), channels)
-                                       for a in bn.args[1:5])
+            bias = bias + _per_channel(graph.constant(other), channels)
+        elif step.kind == "batch_norm":
+            bn = graph.value[call.tuple_value] if isinstance(call, relax.TupleGetItem) else call
+            gamma, beta, mean, var = (_per_channel(graph.constant(a), channels)
+                                      for a in bn.args[1:5])
             if not bool(bn.attrs.scale):
                 gamma = np.ones(channels)
             if not bool(bn.attrs.center):
                 beta = np.zeros(channels)
-            factor = gamma / np.sqrt(var_ + float(bn.attrs.epsilon))
+            factor = gamma / np.sqrt(var + float(bn.attrs.epsilon))
             weight = weight * factor[:, None, None, None]
             bias = (bias - mean) * factor + beta
-        elif kind == "scale":
-            op = _op_name(call)
-            lhs_is_chain = not _is_const_like(call.args[0], var2val)
-            other = call.args[1] if lhs_is_chain else call.args[0]
-            c = _per_channel(evaluate_constant(other, var2val), channels)
+        elif step.kind == "scale":
+            op = op_name(call)
+            other = call.args[0] if graph.is_const(call.args[0]) else call.args[1]
+            c = _per_channel(graph.constant(other), channels)
             if op == "relax.multiply":
                 weight, bias = weight * c[:, None, None, None], bias * c
             elif op == "relax.divide":
@@ -121,33 +78,14 @@ def exact_site_weights(mod, site_id: str, func_name: str = "main"):
                 bias = bias + c
             elif op == "relax.subtract":
                 bias = bias - c
-        elif kind == "avg_pool2d":
+        elif step.kind == "avg_pool2d":
             pool = [int(v) for v in call.attrs.pool_size]
             weight = _pool_kernel(weight, pool, jump)
             jump = [j * int(s) for j, s in zip(jump, call.attrs.strides)]
-        elif kind != "relu":
-            raise ValueError(f"site '{site_id}': '{kind}' has no closed form")
+        elif step.kind != "relu":
+            raise RebirthError(f"site '{site_id}': '{step.kind}' has no closed form")
     expected = site.new_conv[0]
     if list(weight.shape[2:]) != list(expected.kernel):
-        raise ValueError(f"site '{site_id}': merged kernel {list(weight.shape[2:])} differs "
-                         f"from the plan's {expected.kernel}")
+        raise RebirthError(f"site '{site_id}': merged kernel {list(weight.shape[2:])} differs "
+                           f"from the plan's {expected.kernel}")
     return weight.astype(np.float32), bias.astype(np.float32)
-
-
-def _is_const_like(expr, var2val):
-    try:
-        evaluate_constant(expr, var2val)
-        return True
-    except (ValueError, KeyError):
-        return False
-
-
-def conv_block_weights(finder, block):
-    """(W [OIHW], b) of a ConvBlock as the module computes it (the bias add folded in)."""
-    graph = finder._graph
-    weight = evaluate_constant(graph.value[block.conv].args[1], graph.var2val)
-    if block.end.same_as(block.conv):
-        bias = np.zeros(weight.shape[0])
-    else:
-        bias = evaluate_constant(graph.value[block.end].args[1], graph.var2val).reshape(-1)
-    return weight.astype("float32"), bias.astype("float32")

@@ -24,8 +24,9 @@ import numpy as np
 import tvm
 from tvm import relax
 
-from .exact_merge import conv_block_weights
-from .find_rebirth_sites import FindRebirthSites, _Dataflow, _op_name
+from .dataflow import Dataflow, op_name
+from .layers import LrnMatcher, attached_names, layer_names
+from .traces import conv_block
 
 
 @relax.expr_functor.mutator
@@ -58,28 +59,19 @@ class _MergeRewriter(relax.PyExprMutator):
 @tvm.transform.module_pass(opt_level=0, name="MergeParallelConvs")
 class MergeParallelConvs:
     """Merge every group of >= 2 plain 1x1 convs (stride 1, no padding, groups 1, + optional
-    per-channel bias) reading the same tensor into one wide conv and a split."""
+    per-channel bias) reading the same tensor into one wide conv and a split.
+
+    Parameters
+    ----------
+    func_name : str
+        The function to rewrite.
+    """
 
     def __init__(self, func_name: str = "main"):
         self.func_name = func_name
 
     def transform_module(self, mod: tvm.IRModule, _ctx=None) -> tvm.IRModule:
-        finder = FindRebirthSites(kinds=[], func_name=self.func_name)
-        finder.find(mod)
-        graph: _Dataflow = finder._graph
-        groups = []
-        for var, users in graph.users.items():
-            blocks = [finder._conv_block(u) for u in dict.fromkeys(users)
-                      if u in graph.value and _op_name(graph.value[u]) == "relax.nn.conv2d"
-                      and graph.value[u].args[0].same_as(var) and self._is_pointwise(finder, u)]
-            blocks = [b for b in blocks if isinstance(b.end, relax.DataflowVar)]
-            if len(blocks) < 2:
-                continue
-            blocks.sort(key=lambda b: graph.position[b.end])
-            weights = [conv_block_weights(finder, b) for b in blocks]
-            groups.append((blocks, np.concatenate([w for w, _ in weights]),
-                           np.concatenate([b for _, b in weights]),
-                           [w.shape[0] for w, _ in weights]))
+        groups = _parallel_groups(mod, self.func_name)
         if not groups:
             return mod
         func = _MergeRewriter(mod, groups).visit_expr(mod[self.func_name])
@@ -88,13 +80,29 @@ class MergeParallelConvs:
         updated[self.func_name] = func
         return updated
 
-    @staticmethod
-    def _is_pointwise(finder, var):
-        if not finder._is_plain_conv(var):
-            return False
-        a = finder._graph.value[var].attrs
-        weight = finder._graph.value[var].args[1]
-        shape = [int(v) for v in weight.ty.shape.values]
-        return (shape[2:] == [1, 1] and all(int(s) == 1 for s in a.strides)
-                and not any(int(p) for p in a.padding) and int(a.groups) == 1
-                and isinstance(finder._graph.value[var].args[0], relax.Var))
+
+def _parallel_groups(mod, func_name) -> list:
+    """[(ConvBlocks, stacked W, stacked b, widths)] of the 1x1 convs sharing an input."""
+    graph = Dataflow(mod[func_name])
+    names = layer_names(graph, LrnMatcher().match(graph), attached_names(mod))
+    groups = []
+    for var, users in graph.users.items():
+        blocks = [conv_block(graph, names, u) for u in dict.fromkeys(users)
+                  if u in graph.value and op_name(graph.value[u]) == "relax.nn.conv2d"
+                  and graph.value[u].args[0].same_as(var) and graph.is_pointwise_conv(u)]
+        blocks = [b for b in blocks if isinstance(b.end, relax.DataflowVar)]
+        if len(blocks) < 2:
+            continue
+        blocks.sort(key=lambda b: graph.position[b.end])
+        weights = [_block_weights(graph, b) for b in blocks]
+        groups.append((blocks, np.concatenate([w for w, _ in weights]),
+                       np.concatenate([b for _, b in weights]),
+                       [w.shape[0] for w, _ in weights]))
+    return groups
+
+
+def _block_weights(graph: Dataflow, block) -> tuple:
+    weight = graph.constant(graph.value[block.conv].args[1])
+    bias = np.zeros(weight.shape[0]) if block.end.same_as(block.conv) else \
+        graph.constant(graph.value[block.end].args[1]).reshape(-1)
+    return weight.astype("float32"), bias.astype("float32")

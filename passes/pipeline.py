@@ -8,8 +8,9 @@
    runs second because it keeps each conv's geometry as StreamlineSlimming left it (a pool
    after a module makes that module's branch convs strided).
 
-Both read the same plan and weights file. Add ``tvm.relax.backend`` lowering after them as
-for any Relax module. Importing this module also registers the pipeline with Relax:
+Both read the same plan and weights mapping ({key: array}; a loaded weights file is one,
+checked against its plan by the tool before). Add ``tvm.relax.backend`` lowering after them
+as for any Relax module. Importing this module also registers the pipeline with Relax:
 
     mod = tvm.relax.get_pipeline("rebirth", plan=plan, weights=weights)(mod)
 """

@@ -7,12 +7,17 @@ from __future__ import annotations
 
 import dataclasses
 
+import numpy as np
+
+from .errors import RebirthError
+
 KERNEL_POLICIES = ("keep-kernel", "keep-receptive-field")
 SITE_KINDS = ("streamline", "branch")
 # default reducer widths of a branch site: "carry" grows the reducer feeding the pool
 # branch's receiver by the pool projection's width (accuracy first); "paper" halves the 3x3
 # reducer and keeps the 5x5 one (DeepRebirth's GoogLeNet: fewer FLOPs, more error)
 BRANCH_WIDTHS = ("carry", "paper")
+POOL_KINDS = ("max_pool2d", "avg_pool2d")
 # ops that are not tensor (learned) layers: what a streamline chain absorbs
 NON_TENSOR_OPS = ("max_pool2d", "avg_pool2d", "lrn", "batch_norm", "scale")
 # ops through which a chain stays a linear function of the conv output
@@ -85,6 +90,66 @@ def _int_list(value, n, name):
 
 
 @dataclasses.dataclass
+class Branch:
+    """One branch of an inception module, from the tensor it forks from to the concat."""
+
+    convs: list  # layer names of its convs, in order
+    kernels: list  # [kh, kw] of each conv
+    out_channels: int  # width it contributes to the concat
+    pool: str | None  # layer name of its pool, if any
+    pool_window: list | None  # that pool's [kh, kw]
+    ops: list  # op kinds from the fork side, e.g. ["max_pool2d", "conv2d", "relu"]
+
+    @property
+    def last_conv(self) -> str:
+        return self.convs[-1]
+
+    @property
+    def starts_with_pool(self) -> bool:
+        """The non-tensor branch DeepRebirth merges away: pool first, then its projection."""
+        return self.pool is not None and self.ops[0] in POOL_KINDS
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "Branch":
+        fields = {f.name for f in dataclasses.fields(cls)}
+        if not isinstance(data, dict) or set(data) - fields or fields - set(data):
+            raise ValueError(f"a branch needs exactly the keys {sorted(fields)}")
+        return cls(**data)
+
+
+@dataclasses.dataclass
+class Absorb:
+    """Which branch of a branch site takes over which: the pool branch's conv goes into
+    ``pool_into``; optionally the 1x1 branch ``one_by_one`` into ``one_by_one_into`` (all are
+    the last conv of a branch). Users may edit these in a plan."""
+
+    pool_branch: str | None = None
+    pool_into: str | None = None
+    one_by_one: str | None = None
+    one_by_one_into: str | None = None
+
+    def pairs(self) -> list:
+        """[(source key, into key, source conv, receiving conv)] of the merges it asks for."""
+        return [(source, into, getattr(self, source), getattr(self, into))
+                for source, into in (("pool_branch", "pool_into"),
+                                     ("one_by_one", "one_by_one_into"))
+                if getattr(self, source) is not None or getattr(self, into) is not None]
+
+    def to_dict(self) -> dict:
+        return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "Absorb":
+        fields = {f.name for f in dataclasses.fields(cls)}
+        if not isinstance(data, dict) or set(data) - fields:
+            raise ValueError(f"absorb takes the keys {sorted(fields)}")
+        return cls(**{k: str(v) for k, v in data.items()})
+
+
+@dataclasses.dataclass
 class RebirthSite:
     """A block of the network that one or more rebirth convolutions replace."""
 
@@ -99,9 +164,12 @@ class RebirthSite:
     input_hw: list = dataclasses.field(default_factory=list)
     output_hw: list = dataclasses.field(default_factory=list)
     note: str = ""
-    # branch sites: which branch absorbs which, and the reducer widths (see BranchSlimming)
+    # branch sites: the module's branches (Branch) and which absorbs which (see BranchSlimming)
     branches: list = dataclasses.field(default_factory=list)
-    absorb: dict = dataclasses.field(default_factory=dict)
+    absorb: Absorb | None = None
+    # a streamline site that folds the stride-2 pool after an inception concat into the
+    # branch convs feeding it: the concat's layer name (its branch site has this id)
+    pooled_concat: str | None = None
 
     def to_dict(self) -> dict:
         data = {
@@ -112,23 +180,27 @@ class RebirthSite:
             "new_conv": [c.to_dict() for c in self.new_conv],
         }
         if self.branches:
-            data["branches"] = [dict(b) for b in self.branches]
-            data["absorb"] = dict(self.absorb)
+            data["branches"] = [b.to_dict() for b in self.branches]
+            data["absorb"] = self.absorb.to_dict() if self.absorb else {}
         if self.note:
             data["note"] = self.note
         return data
 
     @classmethod
     def from_dict(cls, data: dict) -> "RebirthSite":
+        ops, layers = list(data["ops"]), list(data.get("layers", []))
+        absorb = data.get("absorb")
         return cls(
-            id=str(data["id"]), kind=str(data["kind"]), ops=list(data["ops"]),
-            layers=list(data.get("layers", [])),
+            id=str(data["id"]), kind=str(data["kind"]), ops=ops, layers=layers,
             old_conv=[ConvSpec.from_dict(dict(c)) for c in data["old_conv"]],
             new_conv=[ConvSpec.from_dict(dict(c)) for c in data["new_conv"]],
             exact=bool(data["exact"]), enabled=data.get("enabled", True),
             input_hw=list(data.get("input_hw", [])), output_hw=list(data.get("output_hw", [])),
-            note=str(data.get("note", "")), branches=list(data.get("branches", [])),
-            absorb=dict(data.get("absorb", {})))
+            note=str(data.get("note", "")),
+            branches=[Branch.from_dict(b) for b in data.get("branches", [])],
+            absorb=Absorb.from_dict(absorb) if absorb else None,
+            # the file format records the folded concat as the chain's first layer
+            pooled_concat=layers[0] if ops[:1] == ["concat"] and layers else None)
 
 
 @dataclasses.dataclass
@@ -234,23 +306,20 @@ def branch_groups(site: RebirthSite) -> dict:
     order, so the module's output channel order is unchanged. Raises ValueError when
     ``absorb`` names a conv that is not a branch's last conv.
     """
-    by_last = {b["convs"][-1]: i for i, b in enumerate(site.branches)}
+    by_last = {b.last_conv: i for i, b in enumerate(site.branches)}
     groups = {}
-    for source, into in (("pool_branch", "pool_into"), ("one_by_one", "one_by_one_into")):
-        if source not in site.absorb and into not in site.absorb:
-            continue
-        names = [site.absorb.get(source), site.absorb.get(into)]
-        for key, name in zip((source, into), names):
+    for source, into, source_conv, into_conv in (site.absorb or Absorb()).pairs():
+        for key, name in ((source, source_conv), (into, into_conv)):
             if name not in by_last:
                 raise ValueError(f"absorb.{key} '{name}' is not the last conv of a branch "
                                  f"(one of {sorted(by_last)})")
-        src, dst = by_last[names[0]], by_last[names[1]]
+        src, dst = by_last[source_conv], by_last[into_conv]
         if src == dst or src in groups or any(src in c for c in groups.values()):
-            raise ValueError(f"absorb.{source} '{names[0]}' is merged twice or into itself")
+            raise ValueError(f"absorb.{source} '{source_conv}' is merged twice or into itself")
         groups.setdefault(dst, [dst]).append(src)
     for receiver in groups:
         if any(receiver in covered and receiver != r for r, covered in groups.items()):
-            raise ValueError(f"branch '{site.branches[receiver]['convs'][-1]}' both absorbs "
+            raise ValueError(f"branch '{site.branches[receiver].last_conv}' both absorbs "
                              "and is absorbed")
     return {r: sorted(c) for r, c in sorted(groups.items())}
 
@@ -262,20 +331,31 @@ def branch_conv_layout(site: RebirthSite, groups=None) -> list:
     groups = branch_groups(site) if groups is None else groups
     layout = []
     for receiver in groups:
-        convs = site.branches[receiver]["convs"]
+        convs = site.branches[receiver].convs
         if len(convs) == 2:
             layout.append((convs[0], "reducer", receiver))
         layout.append((convs[-1], "grown", receiver))
     return layout
 
 
-def weight_arrays(plan, weights) -> dict:
-    """The {key: array} mapping of ``weights`` (a dict, or a loaded weights file whose plan
-    hash must be ``plan``'s)."""
-    from ..errors import RebirthError
-
-    plan_sha = getattr(weights, "plan_sha256", None)
-    if plan_sha and plan_sha != plan.sha256:
-        raise RebirthError(f"weights were learned for plan {plan_sha[:12]}, not for this "
-                           f"plan ({plan.sha256[:12]}); re-run `tvm-rebirth finetune`")
-    return getattr(weights, "arrays", weights)
+def site_conv_weights(site: RebirthSite, weights, kernels=None) -> list:
+    """[(W OIHW, b)] float32 of each rebirth conv of ``site``, from ``weights`` (a mapping of
+    ``weight_keys`` to arrays), checked against the plan's shapes. ``kernels``: the kernel of
+    each conv where the plan does not fix it (a branch conv keeps the module's). Raises
+    RebirthError naming the site and the key that is missing or of the wrong shape."""
+    result = []
+    for i, (spec, (_, wkey, bkey)) in enumerate(zip(site.new_conv, weight_keys(site))):
+        missing = [k for k in (wkey, bkey) if k not in weights]
+        if missing:
+            raise RebirthError(f"site '{site.id}': the weights have no '{missing[0]}'")
+        weight, bias = np.asarray(weights[wkey]), np.asarray(weights[bkey])
+        kernel = list(kernels[i]) if kernels is not None else list(spec.kernel)
+        want = [spec.out_channels, spec.in_channels // spec.groups, *kernel]
+        if list(weight.shape) != want:
+            raise RebirthError(f"site '{site.id}': weight '{wkey}' has shape "
+                               f"{list(weight.shape)}, the plan needs {want}")
+        if list(bias.shape) != [spec.out_channels]:
+            raise RebirthError(f"site '{site.id}': bias '{bkey}' has shape {list(bias.shape)}, "
+                               f"the plan needs [{spec.out_channels}]")
+        result.append((weight.astype("float32"), bias.astype("float32")))
+    return result

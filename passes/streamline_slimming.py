@@ -15,8 +15,8 @@ After (weights from the fine-tune stage, or closed form for exact sites)::
     lv3  = R.nn.relu(lv2)             # kept when the block had a ReLU
 
 A pool after an inception concat becomes strided branch convs feeding the concat. Every
-site, shape and the plan hash are checked before anything is rewritten; a mismatch raises
-RebirthError naming the site.
+site and every weight shape is checked before anything is rewritten; a mismatch raises
+RebirthError naming the site and key.
 """
 
 from __future__ import annotations
@@ -25,10 +25,11 @@ import numpy as np
 import tvm
 from tvm import relax
 
-from ..errors import RebirthError
+from .analysis import analyze_sites, match_site
+from .dataflow import shape_of
+from .errors import RebirthError
 from .exact_merge import exact_site_weights
-from .find_rebirth_sites import FindRebirthSites
-from .site import refit_keys, weight_arrays, weight_keys
+from .site import refit_keys, site_conv_weights, weight_keys
 
 
 @relax.expr_functor.mutator
@@ -90,12 +91,17 @@ class _SiteRewriter(relax.PyExprMutator):
 class StreamlineSlimming:
     """Replace every enabled ``streamline`` site of ``plan`` by its rebirth conv.
 
-    ``weights`` maps ``<site id>/weight`` (OIHW) and ``<site id>/bias`` to arrays (see
-    ``site.weight_keys``); an object with ``.arrays`` and ``.plan_sha256`` (a loaded weights
-    file) also has its plan hash checked. Exact sites missing from ``weights`` are computed
-    in closed form. ``<site id>/refit/<layer>/weight|bias`` entries replace the weights of a
-    conv that reads the site's output (the fine-tune stage refits those to absorb the
-    site's residual error).
+    Parameters
+    ----------
+    plan : RebirthPlan, or any object with ``sites`` (list of RebirthSite) and ``policy``
+        Where and how to slim.
+    weights : Mapping[str, numpy.ndarray]
+        ``<site id>/weight`` (OIHW) and ``<site id>/bias`` per site (``site.weight_keys``);
+        exact sites missing from it are computed in closed form.
+        ``<site id>/refit/<layer>/weight|bias`` replace the weights of a conv that reads the
+        site's output (the fine-tune stage refits those to absorb the site's residual error).
+    func_name : str
+        The function to rewrite.
     """
 
     def __init__(self, plan, weights, func_name: str = "main"):
@@ -107,56 +113,52 @@ class StreamlineSlimming:
         sites = [s for s in self.plan.sites if s.enabled and s.kind == "streamline"]
         if not sites:
             return mod
-        arrays = weight_arrays(self.plan, self.weights)
-        finder = FindRebirthSites(self.plan.policy, ["streamline"], self.func_name)
-        found = {s.id: s for s in finder.find(mod)}
+        return _Streamline(mod, self.plan.policy, self.weights, self.func_name).run(sites)
+
+
+class _Streamline:
+    """One run of StreamlineSlimming: the module's site analysis, computed once."""
+
+    def __init__(self, mod, policy, weights, func_name):
+        self.mod, self.weights, self.func_name = mod, weights, func_name
+        self.analysis = analyze_sites(mod, policy, ["streamline"], func_name)
+
+    def run(self, sites) -> tvm.IRModule:
         replacements, refits = {}, {}
         for site in sites:
-            ref = found.get(site.id)
-            if ref is None:
-                raise RebirthError(f"site '{site.id}': not in the module (already slimmed, or a "
-                                   "plan for another model?)")
-            if ref.ops != site.ops or [c.to_dict() for c in ref.old_conv] != [
-                    c.to_dict() for c in site.old_conv]:
-                raise RebirthError(f"site '{site.id}': the module's block differs from the plan")
-            trace = finder.traces[site.id]
-            convs = []
-            for (replaces, wkey, bkey), spec, data, relu in zip(
-                    weight_keys(site), site.new_conv, trace.inputs, trace.relu):
-                weight, bias = self._weights_for(mod, site, arrays, wkey, bkey)
-                want = (spec.out_channels, spec.in_channels // spec.groups, *spec.kernel)
-                if tuple(weight.shape) != want:
-                    raise RebirthError(f"site '{site.id}': weight '{wkey}' has shape "
-                                       f"{list(weight.shape)}, the plan needs {list(want)}")
-                if tuple(bias.shape) != (spec.out_channels,):
-                    raise RebirthError(f"site '{site.id}': bias '{bkey}' has shape "
-                                       f"{list(bias.shape)}, the plan needs [{spec.out_channels}]")
-                convs.append((data, spec, weight.astype("float32"), bias.astype("float32"), relu))
+            match_site(self.analysis, site)
+            trace = self.analysis.trace(site.id)
+            convs = [(data, spec, weight, bias, relu) for (weight, bias), spec, data, relu in zip(
+                self._conv_weights(site), site.new_conv, trace.inputs, trace.relu)]
             replacements[trace.end] = (convs, site.layers[0])
             for consumer in trace.consumers:
-                wkey, bkey = refit_keys(site, consumer.name)
-                if wkey not in arrays:
-                    continue  # no refit learned for this consumer
-                weight, bias = np.asarray(arrays[wkey]), np.asarray(arrays.get(bkey, []))
-                call = finder._graph.value[consumer.conv]
-                want = tuple(int(v) for v in call.args[1].ty.shape.values)
-                if tuple(weight.shape) != want or tuple(bias.shape) != (want[0],):
-                    raise RebirthError(f"site '{site.id}': refit of '{consumer.name}' has shapes "
-                                       f"{list(weight.shape)}/{list(bias.shape)}, the layer "
-                                       f"needs {list(want)}/[{want[0]}]")
-                refits[consumer.end] = (consumer, call, weight.astype("float32"),
-                                        bias.astype("float32"))
-        func = _SiteRewriter(mod, replacements, refits).visit_expr(mod[self.func_name])
+                refit = self._refit(site, consumer)
+                if refit is not None:
+                    refits[consumer.end] = refit
+        func = _SiteRewriter(self.mod, replacements, refits).visit_expr(self.mod[self.func_name])
         func = relax.analysis.remove_all_unused(func)
-        updated = tvm.IRModule(dict(mod.functions), attrs=mod.attrs)
+        updated = tvm.IRModule(dict(self.mod.functions), attrs=self.mod.attrs)
         updated[self.func_name] = func
         return updated
 
-    def _weights_for(self, mod, site, arrays, wkey, bkey):
-        if wkey in arrays and bkey in arrays:
-            return np.asarray(arrays[wkey]), np.asarray(arrays[bkey])
-        if site.exact:
-            return exact_site_weights(mod, site.id, self.func_name)
-        missing = wkey if wkey not in arrays else bkey
-        raise RebirthError(f"site '{site.id}': the weights have no '{missing}' "
-                           "(run `tvm-rebirth finetune` for this plan)")
+    def _conv_weights(self, site):
+        keys = [k for _, wkey, bkey in weight_keys(site) for k in (wkey, bkey)]
+        if site.exact and not all(k in self.weights for k in keys):
+            return [exact_site_weights(self.analysis, site.id)]
+        return site_conv_weights(site, self.weights)
+
+    def _refit(self, site, consumer):
+        """(ConvBlock, conv2d call, W, b) of a consumer conv with refitted weights, or None
+        when the weights hold no refit for it."""
+        wkey, bkey = refit_keys(site, consumer.name)
+        if wkey not in self.weights:
+            return None
+        weight = np.asarray(self.weights[wkey])
+        bias = np.asarray(self.weights[bkey]) if bkey in self.weights else np.zeros(0)
+        call = self.analysis.graph.value[consumer.conv]
+        want = shape_of(call.args[1])
+        if list(weight.shape) != want or list(bias.shape) != [want[0]]:
+            raise RebirthError(f"site '{site.id}': refit of '{consumer.name}' has shapes "
+                               f"{list(weight.shape)}/{list(bias.shape)}, the layer "
+                               f"needs {want}/[{want[0]}]")
+        return consumer, call, weight.astype("float32"), bias.astype("float32")

@@ -10,7 +10,7 @@ from tvm.script import relax as R
 from tvm_rebirth import RebirthError, RebirthPlan, load_model
 from tvm_rebirth.compile.build import Runner
 from tvm_rebirth.learn.finetune import finetune
-from tvm_rebirth.passes import BranchSlimming, StreamlineSlimming, rebirth_pipeline
+from tvm_rebirth.passes import Absorb, BranchSlimming, StreamlineSlimming, rebirth_pipeline
 from tvm_rebirth.passes.site import weight_keys
 
 from onnx_models import inception_model
@@ -135,8 +135,8 @@ def test_channel_order_is_kept_even_when_receivers_are_not_adjacent():
     before = bind(Before, params)
     plan = RebirthPlan.from_model(_Model(before, (1, 4, 8, 8)))
     (site,) = plan.sites
-    site.absorb = {"pool_branch": "conv2d_5", "pool_into": "conv2d_2",
-                   "one_by_one": "conv2d_0", "one_by_one_into": "conv2d_4"}
+    site.absorb = Absorb(pool_branch="conv2d_5", pool_into="conv2d_2",
+                         one_by_one="conv2d_0", one_by_one_into="conv2d_4")
     convs = {c.replaces: c for c in site.new_conv}
     convs["conv2d_2"].out_channels = 4 + 2  # 3x3 then pool-proj
     convs["conv2d_4"].out_channels = 2 + 2  # 1x1 then 5x5

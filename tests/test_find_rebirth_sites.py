@@ -179,7 +179,7 @@ def test_inception_module_gives_a_branch_site_and_a_pool_after_concat(tmp_path):
     _check_new_conv_shape(pool)
     branch = sites["inc/output"]
     assert branch.kind == "branch"
-    assert branch.absorb == {"pool_branch": "inc/pool_proj", "pool_into": "inc/5x5",
+    assert branch.absorb.to_dict() == {"pool_branch": "inc/pool_proj", "pool_into": "inc/5x5",
                              "one_by_one": "inc/1x1", "one_by_one_into": "inc/3x3"}
     # receivers: 3x3 takes the 1x1 branch; 5x5 takes the pool branch, its reducer carrying
     # the pool branch's width; channels in concat order
@@ -211,7 +211,7 @@ def test_googlenet_sites():
     branch = [s for s in sites if s.kind == "branch"]
     assert [s.id for s in branch] == [f"inception_{m}/output" for m in
                                       ["3a", "3b", "4a", "4b", "4c", "4d", "4e", "5a", "5b"]]
-    assert all(s.absorb["pool_into"].endswith("/5x5") for s in branch)
+    assert all(s.absorb.pool_into.endswith("/5x5") for s in branch)
     for s in streamline:
         _check_new_conv_shape(s)
 

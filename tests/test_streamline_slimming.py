@@ -10,7 +10,8 @@ from tvm.script import relax as R
 
 from tvm_rebirth import RebirthError, RebirthPlan, load_model
 from tvm_rebirth.compile.build import Runner
-from tvm_rebirth.passes import StreamlineSlimming, exact_site_weights
+from tvm_rebirth.passes import StreamlineSlimming, analyze_sites, exact_site_weights
+from tvm_rebirth.transform import Rebirth
 from tvm_rebirth.learn.weights import RebirthWeights
 
 from onnx_models import chain_model, inception_model
@@ -83,7 +84,7 @@ def test_exact_sites_match_the_original(tmp_path, ops):
     x = np.random.default_rng(1).standard_normal((1, 4, 32, 32)).astype("float32")
     ref, got = Runner(model.mod)(x)[0], Runner(slim)(x)[0]
     assert np.abs(ref - got).max() < 1e-4
-    weight, bias = exact_site_weights(model.mod, site.id)
+    weight, bias = exact_site_weights(analyze_sites(model.mod), site.id)
     assert list(weight.shape[2:]) == site.new_conv[0].kernel
 
 
@@ -125,7 +126,7 @@ def test_weights_for_another_plan_are_refused(chain, tmp_path):
     with pytest.raises(RebirthError, match="learned for plan ffffffffffff"):
         RebirthWeights.load(path, plan)
     with pytest.raises(RebirthError, match="learned for plan"):
-        StreamlineSlimming(plan, RebirthWeights(arrays, "f" * 64))(model.mod)
+        Rebirth(plan, RebirthWeights(arrays, "f" * 64))(model.mod)
 
 
 def test_wrong_weight_shape_names_the_site(chain, tmp_path):
@@ -198,7 +199,7 @@ def test_refit_of_the_wrong_shape_names_the_layer(chain):
 
 
 def test_constant_folding_follows_permute_and_squeeze_axes():
-    from tvm_rebirth.passes.exact_merge import evaluate_constant
+    from tvm_rebirth.passes import evaluate_constant
 
     a = np.arange(24, dtype="float32").reshape(1, 2, 3, 4)
     expr = relax.op.squeeze(relax.op.permute_dims(relax.const(a), [0, 3, 1, 2]), axis=[0])

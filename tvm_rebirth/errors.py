@@ -1,11 +1,9 @@
-"""The one exception type the CLI turns into a one-line message and a non-zero exit."""
+"""The one exception type the CLI turns into a one-line message and a non-zero exit.
 
-import tvm_ffi
+It is the passes' own error type (``tvm_rebirth.passes.errors``), re-exported: a plan that
+does not fit the module fails the same way in a pass as in the tool.
+"""
 
+from .passes.errors import RebirthError
 
-@tvm_ffi.register_error  # keeps its type when raised inside a pass run through TVM's FFI
-class RebirthError(Exception):
-    """A user-facing error: bad model file, bad plan, bad weights, unreachable device.
-
-    The message must name the file, site, key or host it is about, on one line.
-    """
+__all__ = ["RebirthError"]

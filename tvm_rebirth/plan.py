@@ -11,7 +11,7 @@ from pathlib import Path
 import yaml
 
 from .errors import RebirthError
-from .passes.find_rebirth_sites import FindRebirthSites
+from .passes.analysis import analyze_sites, block_difference
 from .passes.site import (KERNEL_POLICIES, SITE_KINDS, RebirthSite, branch_conv_layout,
                           branch_groups)
 
@@ -34,12 +34,14 @@ class RebirthPlan:
     @classmethod
     def from_model(cls, model, policy="keep-kernel", kinds=SITE_KINDS,
                    branch_widths="carry") -> "RebirthPlan":
-        finder = FindRebirthSites(policy, kinds, branch_widths=branch_widths)
-        sites = finder.find(model.mod)
+        try:
+            analysis = analyze_sites(model.mod, policy, kinds, branch_widths=branch_widths)
+        except ValueError as err:  # a bad policy, kind or width setting
+            raise RebirthError(str(err)) from None
         return cls(model_name=model.name, model_sha256=model.sha256,
                    input_shapes={k: list(v) for k, v in model.input_shapes.items()},
-                   policy=policy, kinds=list(kinds), sites=sites,
-                   rejected=[{"id": i, "reason": r} for i, r in finder.rejected],
+                   policy=policy, kinds=list(kinds), sites=analysis.sites,
+                   rejected=[{"id": r.id, "reason": r.reason} for r in analysis.rejected],
                    source=str(model.path))
 
     # -- serialisation -------------------------------------------------------------------
@@ -137,36 +139,33 @@ class RebirthPlan:
         if {k: list(v) for k, v in self.input_shapes.items()} != shapes:
             raise RebirthError(f"{label}: input shapes {self.input_shapes} differ from the "
                                f"model's {shapes}")
-        finder = FindRebirthSites(self.policy, SITE_KINDS)
-        detected = {s.id: s for s in finder.find(model.mod)}
+        analysis = analyze_sites(model.mod, self.policy, SITE_KINDS)
         seen = set()
         for site in self.sites:
             if site.id in seen:
                 raise RebirthError(f"{label}: site '{site.id}' appears twice")
             seen.add(site.id)
-            ref = detected.get(site.id)
+            ref = analysis.site(site.id)
             if ref is None:
                 raise RebirthError(f"{label}: site '{site.id}' does not exist in {model.name}")
+            difference = block_difference(site, ref)
+            if difference:
+                raise RebirthError(f"{label}: site '{site.id}': {difference}")
             try:
-                if site.kind == "branch" and ref.kind == "branch":
-                    trace = finder.traces[site.id]
+                if site.kind == "branch":
+                    # the module's facts about its branches replace what the file says
+                    site.branches = list(ref.branches)
                     _validate_branch(site, ref, {
-                        name: finder._conv_spec(block.conv, name)
-                        for name, block in trace.convs.items()})
+                        name: analysis.conv_spec(block)
+                        for name, block in analysis.trace(site.id).convs.items()})
                 else:
                     _validate_site(site, ref)
-            except ValueError as err:
+            except ValueError as err:  # an edit the block cannot take
                 raise RebirthError(f"{label}: site '{site.id}': {err}") from None
 
 
 def _validate_site(site: RebirthSite, ref: RebirthSite) -> None:
-    if site.kind != ref.kind:
-        raise ValueError(f"kind is '{ref.kind}' in the model, plan says '{site.kind}'")
-    if list(site.ops) != list(ref.ops):
-        raise ValueError(f"ops {site.ops} differ from the model's {ref.ops}")
-    if site.kind == "streamline" and (
-            [c.to_dict() for c in site.old_conv] != [c.to_dict() for c in ref.old_conv]):
-        raise ValueError("old_conv differs from the model's convolutions")
+    """Edits of a streamline site (its block is the module's: see block_difference)."""
     if [list(site.input_hw), list(site.output_hw)] != [list(ref.input_hw), list(ref.output_hw)]:
         raise ValueError("input_hw/output_hw differ from the model's")
     if len(site.new_conv) != len(site.old_conv) or (
@@ -200,31 +199,25 @@ def _validate_site(site: RebirthSite, ref: RebirthSite) -> None:
 
 def _validate_branch(site: RebirthSite, ref: RebirthSite, module_convs: dict) -> None:
     """A branch site: the user may edit ``absorb`` (which branch takes which) and the
-    reducers' widths; everything else follows from those and the module."""
-    if site.kind != ref.kind or list(site.ops) != list(ref.ops):
-        raise ValueError(f"kind/ops {site.kind} {site.ops} differ from the model's "
-                         f"{ref.kind} {ref.ops}")
-    if [b.get("convs") for b in site.branches] != [b["convs"] for b in ref.branches]:
-        raise ValueError("branches differ from the model's (only absorb and new_conv "
-                         "widths may be edited)")
+    reducers' widths; everything else follows from those and the module (its block is the
+    module's: see block_difference)."""
     if site.exact:
         raise ValueError("a branch merge is learned: exact must be false")
-    site.branches = [dict(b) for b in ref.branches]
     groups = branch_groups(site)
-    pool_index = next(i for i, b in enumerate(ref.branches) if b["pool"])
-    if site.absorb.get("pool_branch") != ref.branches[pool_index]["convs"][-1]:
-        raise ValueError(f"absorb.pool_branch must be "
-                         f"'{ref.branches[pool_index]['convs'][-1]}', the pool branch's conv")
+    pool_index = next(i for i, b in enumerate(ref.branches) if b.pool)
+    pool_conv = ref.branches[pool_index].last_conv
+    if (site.absorb.pool_branch if site.absorb else None) != pool_conv:
+        raise ValueError(f"absorb.pool_branch must be '{pool_conv}', the pool branch's conv")
     for receiver, covered in groups.items():
         b = ref.branches[receiver]
-        if b["pool"] or "batch_norm" in b["ops"] or len(b["convs"]) > 2 or (
-                len(b["convs"]) == 2 and b["kernels"][0] != [1, 1]):
-            raise ValueError(f"'{b['convs'][-1]}' cannot absorb other branches (a receiver is "
+        if b.pool or "batch_norm" in b.ops or len(b.convs) > 2 or (
+                len(b.convs) == 2 and b.kernels[0] != [1, 1]):
+            raise ValueError(f"'{b.last_conv}' cannot absorb other branches (a receiver is "
                              "a conv, or a 1x1 reducer -> conv, without pools or BN)")
         if pool_index in covered:
-            window, kernel = ref.branches[pool_index]["pool_window"], b["kernels"][-1]
+            window, kernel = ref.branches[pool_index].pool_window, b.kernels[-1]
             if kernel[0] < window[0] or kernel[1] < window[1]:
-                raise ValueError(f"absorbing conv '{b['convs'][-1]}' has kernel {kernel}, "
+                raise ValueError(f"absorbing conv '{b.last_conv}' has kernel {kernel}, "
                                  f"smaller than the {window[0]}x{window[1]} pool window it "
                                  "must cover")
     layout = branch_conv_layout(site, groups)
@@ -248,11 +241,11 @@ def _validate_branch(site: RebirthSite, ref: RebirthSite, module_convs: dict) ->
             reducer_out[receiver] = new.out_channels
             continue
         want_in = reducer_out.get(receiver, old.in_channels)
-        want_out = sum(ref.branches[i]["out_channels"] for i in groups[receiver])
+        want_out = sum(ref.branches[i].out_channels for i in groups[receiver])
         if new.in_channels != want_in:
             raise ValueError(f"{where}: in_channels must be {want_in} (its input's width)")
         if new.out_channels != want_out:
-            parts = "+".join(str(ref.branches[i]["out_channels"]) for i in groups[receiver])
+            parts = "+".join(str(ref.branches[i].out_channels) for i in groups[receiver])
             raise ValueError(f"{where}: out_channels must be {parts}={want_out}, the widths "
                              "of the branches it computes (the module keeps its width)")
 

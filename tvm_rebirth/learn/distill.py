@@ -14,7 +14,7 @@ import time
 import numpy as np
 
 from ..errors import RebirthError
-from ..passes.exact_merge import evaluate_constant
+from ..passes.dataflow import evaluate_constant
 
 logger = logging.getLogger(__name__)
 

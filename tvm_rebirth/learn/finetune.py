@@ -12,54 +12,47 @@ learned convs are then refined together: by distilling the original model's outp
 
 from __future__ import annotations
 
-import logging
 import dataclasses
+import logging
 import time
 
 import numpy as np
 
 from ..compile.build import Runner
 from ..errors import RebirthError
-from .fit import conv_forward, fit_rebirth_conv, pool_forward
-from ..passes import (SITE_KINDS, FindRebirthSites, exact_site_weights, rebirth_pipeline,
-                     weight_keys)
-from ..passes.exact_merge import conv_block_weights
+from ..passes import (SITE_KINDS, analyze_sites, exact_site_weights, rebirth_pipeline,
+                      weight_keys)
 from ..passes.site import branch_conv_layout, branch_groups, refit_keys
+from .fit import conv_forward, fit_rebirth_conv, pool_forward
 from .weights import RebirthWeights
 
 logger = logging.getLogger(__name__)
 
 
-
-
-def capture_module(mod, select, policy="keep-kernel", func_name="main"):
-    """A module returning the vars ``select(finder)`` picks from the sites FindRebirthSites
-    traces in ``mod``, computing only what those need."""
+def capture(mod, select, images, label, policy="keep-kernel", func_name="main") -> tuple:
+    """Run ``images`` through a module computing only the vars ``select(analysis)`` names
+    ({key: var}, from the site analysis of ``mod``). Returns ({key: stacked array}, that
+    analysis)."""
     import tvm
     from tvm import relax
 
     plain = relax.transform.ToNonDataflow()(mod)
     plain = tvm.IRModule(dict(plain.functions), attrs=mod.attrs)
-    finder = FindRebirthSites(policy, SITE_KINDS, func_name)
-    finder.find(plain)
-    outputs = select(finder)
+    analysis = analyze_sites(plain, policy, SITE_KINDS, func_name)
+    outputs = select(analysis)
+    keys = list(outputs)
     func = plain[func_name]
-    body = relax.BlockBuilder().normalize(relax.SeqExpr(func.body.blocks, relax.Tuple(outputs)))
+    body = relax.BlockBuilder().normalize(relax.SeqExpr(
+        func.body.blocks, relax.Tuple([outputs[k] for k in keys])))
     captured = relax.analysis.remove_all_unused(
         relax.Function(func.params, body, attrs=func.attrs)).with_attr("global_symbol", "main")
-    return tvm.IRModule({"main": captured})
+    columns = run_all(Runner(tvm.IRModule({"main": captured})), images, label)
+    return dict(zip(keys, columns)), analysis
 
 
-def _trace(finder, site_id):
-    trace = finder.traces.get(site_id)
-    if trace is None:
-        raise RebirthError(f"site '{site_id}': not found while capturing activations")
-    return trace
-
-
-def _consumers(finder, site_id, site_convs):
+def _consumers(analysis, site_id, site_convs):
     """Consumer convs of a site that are not themselves fitted as part of a site."""
-    return [c for c in _trace(finder, site_id).consumers if c.name not in site_convs]
+    return [c for c in analysis.trace(site_id).consumers if c.name not in site_convs]
 
 
 def run_all(runner, images, label):
@@ -116,7 +109,7 @@ def _combine(pieces):
             "rel_error_fit": round((fit_err / max(fit_norm, 1e-12)) ** 0.5, 6)}
 
 
-def _refit_consumers(site, fits, consumers, finder, targets, held, arrays):
+def _refit_consumers(site, fits, consumers, analysis, targets, held, arrays):
     """Refit the convs that read a freshly slimmed site to their original outputs. Their
     new input is the rebirth conv's output, computed in numpy from the site's captured
     inputs (through the same pools), so no extra TVM run is needed."""
@@ -129,9 +122,9 @@ def _refit_consumers(site, fits, consumers, finder, targets, held, arrays):
     for consumer in consumers:
         x = slimmed
         for pool in consumer.pools:
-            x = pool_forward(x, **pool)
-        spec = finder._conv_spec(consumer.conv, consumer.name)
-        y = targets.pop((site.id, consumer.name))
+            x = pool_forward(x, **dataclasses.asdict(pool))
+        spec = analysis.conv_spec(consumer)
+        y = targets.pop(("refit", site.id, consumer.name))
         wkey, bkey = refit_keys(site, consumer.name)
         report.append({"layer": consumer.name,
                        **_combine([_fit_one(x, y, spec, consumer.relu, held, arrays,
@@ -143,14 +136,12 @@ def _fit_streamline(site, current, target, policy, images, held, arrays, site_co
                     consumer_targets):
     """Learn a streamline site's conv(s) from inputs captured in ``current`` (every site
     below already slimmed); then refit the convs reading it unless ``site_convs`` is None."""
-    inputs = run_all(Runner(capture_module(
-        current, lambda f: list(_trace(f, site.id).inputs), policy)),
-        images, f"inputs of {site.id}")
-    finder = FindRebirthSites(policy, ["streamline"])
-    finder.find(current)
-    relus = finder.traces[site.id].relu
-    fits = [(wkey, bkey, spec, x, relu) for (_, wkey, bkey), spec, x, relu in
-            zip(weight_keys(site), site.new_conv, inputs, relus)]
+    inputs, analysis = capture(
+        current, lambda a: dict(enumerate(a.trace(site.id).inputs)), images,
+        f"inputs of {site.id}", policy)
+    relus = analysis.trace(site.id).relu
+    fits = [(wkey, bkey, spec, inputs[i], relu) for i, ((_, wkey, bkey), spec, relu) in
+            enumerate(zip(weight_keys(site), site.new_conv, relus))]
     offset, pieces = 0, []
     for wkey, bkey, spec, x, relu in fits:
         y = target[:, offset:offset + spec.out_channels]
@@ -159,38 +150,38 @@ def _fit_streamline(site, current, target, policy, images, held, arrays, site_co
     entry = {"id": site.id, "kind": site.kind, "exact": False, **_combine(pieces),
              "method": "ridge least squares + ReLU-aware refinement",
              "held_out_images": int(held.sum())}
-    consumers = _consumers(finder, site.id, site_convs) if site_convs is not None else []
+    consumers = _consumers(analysis, site.id, site_convs) if site_convs is not None else []
     if consumers:
-        refit = _refit_consumers(site, fits, consumers, finder, consumer_targets, held, arrays)
+        refit = _refit_consumers(site, fits, consumers, analysis, consumer_targets, held, arrays)
         entry["refit"] = refit
         logger.info(f"[finetune] {site.id}: refitted {', '.join(c.name for c in consumers)} "
             f"(held-out error {', '.join(str(r['rel_error']) for r in refit)})")
     return entry
 
 
-def _fit_branch(site, finder, fork, target, held, arrays):
+def _fit_branch(site, analysis, fork, target, held, arrays):
     """Learn a branch site's receivers from the module's fork input and the original
     module's output: reducers first (kept channels, plus channels that carry what an
     absorbed branch computed), then each receiver's last conv, fitted to the channels of
     every branch it now covers. A receiver's own channels keep their original weights
     wherever those stay closer to the target."""
     groups = branch_groups(site)
-    trace = finder.traces[site.id]
-    offsets = np.cumsum([0] + [b["out_channels"] for b in site.branches])
+    trace = analysis.trace(site.id)
+    offsets = np.cumsum([0] + [b.out_channels for b in site.branches])
     fit_images = ~held if held.any() else np.ones(len(fork), bool)
     data, reducer_kept, pieces = {}, {}, []
     for (name, role, receiver), spec, (_, wkey, bkey) in zip(
             branch_conv_layout(site, groups), site.new_conv, weight_keys(site)):
         block = trace.convs[name]
-        w0, b0 = conv_block_weights(finder, block)
-        geometry = dataclasses.replace(finder._conv_spec(block.conv, name),
+        w0, b0 = analysis.conv_weights(block)
+        geometry = dataclasses.replace(analysis.conv_spec(block),
                                        in_channels=spec.in_channels,
                                        out_channels=spec.out_channels)
         if role == "reducer":
-            consumer = trace.convs[site.branches[receiver]["convs"][-1]]
-            w, b, kept = _reducer_weights(site, finder, trace, groups[receiver], receiver, w0,
+            consumer = trace.convs[site.branches[receiver].last_conv]
+            w, b, kept = _reducer_weights(site, analysis, trace, groups[receiver], receiver, w0,
                                           b0, spec.out_channels, fork[fit_images], geometry,
-                                          block.relu, conv_block_weights(finder, consumer)[0])
+                                          block.relu, analysis.conv_weights(consumer)[0])
             arrays[wkey], arrays[bkey] = w, b
             reducer_kept[receiver] = kept
             r = conv_forward(fork, w, b, geometry)
@@ -200,7 +191,7 @@ def _fit_branch(site, finder, fork, target, held, arrays):
         covered = groups[receiver]
         y = np.concatenate([target[:, offsets[i]:offsets[i + 1]] for i in covered], axis=1)
         own = covered.index(receiver)
-        start = sum(site.branches[i]["out_channels"] for i in covered[:own])
+        start = sum(site.branches[i].out_channels for i in covered[:own])
         channels = list(range(start, start + w0.shape[0]))
         original = None
         kept = reducer_kept.get(receiver, list(range(w0.shape[1])))
@@ -215,7 +206,7 @@ def _fit_branch(site, finder, fork, target, held, arrays):
             "held_out_images": int(held.sum())}
 
 
-def _reducer_weights(site, finder, trace, covered, receiver, w0, b0, width, x, geometry, relu,
+def _reducer_weights(site, analysis, trace, covered, receiver, w0, b0, width, x, geometry, relu,
                      consumer_w):
     """A receiver's 1x1 reducer at its new width: (W, b, kept original channels or None).
 
@@ -233,10 +224,10 @@ def _reducer_weights(site, finder, trace, covered, receiver, w0, b0, width, x, g
         return w0[keep], b0[keep], None
     rows_w, rows_b = [w0], [b0]
     for i in covered:
-        convs = site.branches[i]["convs"]
+        convs = site.branches[i].convs
         if i == receiver or len(convs) != 1:
             continue
-        w, b = conv_block_weights(finder, trace.convs[convs[0]])
+        w, b = analysis.conv_weights(trace.convs[convs[0]])
         if w.shape[2:] == (1, 1) and w.shape[1] == w0.shape[1]:
             rows_w.append(w)
             rows_b.append(b)
@@ -275,12 +266,11 @@ def _refine_end_to_end(model, plan, arrays, images, labels, flip, epochs):
     return report
 
 
-def _branch_target(plan, finder, site):
+def _branch_target(plan, analysis, site):
     """What a branch site must reproduce in the original model: its concat, or the pool
     after it when a streamline site folds that pool into the module's convs."""
-    pooled = [s for s in plan.enabled_sites("streamline")
-              if s.ops[0] == "concat" and s.layers[0] == site.id]
-    return _trace(finder, pooled[0].id).end if pooled else _trace(finder, site.id).concat
+    pooled = [s for s in plan.enabled_sites("streamline") if s.pooled_concat == site.id]
+    return analysis.trace(pooled[0].id).end if pooled else analysis.trace(site.id).concat
 
 
 def finetune(model, plan, images=None, calibration="",
@@ -295,43 +285,38 @@ def finetune(model, plan, images=None, calibration="",
         check_labels(model.mod, e2e_labels, len(e2e_images))
     sites = plan.enabled_sites()
     arrays, report, done = {}, [], []
-    for site in sites:
-        if site.exact:
-            weight, bias = exact_site_weights(model.mod, site.id)
-            (_, wkey, bkey), = weight_keys(site)
-            arrays[wkey], arrays[bkey] = weight, bias
-            done.append(site.id)
-            report.append({"id": site.id, "kind": site.kind, "exact": True, "rel_error": None,
-                           "method": "closed form", "seconds": 0.0})
-            logger.info(f"[finetune] {site.id}: exact, closed form")
+    exact = [s for s in sites if s.exact]
+    analysis = analyze_sites(model.mod, plan.policy) if exact else None
+    for site in exact:
+        weight, bias = exact_site_weights(analysis, site.id)
+        (_, wkey, bkey), = weight_keys(site)
+        arrays[wkey], arrays[bkey] = weight, bias
+        done.append(site.id)
+        report.append({"id": site.id, "kind": site.kind, "exact": True, "rel_error": None,
+                       "method": "closed form", "seconds": 0.0})
+        logger.info(f"[finetune] {site.id}: exact, closed form")
     learned = [s for s in sites if not s.exact]
     site_convs = {c.replaces for s in sites for c in s.old_conv}
     if learned:
         if images is None or len(images) == 0:
             raise RebirthError("the plan has learned sites but no calibration images were given")
         logger.info(f"[finetune] capturing the original outputs of {len(learned)} site(s) on "
-            f"{len(images)} images")
+                    f"{len(images)} images")
 
-        def original_targets(finder):
-            outs = []
+        def original_targets(analysis):
+            """{site id: the output it replaces, ("refit", site id, layer): a consumer's}"""
+            outs = {}
             for site in learned:
                 if site.kind == "branch":
-                    outs.append(_branch_target(plan, finder, site))
+                    outs[site.id] = _branch_target(plan, analysis, site)
                     continue
-                outs.append(_trace(finder, site.id).end)
+                outs[site.id] = analysis.trace(site.id).end
                 if refit_consumers:
-                    outs += [c.out for c in _consumers(finder, site.id, site_convs)]
+                    outs.update({("refit", site.id, c.name): c.out
+                                 for c in _consumers(analysis, site.id, site_convs)})
             return outs
-        columns = iter(run_all(Runner(capture_module(model.mod, original_targets, plan.policy)),
-                               images, "original model"))
-        finder = FindRebirthSites(plan.policy, SITE_KINDS)
-        finder.find(model.mod)
-        targets, consumer_targets = {}, {}
-        for site in learned:
-            targets[site.id] = next(columns)
-            if refit_consumers and site.kind == "streamline":
-                for c in _consumers(finder, site.id, site_convs):
-                    consumer_targets[(site.id, c.name)] = next(columns)
+        targets, _ = capture(model.mod, original_targets, images, "original model",
+                             plan.policy)
     # every 8th image is held out: reported errors are measured on unseen images
     held = np.arange(len(images)) % 8 == 7 if images is not None and len(images) >= 8 \
         else np.zeros(0 if images is None else len(images), bool)
@@ -340,16 +325,12 @@ def finetune(model, plan, images=None, calibration="",
         current = rebirth_pipeline(_with_enabled(plan, set(done)), arrays)(model.mod)
         target = targets.pop(site.id)
         if site.kind == "branch":
-            (fork,) = run_all(Runner(capture_module(
-                current, lambda f: [_trace(f, site.id).fork], plan.policy)),
-                images, f"input of {site.id}")
-            finder = FindRebirthSites(plan.policy, ["branch"])
-            finder.find(current)
-            entry = _fit_branch(site, finder, fork, target, held, arrays)
+            captured, analysis = capture(current, lambda a: {"fork": a.trace(site.id).fork},
+                                         images, f"input of {site.id}", plan.policy)
+            entry = _fit_branch(site, analysis, captured["fork"], target, held, arrays)
         else:
             entry = _fit_streamline(site, current, target, plan.policy, images, held, arrays,
-                                    site_convs if refit_consumers else None, consumer_targets,
-                                    )
+                                    site_convs if refit_consumers else None, targets)
         done.append(site.id)
         entry["seconds"] = round(time.time() - t, 2)
         report.append(entry)

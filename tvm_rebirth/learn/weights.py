@@ -1,8 +1,11 @@
 """Rebirth weights files (.npz): ``<site id>/weight`` (OIHW), ``<site id>/bias`` and
-``__meta__`` (JSON: plan sha256, calibration description, per-site relative error)."""
+``__meta__`` (JSON: plan sha256, calibration description, per-site relative error).
+
+A loaded file is a read-only mapping {key: array}: what the slimming passes take."""
 
 from __future__ import annotations
 
+import collections.abc
 import dataclasses
 import io
 import json
@@ -13,14 +16,25 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import RebirthError
-from ..passes.site import weight_keys
+from ..passes.site import site_conv_weights, weight_keys
 
 
 @dataclasses.dataclass
-class RebirthWeights:
+class RebirthWeights(collections.abc.Mapping):
+    """The learned arrays of one plan (``plan_sha256``) and the fine-tune report (``meta``)."""
+
     arrays: dict
     plan_sha256: str
     meta: dict = dataclasses.field(default_factory=dict)
+
+    def __getitem__(self, key):
+        return self.arrays[key]
+
+    def __iter__(self):
+        return iter(self.arrays)
+
+    def __len__(self):
+        return len(self.arrays)
 
     def save(self, path) -> None:
         path = Path(path)
@@ -53,26 +67,21 @@ class RebirthWeights:
         return weights
 
     def check(self, plan, label="weights") -> None:
+        """RebirthError unless these weights were learned for ``plan`` and hold every enabled
+        site's arrays in the plan's shapes (exact sites may be left to the closed form)."""
         if self.plan_sha256 != plan.sha256:
             where = f" ({plan.path})" if getattr(plan, "path", "") else ""
             raise RebirthError(f"{label}: learned for plan {self.plan_sha256[:12]}, not for this "
                                f"plan{where} ({plan.sha256[:12]}); re-run `tvm-rebirth finetune`")
-        for site in plan.sites:
-            if not site.enabled:
-                continue
-            for spec, (_, wkey, bkey) in zip(site.new_conv, weight_keys(site)):
-                if wkey not in self.arrays and site.exact:
-                    continue  # exact sites may be computed in closed form at build time
-                want = (spec.out_channels, spec.in_channels // spec.groups, *spec.kernel)
-                for key, shape in [(wkey, want), (bkey, (spec.out_channels,))]:
-                    if key not in self.arrays:
-                        raise RebirthError(f"{label}: site '{site.id}': missing '{key}'")
-                    got = tuple(self.arrays[key].shape)
-                    if site.kind == "branch" and key == wkey:
-                        # a branch conv keeps the kernel it has when BranchSlimming runs
-                        # (a folded pool may have grown it): only the widths are the plan's
-                        got, shape = got[:2], shape[:2]
-                    if got != tuple(shape):
-                        raise RebirthError(
-                            f"{label}: site '{site.id}': '{key}' has shape "
-                            f"{list(self.arrays[key].shape)}, the plan needs {list(shape)}")
+        for site in plan.enabled_sites():
+            keys = weight_keys(site)
+            if site.exact and not all(wkey in self.arrays for _, wkey, _ in keys):
+                continue  # computed in closed form when the module is slimmed
+            # a branch conv keeps the kernel it has when BranchSlimming runs: only its widths
+            # are the plan's
+            kernels = [self.arrays[wkey].shape[2:] if wkey in self.arrays else None
+                       for _, wkey, _ in keys] if site.kind == "branch" else None
+            try:
+                site_conv_weights(site, self.arrays, kernels)
+            except RebirthError as err:
+                raise RebirthError(f"{label}: {err}") from None
