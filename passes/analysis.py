@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 
-import numpy as np
 import tvm
 
 from .dataflow import Dataflow, op_name
@@ -23,7 +22,7 @@ from .find_branch import BranchFinder
 from .find_streamline import Found, Rejection, StreamlineFinder
 from .layers import LrnMatcher, attached_names, layer_names
 from .site import BRANCH_WIDTHS, KERNEL_POLICIES, SITE_KINDS, ConvSpec, RebirthSite
-from .traces import ConvBlock
+from .traces import ConvBlock, conv_block_weights
 
 
 @dataclasses.dataclass
@@ -53,12 +52,7 @@ class SiteAnalysis:
 
     def conv_weights(self, block: ConvBlock) -> tuple:
         """(W [OIHW], b) float32 of a ConvBlock as the module computes it (bias add folded)."""
-        weight = self.graph.constant(self.graph.value[block.conv].args[1])
-        if block.end.same_as(block.conv):
-            bias = np.zeros(weight.shape[0])
-        else:
-            bias = self.graph.constant(self.graph.value[block.end].args[1]).reshape(-1)
-        return weight.astype("float32"), bias.astype("float32")
+        return conv_block_weights(self.graph, block)
 
 
 def check_settings(policy: str, kinds, branch_widths: str) -> None:

@@ -59,7 +59,8 @@ class BranchFinder:
             elif op == "relax.nn.relu":
                 steps.append(("relu", var))
             elif isinstance(value, relax.TupleGetItem) and value.index == 0 and op_name(
-                    graph.value.get(value.tuple_value)) == "relax.nn.batch_norm":
+                    graph.value.get(value.tuple_value)) == "relax.nn.batch_norm" and not bool(
+                    graph.value[value.tuple_value].attrs.training):
                 var = value.tuple_value
                 steps.append(("batch_norm", var))
                 value = graph.value[var]

@@ -114,9 +114,11 @@ class StreamlineFinder:
         return None
 
     def _batch_norm_step(self, cur, user, value) -> _ChainStep | None:
-        """BatchNorm with constant statistics whose only live output is the normalised one."""
+        """An inference BatchNorm (training=False: moving statistics, constant) whose only
+        live output is the normalised one."""
         graph = self.graph
-        if not value.args[0].same_as(cur) or not all(graph.is_const(a) for a in value.args[1:]):
+        if bool(value.attrs.training) or not value.args[0].same_as(cur) or not all(
+                graph.is_const(a) for a in value.args[1:]):
             return None
         readers = graph.users_of(user)
         main = [u for u in readers if isinstance(graph.value.get(u), relax.TupleGetItem)

@@ -26,7 +26,7 @@ from tvm import relax
 
 from .dataflow import Dataflow, op_name
 from .layers import LrnMatcher, attached_names, layer_names
-from .traces import conv_block
+from .traces import conv_block, conv_block_weights
 
 
 @relax.expr_functor.mutator
@@ -94,15 +94,8 @@ def _parallel_groups(mod, func_name) -> list:
         if len(blocks) < 2:
             continue
         blocks.sort(key=lambda b: graph.position[b.end])
-        weights = [_block_weights(graph, b) for b in blocks]
+        weights = [conv_block_weights(graph, b) for b in blocks]
         groups.append((blocks, np.concatenate([w for w, _ in weights]),
                        np.concatenate([b for _, b in weights]),
                        [w.shape[0] for w, _ in weights]))
     return groups
-
-
-def _block_weights(graph: Dataflow, block) -> tuple:
-    weight = graph.constant(graph.value[block.conv].args[1])
-    bias = np.zeros(weight.shape[0]) if block.end.same_as(block.conv) else \
-        graph.constant(graph.value[block.end].args[1]).reshape(-1)
-    return weight.astype("float32"), bias.astype("float32")

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from tvm import relax
+import numpy as np
 
 from .dataflow import RETURN, Dataflow, ints, op_name, shape_of
 from .layers import POOL_OPS
@@ -115,5 +115,12 @@ def consumer_convs(graph: Dataflow, names: dict, end) -> list:
     return found
 
 
-def is_relax_var(expr) -> bool:
-    return isinstance(expr, relax.Var)
+def conv_block_weights(graph: Dataflow, block: ConvBlock) -> tuple:
+    """(W [OIHW], b [O]) float32 of a ConvBlock as the module computes it: its bias add
+    folded in, a scalar bias spread over the channels."""
+    weight = graph.constant(graph.value[block.conv].args[1])
+    bias = np.zeros(weight.shape[0])
+    if not block.end.same_as(block.conv):
+        bias = np.broadcast_to(graph.constant(graph.value[block.end].args[1]).reshape(-1),
+                               (weight.shape[0],))
+    return weight.astype("float32"), bias.astype("float32")
