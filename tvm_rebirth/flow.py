@@ -368,7 +368,7 @@ def site_json(s) -> dict:
     return {"id": s.id, "kind": s.kind, "exact": s.exact, "enabled": s.enabled, "ops": s.ops,
             "layers": s.layers, "old_conv": [c.to_dict() for c in s.old_conv],
             "new_conv": [c.to_dict() for c in s.new_conv], "note": s.note,
-            **({"absorb": s.absorb} if s.absorb else {})}
+            **({"absorb": s.to_dict()["absorb"]} if s.absorb else {})}
 
 
 def plan_command(args: PlanArgs) -> tuple:
