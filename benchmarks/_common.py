@@ -50,6 +50,19 @@ def ort_timer(model, x, threads: int, number: int):
     return timer
 
 
+def race(model, runners, x, threads: int, number: int, rounds: int, label: str,
+         ort_name="onnxruntime") -> dict:
+    """{name: [ms per round]}: ONNX Runtime on the original model (as ``ort_name``) and every
+    TVM runner of ``runners``, each warmed up once, then timed in interleaved rounds."""
+    from tvm_rebirth.report.measure import interleaved_rounds, tvm_timer
+
+    timers = {ort_name: ort_timer(model, x, threads, number)}
+    timers.update({name: tvm_timer(runner, x, number) for name, runner in runners.items()})
+    for timer in timers.values():  # warm up
+        timer()
+    return interleaved_rounds(timers, rounds, label)
+
+
 def table(rows, header) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]

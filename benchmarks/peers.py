@@ -20,11 +20,11 @@ import sys
 
 os.environ.setdefault("TVM_NUM_THREADS", "2")
 
-from _common import machine, ort_timer, table, write  # noqa: E402
+from _common import machine, race, table, write  # noqa: E402
 
 from tvm_rebirth import flow  # noqa: E402
 from tvm_rebirth.compile.build import Runner  # noqa: E402
-from tvm_rebirth.report.measure import count_gflops, interleaved_rounds, tvm_timer  # noqa: E402
+from tvm_rebirth.report.measure import count_gflops  # noqa: E402
 
 
 def peak_gflops(threads: int) -> float:
@@ -60,11 +60,8 @@ def main():
     plan, rebirth = result.plan, result.mod
     x = calib[0][:1]
     runners = {"tvm_original": Runner(model.mod), "tvm_rebirth": Runner(rebirth)}
-    timers = {"onnxruntime_original": ort_timer(model, x, threads, args.number)}
-    timers.update({name: tvm_timer(runner, x, args.number) for name, runner in runners.items()})
-    for timer in timers.values():  # warm up
-        timer()
-    samples = interleaved_rounds(timers, args.rounds, "peers")
+    samples = race(model, runners, x, threads, args.number, args.rounds, "peers",
+                   "onnxruntime_original")
     ms = {f"{k}_ms": round(statistics.median(v), 3) for k, v in samples.items()}
     gflop = {"original": count_gflops(model.mod), "rebirth": count_gflops(rebirth)}
     peak = peak_gflops(threads)
@@ -81,7 +78,7 @@ def main():
                                    for k, r in runners.items()},
                "sites": [s.id for s in plan.enabled_sites()], "machine": machine()}
     rows = [[name.replace("_", " "), ms[f"{name}_ms"], f"{achieved[name]:.1f}",
-             f"{achieved[name] / peak * 100:.1f} %"] for name in timers]
+             f"{achieved[name] / peak * 100:.1f} %"] for name in samples]
     md = (f"# Peers on {args.model} ({threads} threads)\n\n"
           + table(rows, ["runtime", "ms (median)", "GFLOP/s", "of nominal peak"])
           + f"\n\nNominal fp32 peak {peak:.0f} GFLOP/s ({threads} threads x 32 FLOP/cycle). "

@@ -21,11 +21,11 @@ import time
 
 os.environ.setdefault("TVM_NUM_THREADS", "2")
 
-from _common import ort_timer, table, write  # noqa: E402
+from _common import race, table, write  # noqa: E402
 
 from tvm_rebirth import flow  # noqa: E402
 from tvm_rebirth.compile.build import Runner  # noqa: E402
-from tvm_rebirth.report.measure import count_gflops, interleaved_rounds, tvm_timer  # noqa: E402
+from tvm_rebirth.report.measure import count_gflops  # noqa: E402
 from tvm_rebirth.frontend.zoo import ZOO  # noqa: E402
 
 
@@ -44,11 +44,7 @@ def measure(name, args, threads):
     rebirth = result.mod
     x = calib[0][:1]
     runners = {"original": Runner(model.mod), "rebirth": Runner(rebirth)}
-    timers = {"onnxruntime": ort_timer(model, x, threads, args.number)}
-    timers.update({k: tvm_timer(r, x, args.number) for k, r in runners.items()})
-    for timer in timers.values():  # warm up
-        timer()
-    samples = interleaved_rounds(timers, args.rounds, f"zoo {name}")
+    samples = race(model, runners, x, threads, args.number, args.rounds, f"zoo {name}")
     ms = {k: round(statistics.median(v), 3) for k, v in samples.items()}
     out = runners["original"](x)[0]
     entry = {

@@ -63,7 +63,7 @@ def cmd_plan(args) -> None:
     plan, payload = flow.plan_command(flow.PlanArgs(
         model=args.model, output=args.output, check=args.check, policy=args.policy,
         kinds=_parse_kinds(args.kinds), branch_widths=args.branch_widths))
-    out = args.check or args.output or f"{payload['model']}.plan.yaml"
+    out = args.check or args.output or os.path.basename(payload["plan"])
     text = table(_site_rows(plan.sites), ["site", "kind", "ops", "old -> new conv", "exact"])
     counts = ", ".join(f"{v} {k}" for k, v in payload["counts"].items())
     done = "is valid" if args.check else "written to"
@@ -86,7 +86,7 @@ def _rebirth_options(args) -> flow.RebirthOptions:
 def cmd_finetune(args) -> None:
     payload = flow.finetune_command(flow.FinetuneArgs(
         model=args.model, rebirth=_rebirth_options(args), output=args.output))
-    out = args.output or f"{payload['model']}.weights.npz"
+    out = args.output or os.path.basename(payload["weights"])
     rows = [[r["id"], "exact" if r["exact"] else "learned",
              "-" if r["rel_error"] is None else f"{r['rel_error']:.4f}", f"{r['seconds']:.1f}"]
             for r in payload["sites"]]
@@ -150,7 +150,7 @@ def cmd_build(args) -> None:
     payload = flow.build(flow.BuildArgs(model=args.model, rebirth=_rebirth_options(args),
                                         target=args.target, output=args.output,
                                         tuning_logs=not args.no_tuning_logs))
-    out = args.output or f"{payload['model']}-{payload['variant']}-{args.target}.so"
+    out = args.output or os.path.basename(payload["path"])
     _emit(args, payload, f"{payload['variant']} {payload['model']} for {args.target} -> {out} "
                          f"({payload['bytes'] / 2 ** 20:.1f} MiB, planned activations "
                          f"{payload['planned_memory_mb']} MB, {payload['tuned_functions']}/"

@@ -257,9 +257,8 @@ def weights_for(model, plan, options: RebirthOptions, tag: str | None = None,
     against ``plan`` (it needs the plan file it was learned for), or fine-tuned."""
     from .learn.weights import RebirthWeights
 
+    options.check()
     if options.weights:
-        if not options.plan:
-            raise RebirthError("--weights needs the --plan it was learned for")
         return RebirthWeights.load(options.weights, plan), None
     _log(tag, "no --weights: fine-tuning the plan first")
     return fine_tune(model, plan, options, tag, images)
@@ -400,7 +399,7 @@ def finetune_command(args: FinetuneArgs) -> dict:
     """`finetune`: learn the plan's sites (+ end to end) and write the weights file
     (default <model>.weights.npz); payload with per-site errors and seconds."""
     options = args.rebirth
-    options.e2e.check()
+    options.check()
     start = time.time()
     model = load(args.model)
     plan = plan_for(model, options, "finetune")
