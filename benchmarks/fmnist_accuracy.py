@@ -54,7 +54,7 @@ def main():
 
     for k in range(1, len(full.sites) + 1):  # cumulative, in network order
         ids = {s.id for s in full.sites[:k]}
-        rebirth(f"+ {full.sites[k - 1].id}", plan=flow.with_enabled(full, lambda s: s.id in ids))
+        rebirth(f"+ {full.sites[k - 1].id}", plan=full.with_enabled(lambda s: s.id in ids))
     for widths in ("carry", "paper"):
         rebirth(f"branch sites only ({widths} widths)",
                 flow.RebirthOptions(kinds=("branch",), branch_widths=widths))

@@ -52,7 +52,7 @@ def main():
     runners, fits = {"original": Runner(model.mod)}, {}
     for name, keep in VARIANTS.items():
         print(f"[limits] {name}", file=sys.stderr, flush=True)
-        rebirth = flow.rebirth_model(model, plan=flow.with_enabled(full, keep), images=calib)
+        rebirth = flow.rebirth_model(model, plan=full.with_enabled(keep), images=calib)
         fits[name] = rebirth.fit["sites"]
         runners[name] = Runner(rebirth.mod)
     result = top_k(runners, test_x, test_y)

@@ -16,7 +16,6 @@ implicit-default steps. Errors are RebirthError with one-line messages.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 import time
@@ -265,10 +264,11 @@ def weights_for(model, plan, options: RebirthOptions, tag: str | None = None,
 
 
 def slim(model, plan, weights):
-    """The slimmed module: passes.rebirth_pipeline(plan, weights) applied to the model."""
-    from .passes import rebirth_pipeline
+    """The slimmed module: ``transform.Rebirth(plan, weights)`` (the passes' rebirth pipeline
+    behind the weights-vs-plan check) applied to the model."""
+    from .transform import Rebirth
 
-    return rebirth_pipeline(plan, weights)(model.mod)
+    return Rebirth(plan, weights)(model.mod)
 
 
 def rebirth_model(model, options: RebirthOptions | None = None, tag: str | None = None, *,
@@ -285,12 +285,6 @@ def rebirth_model(model, options: RebirthOptions | None = None, tag: str | None 
     weights, fit = weights_for(model, plan, options, tag, images)
     seconds = time.time() - start if fit is not None else 0.0
     return Rebirth(model, plan, weights, slim(model, plan, weights), fit, seconds)
-
-
-def with_enabled(plan, keep):
-    """A copy of ``plan`` whose sites are enabled where ``keep(site)`` is true."""
-    return dataclasses.replace(plan, sites=[dataclasses.replace(s, enabled=bool(keep(s)))
-                                            for s in plan.sites])
 
 
 def variant(model, options: RebirthOptions, tag: str | None = None) -> tuple:

@@ -65,6 +65,11 @@ class RebirthPlan:
         canonical = json.dumps(content, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(canonical.encode()).hexdigest()
 
+    def with_enabled(self, keep) -> "RebirthPlan":
+        """A copy whose sites are enabled where ``keep(site)`` is true (the others off)."""
+        return dataclasses.replace(self, sites=[dataclasses.replace(s, enabled=bool(keep(s)))
+                                                for s in self.sites])
+
     def enabled_sites(self, kind=None) -> list:
         return [s for s in self.sites if s.enabled and (kind is None or s.kind == kind)]
 

@@ -71,11 +71,6 @@ def run_all(runner, images, label):
     return [np.stack(c) for c in columns]
 
 
-def _with_enabled(plan, site_ids):
-    sites = [dataclasses.replace(s, enabled=s.id in site_ids) for s in plan.sites]
-    return dataclasses.replace(plan, sites=sites)
-
-
 def _fit_one(x, y, spec, relu, held, arrays, wkey, bkey, original=None):
     """Fit one conv on the non-held-out images; store it; return squared-error sums.
     ``original`` = (channels, W, b): output channels an existing conv already computes from
@@ -322,7 +317,7 @@ def finetune(model, plan, images=None, calibration="",
         else np.zeros(0 if images is None else len(images), bool)
     for site in learned:
         t = time.time()
-        current = rebirth_pipeline(_with_enabled(plan, set(done)), arrays)(model.mod)
+        current = rebirth_pipeline(plan.with_enabled(lambda s: s.id in done), arrays)(model.mod)
         target = targets.pop(site.id)
         if site.kind == "branch":
             captured, analysis = capture(current, lambda a: {"fork": a.trace(site.id).fork},
