@@ -1,15 +1,24 @@
-"""What a user would pick instead, side by side in one run on this CPU: ONNX Runtime on the
-original model, TVM (our build) on the original, TVM on the rebirth model; both TVM builds
-apply the committed tuning_logs (and report how many of their functions were tuned).
+"""What a user would pick instead, on the same model: ONNX Runtime (and, on the emulated
+Cortex-A72, ncnn and MNN) on the original model next to tvm-rebirth's builds of the original
+and the rebirth model.
 
     python benchmarks/peers.py --model googlenet [--plan P --weights W] [--kinds streamline]
                                [--rounds 9] [--json]
+    python benchmarks/peers.py --model googlenet --device cortex-a72 [--json]
+
+This CPU: every engine in its own process (tvm_rebirth.deploy.peers.time_engines), timed in
+alternating rounds, the same thread count for everyone (TVM_NUM_THREADS, default 2): ONNX
+Runtime, both TVM builds untuned (generic schedule) and, where tuning_logs exist for this
+CPU, tuned; plus ONNX Runtime alone in a fresh process as the check that nothing stole its
+cores. Writes benchmarks/results/peers_<model>.{json,md}.
+
+--device cortex-a72: guest aarch64 instructions per inference under qemu-user -cpu
+cortex-a72, 1 thread, of ONNX Runtime 1.32, ncnn (fp32) and MNN (their aarch64 wheels) and
+of tvm-rebirth's cross-built original and rebirth; logits (before the final Softmax) of
+every engine against ONNX Runtime on this host. Writes peers_<model>_cortex-a72.{json,md}.
 
 Without --plan the default plan (every site) is fine-tuned on --images (64) calibration
-images.
-
-Medians of interleaved rounds, the same thread count for everyone (TVM_NUM_THREADS).
-Writes benchmarks/results/peers_<model>.{json,md}.
+images; the first calibration image is the input everyone runs.
 """
 
 import argparse
@@ -17,28 +26,117 @@ import json
 import os
 import statistics
 import sys
+import tempfile
 
 os.environ.setdefault("TVM_NUM_THREADS", "2")
 
-from _common import machine, race, table, write  # noqa: E402
+from _common import machine, table, write  # noqa: E402
 
 from tvm_rebirth import flow  # noqa: E402
-from tvm_rebirth.compile.build import Runner  # noqa: E402
+from tvm_rebirth.deploy import peers  # noqa: E402
 from tvm_rebirth.report.measure import count_gflops  # noqa: E402
+
+EMULATED = "cortex-a72"
+ENGINE_NAMES = {"onnxruntime_original": "ONNX Runtime 1.32", "ncnn_original": "ncnn 20261020 (fp32)",
+                "mnn_original": "MNN 3.6.1", "tvm_original": "tvm-rebirth original",
+                "tvm_rebirth": "tvm-rebirth rebirth"}
 
 
 def peak_gflops(threads: int) -> float:
-    """fp32 peak: threads x clock x 32 FLOP/cycle (two 256-bit FMA units), a nominal bound."""
-    mhz = 0.0
+    """fp32 peak: threads x clock x FLOP/cycle (two FMA units: 64 with AVX-512, else 32)."""
+    mhz, per_cycle = 0.0, 32
     for line in open("/proc/cpuinfo"):
         if line.startswith("cpu MHz"):
             mhz = max(mhz, float(line.split(":")[1]))
-    return threads * mhz / 1000 * 32
+        if line.startswith("flags") and " avx512f" in line:
+            per_cycle = 64
+    return threads * mhz / 1000 * per_cycle
+
+
+def rebirth_note(args, plan) -> str:
+    sites = plan.enabled_sites()
+    return (f"Rebirth: {len(sites)} sites ({', '.join(sorted({s.kind for s in sites}))})"
+            + (f"; --plan/--weights made by `tvm-rebirth plan {args.model} -o P` and "
+               f"`tvm-rebirth finetune {args.model} --plan P -o W` (the default flow)."
+               if args.plan else "."))
+
+
+def emulated(args, model, plan, rebirth, x) -> tuple:
+    with tempfile.TemporaryDirectory(prefix="tvm-rebirth-peers-") as workdir:
+        result = peers.count_on_emulated_device(
+            model, {"tvm_original": model.mod, "tvm_rebirth": rebirth}, x, workdir,
+            target_name=args.device)
+    floor = result["mac_floor_instructions"]
+    payload = {"model": args.model, "device": result.pop("device"), "threads": 1, **result,
+               "gflop": {"original": round(count_gflops(model.mod), 4),
+                         "rebirth": round(count_gflops(rebirth), 4)},
+               "sites": [s.id for s in plan.enabled_sites()]}
+    logits = result["logits_vs_host_onnxruntime"]
+    rows = [[ENGINE_NAMES[name], f"{result[f'{name}_instructions']:.3g}",
+             f"{result[f'{name}_instructions'] / floor:.2f}",
+             f"{logits[name]['max_abs_diff']:.2g} ({logits[name]['relative']:.1e})"]
+            for name in ENGINE_NAMES]
+    rows.append(["floor: multiply-adds / 4 (one FMLA = 4 fp32 MACs)", f"{floor:.3g}", "1.00", "-"])
+    md = (f"# Peers on {args.model}, emulated Cortex-A72\n\n"
+          + table(rows, ["engine", "instructions / inference", "x floor",
+                         "logits vs ONNX Runtime on the host: max abs (relative)"])
+          + f"\n\nGuest aarch64 instructions per inference, counted exactly by the project's "
+            f"QEMU plugin (qemu-user -cpu {args.device}, 1 thread, one warm-up inference "
+            "first, the same input for every engine); models cut before the final Softmax. "
+            "ncnn from pnnx with fp16 storage/arithmetic off; MNN from mnnconvert; "
+            "tvm-rebirth cross-built for the core (no tuning_logs for it: generic schedule). "
+            "The rebirth's logits differ by what its learned convs approximate. "
+            + rebirth_note(args, plan))
+    return payload, md
+
+
+def host(args, model, plan, rebirth, x) -> tuple:
+    threads = int(os.environ["TVM_NUM_THREADS"])
+    with tempfile.TemporaryDirectory(prefix="tvm-rebirth-peers-") as workdir:
+        result = peers.time_on_host(model, {"tvm_original": model.mod, "tvm_rebirth": rebirth},
+                                    x, threads, args.number, args.rounds, workdir)
+    samples = result["rounds"]
+    ms = {f"{k}_ms": round(statistics.median(v), 3) for k, v in samples.items()}
+    alone = round(statistics.median(result["onnxruntime_alone"]), 3)
+    gflop = {"original": count_gflops(model.mod), "rebirth": count_gflops(rebirth)}
+    peak = peak_gflops(threads)
+    achieved = {name: gflop["rebirth" if name.startswith("tvm_rebirth") else "original"]
+                / ms[f"{name}_ms"] * 1000 for name in samples}
+    cpu = f"{machine()['cpu']} (target key {result['target_key']})"
+    payload = {"model": args.model, "cpu": cpu, "threads": threads, **ms,
+               "onnxruntime_alone_ms": alone,
+               "onnxruntime_interleaved_vs_alone": round(ms["onnxruntime_original_ms"] / alone, 3),
+               "tuning_logs": result["tuning_logs"],
+               "gflop": {k: round(v, 4) for k, v in gflop.items()},
+               "achieved_gflops_per_s": {k: round(v, 2) for k, v in achieved.items()},
+               "peak_gflops_per_s": round(peak, 1),
+               "rounds": {k: [round(s, 3) for s in v] for k, v in samples.items()},
+               "onnxruntime_alone_rounds": [round(s, 3) for s in result["onnxruntime_alone"]],
+               "max_abs_diff_vs_onnxruntime": result["max_abs_diff_vs_onnxruntime"],
+               "tuned_functions": result["tuned_functions"],
+               "sites": [s.id for s in plan.enabled_sites()]}
+    rows = [[name.replace("_", " "), ms[f"{name}_ms"], f"{achieved[name]:.1f}",
+             f"{achieved[name] / peak * 100:.1f} %"] for name in samples]
+    rows.append(["onnxruntime alone (fresh process, nothing else running)", alone, "", ""])
+    tuned = ("; ".join(f"{k.replace('_', ' ')}: {t}/{n} functions from tuning_logs"
+                       for k, (t, n) in result["tuned_functions"].items())
+             if result["tuning_logs"] else
+             f"no tuning_logs for {result['target_key']}: both TVM builds run the generic "
+             "schedule (untuned)")
+    md = (f"# Peers on {args.model} ({threads} threads, {cpu})\n\n"
+          + table(rows, ["runtime", "ms (median)", "GFLOP/s", "of nominal peak"])
+          + f"\n\nEvery engine in its own process, medians of {args.rounds} alternating rounds "
+            f"of {args.number} runs; ONNX Runtime interleaved / alone = "
+            f"{payload['onnxruntime_interleaved_vs_alone']}. Nominal fp32 peak {peak:.0f} "
+            f"GFLOP/s. {tuned}. " + rebirth_note(args, plan))
+    return payload, md
 
 
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="googlenet")
+    ap.add_argument("--device", choices=[EMULATED],
+                    help="count guest instructions on the emulated core instead of timing here")
     ap.add_argument("--plan")
     ap.add_argument("--weights")
     ap.add_argument("--kinds", default="streamline,branch", help="site kinds without --plan")
@@ -50,46 +148,16 @@ def main():
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
 
-    threads = int(os.environ["TVM_NUM_THREADS"])
     model = flow.load(args.model)
     options = flow.RebirthOptions(plan=args.plan, weights=args.weights, images=args.images,
                                   kinds=tuple(args.kinds.split(",")),
                                   branch_widths=args.branch_widths)
-    calib = flow.calibration(model, options)  # always: its first image is the timed input
+    calib = flow.calibration(model, options)  # always: its first image is the input
     result = flow.rebirth_model(model, options, images=calib)
-    plan, rebirth = result.plan, result.mod
     x = calib[0][:1]
-    runners = {"tvm_original": Runner(model.mod), "tvm_rebirth": Runner(rebirth)}
-    samples = race(model, runners, x, threads, args.number, args.rounds, "peers",
-                   "onnxruntime_original")
-    ms = {f"{k}_ms": round(statistics.median(v), 3) for k, v in samples.items()}
-    gflop = {"original": count_gflops(model.mod), "rebirth": count_gflops(rebirth)}
-    peak = peak_gflops(threads)
-    achieved = {
-        "onnxruntime_original": gflop["original"] / ms["onnxruntime_original_ms"] * 1000,
-        "tvm_original": gflop["original"] / ms["tvm_original_ms"] * 1000,
-        "tvm_rebirth": gflop["rebirth"] / ms["tvm_rebirth_ms"] * 1000}
-    payload = {"model": args.model, "threads": threads, **ms,
-               "gflop": {k: round(v, 4) for k, v in gflop.items()},
-               "achieved_gflops_per_s": {k: round(v, 2) for k, v in achieved.items()},
-               "peak_gflops_per_s": round(peak, 1),
-               "rounds": {k: [round(s, 3) for s in v] for k, v in samples.items()},
-               "tuned_functions": {k: [r.compiled.tuned, r.compiled.functions]
-                                   for k, r in runners.items()},
-               "sites": [s.id for s in plan.enabled_sites()], "machine": machine()}
-    rows = [[name.replace("_", " "), ms[f"{name}_ms"], f"{achieved[name]:.1f}",
-             f"{achieved[name] / peak * 100:.1f} %"] for name in samples]
-    md = (f"# Peers on {args.model} ({threads} threads)\n\n"
-          + table(rows, ["runtime", "ms (median)", "GFLOP/s", "of nominal peak"])
-          + f"\n\nNominal fp32 peak {peak:.0f} GFLOP/s ({threads} threads x 32 FLOP/cycle). "
-            + "; ".join(f"{k.replace('_', ' ')}: {r.compiled.tuned}/{r.compiled.functions} "
-                        "functions from tuning_logs" for k, r in runners.items())
-            + f". Rebirth: {len(plan.enabled_sites())} sites "
-              f"({', '.join(sorted({s.kind for s in plan.enabled_sites()}))})"
-            + (f"; --plan/--weights made by `tvm-rebirth plan {args.model} -o P` and "
-               f"`tvm-rebirth finetune {args.model} --plan P -o W` (the default flow)."
-               if args.plan else "."))
-    write(f"peers_{args.model}", payload, md)
+    run = emulated if args.device else host
+    payload, md = run(args, model, result.plan, result.mod, x)
+    write(f"peers_{args.model}" + (f"_{args.device}" if args.device else ""), payload, md)
     print(json.dumps(payload, indent=2) if args.json else md)
 
 

@@ -169,12 +169,22 @@ def _convert_ncnn(onnx_path: Path, shape, out: Path) -> None:
         os.replace(out.with_name(f".{out.name}.tmp"), out)  # the param last: it marks done
 
 
+# MNN's `mnnconvert` wrapper reports usage to a server and, when the reporting SDK is
+# missing, `pip install`s it (which downgrades protobuf under onnx): call the converter
+# extension itself instead
+_MNN_CONVERT = "import sys, _tools; _tools.mnnconvert(['mnnconvert'] + sys.argv[1:])"
+
+
 def _convert_mnn(onnx_path: Path, out: Path) -> None:
-    mnnconvert = _converter("mnnconvert")
+    import importlib.util
+
+    if importlib.util.find_spec("MNN") is None or importlib.util.find_spec("_tools") is None:
+        raise RebirthError(f"converting models for the peers needs MNN's converter: pip install "
+                           f"'{CONVERTERS['mnnconvert']}' (or pip install -e '.[peers]')")
     logger.info(f"[peers] converting {onnx_path.parent.name} to MNN (mnnconvert)")
     tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
-    proc = subprocess.run([mnnconvert, "-f", "ONNX", "--modelFile", str(onnx_path),
-                           "--MNNModel", str(tmp), "--bizCode", "tvm-rebirth"],
+    proc = subprocess.run([sys.executable, "-c", _MNN_CONVERT, "-f", "ONNX", "--modelFile",
+                           str(onnx_path), "--MNNModel", str(tmp), "--bizCode", "tvm-rebirth"],
                           capture_output=True, text=True)
     if proc.returncode != 0 or not tmp.exists():
         tmp.unlink(missing_ok=True)
@@ -295,14 +305,41 @@ def time_engines(engines: dict, x, threads: int, number: int, rounds: int, workd
             proc.close()
 
 
-def export_host_library(mod, path: Path, tuned) -> object:
-    """Build ``mod`` for this CPU (``tuned``: see compile_module) into ``path``; the Compiled."""
+def time_on_host(model, tvm_mods: dict, x, threads: int, number: int, rounds: int, workdir,
+                 label="peers") -> dict:
+    """ONNX Runtime on ``model``'s ONNX file against tvm-rebirth's builds of ``tvm_mods``
+    ({name: IRModule}) on this CPU, every engine in its own process with ``threads``
+    threads: each TVM module untuned (``<name>_untuned``: generic schedule) and, when this
+    CPU has tuning_logs, tuned (``<name>_tuned``). First ONNX Runtime alone in a fresh
+    process (``onnxruntime_alone``: the check that the race stole nobody's cores), then all
+    in alternating rounds (``rounds``: {name: [ms]}). Also ``max_abs_diff_vs_onnxruntime``,
+    ``tuned_functions`` {name: [tuned, functions]}, ``tuning_logs``, ``target_key``."""
     from ..compile.build import compile_module, export_library, host_target
+    from ..compile.database import load_database, target_key
 
+    workdir = Path(workdir)
     target = host_target()
-    compiled = compile_module(mod, target, tuned=tuned)
-    export_library(compiled.executable, str(path), target)
-    return compiled
+    has_logs = load_database(target) is not None
+    engines = {"onnxruntime_original": ("onnxruntime", model.path)}
+    tuned_functions = {}
+    for name, mod in tvm_mods.items():
+        for variant in ("untuned", "tuned") if has_logs else ("untuned",):
+            key = f"{name}_{variant}"
+            logger.info(f"[{label}] building {key} for this CPU")
+            compiled = compile_module(mod, target, tuned=variant == "tuned")
+            export_library(compiled.executable, str(workdir / f"{key}.so"), target)
+            engines[key] = ("tvm", workdir / f"{key}.so")
+            tuned_functions[key] = [compiled.tuned, compiled.functions]
+    logger.info(f"[{label}] ONNX Runtime alone in a fresh process")
+    alone, _ = time_engines({"onnxruntime_alone": engines["onnxruntime_original"]}, x, threads,
+                            number, rounds, workdir, label)
+    samples, outputs = time_engines(engines, x, threads, number, rounds, workdir, label)
+    ref = outputs["onnxruntime_original"]
+    return {"rounds": samples, "onnxruntime_alone": alone["onnxruntime_alone"],
+            "max_abs_diff_vs_onnxruntime": {n: compare(o, ref)["max_abs_diff"]
+                                            for n, o in outputs.items() if n in tuned_functions},
+            "tuned_functions": tuned_functions, "tuning_logs": has_logs,
+            "target_key": target_key(target)}
 
 
 # --------------------------------------------------------------------------- emulated A72
