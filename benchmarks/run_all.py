@@ -28,6 +28,11 @@ BENCHMARKS = {
     "tuning_logs": (["tuning_summary.py"], ["tuning_logs"]),
     "zoo_models": (["zoo_models.py"], ["zoo_models"]),
     "peers": (["peers.py", "--model", "googlenet"], ["peers_googlenet"]),
+    "peers_alexnet": (["peers.py", "--model", "alexnet"], ["peers_alexnet"]),
+    "peers_cortex_a72": (["peers.py", "--model", "googlenet", "--device", "cortex-a72"],
+                         ["peers_googlenet_cortex-a72"]),
+    "peers_alexnet_cortex_a72": (["peers.py", "--model", "alexnet", "--device", "cortex-a72"],
+                                 ["peers_alexnet_cortex-a72"]),
     "googlenet_branch": (["branch_googlenet.py"], ["googlenet_branch"]),
     "fmnist_accuracy": (["fmnist_accuracy.py"], ["fmnist_inception_accuracy"]),
     "fmnist_layerwise_limits": (["fmnist_layerwise_limits.py"], ["fmnist_layerwise_limits"]),
@@ -127,14 +132,63 @@ def paper_section(zoo, accuracy):
               "convolutions dominate here (`tvm-rebirth demo` plots the share per layer type).\n")
 
 
+PEER_MODELS = ("googlenet", "alexnet")
+EMULATED_ENGINES = {"onnxruntime_original": "ONNX Runtime 1.32 (original)",
+                    "ncnn_original": "ncnn 20261020, fp32 (original)",
+                    "mnn_original": "MNN 3.6.1 (original)",
+                    "tvm_original": "tvm-rebirth original (generic schedule)",
+                    "tvm_rebirth": "tvm-rebirth rebirth, default plan"}
+
+
+def _peers(suffix, key) -> dict:
+    """{model: result} of the peers_<model><suffix> files that hold ``key`` (result files
+    of an older layout are left out)."""
+    found = {m: _load(f"peers_{m}{suffix}") for m in PEER_MODELS}
+    return {m: d for m, d in found.items() if d and key in d}
+
+
 def peers_section(peers):
-    rows = [[name.replace("_", " "), peers[f"{name}_ms"],
-             peers["achieved_gflops_per_s"][name]]
-            for name in ("onnxruntime_original", "tvm_original", "tvm_rebirth")]
-    return ("### GoogLeNet against ONNX Runtime\n\n"
-            + table(rows, ["runtime", "ms (median)", "GFLOP/s"])
-            + f"\n\n{_machine(peers)}, nominal fp32 peak {peers['peak_gflops_per_s']} GFLOP/s; "
-              f"rebirth = {len(peers['sites'])} sites. {_reproduce(peers)}\n")
+    """This CPU: every engine in its own process (``peers`` = {model: result})."""
+    rows = []
+    for model, data in peers.items():
+        rows += [[model, name.replace("_", " "), data[f"{name}_ms"],
+                  data["achieved_gflops_per_s"][name]] for name in data["rounds"]]
+        rows.append([model, "onnxruntime alone (fresh process)", data["onnxruntime_alone_ms"],
+                     ""])
+    first = next(iter(peers.values()))
+    return ("### Against ONNX Runtime on this CPU\n\n"
+            + table(rows, ["model", "runtime", "ms (median)", "GFLOP/s"])
+            + f"\n\n{first['cpu']}, {first['threads']} threads each, every engine in its own "
+              "process (rounds alternate engines; ONNX Runtime alone is the check that no "
+              "other engine's threads stole its cores); untuned = our generic schedule"
+              + ("" if first["tuning_logs"] else
+                 " (no tuning_logs for this CPU, so no tuned builds)")
+              + f"; nominal fp32 peak {first['peak_gflops_per_s']} GFLOP/s; rebirth = the "
+              f"default plan. {' '.join(_reproduce(d) for d in peers.values())}\n")
+
+
+def emulated_peers_section(peers):
+    """The emulated Cortex-A72: guest instructions per inference of every engine, next to
+    the multiply-add floor (``peers`` = {model: result})."""
+    header = ["engine (aarch64)"] + [f"{m} instructions (x floor)" for m in peers]
+    rows = []
+    for name, label in EMULATED_ENGINES.items():
+        rows.append([label] + [
+            f"{d[f'{name}_instructions']:.3g} ({d[f'{name}_instructions'] / d['mac_floor_instructions']:.2f}x)"
+            for d in peers.values()])
+    rows.append(["floor: multiply-adds / 4 (one FMLA = 4 fp32 MACs)"]
+                + [f"{d['mac_floor_instructions']:.3g}" for d in peers.values()])
+    worst = max(v["relative"] for d in peers.values()
+                for n, v in d["logits_vs_host_onnxruntime"].items() if n != "tvm_rebirth")
+    return ("### Against ONNX Runtime, ncnn and MNN on the emulated Cortex-A72\n\n"
+            + table(rows, header)
+            + "\n\nGuest aarch64 instructions per inference, counted exactly by our QEMU plugin "
+              "(qemu-user -cpu cortex-a72, 1 thread, after a warm-up inference, the same "
+              "input for every engine, models cut before the final Softmax); the engines are "
+              "their cp311 aarch64 wheels, ncnn converted by pnnx with fp16 storage and "
+              "arithmetic off, MNN by mnnconvert. Every original-model engine's logits match "
+              f"ONNX Runtime on the host within {worst:.1e} (relative). "
+              f"{' '.join(_reproduce(d) for d in peers.values())}\n")
 
 
 def branch_section(branch):
@@ -209,8 +263,12 @@ def render() -> str:
     if zoo:
         parts.append(zoo_section(zoo))
     parts.append(paper_section(zoo, accuracy))
-    for name, section in (("peers_googlenet", peers_section),
-                          ("fmnist_inception_accuracy", accuracy_section),
+    for data, section in ((_peers("", "onnxruntime_alone_ms"), peers_section),
+                          (_peers("_cortex-a72", "mac_floor_instructions"),
+                           emulated_peers_section)):
+        if data:
+            parts.append(section(data))
+    for name, section in (("fmnist_inception_accuracy", accuracy_section),
                           ("fmnist_layerwise_limits", limits_section),
                           ("googlenet_branch", branch_section), ("tuning_logs", tuning_section)):
         data = _load(name)
