@@ -121,3 +121,76 @@ def inception_model(path, shape=(1, 16, 28, 28), pool_after=True):
         out = g.maxpool(out, "pool3/3x3_s2", k=3, s=2)
     tail = g.conv(out, "tail", 4, k=1)
     return g.save(path, [tail])
+
+
+# --------------------------------------------------------------------------- MobileNetV2-style
+
+def _relu6(g, x, name):
+    """ReLU6 as MobileNetV2's ONNX exports write it: Clip(x, 0, 6) with min/max inputs."""
+    lo = g._const(f"{name}_min", np.array(0.0))
+    hi = g._const(f"{name}_max", np.array(6.0))
+    g.nodes.append(helper.make_node("Clip", [x, lo, hi], [name], name=name))
+    g.channels[name] = g.channels[x]
+    return name
+
+
+def _bn_mobile(g, x, name):
+    """BatchNorm with ImageNet-like statistics: running means and variances far from 0 and 1,
+    so folding it into the conv changes the weights and bias substantially."""
+    c = g.channels[x]
+    ins = [x] + [g._const(f"{name}_{t}", v) for t, v in [
+        ("s", g.rng.uniform(0.2, 2.0, c)), ("b", g.rng.standard_normal(c) * 0.5),
+        ("m", g.rng.standard_normal(c) * 0.5), ("v", g.rng.uniform(0.1, 3.0, c))]]
+    g.nodes.append(helper.make_node("BatchNormalization", ins, [name], name=name,
+                                    epsilon=1e-5))
+    g.channels[name] = c
+    return name
+
+
+def _conv_bn(g, x, name, out, k=1, s=1, group=1, relu6=True):
+    """conv (no bias, as in MobileNetV2) + BatchNorm (+ ReLU6)."""
+    y = _bn_mobile(g, g.conv(x, name, out, k=k, s=s, group=group, bias=False), f"{name}/bn")
+    return _relu6(g, y, f"{name}/relu6") if relu6 else y
+
+
+def _inverted_residual(g, x, name, out, expand, stride):
+    """MobileNetV2 block: 1x1 expand + BN + ReLU6 (skipped when expand == 1), 3x3 depthwise
+    + BN + ReLU6, 1x1 project + BN, and a residual Add when the shape is kept."""
+    cin = g.channels[x]
+    hidden = cin * expand
+    y = _conv_bn(g, x, f"{name}/expand", hidden, k=1) if expand != 1 else x
+    y = _conv_bn(g, y, f"{name}/dwise", hidden, k=3, s=stride, group=hidden)
+    y = _conv_bn(g, y, f"{name}/project", out, k=1, relu6=False)
+    if stride == 1 and cin == out:
+        y = g.add(x, y, f"{name}/add")
+    return y
+
+
+# (expand ratio, output channels, repeats, first stride): MobileNetV2's first stages, 1280
+# head and 1000 classes kept, the deep stages cut short so a test builds it in seconds
+MOBILENET_V2_STAGES = [(1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 2, 2), (6, 64, 1, 2)]
+# the real network's table (torchvision / the ONNX model zoo)
+MOBILENET_V2_FULL = [(1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1),
+                     (6, 160, 3, 2), (6, 320, 1, 1)]
+
+
+def mobilenet_v2_model(path, shape=(1, 3, 224, 224), classes=1000, head=1280, seed=0,
+                       stages=None):
+    """A MobileNetV2-style network: stem conv 3x3/s2 + BN + ReLU6, inverted residual blocks
+    (1x1 expand, 3x3 depthwise, 1x1 project, each with BN; residual Add at stride 1 and
+    equal width; the 16->96 expand runs at 1/2 input resolution), a 1x1 head conv + BN +
+    ReLU6, global average pool, Flatten and a Gemm classifier (logits, no Softmax).
+    He-init weights and random BatchNorm statistics, deterministic in ``seed``."""
+    g = GraphMaker(shape, seed=seed)
+    x = _conv_bn(g, "data", "stem", 32, k=3, s=2)
+    for stage, (expand, out, repeats, stride) in enumerate(stages or MOBILENET_V2_STAGES):
+        for i in range(repeats):
+            x = _inverted_residual(g, x, f"block{stage}_{i}", out, expand,
+                                   stride if i == 0 else 1)
+    x = _conv_bn(g, x, "head", head, k=1)
+    x = g._unary("GlobalAveragePool", x, "pool")
+    x = g._unary("Flatten", x, "flatten", axis=1)
+    w = g._const("fc_w", g.rng.standard_normal((classes, head)) * np.sqrt(1.0 / head))
+    b = g._const("fc_b", g.rng.standard_normal(classes) * 0.1)
+    g.nodes.append(helper.make_node("Gemm", [x, w, b], ["logits"], name="fc", transB=1))
+    return g.save(path, ["logits"])
