@@ -404,10 +404,12 @@ def ensure_peers_site() -> Path:
     return site
 
 
-def count_guest(engine: str, model_path: Path, x, workdir: Path, runs: int = 1) -> tuple:
+def count_guest(engine: str, model_path: Path, x, workdir: Path, runs: int = 1,
+                plugin=None) -> tuple:
     """(instructions per inference, output) of ``engine`` running ``model_path`` in the
     emulated device's Python: qemu-user as a Cortex-A72, 1 thread, one warm-up inference,
-    then ``runs`` counted by the plugin between the markers."""
+    then ``runs`` counted by the plugin between the markers (``plugin``: its path, default
+    compiled on first use; callers running guests in parallel pass it)."""
     from .device import GUEST_PYTHON, sysroot_dir
     from .remote import plugin_path
 
@@ -425,7 +427,7 @@ def count_guest(engine: str, model_path: Path, x, workdir: Path, runs: int = 1) 
                TVM_USE_RUNTIME_LIB="1", ORT_DISABLE_TELEMETRY="1",
                PYTHONPATH=str(peers_site_dir()))
     proc = subprocess.run(
-        [qemu, "-L", str(root), "-plugin", f"{plugin_path()},outfile={counter}",
+        [qemu, "-L", str(root), "-plugin", f"{plugin or plugin_path()},outfile={counter}",
          str(root / GUEST_PYTHON), str(ENGINE_SCRIPT), engine, str(model_path), str(inp),
          str(out), "1", "count", str(runs)], capture_output=True, text=True, env=env,
         timeout=7200)
@@ -447,6 +449,7 @@ def count_on_emulated_device(model, tvm_mods: dict, x, workdir, engines=PEER_ENG
     from ..compile.build import compile_module, export_library
     from ..compile.targets import resolve_target
     from ..report.measure import count_gflops
+    from .remote import plugin_path
 
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
@@ -461,10 +464,12 @@ def count_on_emulated_device(model, tvm_mods: dict, x, workdir, engines=PEER_ENG
         export_library(compile_module(logits_module(mod), target).executable, str(lib), target)
         runs[name] = ("tvm", lib)
 
+    plugin = plugin_path()  # compiled once, before the guests run in parallel
+
     def one(item):
         name, (engine, path) = item
         logger.info(f"[peers] counting {name} on the emulated {target_name} (1 thread)")
-        return name, count_guest(engine, path, x, workdir)
+        return name, count_guest(engine, path, x, workdir, plugin=plugin)
 
     with ThreadPoolExecutor(max_workers=jobs or os.cpu_count() or 1) as pool:
         counted = dict(pool.map(one, runs.items()))
