@@ -158,3 +158,22 @@ def test_scalar_function_is_left_to_tvm():
 def test_non_cpu_target_is_left_to_other_rules():
     func = _the_prim_func(*CONVS["3x3_w1"])
     assert GenericCpuSchedule().apply(func, tvm.target.Target("cuda"), False) is None
+
+
+def test_epilogue_chain_check_reads_tvm_027_regions():
+    """_register_plan's chain check (an epilogue block reads its producer through exactly one
+    access) on TVM 0.27's access regions, whose buffer is ``region.source`` (there is no
+    ``region.buffer``: the check raised AttributeError on every un-inlined epilogue chain)."""
+    from tvm import s_tir
+
+    from tvm_rebirth.compile.schedules import _reads_one_buffer_of
+
+    func = _the_prim_func(*CONVS["3x3_residual"])  # pad, conv, bias add, residual add, relu
+    sch = s_tir.Schedule(func.with_attr("global_symbol", "main"))
+    blocks = sch.get_child_blocks(sch.get_sblock("root"))
+    names = [sch.get(b).name_hint for b in blocks]
+    assert names[:2] == ["pad_temp", "conv2d_nchw"], names
+    bias, residual = blocks[2], blocks[3]
+    assert _reads_one_buffer_of(sch, blocks[4], residual)  # relu reads the residual sum once
+    assert _reads_one_buffer_of(sch, residual, bias)  # (and x, a parameter, not a block)
+    assert not _reads_one_buffer_of(sch, blocks[4], bias)  # relu's producer is not the bias

@@ -103,8 +103,8 @@ def _reads_one_buffer_of(sch, block_rv, producer_rv) -> bool:
     producer, block = sch.get(producer_rv), sch.get(block_rv)
     if _producer_blocks(sch, block_rv) != {producer} or len(producer.writes) != 1:
         return False
-    written = producer.writes[0].buffer
-    return sum(1 for region in block.reads if region.buffer.same_as(written)) == 1
+    written = producer.writes[0].source  # TVM 0.27 access regions name their buffer .source
+    return sum(1 for region in block.reads if region.source.same_as(written)) == 1
 
 
 # --------------------------------------------------------------------------- plans
