@@ -21,6 +21,8 @@ def pytest_unconfigure(config):
 def pytest_configure(config):
     config.addinivalue_line(
         "markers", "committed_tuning_logs: builds read the committed tuning_logs/ databases")
+    config.addinivalue_line(
+        "markers", "slow: the full correctness harness (TVM_REBIRTH_FULL_HARNESS=1 runs it)")
 
 
 @pytest.fixture(autouse=True)
