@@ -17,19 +17,40 @@ def host_target():
     return resolve_target("host")
 
 
+def conv_kernels_enabled() -> bool:
+    """Whether builds use the channel-blocked conv kernels (layouts + conv_rules); set
+    TVM_REBIRTH_CONV_KERNELS=0 to build every conv with the generic schedule instead."""
+    return os.environ.get("TVM_REBIRTH_CONV_KERNELS", "1") != "0"
+
+
+def _fusion_passes(target) -> list:
+    """Up to fusion: our conv weight packing (before legalization, so epilogues fuse into
+    it), then TVM's library dispatch and legalization + fusion."""
+    from tvm.relax.backend.cpu_generic import pipeline as cpu_generic
+
+    from .layouts import PackConvWeights
+
+    packing = [PackConvWeights(target)] if conv_kernels_enabled() else []
+    return packing + cpu_generic.library_dispatch_passes(target) \
+        + cpu_generic.legalize_passes(target)
+
+
 def _stages(target, database):
     """TVM's CPU passes in three stages: up to fusion; scheduling (tuning_logs records where
-    they exist, our generic schedule everywhere else) up to memory planning; the rest."""
+    they exist, our conv kernel rule, our generic schedule everywhere else) up to memory
+    planning; the rest."""
     from tvm import relax
     from tvm.relax.backend.cpu_generic import pipeline as cpu_generic
     from tvm.s_tir import dlight
 
+    from .conv_rules import ConvRule
     from .schedules import GenericCpuSchedule
 
     finalize = cpu_generic.finalize_passes(target)  # starts with StaticPlanBlockMemory
-    fused = cpu_generic.library_dispatch_passes(target) + cpu_generic.legalize_passes(target)
+    fused = _fusion_passes(target)
+    rules = ([ConvRule()] if conv_kernels_enabled() else []) + [GenericCpuSchedule()]
     scheduled = ([relax.transform.MetaScheduleApplyDatabase()] if database is not None else []) \
-        + [dlight.ApplyDefaultSchedule(GenericCpuSchedule())] \
+        + [dlight.ApplyDefaultSchedule(*rules)] \
         + cpu_generic.dataflow_lower_passes(target) + finalize[:1]
     return fused, scheduled, finalize[1:]
 
@@ -67,11 +88,9 @@ def planned_activation_bytes(planned_mod, func_name="main") -> int:
 def fused_module(mod, target):
     """The module as both build and tuning see it: legalized and fused, not yet scheduled."""
     import tvm
-    from tvm.relax.backend.cpu_generic import pipeline as cpu_generic
 
     with tvm.transform.PassContext(opt_level=3), target:
-        return tvm.transform.Sequential(cpu_generic.library_dispatch_passes(target)
-                                        + cpu_generic.legalize_passes(target))(mod)
+        return tvm.transform.Sequential(_fusion_passes(target))(mod)
 
 
 class Compiled:

@@ -1,0 +1,154 @@
+"""The channel-blocked conv kernels (compile/layouts.py + compile/conv_rules.py): the packing
+pass rewrites the convs it should, ConvRule schedules exactly the PrimFuncs it makes (None
+elsewhere), and every scheduled PrimFunc computes what the unscheduled one computes, the same
+way every run (outputs pre-filled with NaN), for this host's vector width and for NEON's
+plan; a zoo model built with the kernels matches the build without them."""
+
+import numpy as np
+import pytest
+import tvm
+from tvm import relax, tirx
+from tvm.relax import op as R
+
+from tvm_rebirth.compile.build import host_target
+from tvm_rebirth.compile.conv_rules import ConvRule
+from tvm_rebirth.compile.layouts import (PackConvWeights, VectorUnit, pack_weight,
+                                         plan_conv)
+from tvm_rebirth.compile.schedules import GenericCpuSchedule
+
+LLVM = host_target()
+# NEON's 4 fp32 lanes, built and run on this host: a plain x86-64 (SSE2) target
+FOUR_LANES = tvm.target.Target({"kind": "llvm", "mcpu": "x86-64"})
+
+
+def _module(cin, cout, k, stride=1, pad=None, hw=(13, 13), epilogue="bias_relu", groups=1,
+            seed=0):
+    """A Relax module: conv2d with constant weights (+ epilogue) on an input parameter."""
+    rng = np.random.default_rng(seed)
+    pad = k // 2 if pad is None else pad
+    weight = rng.standard_normal((cout, cin // groups, k, k)).astype("float32")
+    bias = rng.standard_normal((1, cout, 1, 1)).astype("float32")
+    x = relax.Var("x", relax.TensorType((1, cin, *hw), "float32"))
+    bb = relax.BlockBuilder()
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            y = bb.emit(R.nn.conv2d(x, relax.const(weight), strides=stride, padding=pad,
+                                    groups=groups))
+            if epilogue in ("bias_relu", "bias_relu6", "bias"):
+                y = bb.emit(R.add(y, relax.const(bias)))
+            if epilogue == "bias_relu":
+                y = bb.emit(R.nn.relu(y))
+            if epilogue == "bias_relu6":
+                y = bb.emit(R.clip(y, 0.0, 6.0))
+            if epilogue == "bn_relu":
+                scale = rng.standard_normal((1, cout, 1, 1)).astype("float32")
+                y = bb.emit(R.nn.relu(R.add(R.multiply(y, relax.const(scale)),
+                                            relax.const(bias))))
+            out = bb.emit_output(y)
+        bb.emit_func_output(out)
+    return bb.get()
+
+
+def _packed_prim_funcs(mod, target=LLVM):
+    with target:
+        mod = tvm.transform.Sequential([
+            PackConvWeights(target), relax.transform.LegalizeOps(),
+            relax.transform.AnnotateTIROpPattern(), relax.transform.FoldConstant(),
+            relax.transform.FuseOps(), relax.transform.FuseTIR()])(mod)
+    return [func for _, func in mod.functions.items() if isinstance(func, tirx.PrimFunc)]
+
+
+def _run(lib, func, seed):
+    """Run on random inputs; the output (the last parameter) starts as NaN."""
+    rng = np.random.default_rng(seed)
+    args = [tvm.runtime.tensor(rng.standard_normal([int(d) for d in p.ty.shape])
+                               .astype(str(p.ty.dtype))) for p in func.params]
+    out = args[-1]
+    out.copyfrom(np.full(out.shape, np.nan, dtype=str(out.dtype)))
+    lib["main"](*args)
+    return out.numpy()
+
+
+def _assert_same_numerics(func, target=LLVM):
+    func = func.with_attr("global_symbol", "main")
+    sch = ConvRule().apply(func, target, False)
+    assert sch is not None
+    build = lambda f: tvm.tirx.build(tvm.IRModule({"main": f}), target=target)  # noqa: E731
+    reference, scheduled = build(func), build(sch.mod["main"])
+    for seed in (0, 1):
+        want = _run(reference, func, seed)
+        first, second = _run(scheduled, func, seed), _run(scheduled, func, seed)
+        assert not np.isnan(first).any(), "an output element was never written"
+        np.testing.assert_allclose(first, want, rtol=1e-4, atol=1e-3)
+        np.testing.assert_array_equal(first, second)
+
+
+CASES = {  # name: (cin, cout, k, stride, pad, hw, epilogue[, groups])
+    "1x1_w1": (16, 96, 1, 1, 0, (1, 1), "bias_relu"),
+    "1x1_c3_to10_w7": (3, 10, 1, 1, 0, (7, 7), "bias"),
+    "1x1_192_to100_w13": (192, 100, 1, 1, 0, (13, 13), "bias_relu6"),
+    "3x3_c3_w55": (3, 16, 3, 1, 1, (5, 55), "bias_relu"),
+    "3x3_96_to_16_w13_bn": (96, 16, 3, 1, 1, (13, 13), "bn_relu"),
+    "3x3_16_w1": (16, 16, 3, 1, 1, (13, 1), "bias_relu"),
+    "3x3_s2_no_epilogue": (16, 96, 3, 2, 1, (7, 7), "none"),
+    "3x3_16_to3_nopad": (16, 3, 3, 1, 0, (7, 13), "bias_relu"),
+    "5x5_16_to32_w28": (16, 32, 5, 1, 2, (28, 28), "bias_relu"),
+    "7x7_s2_c3": (3, 64, 7, 2, 3, (23, 23), "bias_relu"),
+    "11x11_s4_c3_w55": (3, 16, 11, 4, 2, (27, 223), "bias_relu"),
+    "2x2_s2_even": (16, 16, 2, 2, 0, (8, 8), "bias_relu"),
+    "5x5_groups2_w27": (16, 32, 5, 1, 2, (27, 27), "bias_relu", 2),
+    "3x3_groups2_w13": (16, 64, 3, 1, 1, (13, 13), "bias_relu", 2),
+}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+@pytest.mark.parametrize("target", [LLVM, FOUR_LANES], ids=["host", "4_lanes"])
+def test_conv_rule_matches_unscheduled(name, target):
+    funcs = _packed_prim_funcs(_module(*CASES[name]), target)
+    assert len(funcs) == 1  # conv and its epilogue are one function
+    _assert_same_numerics(funcs[0], target)
+
+
+def test_depthwise_and_dynamic_convs_are_not_rewritten():
+    x = relax.Var("x", relax.TensorType((1, 16, 7, 7), "float32"))
+    w = relax.Var("w", relax.TensorType((16, 16, 3, 3), "float32"))
+    bb = relax.BlockBuilder()
+    with bb.function("main", [x, w]):
+        with bb.dataflow():
+            a = bb.emit(R.nn.conv2d(x, relax.const(np.ones((16, 1, 3, 3), "float32")),
+                                    groups=16, padding=1))
+            out = bb.emit_output(R.nn.conv2d(a, w, padding=1))  # weights not constant
+        bb.emit_func_output(out)
+    mod = PackConvWeights(LLVM)(bb.get())
+    assert "rebirth_conv" not in mod.script()
+    # the generic rule still schedules what the conv rule leaves
+    for func in _packed_prim_funcs(bb.get()):
+        assert ConvRule().apply(func.with_attr("global_symbol", "main"), LLVM, False) is None
+        assert GenericCpuSchedule().apply(func, LLVM, False) is not None
+
+
+def test_weight_packing_and_plans():
+    weight = np.arange(10 * 3 * 2 * 2, dtype="float32").reshape(10, 3, 2, 2)
+    packed = pack_weight(weight, 4)
+    assert packed.shape == (3, 3, 2, 2, 4)
+    assert packed[1, 2, 1, 0, 3] == weight[7, 2, 1, 0]
+    assert not packed[2, :, :, :, 2:].any()  # channels 10, 11 are zero padding
+    for unit in (VectorUnit(4, 32), VectorUnit(8, 16), VectorUnit(16, 32, True)):
+        for shape in ((192, 56, 3, 1), (64, 112, 7, 2), (128, 28, 1, 1), (3, 7, 1, 1)):
+            plan = plan_conv(unit, *shape)
+            assert plan.tile >= 1 and plan.tile * plan.vectors <= unit.registers
+
+
+def test_zoo_model_matches_build_without_kernels(monkeypatch):
+    from tvm_rebirth import load_model
+    from tvm_rebirth.compile.build import Runner
+
+    model = load_model("alexnet")
+    x = np.random.default_rng(3).standard_normal(
+        model.input_shapes[model.input_name]).astype("float32")
+    monkeypatch.setenv("TVM_REBIRTH_CONV_KERNELS", "0")
+    want = Runner(model.mod, tuned=False)(x)[0]
+    monkeypatch.setenv("TVM_REBIRTH_CONV_KERNELS", "1")
+    assert PackConvWeights(LLVM)(model.mod).script().count("call_tir(cls.rebirth_conv2d") == 5
+    got = Runner(model.mod, tuned=False)(x)[0]
+    assert np.abs(got - want).max() <= 1e-4 * np.abs(want).max()

@@ -1,0 +1,202 @@
+"""A register-blocked micro-kernel schedule for the channel-blocked convs of ``layouts``.
+
+``ConvRule`` is a dlight rule for the PrimFuncs ``layouts.PackConvWeights`` makes (fused with
+their epilogue: bias, BatchNorm scale/shift, ReLU, clip, a residual add). The conv block
+``conv[n, oc_chunk, oh, ow, ob]`` is scheduled as
+
+    parallel for (n, oc_chunk, oh):             # fused
+      for ow_chunk:
+        acc[tile, ob] = 0                       # registers
+        for ic, kh:
+          for kw:                               # unrolled when short
+            for ow in tile:                     # unrolled
+              acc[ow, :] += x[ic, ., .] * w[oc_chunk, ic, kh, kw, :]   # ob vectorised
+        out[n, oc, oh, ow] = epilogue(acc)      # per tile, NCHW
+
+with the tile (``ob`` = vector registers x lanes, width tile) chosen by the pass and read
+from the conv block's annotations. The rule checks up front that the function has exactly
+this shape (an optional padding block, the conv, then a chain of injective blocks each
+reading the one before) and returns None otherwise, leaving the function to the next rule.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from tvm import s_tir, tirx
+from tvm.s_tir.dlight.base import ScheduleRule
+from tvm.s_tir.schedule.analysis import is_output_block
+
+from .layouts import CONV_BLOCK, LANES_KEY, PAD_BLOCK, TILE_KEY, VECTORS_KEY
+
+logger = logging.getLogger(__name__)
+
+UNROLL_KW_MAX = 11     # kw taps unrolled inside the ic, kh loop (all GoogLeNet/AlexNet kernels)
+PAD_VECTOR = 4         # padding copy: vector lanes along its width where it divides
+
+
+def _int(value):
+    return int(value) if isinstance(value, (int, tirx.IntImm)) else None
+
+
+def _annotation(block, key):
+    value = block.annotations.get(key)
+    return _int(value) if value is not None else None
+
+
+def _iter_kinds(block) -> str:
+    kinds = {tirx.IterVar.DataPar: "S", tirx.IterVar.CommReduce: "R"}
+    return "".join(kinds.get(int(iv.iter_type), "O") for iv in block.iter_vars)
+
+
+def _is_spatial(block) -> bool:
+    return all(int(iv.iter_type) == tirx.IterVar.DataPar for iv in block.iter_vars)
+
+
+def _static_loops(sch, block_rv) -> list | None:
+    extents = [_int(sch.get(loop).extent) for loop in sch.get_loops(block_rv)]
+    return None if any(e is None for e in extents) else extents
+
+
+class _Shape:
+    """The blocks of an applicable function: ``pad`` (or None), ``conv``, ``chain`` (the
+    injective blocks after it, the last one the function's output), the tile numbers."""
+
+    def __init__(self, pad, conv, chain, tile, vectors, lanes):
+        self.pad, self.conv, self.chain = pad, conv, chain
+        self.tile, self.vectors, self.lanes = tile, vectors, lanes
+
+
+def _match(sch) -> _Shape | None:
+    """The function's blocks when they have the shape the rule schedules, else None."""
+    root = sch.get_sblock("root")
+    blocks = sch.get_child_blocks(root)
+    stmts = [sch.get(b) for b in blocks]
+    convs = [i for i, s in enumerate(stmts) if s.name_hint.startswith(CONV_BLOCK)
+             and _annotation(s, TILE_KEY)]
+    if len(convs) != 1:
+        return None
+    at = convs[0]
+    conv = stmts[at]
+    tile, vectors, lanes = (_annotation(conv, k) for k in (TILE_KEY, VECTORS_KEY, LANES_KEY))
+    if not (tile and vectors and lanes) or _iter_kinds(conv) != "SSSSSRRR":
+        return None
+    extents = _static_loops(sch, blocks[at])
+    if extents is None or len(extents) != 8 or extents[3] % tile or \
+            extents[4] != vectors * lanes:
+        return None
+    # before the conv: nothing, or its padding block (a spatial block the conv reads)
+    pad = None
+    if at == 1 and stmts[0].name_hint.startswith(PAD_BLOCK) and _is_spatial(stmts[0]):
+        pad = blocks[0]
+        if _static_loops(sch, pad) is None or \
+                {sch.get(p) for p in sch.get_consumers(pad)} != {conv}:
+            return None
+    elif at != 0:
+        return None
+    # after it: a chain, each block spatial and reading the one before (and parameters)
+    chain = blocks[at + 1:]
+    if not chain or is_output_block(sch, blocks[at]):
+        return None
+    previous = conv
+    for block_rv in chain:
+        stmt = sch.get(block_rv)
+        producers = {sch.get(p) for p in sch.get_producers(block_rv)}
+        if not _is_spatial(stmt) or producers != {previous} or len(stmt.writes) != 1 or \
+                _static_loops(sch, block_rv) is None:
+            return None
+        previous = stmt
+    if not is_output_block(sch, chain[-1]):
+        return None
+    out_shape = [_int(iv.dom.extent) for iv in sch.get(chain[0]).iter_vars]
+    if not all(_writes_nchw(sch.get(b), out_shape) for b in chain):
+        return None
+    for block_rv in chain[:-1]:
+        if is_output_block(sch, block_rv):
+            return None
+    return _Shape(pad, blocks[at], chain, tile, vectors, lanes)
+
+
+def _schedule_pad(sch, pad):
+    loops = sch.get_loops(pad)
+    sch.parallel(sch.fuse(*loops[:-1]))
+
+
+def _writes_nchw(stmt, out_shape) -> bool:
+    """The block is elementwise over the conv's NCHW output: four data-parallel iterators
+    over its shape, writing [n, c, h, w] by exactly those iterators."""
+    if len(stmt.iter_vars) != 4 or [_int(iv.dom.extent) for iv in stmt.iter_vars] != out_shape:
+        return False
+    region = stmt.writes[0].region
+    return len(region) == 4 and all(
+        _int(r.extent) == 1 and r.min.same_as(iv.var)
+        for r, iv in zip(region, stmt.iter_vars))
+
+
+def _schedule_epilogue(sch, block, tile_loop, channels: int, lanes: int):
+    """The per-tile write-back, loops (c, w) over one tile (a loop of extent 1 is dropped):
+    columns outside, channels vectorised inside, so it reads the accumulators as the
+    reduction wrote them (whole registers: LLVM keeps the tile in registers instead of
+    splitting it into lanes)."""
+    loops = sch.get_loops(block)
+    at = [i for i, loop in enumerate(loops) if sch.get(loop).same_as(sch.get(tile_loop))][0]
+    inner = loops[at + 1:]
+    if len(inner) == 2:
+        sch.reorder(inner[1], inner[0])
+        sch.unroll(inner[1])
+        _vectorize_channels(sch, inner[0], channels, lanes)
+    elif len(inner) == 1 and channels > 1:
+        _vectorize_channels(sch, inner[0], channels, lanes)
+    elif len(inner) == 1:
+        sch.unroll(inner[0])
+
+
+def _vectorize_channels(sch, loop, channels, lanes):
+    if channels > lanes and channels % lanes == 0:
+        outer, loop = sch.split(loop, factors=[None, lanes])
+        sch.unroll(outer)
+    sch.vectorize(loop)
+
+
+class ConvRule(ScheduleRule):
+    """The register-blocked channel-blocked conv (see module doc); None for anything else."""
+
+    def is_target_available(self, target) -> bool:
+        return target.kind.name == "llvm"
+
+    def apply(self, func, target, tunable):
+        if not isinstance(func, tirx.PrimFunc) or not self.is_target_available(target):
+            return None
+        sch = s_tir.Schedule(func)
+        shape = _match(sch)
+        if shape is None:
+            return None
+        conv = shape.conv
+        # epilogue: one block reading the conv result per tile
+        for block_rv in shape.chain[:-1]:
+            sch.compute_inline(block_rv)
+        out = shape.chain[-1]
+        b, oc, h, w, o, ic, kh, kw = sch.get_loops(conv)
+        wo, wi = sch.split(w, factors=[None, shape.tile])
+        ov, ol = sch.split(o, factors=[None, shape.lanes])
+        sch.reorder(b, oc, h, wo, ic, kh, kw, wi, ov, ol)
+        sch.parallel(sch.fuse(b, oc, h))
+        sch.reverse_compute_at(out, wo)
+        sch.set_scope(conv, 0, "local")
+        sch.unroll(wi)
+        sch.unroll(ov)
+        sch.vectorize(ol)
+        init = sch.decompose_reduction(conv, ic)
+        init_loops = sch.get_loops(init)
+        sch.unroll(init_loops[-3])
+        sch.unroll(init_loops[-2])
+        sch.vectorize(init_loops[-1])
+        kw_extent = _int(sch.get(kw).extent) or 0
+        if kw_extent <= UNROLL_KW_MAX:
+            sch.unroll(kw)
+        out_channels = sch.get(out).iter_vars[1].dom.extent
+        _schedule_epilogue(sch, out, wo, min(_int(out_channels), shape.vectors * shape.lanes),
+                           shape.lanes)
+        if shape.pad is not None:
+            _schedule_pad(sch, shape.pad)
+        return sch

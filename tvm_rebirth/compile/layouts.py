@@ -1,0 +1,254 @@
+"""Channel-blocked convolutions: a Relax pass that packs constant conv weights at compile time.
+
+``PackConvWeights(target)`` rewrites every ``R.nn.conv2d(x, W)`` with NCHW data, OIHW constant
+weights, one group and float32 into a call of our own TE convolution reading the packed
+constant ``W[O/ob, I, kh, kw, ob]`` (``ob`` output channels = one or a few vector registers of
+the target). It runs before legalization, so bias / BatchNorm / ReLU / clip after the conv
+still fuse into the same PrimFunc. The TE function computes:
+
+* ``rebirth_pad``: the input padded (also on the right, so the last width tile is whole);
+* ``rebirth_conv``: ``conv[n, oc_chunk, oh, ow, ob]`` over a zero-padded channel count and a
+  width rounded up to the tile, so the reduction has no predicate;
+* ``rebirth_unpack``: the NCHW result (output shape and layout unchanged for the rest of the
+  graph).
+
+The tile plan (``ob``, width tile) is chosen here, per conv and target, and recorded in the
+conv block's annotations, where ``conv_rules.ConvRule`` reads it.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+CONV_BLOCK = "rebirth_conv"
+PAD_BLOCK = "rebirth_pad"
+UNPACK_BLOCK = "rebirth_unpack"
+TILE_KEY = "rebirth.width_tile"        # conv block annotation: width tile (outputs per row)
+VECTORS_KEY = "rebirth.channel_vectors"  # conv block annotation: vector registers per block
+LANES_KEY = "rebirth.lanes"            # conv block annotation: fp32 lanes per register
+
+
+@dataclass(frozen=True)
+class VectorUnit:
+    """fp32 lanes per vector register, how many registers the ISA has, and whether a
+    broadcast of an input scalar folds into the multiply-add (AVX-512 embedded broadcast)."""
+
+    lanes: int
+    registers: int
+    free_broadcast: bool = False
+
+
+def vector_unit(target) -> VectorUnit | None:
+    """The target's SIMD unit, read from its triple and CPU features (conservative: a
+    feature the target does not say it has is not used); None when the target is no CPU."""
+    from tvm.target import codegen
+
+    if target.kind.name != "llvm":
+        return None
+    triple = str(target.attrs.get("mtriple", "") or codegen.llvm_get_system_triple())
+    if triple.startswith(("aarch64", "arm64")):
+        return VectorUnit(4, 32)  # Advanced SIMD is mandatory on AArch64
+    if not triple.startswith(("x86_64", "i686", "i386")):
+        return None
+    if codegen.llvm_cpu_has_features(["avx512f"], target):
+        return VectorUnit(16, 32, free_broadcast=True)
+    if codegen.llvm_cpu_has_features(["avx2"], target) or \
+            codegen.llvm_cpu_has_features(["avx"], target):
+        return VectorUnit(8, 16)
+    return VectorUnit(4, 16)
+
+
+@dataclass(frozen=True)
+class ConvPlan:
+    """Register blocking of one conv: ``vectors`` registers of output channels (``block`` =
+    vectors x lanes channels, the packing block) times ``tile`` output columns."""
+
+    lanes: int
+    vectors: int
+    tile: int
+
+    @property
+    def block(self) -> int:
+        return self.lanes * self.vectors
+
+
+def _ceil(a, b):
+    return -(-a // b)
+
+
+def plan_conv(unit: VectorUnit, out_channels: int, out_width: int, kw: int, stride: int,
+              whole_blocks: bool = False) -> ConvPlan | None:
+    """The tile minimising estimated instructions per useful multiply-add. Per (ic, kh) step
+    a tile issues tile x vectors x kw FMAs, vectors x kw weight loads (paired), and loads
+    the input columns it reads (kw unrolled: neighbouring taps share them; paired scalar
+    loads, or folded into the FMA as an AVX-512 embedded broadcast), plus loop overhead;
+    zero-padded channels and columns are work for nothing. Accumulators, weights and the live inputs (AArch64 keeps a tile row of input scalars for the by-element
+    FMAs when kw taps share them) must fit the register file, or LLVM spills.
+    ``whole_blocks``: only blocks dividing ``out_channels`` (None if there is none)."""
+    best, best_cost = None, None
+    for vectors in (1, 2, 3, 4):
+        if whole_blocks and out_channels % (unit.lanes * vectors):
+            continue
+        for tile in range(1, 17):
+            live_inputs = 2 if unit.lanes != 4 or kw == 1 else tile + 2
+            if tile * vectors + vectors + live_inputs > unit.registers:
+                continue
+            fmas = tile * vectors * kw
+            weights = vectors * kw / 2
+            columns = min(tile * kw, (tile - 1) * stride + kw)
+            inputs = columns / 4 if unit.free_broadcast else columns / 2
+            step = fmas + weights + inputs + 3
+            block = unit.lanes * vectors
+            useful = (out_channels / (_ceil(out_channels, block) * block)) * \
+                (out_width / (_ceil(out_width, tile) * tile))
+            cost = step / (tile * block * kw * useful)
+            if best_cost is None or cost < best_cost - 1e-9:
+                best, best_cost = ConvPlan(unit.lanes, vectors, tile), cost
+    return best
+
+
+def pack_weight(weight: np.ndarray, block: int, groups: int = 1) -> np.ndarray:
+    """OIHW -> [groups x O_g/block, I_g, kh, kw, block], zero-padding each group's O_g output
+    channels up to a multiple of block (I_g: input channels per group, weight.shape[1])."""
+    per_group = weight.shape[0] // groups
+    chunks = _ceil(per_group, block)
+    padded = np.zeros((groups, chunks * block, *weight.shape[1:]), dtype=weight.dtype)
+    padded[:, :per_group] = weight.reshape(groups, per_group, *weight.shape[1:])
+    packed = padded.reshape(groups * chunks, block, *weight.shape[1:]).transpose(0, 2, 3, 4, 1)
+    return np.ascontiguousarray(packed)
+
+
+def blocked_conv_te(x, packed, out_channels, strides, padding, dilation, plan: ConvPlan,
+                    groups: int = 1):
+    """TE compute of the channel-blocked conv (see module doc); returns the NCHW output.
+    Grouped (each group's output channels a whole number of blocks): chunk ``oc`` belongs to
+    group oc // (chunks per group) and reads that group's input channels."""
+    from tvm import te, tirx
+
+    n, channels, height, width = (int(d) for d in x.shape)
+    chunks, group_in, kh, kw, block = (int(d) for d in packed.shape)
+    per_group = chunks // groups          # chunks per group
+    sh, sw = strides
+    dh, dw = dilation
+    top, left, bottom, right = padding
+    out_h = (height + top + bottom - (kh - 1) * dh - 1) // sh + 1
+    out_w = (width + left + right - (kw - 1) * dw - 1) // sw + 1
+    wide = _ceil(out_w, plan.tile) * plan.tile
+    pad_h = height + top + bottom
+    pad_w = max(width + left + right, (wide - 1) * sw + (kw - 1) * dw + 1)
+    if (top, left) == (0, 0) and pad_h == height and pad_w == width:
+        data = x
+    else:
+        def pad(b, c, h, w):
+            inside = tirx.all(h >= top, h < top + height, w >= left, w < left + width)
+            return tirx.if_then_else(inside, x[b, c, h - top, w - left],
+                                     tirx.const(0.0, x.dtype))
+        data = te.compute((n, channels, pad_h, pad_w), pad, name=PAD_BLOCK)
+    ic = te.reduce_axis((0, group_in), name="ic")
+    rh = te.reduce_axis((0, kh), name="kh")
+    rw = te.reduce_axis((0, kw), name="kw")
+    conv = te.compute(
+        (n, chunks, out_h, wide, block),
+        lambda b, oc, h, w, o: te.sum(
+            data[b, ic if groups == 1 else oc // per_group * group_in + ic,
+                 h * sh + rh * dh, w * sw + rw * dw] * packed[oc, ic, rh, rw, o],
+            axis=[ic, rh, rw]),
+        name=CONV_BLOCK,
+        attrs={TILE_KEY: plan.tile, VECTORS_KEY: plan.vectors, LANES_KEY: plan.lanes})
+    # one group, or groups of whole blocks: chunk c // block holds output channel c
+    return te.compute((n, out_channels, out_h, out_w),
+                      lambda b, c, h, w: conv[b, c // block, h, w, c % block],
+                      name=UNPACK_BLOCK)
+
+
+def _static_shape(sinfo):
+    from tvm import relax, tirx
+
+    if not isinstance(sinfo, relax.TensorType) or sinfo.shape is None:
+        return None
+    dims = getattr(sinfo.shape, "values", None)
+    if dims is None or not all(isinstance(d, tirx.IntImm) for d in dims):
+        return None
+    return [int(d) for d in dims]
+
+
+def conv_rewrite_applies(call) -> bool:
+    """Whether a Relax call is a conv this pass rewrites: NCHW/OIHW/NCHW, float32 data,
+    output and constant weights, static shapes; grouped only with more than one output
+    channel per group (depthwise convs stay with the generic schedule)."""
+    import tvm
+    from tvm import relax
+
+    if not isinstance(call, relax.Call) or getattr(call.op, "name", "") != "relax.nn.conv2d":
+        return False
+    attrs = call.attrs
+    if (attrs.data_layout, attrs.kernel_layout, attrs.out_layout) != ("NCHW", "OIHW", "NCHW"):
+        return False
+    if str(attrs.out_dtype) not in ("", "float32", "void", "None"):
+        return False
+    x, weight = call.args
+    if not isinstance(weight, tvm.ir.expr.GenericConst) or str(weight.value.dtype) != "float32":
+        return False
+    groups = int(attrs.groups)
+    if groups > 1 and (weight.value.shape[0] // groups < 2 or weight.value.shape[1] < 2):
+        return False
+    return _static_shape(x.ty) is not None and str(x.ty.dtype) == "float32" and \
+        _static_shape(weight.ty) is not None
+
+
+def PackConvWeights(target):  # noqa: N802 -- a pass, named like TVM's
+    """The module pass (see module doc) for ``target``; a no-op where the target has no SIMD
+    unit we know."""
+    import tvm
+    from tvm import relax
+
+    unit = vector_unit(target)
+
+    @relax.expr_functor.mutator
+    class _Rewriter(relax.PyExprMutator):
+        def __init__(self, mod):
+            super().__init__(mod)
+            self.rewritten = 0
+
+        def visit_call_(self, call):  # noqa: N802 -- ExprMutator's hook
+            call = self.visit_expr_post_order(call)
+            if not conv_rewrite_applies(call):
+                return call
+            attrs = call.attrs
+            x, weight = call.args
+            out_channels, _, _, kw = (int(d) for d in weight.value.shape)
+            groups = int(attrs.groups)
+            out_w = int(call.ty.shape[3])
+            plan = plan_conv(unit, out_channels // groups, out_w, kw, int(attrs.strides[1]),
+                             whole_blocks=groups > 1)
+            if plan is None:
+                return call
+            packed = relax.const(pack_weight(weight.value.numpy(), plan.block, groups),
+                                 "float32")
+            self.rewritten += 1
+            strides = [int(s) for s in attrs.strides]
+            padding = [int(p) for p in attrs.padding]
+            dilation = [int(d) for d in attrs.dilation]
+            return self.builder_.call_te(
+                lambda data, kernel: blocked_conv_te(data, kernel, out_channels, strides,
+                                                     padding, dilation, plan, groups),
+                x, packed, primfunc_name_hint="rebirth_conv2d")
+
+    @tvm.transform.module_pass(opt_level=0, name="PackConvWeights")
+    def _pass(mod, _ctx):
+        if unit is None:
+            return mod
+        rewriter = _Rewriter(mod)
+        for gvar, func in list(mod.functions.items()):
+            if isinstance(func, relax.Function):
+                rewriter.builder_.update_func(gvar, rewriter.visit_expr(func))
+        if rewriter.rewritten:
+            logger.debug(f"[layouts] {rewriter.rewritten} convs use packed weights")
+        return rewriter.builder_.finalize()
+
+    return _pass
