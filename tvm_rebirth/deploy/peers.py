@@ -194,8 +194,8 @@ def _convert_mnn(onnx_path: Path, out: Path) -> None:
 
 
 def logits_module(mod):
-    """``mod`` with main's final softmax removed (main returns the logits); unchanged when
-    main does not end in a softmax."""
+    """``mod`` with main's final softmax (reshapes after it allowed) removed: main returns
+    the logits; unchanged when main does not end in a softmax."""
     import tvm
     from tvm import relax
     from tvm.relax.dpl import is_op, rewrite_call, wildcard
@@ -205,6 +205,9 @@ def logits_module(mod):
     body = func.body
     result = body.body if isinstance(body, relax.SeqExpr) else body
     final = var2val.get(result, result) if isinstance(result, relax.Var) else result
+    while (isinstance(final, relax.Call) and getattr(final.op, "name", "") == "relax.reshape"
+           and isinstance(final.args[0], relax.Var)):  # reshapes after it keep the logits
+        final = var2val.get(final.args[0], final.args[0])
     if not (isinstance(final, relax.Call) and getattr(final.op, "name", "") == "relax.nn.softmax"):
         return mod
     arg = wildcard()
