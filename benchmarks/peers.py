@@ -84,7 +84,7 @@ def emulated(args, model, plan, rebirth, x) -> tuple:
             f"QEMU plugin (qemu-user -cpu {args.device}, 1 thread, one warm-up inference "
             "first, the same input for every engine); models cut before the final Softmax. "
             "ncnn from pnnx with fp16 storage/arithmetic off; MNN from mnnconvert; "
-            "tvm-rebirth cross-built for the core (no tuning_logs for it: generic schedule). "
+            "tvm-rebirth cross-built for the core with our schedule rules (no tuning_logs for it). "
             "The rebirth's logits differ by what its learned convs approximate. "
             + rebirth_note(args, plan))
     return payload, md

@@ -136,7 +136,7 @@ PEER_MODELS = ("googlenet", "alexnet")
 EMULATED_ENGINES = {"onnxruntime_original": "ONNX Runtime 1.32 (original)",
                     "ncnn_original": "ncnn 20261020, fp32 (original)",
                     "mnn_original": "MNN 3.6.1 (original)",
-                    "tvm_original": "tvm-rebirth original (generic schedule)",
+                    "tvm_original": "tvm-rebirth original (our schedules, untuned)",
                     "tvm_rebirth": "tvm-rebirth rebirth, default plan"}
 
 
