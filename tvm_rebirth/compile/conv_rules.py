@@ -32,7 +32,6 @@ from .layouts import CONV_BLOCK, LANES_KEY, PAD_BLOCK, TILE_KEY, VECTORS_KEY
 logger = logging.getLogger(__name__)
 
 UNROLL_KW_MAX = 11     # kw taps unrolled inside the ic, kh loop (all GoogLeNet/AlexNet kernels)
-PAD_VECTOR = 4         # padding copy: vector lanes along its width where it divides
 
 
 def _int(value):

@@ -1,0 +1,182 @@
+"""Conv kernels on the emulated Cortex-A72: guest instructions per multiply-add of single
+conv (+bias+ReLU) modules with GoogLeNet's and AlexNet's heaviest shapes, generic schedule vs
+our channel-blocked kernels (layouts + conv_rules); optionally whole models (instructions per
+inference on the emulated A72, and latency on this host).
+
+Usage: python benchmarks/conv_kernels.py [--shapes NAME,...] [--variants generic,blocked]
+                                         [--models googlenet,alexnet] [--host-rounds N]
+"""
+
+import argparse
+import logging
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import table, write  # noqa: E402
+
+logger = logging.getLogger(__name__)
+
+# name: (in channels, out channels, input size, kernel, stride, padding)
+SHAPES = {
+    "googlenet conv1 7x7/s2 3->64 @224": (3, 64, 224, 7, 2, 3),
+    "googlenet conv2 3x3 64->192 @56": (64, 192, 56, 3, 1, 1),
+    "googlenet 3a 3x3 96->128 @28": (96, 128, 28, 3, 1, 1),
+    "googlenet 3a 5x5 16->32 @28": (16, 32, 28, 5, 1, 2),
+    "googlenet 3b 1x1 256->128 @28": (256, 128, 28, 1, 1, 0),
+    "googlenet 4a 1x1 480->192 @14": (480, 192, 14, 1, 1, 0),
+    "googlenet 5b 3x3 192->384 @7": (192, 384, 7, 3, 1, 1),
+    "alexnet conv1 11x11/s4 3->64 @224": (3, 64, 224, 11, 4, 2),
+    "alexnet conv2 5x5 64->192 @27": (64, 192, 27, 5, 1, 2),
+    "alexnet conv3 3x3 192->384 @13": (192, 384, 13, 3, 1, 1),
+    "alexnet conv4 3x3 384->256 @13": (384, 256, 13, 3, 1, 1),
+}
+VARIANTS = {"generic": "0", "blocked": "1"}  # TVM_REBIRTH_CONV_KERNELS
+
+
+def conv_module(cin, cout, size, k, stride, pad, seed=0):
+    """conv + bias + ReLU as a Relax module with constant weights, and its MAC count."""
+    from tvm import relax
+    from tvm.relax import op as R
+
+    rng = np.random.default_rng(seed)
+    weight = (rng.standard_normal((cout, cin, k, k)) / np.sqrt(cin * k * k)).astype("float32")
+    bias = rng.standard_normal((1, cout, 1, 1)).astype("float32")
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType((1, cin, size, size), "float32"))
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            y = bb.emit(R.nn.conv2d(x, relax.const(weight), strides=stride, padding=pad))
+            y = bb.emit_output(R.nn.relu(R.add(y, relax.const(bias))))
+        bb.emit_func_output(y)
+    out = (size + 2 * pad - k) // stride + 1
+    return bb.get(), cout * out * out * cin * k * k
+
+
+def with_kernels(flag):
+    class _Env:
+        def __enter__(self):
+            self.old = os.environ.get("TVM_REBIRTH_CONV_KERNELS")
+            os.environ["TVM_REBIRTH_CONV_KERNELS"] = flag
+
+        def __exit__(self, *exc):
+            if self.old is None:
+                os.environ.pop("TVM_REBIRTH_CONV_KERNELS", None)
+            else:
+                os.environ["TVM_REBIRTH_CONV_KERNELS"] = self.old
+    return _Env()
+
+
+def count_a72(mod, x, workdir: Path, name: str) -> int:
+    """Guest instructions per inference of ``mod`` cross-built for the Cortex-A72."""
+    from tvm_rebirth.compile.build import compile_module, export_library
+    from tvm_rebirth.compile.targets import resolve_target
+    from tvm_rebirth.deploy.remote import count_instructions_per_inference
+
+    target = resolve_target("cortex-a72")
+    lib = workdir / f"{name}.so"
+    export_library(compile_module(mod, target, tuned=False).executable, str(lib), target)
+    return count_instructions_per_inference(lib, x, workdir, runs=1)
+
+
+def bench_shapes(names, variants, workdir):
+    rows = {}
+    for name in names:
+        cin, cout, size, k, stride, pad = SHAPES[name]
+        mod, macs = conv_module(cin, cout, size, k, stride, pad)
+        x = np.random.default_rng(1).standard_normal((1, cin, size, size)).astype("float32")
+        rows[name] = {"macs": macs}
+        for variant in variants:
+            with with_kernels(VARIANTS[variant]):
+                count = count_a72(mod, x, workdir, f"{variant}-{len(rows)}")
+            rows[name][variant] = {"instructions": count,
+                                   "per_mac": round(count / macs, 4)}
+            logger.info(f"{name}: {variant} {count:.3e} instructions, {count / macs:.3f}/MAC")
+    return rows
+
+
+def bench_models(models, variants, workdir, host_rounds):
+    from tvm_rebirth import load_model
+    from tvm_rebirth.learn.calib import bench_input
+    from tvm_rebirth.report.measure import count_gflops
+
+    result = {}
+    for name in models:
+        model = load_model(name)
+        x = bench_input(model)[0]
+        macs = count_gflops(model.mod) * 1e9 / 2
+        result[name] = {"macs": macs}
+        for variant in variants:
+            with with_kernels(VARIANTS[variant]):
+                count = count_a72(model.mod, x, workdir, f"{name}-{variant}")
+            result[name][variant] = {"instructions": count, "per_mac": round(count / macs, 4)}
+            logger.info(f"{name}: {variant} {count:.3e} instructions/inference")
+        if host_rounds:
+            result[name]["host"] = host_latency(model, x, variants, host_rounds)
+    return result
+
+
+def host_latency(model, x, variants, rounds):
+    """Median ms over interleaved rounds on this host (untuned builds)."""
+    import statistics
+
+    from tvm_rebirth.compile.build import Runner
+    from tvm_rebirth.report.measure import interleaved_rounds, tvm_timer
+
+    runners, outputs = {}, {}
+    for variant in variants:
+        with with_kernels(VARIANTS[variant]):
+            runners[variant] = Runner(model.mod, tuned=False)
+        outputs[variant] = runners[variant](x)[0]
+    timers = {v: tvm_timer(r, x, 5) for v, r in runners.items()}
+    for timer in timers.values():
+        timer()
+    samples = interleaved_rounds(timers, rounds, "host " + model.name)
+    base = outputs[variants[0]]
+    return {v: {"median_ms": round(statistics.median(s), 2),
+                "rel_err_vs_first": float(np.abs(outputs[v] - base).max()
+                                          / np.abs(base).max())}
+            for v, s in samples.items()}
+
+
+def main():
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shapes", default=",".join(SHAPES))
+    parser.add_argument("--variants", default="generic,blocked")
+    parser.add_argument("--models", default="")
+    parser.add_argument("--host-rounds", type=int, default=0)
+    parser.add_argument("--name", default="conv_kernels")
+    args = parser.parse_args()
+    variants = args.variants.split(",")
+    names = [n for n in args.shapes.split(",") if n]
+    with tempfile.TemporaryDirectory(prefix="conv-kernels-") as tmp:
+        shapes = bench_shapes(names, variants, Path(tmp))
+        models = bench_models([m for m in args.models.split(",") if m], variants, Path(tmp),
+                              args.host_rounds)
+    lines = ["# Conv kernels: guest instructions per multiply-add (qemu cortex-a72, 1 thread)",
+             "", "Single conv + bias + ReLU modules; the floor is 0.25 (one FMLA = 4 MACs).",
+             ""]
+    lines.append(table([[n, f"{r['macs']:.3g}"] + [
+        f"{r[v]['per_mac']:.3f}" for v in variants] for n, r in shapes.items()],
+        ["conv", "MACs"] + [f"{v} instr/MAC" for v in variants]))
+    if models:
+        lines += ["", "## Whole models (instructions/inference, qemu cortex-a72, 1 thread)", ""]
+        lines.append(table([[m, f"{r['macs']:.3g}"] + [
+            f"{r[v]['instructions']:.3g} ({r[v]['per_mac']:.2f}/MAC)" for v in variants]
+            for m, r in models.items()], ["model", "MACs"] + variants))
+        host = {m: r["host"] for m, r in models.items() if "host" in r}
+        if host:
+            lines += ["", "## This host, 2 threads, untuned (median ms, interleaved rounds)", ""]
+            lines.append(table([[m] + [f"{h[v]['median_ms']}" for v in variants]
+                                for m, h in host.items()], ["model"] + variants))
+    write(args.name, {"shapes": shapes, "models": models, "variants": variants},
+          "\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
