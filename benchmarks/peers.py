@@ -121,8 +121,8 @@ def host(args, model, plan, rebirth, x) -> tuple:
     tuned = ("; ".join(f"{k.replace('_', ' ')}: {t}/{n} functions from tuning_logs"
                        for k, (t, n) in result["tuned_functions"].items())
              if result["tuning_logs"] else
-             f"no tuning_logs for {result['target_key']}: both TVM builds run the generic "
-             "schedule (untuned)")
+             f"no tuning_logs for {result['target_key']}: both TVM builds run our schedule "
+             "rules only (untuned)")
     md = (f"# Peers on {args.model} ({threads} threads, {cpu})\n\n"
           + table(rows, ["runtime", "ms (median)", "GFLOP/s", "of nominal peak"])
           + f"\n\nEvery engine in its own process, medians of {args.rounds} alternating rounds "

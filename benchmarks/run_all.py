@@ -153,14 +153,15 @@ def peers_section(peers):
     for model, data in peers.items():
         rows += [[model, name.replace("_", " "), data[f"{name}_ms"],
                   data["achieved_gflops_per_s"][name]] for name in data["rounds"]]
-        rows.append([model, "onnxruntime alone (fresh process)", data["onnxruntime_alone_ms"],
+        rows.append([model, "onnxruntime alone (fresh process; interleaved / alone = "
+                     f"{data['onnxruntime_interleaved_vs_alone']})", data["onnxruntime_alone_ms"],
                      ""])
     first = next(iter(peers.values()))
     return ("### Against ONNX Runtime on this CPU\n\n"
             + table(rows, ["model", "runtime", "ms (median)", "GFLOP/s"])
             + f"\n\n{first['cpu']}, {first['threads']} threads each, every engine in its own "
               "process (rounds alternate engines; ONNX Runtime alone is the check that no "
-              "other engine's threads stole its cores); untuned = our generic schedule"
+              "other engine's threads stole its cores); untuned = our schedule rules only"
               + ("" if first["tuning_logs"] else
                  " (no tuning_logs for this CPU, so no tuned builds)")
               + f"; nominal fp32 peak {first['peak_gflops_per_s']} GFLOP/s; rebirth = the "
