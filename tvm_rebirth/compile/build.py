@@ -18,8 +18,9 @@ def host_target():
 
 
 def conv_kernels_enabled() -> bool:
-    """Whether builds use the channel-blocked conv kernels (layouts + conv_rules); set
-    TVM_REBIRTH_CONV_KERNELS=0 to build every conv with the generic schedule instead."""
+    """Whether builds use our kernels: the channel-blocked convs (layouts + conv_rules) and
+    LRN's power as square roots (fast_math); TVM_REBIRTH_CONV_KERNELS=0 builds every conv
+    with the generic schedule and keeps ``power`` instead."""
     return os.environ.get("TVM_REBIRTH_CONV_KERNELS", "1") != "0"
 
 
@@ -28,9 +29,10 @@ def _fusion_passes(target) -> list:
     it), then TVM's library dispatch and legalization + fusion."""
     from tvm.relax.backend.cpu_generic import pipeline as cpu_generic
 
+    from .fast_math import PowerToRoots
     from .layouts import PackConvWeights
 
-    packing = [PackConvWeights(target)] if conv_kernels_enabled() else []
+    packing = [PowerToRoots(), PackConvWeights(target)] if conv_kernels_enabled() else []
     return packing + cpu_generic.library_dispatch_passes(target) \
         + cpu_generic.legalize_passes(target)
 
