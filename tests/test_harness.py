@@ -1,8 +1,8 @@
 """Kernel correctness harness: what the build really runs, checked against references.
 
 (a) Every distinct fused PrimFunc of every zoo model (and of the MobileNetV2-style test
-    network and its exact plan), deduplicated by structural hash, scheduled with
-    GenericCpuSchedule and compared with the *unscheduled* PrimFunc (TVM's plain lowering, the
+    network and its exact plan), deduplicated by structural hash, scheduled as the build does
+    (ConvRule for our packed convs, GenericCpuSchedule for the rest) and compared with the *unscheduled* PrimFunc (TVM's plain lowering, the
     spec) on random inputs. Every output buffer is pre-filled with NaN, so an element the
     schedule never writes shows up, and the scheduled kernel runs twice on the same inputs:
     any difference between the two runs (a race, a read of memory nobody wrote) fails.
@@ -29,6 +29,7 @@ import tvm_ffi
 from tvm import s_tir, tirx
 
 from tvm_rebirth.compile.build import Runner, fused_module, host_target
+from tvm_rebirth.compile.conv_rules import ConvRule
 from tvm_rebirth.compile.schedules import GenericCpuSchedule
 from tvm_rebirth.frontend.loader import load_model
 from tvm_rebirth.frontend.zoo import ZOO, zoo_path
@@ -89,12 +90,22 @@ def _random_inputs(func, seed):
     return arrays
 
 
+def _build_rules(func):
+    """The schedule the build gives ``func``: the first of its rules that applies (as
+    ``dlight.ApplyDefaultSchedule(ConvRule(), GenericCpuSchedule())`` in compile/build.py)."""
+    for rule in (ConvRule(), GenericCpuSchedule()):
+        sch = rule.apply(func, TARGET, False)
+        if sch is not None:
+            return sch
+    return None
+
+
 def kernel_mismatch(func, rule=None, seed=0) -> str | None:
-    """None when ``rule`` (default GenericCpuSchedule) schedules ``func`` into a kernel that
-    computes what the unscheduled PrimFunc computes, on every output, the same way twice;
-    else a description of the first difference."""
+    """None when ``rule`` (default: the build's rules in order) schedules ``func`` into a
+    kernel that computes what the unscheduled PrimFunc computes, on every output, the same
+    way twice; else a description of the first difference."""
     func = func.with_attr("global_symbol", "main")
-    sch = (rule or GenericCpuSchedule()).apply(func, TARGET, False)
+    sch = rule.apply(func, TARGET, False) if rule is not None else _build_rules(func)
     if sch is None:  # left to TVM's default lowering: nothing of ours to check
         return None
     outputs = _written_params(func)
