@@ -152,3 +152,30 @@ def test_zoo_model_matches_build_without_kernels(monkeypatch):
     assert PackConvWeights(LLVM)(model.mod).script().count("call_tir(cls.rebirth_conv2d") == 5
     got = Runner(model.mod, tuned=False)(x)[0]
     assert np.abs(got - want).max() <= 1e-4 * np.abs(want).max()
+
+
+POINTWISE_CASES = ["1x1_w1", "1x1_c3_to10_w7", "1x1_192_to100_w13"]
+
+
+@pytest.mark.parametrize("name", POINTWISE_CASES)
+def test_vector_rows_match_unscheduled(name, monkeypatch):
+    """1x1 convs planned as on AArch64 (FMA by element: vector rows, ic unrolled), built
+    and run on this host."""
+    from tvm_rebirth.compile import layouts
+
+    monkeypatch.setattr(layouts, "vector_unit",
+                        lambda target: VectorUnit(4, 32, fma_by_element=True))
+    funcs = _packed_prim_funcs(_module(*CASES[name]), FOUR_LANES)
+    assert len(funcs) == 1
+    assert "rebirth.vector_rows" in funcs[0].script()
+    sch = ConvRule().apply(funcs[0].with_attr("global_symbol", "main"), FOUR_LANES, False)
+    assert "_local" in sch.mod.script().replace("rebirth_conv_local", "")  # the cached row
+    _assert_same_numerics(funcs[0], FOUR_LANES)
+
+
+def test_vector_rows_plans():
+    neon = VectorUnit(4, 32, fma_by_element=True)
+    plan = plan_conv(neon, 128, 28, 1, 1, pointwise=True)
+    assert plan.rows and plan.tile * plan.vectors + plan.vectors + -(-plan.tile // 4) <= 32
+    assert not plan_conv(neon, 128, 28, 3, 1).rows
+    assert not plan_conv(VectorUnit(4, 16), 128, 28, 1, 1, pointwise=True).rows

@@ -14,7 +14,16 @@ their epilogue: bias, BatchNorm scale/shift, ReLU, clip, a residual add). The co
         out[n, oc, oh, ow] = epilogue(acc)      # per tile, NCHW
 
 with the tile (``ob`` = vector registers x lanes, width tile) chosen by the pass and read
-from the conv block's annotations. The rule checks up front that the function has exactly
+from the conv block's annotations. A 1x1 conv of width stride 1 whose plan says ``rows``
+(AArch64: FMLA by element) instead loads each input channel's tile row once as whole
+vectors (a cached row, vectorised) and unrolls the ic loop, its only reduction loop:
+
+        for ic_outer:
+          for ic in UNROLL_IC_1X1:                # unrolled
+            row[tile] = x[ic, oh, ow:ow + tile]   # vector loads
+            for ow in tile, ob:                   # unrolled, ob vectorised
+              acc[ow, :] += row[ow] * w[oc_chunk, ic, 0, 0, :]   # FMLA by element
+ The rule checks up front that the function has exactly
 this shape (an optional padding block, the conv, then a chain of injective blocks each
 reading the one before) and returns None otherwise, leaving the function to the next rule.
 """
@@ -27,11 +36,12 @@ from tvm import s_tir, tirx
 from tvm.s_tir.dlight.base import ScheduleRule
 from tvm.s_tir.schedule.analysis import is_output_block
 
-from .layouts import CONV_BLOCK, LANES_KEY, PAD_BLOCK, TILE_KEY, VECTORS_KEY
+from .layouts import CONV_BLOCK, LANES_KEY, PAD_BLOCK, ROWS_KEY, TILE_KEY, VECTORS_KEY
 
 logger = logging.getLogger(__name__)
 
 UNROLL_KW_MAX = 11     # kw taps unrolled inside the ic, kh loop (all GoogLeNet/AlexNet kernels)
+UNROLL_IC_1X1 = (8, 4, 2)  # input channels per step of a 1x1 conv with vector rows (first divisor)
 
 
 def _int(value):
@@ -157,6 +167,49 @@ def _vectorize_channels(sch, loop, channels, lanes):
     sch.vectorize(loop)
 
 
+def _data_read(stmt) -> int | None:
+    """Index of the conv block's read of its input (the one 4-D buffer it reads)."""
+    found = [i for i, r in enumerate(stmt.reads) if len(r.region) == 4]
+    return found[0] if len(found) == 1 else None
+
+
+def _pointwise_unit_stride(sch, conv, kh, kw) -> bool:
+    """A 1x1 conv reading consecutive input columns for consecutive outputs (width stride
+    1): a tile row of its inputs is one contiguous run."""
+    from tvm.sym import pattern
+
+    if _int(sch.get(kh).extent) != 1 or _int(sch.get(kw).extent) != 1:
+        return False
+    stmt = sch.get(conv)
+    at = _data_read(stmt)
+    if at is None:
+        return False
+    coeffs = pattern.detect_linear_equation(stmt.reads[at].region[3].min,
+                                            [stmt.iter_vars[3].var])
+    return len(coeffs) == 2 and _int(coeffs[0]) == 1
+
+
+def _vector_rows(sch, conv, ic):
+    """1x1 convs with vector rows (module doc): the ic loop split by the first of
+    UNROLL_IC_1X1 dividing it (inner part unrolled), each input channel's tile row read
+    into a local row with vectorised loads; LLVM forwards the row's lanes into FMLAs by
+    element. Returns the loop to decompose the reduction at."""
+    extent = _int(sch.get(ic).extent) or 0
+    factor = next((f for f in UNROLL_IC_1X1 if extent % f == 0 and extent > f), None)
+    reduce_at = step = ic
+    if factor:
+        reduce_at, step = sch.split(ic, factors=[None, factor])
+    row = sch.cache_read(conv, _data_read(sch.get(conv)), "local")
+    sch.compute_at(row, step)
+    loops = sch.get_loops(row)
+    at = [i for i, loop in enumerate(loops) if sch.get(loop).same_as(sch.get(step))][0]
+    if len(loops) > at + 1:  # a row of one column has no loop left
+        sch.vectorize(loops[-1])
+    if factor:
+        sch.unroll(step)
+    return reduce_at
+
+
 class ConvRule(ScheduleRule):
     """The register-blocked channel-blocked conv (see module doc); None for anything else."""
 
@@ -185,7 +238,10 @@ class ConvRule(ScheduleRule):
         sch.unroll(wi)
         sch.unroll(ov)
         sch.vectorize(ol)
-        init = sch.decompose_reduction(conv, ic)
+        reduce_at = ic
+        if _annotation(sch.get(conv), ROWS_KEY) and _pointwise_unit_stride(sch, conv, kh, kw):
+            reduce_at = _vector_rows(sch, conv, ic)
+        init = sch.decompose_reduction(conv, reduce_at)
         init_loops = sch.get_loops(init)
         sch.unroll(init_loops[-3])
         sch.unroll(init_loops[-2])

@@ -31,16 +31,20 @@ UNPACK_BLOCK = "rebirth_unpack"
 TILE_KEY = "rebirth.width_tile"        # conv block annotation: width tile (outputs per row)
 VECTORS_KEY = "rebirth.channel_vectors"  # conv block annotation: vector registers per block
 LANES_KEY = "rebirth.lanes"            # conv block annotation: fp32 lanes per register
+ROWS_KEY = "rebirth.vector_rows"       # conv block annotation: 1x1 inputs read as vectors
 
 
 @dataclass(frozen=True)
 class VectorUnit:
-    """fp32 lanes per vector register, how many registers the ISA has, and whether a
-    broadcast of an input scalar folds into the multiply-add (AVX-512 embedded broadcast)."""
+    """fp32 lanes per vector register, how many registers the ISA has, whether a
+    broadcast of an input scalar folds into the multiply-add (AVX-512 embedded broadcast),
+    and whether the multiply-add takes one lane of a register as its scalar (AArch64's FMLA
+    by element: a row of inputs loaded as whole vectors feeds the FMAs directly)."""
 
     lanes: int
     registers: int
     free_broadcast: bool = False
+    fma_by_element: bool = False
 
 
 def vector_unit(target) -> VectorUnit | None:
@@ -52,7 +56,7 @@ def vector_unit(target) -> VectorUnit | None:
         return None
     triple = str(target.attrs.get("mtriple", "") or codegen.llvm_get_system_triple())
     if triple.startswith(("aarch64", "arm64")):
-        return VectorUnit(4, 32)  # Advanced SIMD is mandatory on AArch64
+        return VectorUnit(4, 32, fma_by_element=True)  # Advanced SIMD: mandatory on AArch64
     if not triple.startswith(("x86_64", "i686", "i386")):
         return None
     if codegen.llvm_cpu_has_features(["avx512f"], target):
@@ -66,11 +70,14 @@ def vector_unit(target) -> VectorUnit | None:
 @dataclass(frozen=True)
 class ConvPlan:
     """Register blocking of one conv: ``vectors`` registers of output channels (``block`` =
-    vectors x lanes channels, the packing block) times ``tile`` output columns."""
+    vectors x lanes channels, the packing block) times ``tile`` output columns; ``rows``:
+    each input channel's tile row is loaded as whole vectors (1x1, width stride 1, FMA by
+    element), the input channel loop unrolled."""
 
     lanes: int
     vectors: int
     tile: int
+    rows: bool = False
 
     @property
     def block(self) -> int:
@@ -81,34 +88,53 @@ def _ceil(a, b):
     return -(-a // b)
 
 
+ROW_STEP_OVERHEAD = 3 / 8   # loop overhead per input channel, the ic loop unrolled by 8
+ROW_REGISTER_SLACK = 2      # registers left free with vector rows (measured: fuller tiles spill)
+
+
+def _vector_pieces(columns: int, lanes: int) -> int:
+    """Loads of a row of ``columns`` floats as vectors: whole registers, then halves..."""
+    return columns // lanes + bin(columns % lanes).count("1")
+
+
 def plan_conv(unit: VectorUnit, out_channels: int, out_width: int, kw: int, stride: int,
-              whole_blocks: bool = False) -> ConvPlan | None:
+              whole_blocks: bool = False, pointwise: bool = False) -> ConvPlan | None:
     """The tile minimising estimated instructions per useful multiply-add. Per (ic, kh) step
     a tile issues tile x vectors x kw FMAs, vectors x kw weight loads (paired), and loads
     the input columns it reads (kw unrolled: neighbouring taps share them; paired scalar
     loads, or folded into the FMA as an AVX-512 embedded broadcast), plus loop overhead;
     zero-padded channels and columns are work for nothing. Accumulators, weights and the live inputs (AArch64 keeps a tile row of input scalars for the by-element
     FMAs when kw taps share them) must fit the register file, or LLVM spills.
-    ``whole_blocks``: only blocks dividing ``out_channels`` (None if there is none)."""
+    ``whole_blocks``: only blocks dividing ``out_channels`` (None if there is none).
+    ``pointwise``: a 1x1 conv of width stride 1; with FMA by element its plan reads each
+    tile row as whole vectors (``rows``: a few loads per input channel instead of one per
+    column pair, all of the row's registers live, the ic loop unrolled)."""
+    rows = pointwise and unit.fma_by_element
     best, best_cost = None, None
     for vectors in (1, 2, 3, 4):
         if whole_blocks and out_channels % (unit.lanes * vectors):
             continue
         for tile in range(1, 17):
-            live_inputs = 2 if unit.lanes != 4 or kw == 1 else tile + 2
+            if rows:  # the row's registers, and slack: LLVM spills the fullest tiles
+                live_inputs = _ceil(tile, unit.lanes) + ROW_REGISTER_SLACK
+            else:
+                live_inputs = 2 if unit.lanes != 4 or kw == 1 else tile + 2
             if tile * vectors + vectors + live_inputs > unit.registers:
                 continue
             fmas = tile * vectors * kw
             weights = vectors * kw / 2
             columns = min(tile * kw, (tile - 1) * stride + kw)
-            inputs = columns / 4 if unit.free_broadcast else columns / 2
-            step = fmas + weights + inputs + 3
+            if rows:
+                step = fmas + weights + _vector_pieces(tile, unit.lanes) + ROW_STEP_OVERHEAD
+            else:
+                inputs = columns / 4 if unit.free_broadcast else columns / 2
+                step = fmas + weights + inputs + 3
             block = unit.lanes * vectors
             useful = (out_channels / (_ceil(out_channels, block) * block)) * \
                 (out_width / (_ceil(out_width, tile) * tile))
             cost = step / (tile * block * kw * useful)
             if best_cost is None or cost < best_cost - 1e-9:
-                best, best_cost = ConvPlan(unit.lanes, vectors, tile), cost
+                best, best_cost = ConvPlan(unit.lanes, vectors, tile, rows), cost
     return best
 
 
@@ -159,7 +185,8 @@ def blocked_conv_te(x, packed, out_channels, strides, padding, dilation, plan: C
                  h * sh + rh * dh, w * sw + rw * dw] * packed[oc, ic, rh, rw, o],
             axis=[ic, rh, rw]),
         name=CONV_BLOCK,
-        attrs={TILE_KEY: plan.tile, VECTORS_KEY: plan.vectors, LANES_KEY: plan.lanes})
+        attrs={TILE_KEY: plan.tile, VECTORS_KEY: plan.vectors, LANES_KEY: plan.lanes,
+               ROWS_KEY: int(plan.rows)})
     # one group, or groups of whole blocks: chunk c // block holds output channel c
     return te.compute((n, out_channels, out_h, out_w),
                       lambda b, c, h, w: conv[b, c // block, h, w, c % block],
@@ -221,11 +248,13 @@ def PackConvWeights(target):  # noqa: N802 -- a pass, named like TVM's
                 return call
             attrs = call.attrs
             x, weight = call.args
-            out_channels, _, _, kw = (int(d) for d in weight.value.shape)
+            out_channels, _, kh, kw = (int(d) for d in weight.value.shape)
             groups = int(attrs.groups)
             out_w = int(call.ty.shape[3])
-            plan = plan_conv(unit, out_channels // groups, out_w, kw, int(attrs.strides[1]),
-                             whole_blocks=groups > 1)
+            stride_w = int(attrs.strides[1])
+            plan = plan_conv(unit, out_channels // groups, out_w, kw, stride_w,
+                             whole_blocks=groups > 1,
+                             pointwise=(kh, kw, stride_w) == (1, 1, 1))
             if plan is None:
                 return call
             packed = relax.const(pack_weight(weight.value.numpy(), plan.block, groups),
