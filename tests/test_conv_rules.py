@@ -16,6 +16,8 @@ from tvm_rebirth.compile.layouts import (PackConvWeights, VectorUnit, pack_weigh
                                          plan_conv)
 from tvm_rebirth.compile.schedules import GenericCpuSchedule
 
+from kernel_check import assert_schedule_matches
+
 LLVM = host_target()
 # NEON's 4 fp32 lanes, built and run on this host: a plain x86-64 (SSE2) target
 FOUR_LANES = tvm.target.Target({"kind": "llvm", "mcpu": "x86-64"})
@@ -58,29 +60,8 @@ def _packed_prim_funcs(mod, target=LLVM):
     return [func for _, func in mod.functions.items() if isinstance(func, tirx.PrimFunc)]
 
 
-def _run(lib, func, seed):
-    """Run on random inputs; the output (the last parameter) starts as NaN."""
-    rng = np.random.default_rng(seed)
-    args = [tvm.runtime.tensor(rng.standard_normal([int(d) for d in p.ty.shape])
-                               .astype(str(p.ty.dtype))) for p in func.params]
-    out = args[-1]
-    out.copyfrom(np.full(out.shape, np.nan, dtype=str(out.dtype)))
-    lib["main"](*args)
-    return out.numpy()
-
-
 def _assert_same_numerics(func, target=LLVM):
-    func = func.with_attr("global_symbol", "main")
-    sch = ConvRule().apply(func, target, False)
-    assert sch is not None
-    build = lambda f: tvm.tirx.build(tvm.IRModule({"main": f}), target=target)  # noqa: E731
-    reference, scheduled = build(func), build(sch.mod["main"])
-    for seed in (0, 1):
-        want = _run(reference, func, seed)
-        first, second = _run(scheduled, func, seed), _run(scheduled, func, seed)
-        assert not np.isnan(first).any(), "an output element was never written"
-        np.testing.assert_allclose(first, want, rtol=1e-4, atol=1e-3)
-        np.testing.assert_array_equal(first, second)
+    return assert_schedule_matches(func, ConvRule(), target, atol=1e-3)
 
 
 CASES = {  # name: (cin, cout, k, stride, pad, hw, epilogue[, groups])

@@ -3,7 +3,6 @@ schedule where it should (None where it must), and the scheduled PrimFunc comput
 unscheduled one computes, the same way every run (outputs are pre-filled with NaN, so an
 element the schedule forgets to write, or writes from stale memory, shows up)."""
 
-import numpy as np
 import pytest
 import tvm
 from tvm import relax, tirx
@@ -11,6 +10,8 @@ from tvm.relax import op as R
 
 from tvm_rebirth.compile.build import host_target
 from tvm_rebirth.compile.schedules import GenericCpuSchedule
+
+from kernel_check import assert_schedule_matches
 
 LLVM = host_target()  # this CPU's vector width, as the build uses
 
@@ -107,33 +108,8 @@ OTHERS = {
 }
 
 
-def _build(func):
-    return tvm.tirx.build(tvm.IRModule({"main": func}), target=LLVM)  # what tvm.build calls
-
-
-def _run(lib, func, seed):
-    """Run on random inputs; the output (the last parameter) starts as NaN."""
-    rng = np.random.default_rng(seed)
-    args = [tvm.runtime.tensor(rng.standard_normal([int(d) for d in p.ty.shape])
-                               .astype(str(p.ty.dtype))) for p in func.params]
-    out = args[-1]
-    out.copyfrom(np.full(out.shape, np.nan, dtype=str(out.dtype)))
-    lib["main"](*args)
-    return out.numpy()
-
-
 def _assert_same_numerics(func):
-    func = func.with_attr("global_symbol", "main")
-    sch = GenericCpuSchedule().apply(func, LLVM, False)
-    assert sch is not None
-    reference, scheduled = _build(func), _build(sch.mod["main"])
-    for seed in (0, 1):
-        want = _run(reference, func, seed)
-        first, second = _run(scheduled, func, seed), _run(scheduled, func, seed)
-        assert not np.isnan(first).any(), "an output element was never written"
-        np.testing.assert_allclose(first, want, rtol=1e-4, atol=1e-4)
-        np.testing.assert_array_equal(first, second)
-    return sch
+    return assert_schedule_matches(func, GenericCpuSchedule(), LLVM)
 
 
 @pytest.mark.parametrize("name", list(CONVS))
