@@ -413,31 +413,19 @@ def count_guest(engine: str, model_path: Path, x, workdir: Path, runs: int = 1,
     emulated device's Python: qemu-user as a Cortex-A72, 1 thread, one warm-up inference,
     then ``runs`` counted by the plugin between the markers (``plugin``: its path, default
     compiled on first use; callers running guests in parallel pass it)."""
-    from .device import GUEST_PYTHON, sysroot_dir
-    from .remote import plugin_path
+    from .remote import count_guest_run
 
-    root = sysroot_dir() / "root"
-    qemu = shutil.which("qemu-aarch64")
-    if qemu is None or not root.exists():
-        raise RebirthError("counting instructions needs qemu-aarch64 (apt-get install "
-                           "qemu-user) and the emulated device's sysroot "
-                           "(`tvm-rebirth device start`)")
     stem = f"{engine}-{Path(model_path).stem.replace('.', '_')}"
     inp, out = workdir / f"{stem}-input.npy", workdir / f"{stem}-output.npy"
-    counter = workdir / f"{stem}-count.txt"
     np.save(inp, x)
-    env = dict(os.environ, QEMU_CPU="cortex-a72", TVM_NUM_THREADS="1", OMP_NUM_THREADS="1",
-               TVM_USE_RUNTIME_LIB="1", ORT_DISABLE_TELEMETRY="1",
-               PYTHONPATH=str(peers_site_dir()))
-    proc = subprocess.run(
-        [qemu, "-L", str(root), "-plugin", f"{plugin or plugin_path()},outfile={counter}",
-         str(root / GUEST_PYTHON), str(ENGINE_SCRIPT), engine, str(model_path), str(inp),
-         str(out), "1", "count", str(runs)], capture_output=True, text=True, env=env,
-        timeout=7200)
-    if proc.returncode != 0 or not counter.exists() or not out.exists():
-        raise RebirthError(f"{engine} under qemu (cortex-a72) failed: "
-                           f"{_last_line(proc.stderr, f'exit code {proc.returncode}')}")
-    return int(round(int(counter.read_text().strip()) / runs)), np.load(out)
+    instructions = count_guest_run(
+        [ENGINE_SCRIPT, engine, model_path, inp, out, "1", "count", runs],
+        workdir / f"{stem}-count.txt", runs, engine,
+        env={"OMP_NUM_THREADS": "1", "ORT_DISABLE_TELEMETRY": "1",
+             "PYTHONPATH": str(peers_site_dir())}, plugin=plugin, timeout=7200)
+    if not out.exists():
+        raise RebirthError(f"{engine} under qemu (cortex-a72) wrote no output {out}")
+    return instructions, np.load(out)
 
 
 def count_on_emulated_device(model, tvm_mods: dict, x, workdir, engines=PEER_ENGINES,

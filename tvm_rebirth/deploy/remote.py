@@ -204,9 +204,11 @@ def plugin_path() -> Path:
     return out
 
 
-def count_instructions_per_inference(lib: Path, x, workdir: Path, runs: int = 2) -> int:
-    """Guest aarch64 instructions of one inference of ``lib`` under qemu as a Cortex-A72 with
-    one TVM thread: ``runs`` steady-state inferences counted by the plugin, divided by runs."""
+def count_guest_run(argv: list, counter: Path, runs: int, what: str, env=None, plugin=None,
+                    timeout: float = 3600) -> int:
+    """Run the emulated device's Python with ``argv`` under qemu-user as a Cortex-A72 (one
+    thread) with the counting plugin writing to ``counter``; the guest marks ``runs``
+    inferences. Returns guest instructions per inference; RebirthError naming ``what``."""
     from .device import GUEST_PYTHON, sysroot_dir
 
     root = sysroot_dir() / "root"
@@ -215,15 +217,24 @@ def count_instructions_per_inference(lib: Path, x, workdir: Path, runs: int = 2)
         raise RebirthError("counting instructions needs qemu-aarch64 (apt-get install "
                            "qemu-user) and the emulated device's sysroot "
                            "(`tvm-rebirth device start`)")
+    env = dict(os.environ, **(env or {}), QEMU_CPU="cortex-a72", TVM_NUM_THREADS="1",
+               TVM_USE_RUNTIME_LIB="1")
+    proc = subprocess.run([qemu, "-L", str(root), "-plugin",
+                           f"{plugin or plugin_path()},outfile={counter}",
+                           str(root / GUEST_PYTHON), *map(str, argv)],
+                          capture_output=True, text=True, env=env, timeout=timeout)
+    if proc.returncode != 0 or not counter.exists():
+        lines = [line for line in proc.stderr.strip().splitlines() if line.strip()]
+        last = lines[-1] if lines else f"exit code {proc.returncode}"
+        raise RebirthError(f"{what} under qemu (cortex-a72) failed: {last[:300]}")
+    return int(round(int(counter.read_text().strip()) / runs))
+
+
+def count_instructions_per_inference(lib: Path, x, workdir: Path, runs: int = 2) -> int:
+    """Guest aarch64 instructions of one inference of ``lib`` under qemu as a Cortex-A72 with
+    one TVM thread: ``runs`` steady-state inferences counted by the plugin, divided by runs."""
     script, data = workdir / "guest_run.py", workdir / "input.npy"
     script.write_text(_GUEST_RUN)
     np.save(data, x)
-    counter = workdir / f"count-{lib.stem}.txt"
-    env = dict(os.environ, QEMU_CPU="cortex-a72", TVM_NUM_THREADS="1", TVM_USE_RUNTIME_LIB="1")
-    proc = subprocess.run([qemu, "-L", str(root), "-plugin", f"{plugin_path()},outfile={counter}",
-                           str(root / GUEST_PYTHON), str(script), str(lib), str(data), str(runs)],
-                          capture_output=True, text=True, env=env, timeout=3600)
-    if proc.returncode != 0 or not counter.exists():
-        last = (proc.stderr.strip().splitlines() or [f"exit code {proc.returncode}"])[-1]
-        raise RebirthError(f"instruction count of {lib.name} under qemu failed: {last[:300]}")
-    return int(round(int(counter.read_text().strip()) / runs))
+    return count_guest_run([script, lib, data, runs], workdir / f"count-{lib.stem}.txt", runs,
+                           f"instruction count of {lib.name}")
