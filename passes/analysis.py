@@ -33,8 +33,6 @@ class SiteAnalysis:
     rejected: list
     traces: dict  # site id -> StreamlineTrace | BranchTrace
     graph: Dataflow
-    names: dict  # layer var -> layer name
-    func_name: str = "main"
 
     def site(self, site_id: str) -> RebirthSite | None:
         return next((s for s in self.sites if s.id == site_id), None)
@@ -97,8 +95,7 @@ def analyze_sites(mod: tvm.IRModule, policy: str = "keep-kernel", kinds=SITE_KIN
             seen[site.id] = 0
     return SiteAnalysis(sites=[f.site for f in found],
                         rejected=[r for r in results if isinstance(r, Rejection)],
-                        traces={f.site.id: f.trace for f in found}, graph=graph, names=names,
-                        func_name=func_name)
+                        traces={f.site.id: f.trace for f in found}, graph=graph)
 
 
 def block_difference(site: RebirthSite, ref: RebirthSite) -> str | None:

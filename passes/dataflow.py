@@ -15,6 +15,8 @@ from tvm import relax
 from .site import ConvSpec
 
 RETURN = "<return>"  # the reader standing for the function's result
+# elementwise ops a per-channel constant can scale or shift a tensor with
+AFFINE_OPS = ("relax.multiply", "relax.add", "relax.subtract", "relax.divide")
 
 
 def op_name(value) -> str | None:

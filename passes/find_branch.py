@@ -13,13 +13,12 @@ import dataclasses
 
 from tvm import relax
 
-from .dataflow import Dataflow, ints, op_name, shape_of
+from .dataflow import AFFINE_OPS, Dataflow, ints, op_name, shape_of
 from .find_streamline import Found, Rejection
 from .layers import POOL_OPS
 from .site import Absorb, Branch, RebirthSite, branch_conv_layout, branch_groups
 from .traces import BranchTrace, conv_block
 
-_AFFINE_OPS = ("relax.multiply", "relax.add", "relax.subtract", "relax.divide")
 # what a receiving branch may be, re-emitted conv by conv: [1x1 reducer (relu) ->] conv (relu)
 _RECEIVER_OPS = (["conv2d"], ["conv2d", "relu"], ["conv2d", "conv2d"], ["conv2d", "relu", "conv2d"],
                  ["conv2d", "conv2d", "relu"], ["conv2d", "relu", "conv2d", "relu"])
@@ -64,7 +63,7 @@ class BranchFinder:
                 var = value.tuple_value
                 steps.append(("batch_norm", var))
                 value = graph.value[var]
-            elif not (op in _AFFINE_OPS and graph.is_const(value.args[1])):
+            elif not (op in AFFINE_OPS and graph.is_const(value.args[1])):
                 return None
             var = value.args[0]
             if not isinstance(var, relax.Var):

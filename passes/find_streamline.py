@@ -20,12 +20,10 @@ import dataclasses
 
 from tvm import relax
 
-from .dataflow import Dataflow, ints, op_name, shape_of
+from .dataflow import AFFINE_OPS, Dataflow, ints, op_name, shape_of
 from .layers import POOL_OPS
 from .site import LINEAR_OPS, NON_TENSOR_OPS, ConvSpec, RebirthSite, Window, rebirth_geometry
 from .traces import Step, StreamlineTrace, consumer_convs
-
-_AFFINE_OPS = ("relax.multiply", "relax.add", "relax.subtract", "relax.divide")
 
 
 @dataclasses.dataclass
@@ -105,7 +103,7 @@ class StreamlineFinder:
             return _ChainStep(POOL_OPS[op], user, self.names[user], windows, a)
         if op == "relax.nn.batch_norm":
             return self._batch_norm_step(cur, user, value)
-        if op in _AFFINE_OPS and len(value.args) == 2:
+        if op in AFFINE_OPS and len(value.args) == 2:
             lhs, rhs = value.args
             commutes = op in ("relax.multiply", "relax.add")
             other = rhs if lhs.same_as(cur) else (lhs if commutes and rhs.same_as(cur) else None)

@@ -264,11 +264,11 @@ def weights_for(model, plan, options: RebirthOptions, tag: str | None = None,
 
 
 def slim(model, plan, weights):
-    """The slimmed module: ``transform.Rebirth(plan, weights)`` (the passes' rebirth pipeline
-    behind the weights-vs-plan check) applied to the model."""
-    from .transform import Rebirth
+    """The slimmed module: passes.rebirth_pipeline(plan, weights) applied to the model (the
+    weights were checked against ``plan`` where they were loaded, or learned for it)."""
+    from .passes import rebirth_pipeline
 
-    return Rebirth(plan, weights)(model.mod)
+    return rebirth_pipeline(plan, weights)(model.mod)
 
 
 def rebirth_model(model, options: RebirthOptions | None = None, tag: str | None = None, *,
