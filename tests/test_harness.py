@@ -28,9 +28,7 @@ import tvm
 import tvm_ffi
 from tvm import s_tir, tirx
 
-from tvm_rebirth.compile.build import Runner, fused_module, host_target
-from tvm_rebirth.compile.conv_rules import ConvRule
-from tvm_rebirth.compile.schedules import GenericCpuSchedule
+from tvm_rebirth.compile.build import Runner, fused_module, host_target, schedule_rules
 from tvm_rebirth.frontend.loader import load_model
 from tvm_rebirth.frontend.zoo import ZOO, zoo_path
 
@@ -91,9 +89,8 @@ def _random_inputs(func, seed):
 
 
 def _build_rules(func):
-    """The schedule the build gives ``func``: the first of its rules that applies (as
-    ``dlight.ApplyDefaultSchedule(ConvRule(), GenericCpuSchedule())`` in compile/build.py)."""
-    for rule in (ConvRule(), GenericCpuSchedule()):
+    """The schedule the build gives ``func``: the first of its rules that applies."""
+    for rule in schedule_rules():
         sch = rule.apply(func, TARGET, False)
         if sch is not None:
             return sch

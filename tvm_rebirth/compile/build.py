@@ -37,6 +37,15 @@ def _fusion_passes(target) -> list:
         + cpu_generic.legalize_passes(target)
 
 
+def schedule_rules() -> list:
+    """The dlight rules an untuned build applies, first match wins: our conv kernels, then
+    the generic schedule for everything else."""
+    from .conv_rules import ConvRule
+    from .schedules import GenericCpuSchedule
+
+    return ([ConvRule()] if conv_kernels_enabled() else []) + [GenericCpuSchedule()]
+
+
 def _stages(target, database):
     """TVM's CPU passes in three stages: up to fusion; scheduling (tuning_logs records where
     they exist, our conv kernel rule, our generic schedule everywhere else) up to memory
@@ -45,14 +54,10 @@ def _stages(target, database):
     from tvm.relax.backend.cpu_generic import pipeline as cpu_generic
     from tvm.s_tir import dlight
 
-    from .conv_rules import ConvRule
-    from .schedules import GenericCpuSchedule
-
     finalize = cpu_generic.finalize_passes(target)  # starts with StaticPlanBlockMemory
     fused = _fusion_passes(target)
-    rules = ([ConvRule()] if conv_kernels_enabled() else []) + [GenericCpuSchedule()]
     scheduled = ([relax.transform.MetaScheduleApplyDatabase()] if database is not None else []) \
-        + [dlight.ApplyDefaultSchedule(*rules)] \
+        + [dlight.ApplyDefaultSchedule(*schedule_rules())] \
         + cpu_generic.dataflow_lower_passes(target) + finalize[:1]
     return fused, scheduled, finalize[1:]
 

@@ -1,7 +1,7 @@
 """MetaSchedule tuning of a model's fused PrimFuncs into a tuning_logs database.
 
-Before searching, each task's *default* schedule (``schedules.GenericCpuSchedule``) is
-measured and committed as a record of its own: the database's best record is never worse
+Before searching, each task's *default* schedule (what an untuned build runs:
+``build.schedule_rules``) is measured and committed as a record of its own: the database's best record is never worse
 than what a build without tuning would run, and the search starts from it. A rerun continues
 where the folder's records end.
 """
@@ -17,7 +17,7 @@ import numpy as np
 from ..errors import RebirthError
 from .candidates import (make_builder, make_local_runner, make_progress, make_rpc_runner,
                          read_report, remove_artifact, write_report)
-from .build import fused_module
+from .build import fused_module, schedule_rules
 from .database import DB_FILES
 
 logger = logging.getLogger(__name__)
@@ -31,15 +31,18 @@ def extract_tasks(mod, target):
     return [(t.task_name, t.dispatched[0], int(t.weight)) for t in tasks]
 
 
+DEFAULT_ATTEMPTS = 3
+
+
 def _default_schedule(task_mod, target):
+    """The schedule an untuned build gives this task (the first rule that applies)."""
     from tvm import s_tir
 
-    from .schedules import GenericCpuSchedule
-
-    sch = GenericCpuSchedule().apply(task_mod["main"], target, False)
-    if sch is None:
-        sch = s_tir.Schedule(task_mod)
-    return sch
+    for rule in schedule_rules():
+        sch = rule.apply(task_mod["main"], target, False)
+        if sch is not None:
+            return sch
+    return s_tir.Schedule(task_mod)
 
 
 def tune(mod, target, log_dir, trials: int, *, model_name="model", max_tasks=None,
@@ -94,8 +97,15 @@ def tune(mod, target, log_dir, trials: int, *, model_name="model", max_tasks=Non
         default_ms = None
         if built.error_msg is None:
             args_info = ms.arg_info.ArgInfo.from_prim_func(task_mod["main"])
-            ran = runner.run([ms.runner.RunnerInput(built.artifact_path, target.kind.name,
-                                                    args_info)])[0].result()
+            # A device that drops out mid-run fails one measurement; the tracker hands the
+            # retry to another server, so a lost default does not leave the task unsearched.
+            for attempt in range(DEFAULT_ATTEMPTS):
+                ran = runner.run([ms.runner.RunnerInput(built.artifact_path, target.kind.name,
+                                                        args_info)])[0].result()
+                if ran.error_msg is None:
+                    break
+                logger.warning(f"[tune] default {name}: measurement {attempt + 1}/"
+                               f"{DEFAULT_ATTEMPTS} failed: {ran.error_msg.splitlines()[0]}")
             remove_artifact(built.artifact_path)
             if ran.error_msg is None:
                 default_ms = float(np.median([float(s) for s in ran.run_secs])) * 1000
