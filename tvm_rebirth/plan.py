@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import hashlib
 import json
-import os
 from pathlib import Path
 
 import yaml
 
 from .errors import RebirthError
 from .passes.analysis import analyze_sites, block_difference
+from .report.output import write_atomic
 from .passes.site import (KERNEL_POLICIES, SITE_KINDS, RebirthSite, branch_conv_layout,
                           branch_groups)
 
@@ -43,6 +44,13 @@ class RebirthPlan:
                    policy=policy, kinds=list(kinds), sites=analysis.sites,
                    rejected=[{"id": r.id, "reason": r.reason} for r in analysis.rejected],
                    source=str(model.path))
+
+    @classmethod
+    def from_module(cls, mod, name=None, **options) -> "RebirthPlan":
+        """``from_model`` for any Relax IRModule with bound weights (options as there)."""
+        from .frontend.loader import as_model
+
+        return cls.from_model(as_model(mod, name), **options)
 
     # -- serialisation -------------------------------------------------------------------
     def to_dict(self) -> dict:
@@ -85,7 +93,7 @@ class RebirthPlan:
                   "# padding, out_channels); `tvm-rebirth` validates edits against the model.\n")
         text = header + yaml.safe_dump(self.to_dict(), sort_keys=False, default_flow_style=None,
                                        width=100)
-        _atomic_write(path, text)
+        write_atomic(path, text)
 
     @classmethod
     def load(cls, path) -> "RebirthPlan":
@@ -106,31 +114,34 @@ class RebirthPlan:
 
     @classmethod
     def from_dict(cls, data, label="plan") -> "RebirthPlan":
+        """The plan a parsed YAML document describes; RebirthError naming the key (and site)
+        of an unknown key or a value of the wrong shape."""
         if not isinstance(data, dict) or data.get("format") != PLAN_FORMAT:
             raise RebirthError(f"{label}: not a tvm-rebirth plan (expected format: {PLAN_FORMAT})")
-        try:
-            model = data["model"]
-            policy = data.get("policy", "keep-kernel")
-            if policy not in KERNEL_POLICIES:
-                raise RebirthError(f"{label}: unknown policy '{policy}'")
-            raw_sites = data.get("sites") or []
-        except (KeyError, TypeError) as err:
-            raise RebirthError(f"{label}: missing key {err}") from None
-        sites = []
-        for i, raw in enumerate(raw_sites):
-            site_id = raw.get("id", f"#{i}") if isinstance(raw, dict) else f"#{i}"
-            try:
-                site = RebirthSite.from_dict(raw)
-            except (KeyError, TypeError, ValueError) as err:
-                detail = f"missing key {err}" if isinstance(err, KeyError) else str(err)
-                raise RebirthError(f"{label}: site '{site_id}': {detail}") from None
-            if not isinstance(site.enabled, bool):
-                raise RebirthError(f"{label}: site '{site_id}': enabled must be true or false")
-            sites.append(site)
-        return cls(model_name=str(model.get("name", "")), model_sha256=str(model.get("sha256", "")),
-                   input_shapes=dict(data.get("input_shapes") or {}), policy=policy,
-                   kinds=list(data.get("kinds") or SITE_KINDS), sites=sites,
-                   rejected=list(data.get("rejected") or []), source=str(model.get("source", "")))
+        _refuse_unknown_keys(data, PLAN_KEYS, label)
+        model = data.get("model")
+        if not isinstance(model, dict):
+            raise RebirthError(f"{label}: 'model' must be a mapping with name and sha256, "
+                               f"got {_shape(model)}")
+        _refuse_unknown_keys(model, MODEL_KEYS, f"{label}: model")
+        for key in ("name", "sha256"):
+            if not isinstance(model.get(key), str):
+                raise RebirthError(f"{label}: model.{key} must be a string, got "
+                                   f"{_shape(model.get(key))}")
+        policy = data.get("policy", "keep-kernel")
+        if policy not in KERNEL_POLICIES:
+            raise RebirthError(f"{label}: unknown policy '{policy}'")
+        raw_sites = _list_of(data, "sites", label)
+        input_shapes = data.get("input_shapes") or {}
+        if not isinstance(input_shapes, dict):
+            raise RebirthError(f"{label}: 'input_shapes' must be a mapping of input name to "
+                               f"shape, got {_shape(input_shapes)}")
+        kinds = _list_of(data, "kinds", label) or list(SITE_KINDS)
+        rejected = _list_of(data, "rejected", label)
+        sites = [_site_from_dict(raw, i, label) for i, raw in enumerate(raw_sites)]
+        return cls(model_name=model["name"], model_sha256=model["sha256"],
+                   input_shapes=dict(input_shapes), policy=policy, kinds=kinds, sites=sites,
+                   rejected=rejected, source=str(model.get("source", "")))
 
     # -- validation ----------------------------------------------------------------------
     def validate(self, model, label=None) -> None:
@@ -167,6 +178,74 @@ class RebirthPlan:
                     _validate_site(site, ref)
             except ValueError as err:  # an edit the block cannot take
                 raise RebirthError(f"{label}: site '{site.id}': {err}") from None
+
+
+# the keys a plan file may hold (RebirthPlan.to_dict and RebirthSite.to_dict write them)
+PLAN_KEYS = ("format", "model", "input_shapes", "policy", "kinds", "sites", "rejected")
+MODEL_KEYS = ("name", "sha256", "source")
+SITE_KEYS = ("id", "kind", "enabled", "exact", "ops", "layers", "input_hw", "output_hw",
+             "old_conv", "new_conv", "branches", "absorb", "note")
+SITE_LIST_KEYS = ("ops", "layers", "input_hw", "output_hw", "old_conv", "new_conv", "branches")
+
+
+def _shape(value) -> str:
+    """What a YAML value is, for messages: 'a string', 'null', ..."""
+    if value is None:
+        return "null"
+    names = {str: "a string", bool: "a boolean", int: "a number", float: "a number",
+             list: "a list", dict: "a mapping"}
+    return names.get(type(value), type(value).__name__)
+
+
+def _refuse_unknown_keys(data: dict, allowed, where: str) -> None:
+    unknown = [k for k in data if k not in allowed]
+    if unknown:
+        key = str(unknown[0])
+        close = difflib.get_close_matches(key, allowed, n=1)
+        hint = f" (did you mean '{close[0]}'?)" if close else \
+            f" (known keys: {', '.join(allowed)})"
+        raise RebirthError(f"{where}: unknown key '{key}'{hint}")
+
+
+def _list_of(data: dict, key: str, where: str) -> list:
+    """``data[key]`` as a list: absent or null is empty, anything else but a list an error."""
+    value = data.get(key)
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        raise RebirthError(f"{where}: '{key}' must be a list, got {_shape(value)}")
+    return value
+
+
+def _site_from_dict(raw, index: int, label: str) -> RebirthSite:
+    """One site of a plan file, its keys and their shapes checked (RebirthSite.from_dict
+    checks the conv fields)."""
+    if not isinstance(raw, dict):
+        raise RebirthError(f"{label}: site #{index} must be a mapping of site keys, got "
+                           f"{_shape(raw)}")
+    where = f"{label}: site '{raw.get('id', f'#{index}')}'"
+    _refuse_unknown_keys(raw, SITE_KEYS, where)
+    for key in ("id", "kind", "ops", "old_conv", "new_conv", "exact"):
+        if key not in raw:
+            raise RebirthError(f"{where}: missing key '{key}'")
+    for key in SITE_LIST_KEYS:
+        if key in raw and not isinstance(raw[key], list):
+            raise RebirthError(f"{where}: '{key}' must be a list, got {_shape(raw[key])}")
+    for key in ("old_conv", "new_conv"):
+        bad = next((c for c in raw[key] if not isinstance(c, dict)), "ok")
+        if bad != "ok":
+            raise RebirthError(f"{where}: every entry of '{key}' must be a mapping of conv "
+                               f"fields, got {_shape(bad)}")
+    for key in ("enabled", "exact"):
+        if key in raw and not isinstance(raw[key], bool):
+            raise RebirthError(f"{where}: {key} must be true or false, got {raw[key]!r}")
+    if raw.get("absorb") is not None and not isinstance(raw["absorb"], dict):
+        raise RebirthError(f"{where}: 'absorb' must be a mapping, got {_shape(raw['absorb'])}")
+    try:
+        return RebirthSite.from_dict(raw)
+    except (KeyError, TypeError, ValueError) as err:
+        detail = f"missing key {err}" if isinstance(err, KeyError) else str(err)
+        raise RebirthError(f"{where}: {detail}") from None
 
 
 def _validate_site(site: RebirthSite, ref: RebirthSite) -> None:
@@ -253,10 +332,3 @@ def _validate_branch(site: RebirthSite, ref: RebirthSite, module_convs: dict) ->
             parts = "+".join(str(ref.branches[i].out_channels) for i in groups[receiver])
             raise ValueError(f"{where}: out_channels must be {parts}={want_out}, the widths "
                              "of the branches it computes (the module keeps its width)")
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
