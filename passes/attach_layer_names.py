@@ -17,7 +17,7 @@ from __future__ import annotations
 import tvm
 from tvm import relax
 
-from .dataflow import Dataflow
+from .dataflow import Dataflow, emit
 from .layers import LAYER_NAMES_ATTR, LrnMatcher, layer_vars
 
 
@@ -33,10 +33,7 @@ class _Renamer(relax.PyExprMutator):
             super().visit_var_binding_(binding)
             return
         value = self.visit_expr(binding.value)
-        if isinstance(binding.var, relax.DataflowVar):
-            new = self.builder_.emit(value, name_hint=name)
-        else:
-            new = self.builder_.emit_output(value, name_hint=name)
+        new = emit(self.builder_, value, not isinstance(binding.var, relax.DataflowVar), name)
         self.set_var_remap(binding.var, new)
 
 

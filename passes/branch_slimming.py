@@ -31,7 +31,7 @@ import tvm
 from tvm import relax
 
 from .analysis import analyze_sites, match_site
-from .dataflow import shape_of
+from .dataflow import emit, shape_of
 from .errors import RebirthError
 from .site import branch_conv_layout, branch_groups, site_conv_weights
 
@@ -83,10 +83,7 @@ class _BranchRewriter(relax.PyExprMutator):
         if out is None:  # everything merged into one conv: its output is the module's
             self.set_var_remap(binding.var, fields[0])
             return
-        if isinstance(binding.var, relax.DataflowVar):
-            new = self.builder_.emit(out, name_hint=site_id)
-        else:
-            new = self.builder_.emit_output(out, name_hint=site_id)
+        new = emit(self.builder_, out, not isinstance(binding.var, relax.DataflowVar), site_id)
         self.set_var_remap(binding.var, new)
 
 

@@ -26,6 +26,15 @@ def op_name(value) -> str | None:
     return None
 
 
+def emit(builder, expr, as_output: bool, name_hint: str = ""):
+    """Emit ``expr`` in a mutator's builder: as a dataflow block's output when ``as_output``
+    and the builder is inside a dataflow block; a plain binding otherwise (bindings outside
+    dataflow blocks, e.g. around an ONNX ``If``, have no outputs to mark)."""
+    if as_output and builder.current_block_is_dataflow():
+        return builder.emit_output(expr, name_hint=name_hint)
+    return builder.emit(expr, name_hint=name_hint)
+
+
 def ints(values) -> list:
     return [int(v) for v in values]
 

@@ -10,9 +10,12 @@
 
 Both read the same plan and weights mapping ({key: array}; a loaded weights file is one,
 checked against its plan by the tool before). Add ``tvm.relax.backend`` lowering after them
-as for any Relax module. Importing this module also registers the pipeline with Relax:
+as for any Relax module. Importing this module also registers the slimming alone with Relax:
 
-    mod = tvm.relax.get_pipeline("rebirth", plan=plan, weights=weights)(mod)
+    mod = tvm.relax.get_pipeline("rebirth_slim", plan=plan, weights=weights)(mod)
+
+(``"rebirth"`` is the full build pipeline -- slimming, then the tool's layout, schedules and
+tuning records -- registered by ``tvm_rebirth.compile.pipeline``; passes import no tooling.)
 """
 
 from __future__ import annotations
@@ -32,5 +35,5 @@ def rebirth_pipeline(plan, weights, func_name: str = "main") -> tvm.transform.Pa
     ], name="rebirth_pipeline")
 
 
-if "rebirth" not in relax_pipeline.PIPELINE_MAP:
-    relax_pipeline.register_pipeline("rebirth")(rebirth_pipeline)
+if "rebirth_slim" not in relax_pipeline.PIPELINE_MAP:
+    relax_pipeline.register_pipeline("rebirth_slim")(rebirth_pipeline)

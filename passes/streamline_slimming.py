@@ -26,7 +26,7 @@ import tvm
 from tvm import relax
 
 from .analysis import analyze_sites, match_site
-from .dataflow import shape_of
+from .dataflow import emit, shape_of
 from .errors import RebirthError
 from .exact_merge import exact_site_weights
 from .site import refit_keys, site_conv_weights, weight_keys
@@ -68,8 +68,7 @@ class _SiteRewriter(relax.PyExprMutator):
             new = outs[0]
         else:  # the concat keeps its layer name: BranchSlimming finds the module by it
             concat = relax.op.concat(outs, axis=1)
-            new = (self.builder_.emit_output(concat, name_hint=concat_name) if is_output
-                   else self.builder_.emit(concat, name_hint=concat_name))
+            new = emit(self.builder_, concat, is_output, concat_name)
         self.set_var_remap(binding.var, new)
 
     def _refit(self, binding, consumer, conv_call, weight, bias):
@@ -84,7 +83,7 @@ class _SiteRewriter(relax.PyExprMutator):
         self.set_var_remap(binding.var, y)
 
     def _emit(self, expr, as_output):
-        return self.builder_.emit_output(expr) if as_output else self.builder_.emit(expr)
+        return emit(self.builder_, expr, as_output)
 
 
 @tvm.transform.module_pass(opt_level=0, name="StreamlineSlimming")

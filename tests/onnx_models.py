@@ -194,3 +194,70 @@ def mobilenet_v2_model(path, shape=(1, 3, 224, 224), classes=1000, head=1280, se
     b = g._const("fc_b", g.rng.standard_normal(classes) * 0.1)
     g.nodes.append(helper.make_node("Gemm", [x, w, b], ["logits"], name="fc", transB=1))
     return g.save(path, ["logits"])
+
+
+# --------------------------------------------------------------------------- importer shapes
+
+def prelu_model(path, shape=(1, 3, 32, 32), leaky=False):
+    """conv1 -> PRelu (per-channel slopes; LeakyRelu when ``leaky``) -> pool1 3x3/s2 ->
+    conv2 -> PRelu -> pool2 2x2/s2 -> tail: the chains of a face-detection CNN."""
+    g = GraphMaker(shape)
+    x = "data"
+    for i, (out, pool) in enumerate([(8, "max"), (12, "ave")], start=1):
+        x = g.conv(x, f"conv{i}", out, k=3)
+        if leaky:
+            x = g._unary("LeakyRelu", x, f"act{i}", alpha=0.1)
+        else:
+            slope = g._const(f"act{i}_slope", g.rng.uniform(0.05, 0.3, (out, 1, 1)))
+            g.nodes.append(helper.make_node("PRelu", [x, slope], [f"act{i}"], name=f"act{i}"))
+            g.channels[f"act{i}"] = out
+            x = f"act{i}"
+        x = g.maxpool(x, f"pool{i}", k=3, s=2) if pool == "max" else \
+            g.avgpool(x, f"pool{i}", k=2, s=2)
+    return g.save(path, [g.conv(x, "tail", 4, k=1)])
+
+
+def _pad(g, x, name, pads, value):
+    """An explicit ONNX Pad (opset 13: pads and value as inputs) of H and W by ``pads``
+    ([top, left, bottom, right])."""
+    t, l, b, r = pads
+    p = g._const(f"{name}_pads", np.array([0, 0, t, l, 0, 0, b, r]))
+    g.inits[-1] = numpy_helper.from_array(np.array([0, 0, t, l, 0, 0, b, r], np.int64),
+                                          f"{name}_pads")
+    v = g._const(f"{name}_value", np.array(value))
+    g.nodes.append(helper.make_node("Pad", [x, p, v], [name], name=name, mode="constant"))
+    g.channels[name] = g.channels[x]
+    return name
+
+
+def pad_model(path, shape=(1, 3, 32, 32)):
+    """Explicit Pad nodes as PyTorch/TF exports write them: zero Pad -> conv1 (no padding of
+    its own) -> relu -> -inf Pad -> pool1 3x3/s2 -> conv2 -> relu -> zero Pad -> pool2 (a
+    max pool after a zero pad: not absorbable unless after a ReLU) -> tail."""
+    g = GraphMaker(shape)
+    x = _pad(g, "data", "conv1/pad", (1, 1, 1, 1), 0.0)
+    x = g.relu(g.conv(x, "conv1", 8, k=3, p=0), "relu1")
+    x = _pad(g, x, "pool1/pad", (0, 0, 1, 1), -np.inf)
+    x = g.maxpool(x, "pool1", k=3, s=2)
+    x = g.relu(g.conv(x, "conv2", 12, k=3), "relu2")
+    x = g.maxpool(x, "pool2", k=2, s=2)
+    return g.save(path, [g.conv(x, "tail", 4, k=1)])
+
+
+def if_model(path, shape=(1, 3, 32, 32)):
+    """conv1 -> relu -> pool1 (a site), then an ONNX If on a constant condition whose
+    branches read pool1 (then: Relu, else: Neg), then the tail conv."""
+    g = GraphMaker(shape)
+    x = g.maxpool(g.relu(g.conv("data", "conv1", 8, k=3), "relu1"), "pool1", k=3, s=2)
+    cond = g._const("cond", np.array(True))
+    g.inits[-1] = numpy_helper.from_array(np.array(True), "cond")
+    branches = []
+    for label, op in (("then", "Relu"), ("else", "Neg")):
+        out = helper.make_tensor_value_info(f"{label}_out", TensorProto.FLOAT, None)
+        branches.append(helper.make_graph(
+            [helper.make_node(op, [x], [f"{label}_out"], name=f"{label}_op")],
+            f"{label}_branch", [], [out]))
+    g.nodes.append(helper.make_node("If", [cond], ["gate"], name="gate",
+                                    then_branch=branches[0], else_branch=branches[1]))
+    g.channels["gate"] = g.channels[x]
+    return g.save(path, [g.conv("gate", "tail", 4, k=1)])

@@ -36,7 +36,7 @@ def test_slimming_removes_lrn_and_pool_time(tmp_path):
     model = load_model(path)
     plan = RebirthPlan.from_model(model)
     x = np.random.default_rng(0).standard_normal((16, 4, 32, 32)).astype("float32")
-    weights, _ = finetune(model, plan, x, "random")
+    weights = finetune(model, plan, x, "random")
     original = time_by_layer_type(Runner(model.mod), x[:1], runs=3)
     rebirth = time_by_layer_type(Runner(rebirth_pipeline(plan, weights)(model.mod)), x[:1],
                                  runs=3)

@@ -1,11 +1,16 @@
 """tvm-rebirth: DeepRebirth layer slimming as an Apache TVM (Relax) compiler plugin."""
 
 from .errors import RebirthError
-from .frontend.loader import LoadedModel, load_model
+from .frontend.loader import LoadedModel, as_model, from_onnx, load_model
+from .passes.attach_layer_names import AttachLayerNames
 from .plan import RebirthPlan
-# the function, bound after its submodule loads (a later `import tvm_rebirth.finetune`
-# finds the module in sys.modules and leaves this name alone)
-from .learn.finetune import finetune
+# weights = finetune(mod, plan, images): RebirthWeights, the fit report as ``.meta``
+# (learn.finetune.finetune is the tool's (weights, report) form of the same stage)
+from .learn.finetune import learn_weights as finetune
+from . import transform
+# registers relax.get_pipeline("rebirth") (slim + build) next to passes' "rebirth_slim"
+from .compile import pipeline as _pipeline  # noqa: F401
 
-__all__ = ["RebirthError", "LoadedModel", "load_model", "RebirthPlan", "finetune"]
+__all__ = ["RebirthError", "LoadedModel", "load_model", "as_model", "from_onnx",
+           "AttachLayerNames", "RebirthPlan", "finetune", "transform"]
 __version__ = "0.1.0"

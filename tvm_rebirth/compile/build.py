@@ -62,6 +62,29 @@ def _stages(target, database):
     return fused, scheduled, finalize[1:]
 
 
+def build_passes(target, tuned=True):
+    """Every pass of a build after slimming, as one ``tvm.transform.Sequential``: our conv
+    weight packing, TVM's CPU legalization and fusion, scheduling (the ``tuned`` database's
+    records -- True: the target's tuning_logs --, then ``schedule_rules()``), TVM's lowering
+    and memory planning. ``relax.build(mod, target, relax_pipeline=build_passes(target))``
+    builds what ``compile_module`` builds."""
+    import tvm
+
+    from .database import load_database
+
+    database = load_database(target) if tuned is True else (tuned or None)
+    fused, scheduled, after = _stages(target, database)
+    scheduling = tvm.transform.Sequential(scheduled, name="rebirth_schedule")
+    if database is not None:
+        plain = scheduling
+
+        @tvm.transform.module_pass(opt_level=0, name="RebirthApplyTuningRecords")
+        def scheduling(mod, _ctx):  # MetaScheduleApplyDatabase reads the current database
+            with database:
+                return plain(mod)
+    return tvm.transform.Sequential(fused + [scheduling] + after, name="rebirth_build")
+
+
 def _count_tuned(fused_mod, database, target) -> int:
     """How many of the fused PrimFuncs the database has a record for."""
     import tvm

@@ -1,4 +1,6 @@
-"""Loading a model (zoo name or .onnx path) into Relax with its parameters bound."""
+"""Loading a model into Relax with its parameters bound: a zoo name or .onnx path
+(``load_model``), an ONNX ModelProto through TVM's own importer (``from_onnx``), or any Relax
+IRModule the user already has (``as_model``)."""
 
 from __future__ import annotations
 
@@ -86,6 +88,63 @@ def load_model(model: str) -> LoadedModel:
     return LoadedModel(name=name, path=path, sha256=zoo.file_sha256(path),
                        onnx_model=onnx_model, input_shapes=input_shapes, mod=mod,
                        zoo_entry=entry)
+
+
+def from_onnx(onnx_model, shape_dict: dict | None = None, **kwargs):
+    """TVM's ``tvm.relax.frontend.onnx.from_onnx`` with the source layer names attached
+    (``AttachLayerNames``), so site ids are the ONNX node names and a plan made by the CLI
+    for the same file applies to this module. ``onnx_model``: a ModelProto or a path;
+    other keyword arguments go to TVM's importer."""
+    import onnx
+    from tvm.relax.frontend.onnx import from_onnx as tvm_from_onnx
+
+    if not isinstance(onnx_model, onnx.ModelProto):
+        onnx_model = onnx.load(str(onnx_model))
+    mod = tvm_from_onnx(onnx_model, shape_dict=shape_dict, **kwargs)
+    return AttachLayerNames(onnx_layer_names(onnx_model))(mod)
+
+
+def module_sha256(mod) -> str:
+    """A content hash of a Relax IRModule (its structure and constants): the identity a
+    plan records for a model that is not a file."""
+    import hashlib
+
+    import tvm_ffi
+
+    return hashlib.sha256(str(tvm_ffi.structural_hash(mod)).encode()).hexdigest()
+
+
+def as_model(model, name: str | None = None, func_name: str = "main") -> LoadedModel:
+    """``model`` as a LoadedModel: a LoadedModel is returned as is; a Relax IRModule (weights
+    bound as constants, one tensor input per parameter) is wrapped, its input shapes read
+    from ``mod[func_name]``'s parameters."""
+    import tvm
+    from tvm import relax
+
+    if isinstance(model, LoadedModel):
+        return model
+    if not isinstance(model, tvm.IRModule):
+        raise RebirthError(f"expected a Relax IRModule or a loaded model, got "
+                           f"{type(model).__name__}")
+    if func_name not in [g.name_hint for g in model.get_global_vars()]:
+        raise RebirthError(f"the module has no function '{func_name}'")
+    func = model[func_name]
+    if not isinstance(func, relax.Function):
+        raise RebirthError(f"'{func_name}' is not a Relax function")
+    shapes = {}
+    num_input = func.attrs.get("num_input") if func.attrs is not None else None
+    params = func.params if num_input is None else func.params[:int(num_input)]
+    for param in params:
+        shape = getattr(param.ty, "shape", None)
+        values = getattr(shape, "values", None)
+        if values is None or not all(isinstance(v, tvm.tirx.IntImm) for v in values):
+            raise RebirthError(f"input '{param.name}' has no static shape ({param.ty}); give "
+                               "the importer static input shapes")
+        shapes[str(param.name)] = [int(v) for v in values]
+    name = name or (str(model.attrs["model_name"]) if model.attrs is not None
+                    and "model_name" in model.attrs else "module")
+    return LoadedModel(name=name, path=Path(f"<{name}: IRModule>"), sha256=module_sha256(model),
+                       onnx_model=None, input_shapes=shapes, mod=model)
 
 
 def import_onnx(onnx_model, input_shapes: dict, label: str):

@@ -268,12 +268,55 @@ def _branch_target(plan, analysis, site):
     return analysis.trace(pooled[0].id).end if pooled else analysis.trace(site.id).concat
 
 
+def learn_weights(mod, plan, images=None, calibration="numpy array", **options):
+    """The fine-tune stage for a TVM user: ``tvm_rebirth.finetune(mod, plan, images)``.
+
+    Parameters
+    ----------
+    mod : tvm.IRModule or LoadedModel
+        The original model, weights bound as constants (e.g. ``tvm_rebirth.from_onnx``).
+    plan : RebirthPlan
+        The sites to learn (``RebirthPlan.from_module(mod)``).
+    images : numpy.ndarray
+        float32 NCHW calibration images, shaped like the model's input (any batch size);
+        None when every enabled site is exact.
+    calibration : str
+        How the images were made, recorded in the report.
+    options
+        ``finetune``'s keyword arguments (refit_consumers, e2e_images, ...).
+
+    Returns
+    -------
+    RebirthWeights
+        The learned arrays, with the fit report (per-site held-out errors) as ``meta``.
+    """
+    weights, _ = finetune(mod, plan, images, calibration, **options)
+    return weights
+
+
+def _check_images(model, images):
+    """float32 NCHW images shaped like the model's input, or a RebirthError saying why."""
+    if images is None:
+        return None
+    images = np.asarray(images)
+    want = list(next(iter(model.input_shapes.values())))[1:]
+    if images.ndim != 4 or list(images.shape[1:]) != want:
+        raise RebirthError(f"calibration images must be an N x {' x '.join(map(str, want))} "
+                           f"(NCHW) array for this model, got shape {list(images.shape)}")
+    return np.ascontiguousarray(images, dtype=np.float32)
+
+
 def finetune(model, plan, images=None, calibration="",
              refit_consumers=True, e2e_images=None, e2e_epochs=8, e2e_labels=None,
              e2e_flip=False) -> tuple:
     """Learn the plan's enabled sites, bottom-up, then (``e2e_images``) refine them end to
-    end, with ``e2e_labels`` when given. Returns (RebirthWeights, report dict)."""
+    end, with ``e2e_labels`` when given. ``model``: a LoadedModel or a Relax IRModule with
+    bound weights. Returns (RebirthWeights, report dict)."""
+    from ..frontend.loader import as_model
+
     start = time.time()
+    model = as_model(model)
+    images = _check_images(model, images)
     if e2e_labels is not None:
         from .distill import check_labels
 

@@ -1,0 +1,99 @@
+"""tvm-rebirth as a TVM user uses it: TVM's own ONNX importer, a plan from the module, the
+fine-tune stage on a numpy array, ``tvm.compile`` with the registered pipeline, the Relax VM.
+
+    mod = tvm_rebirth.from_onnx(onnx.load(path), shape_dict=...)   # TVM's importer + names
+    plan = tvm_rebirth.RebirthPlan.from_module(mod)
+    weights = tvm_rebirth.finetune(mod, plan, images)               # weights.meta: fit report
+    ex = tvm.compile(mod, target, relax_pipeline=relax.get_pipeline(
+        "rebirth", plan=plan, weights=weights))
+    relax.VirtualMachine(ex, tvm.cpu())["main"](x)
+"""
+
+import numpy as np
+import onnx
+import pytest
+import tvm
+from tvm import relax
+
+import tvm_rebirth
+from tvm_rebirth.frontend import zoo
+
+import onnx_models
+
+
+def images(n, shape, seed=0):
+    return np.random.default_rng(seed).standard_normal((n, *shape[1:])).astype("float32")
+
+
+def run(ex, x):
+    vm = relax.VirtualMachine(ex, tvm.cpu())
+    return np.concatenate([vm["main"](tvm.runtime.tensor(x[i:i + 1])).numpy()
+                           for i in range(len(x))])
+
+
+def rel_err(a, b):
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+def user_flow(model_path, shape, n_images=16, keep=None, target="llvm"):
+    """The whole flow as a TVM user writes it; returns (plan, weights, original output,
+    rebirth output, the rebirth executable's module before build)."""
+    mod = tvm_rebirth.from_onnx(onnx.load(str(model_path)), shape_dict={"data": list(shape)})
+    plan = tvm_rebirth.RebirthPlan.from_module(mod)
+    if keep is not None:
+        plan = plan.with_enabled(keep)
+    x = images(n_images, shape)
+    weights = tvm_rebirth.finetune(mod, plan, x)
+    assert weights.meta["sites"] and all(
+        "rel_error" in s for s in weights.meta["sites"])  # the fit report travels along
+    test = images(2, shape, seed=1)
+    original = run(tvm.compile(mod, target), test)
+    rebirth = run(tvm.compile(mod, target, relax_pipeline=relax.get_pipeline(
+        "rebirth", plan=plan, weights=weights)), test)
+    return plan, weights, original, rebirth
+
+
+def test_googlenet_stock_import(tmp_path):
+    """GoogLeNet from TVM's own importer: plan ids are the ONNX layer names, the plan is the
+    one the CLI's loader makes, and the first two streamline sites slim and build."""
+    path = zoo.zoo_path("googlenet")
+    first = ["conv1/7x7_s2+pool1/3x3_s2+pool1/norm1", "conv2/3x3+conv2/norm2+pool2/3x3_s2"]
+    plan, weights, original, rebirth = user_flow(
+        path, (1, 3, 224, 224), n_images=8, keep=lambda s: s.id in first)
+    assert [s.id for s in plan.enabled_sites()] == first
+    loaded = tvm_rebirth.RebirthPlan.from_model(tvm_rebirth.load_model("googlenet"))
+    assert [s.id for s in loaded.sites] == [s.id for s in plan.sites]
+    assert original.shape == rebirth.shape == (2, 1000)
+    assert np.isfinite(rebirth).all()
+    assert rel_err(rebirth, original) < 0.5
+
+
+def test_cli_plan_applies_to_stock_import(tmp_path):
+    """A plan written by the tool's loader (what `tvm-rebirth plan` saves) slims the module
+    TVM's importer made, once the names are attached."""
+    path = onnx_models.chain_model(tmp_path / "m.onnx", ["relu", "max_pool2d", "lrn"])
+    loaded = tvm_rebirth.load_model(str(path))
+    saved = tmp_path / "m.plan.yaml"
+    tvm_rebirth.RebirthPlan.from_model(loaded).save(saved)
+    plan = tvm_rebirth.RebirthPlan.load(saved)
+    mod = tvm_rebirth.from_onnx(onnx.load(str(path)), shape_dict={"data": [1, 4, 32, 32]})
+    assert [s.id for s in plan.sites] == ["conv1+pool2+norm3"]
+    weights = tvm_rebirth.finetune(mod, plan, images(16, (1, 4, 32, 32)))
+    slim = tvm_rebirth.transform.Rebirth(plan, weights)(mod)
+    ops = {c.op.name for c in _calls(slim["main"])}
+    assert "relax.nn.max_pool2d" not in ops
+
+
+def _calls(func):
+    found = []
+    relax.analysis.post_order_visit(func, lambda e: found.append(e) if isinstance(
+        e, relax.Call) and isinstance(e.op, tvm.ir.Op) else None)
+    return found
+
+
+def test_if_network(tmp_path):
+    """An ONNX If (bindings outside dataflow blocks) names, plans, slims and builds."""
+    path = onnx_models.if_model(tmp_path / "if.onnx")
+    plan, weights, original, rebirth = user_flow(path, (1, 3, 32, 32))
+    assert [s.id for s in plan.sites] == ["conv1+pool1"]
+    assert rel_err(rebirth, original) < 0.6
