@@ -15,7 +15,7 @@ import traceback
 
 from . import flow
 from .errors import RebirthError
-from .report.output import table, write_json
+from .report.output import table
 from .passes.site import BRANCH_WIDTHS, KERNEL_POLICIES, SITE_KINDS
 
 
@@ -60,9 +60,18 @@ def _site_rows(sites) -> list:
 
 
 def cmd_plan(args) -> None:
+    if args.check:
+        given = [flag for flag, value in (("-o", args.output), ("--policy", args.policy),
+                                          ("--kinds", args.kinds),
+                                          ("--branch-widths", args.branch_widths)) if value]
+        if given:
+            raise RebirthError(f"--check validates an existing plan as it is: "
+                               f"{'/'.join(given)} would be ignored; drop {'/'.join(given)}")
     plan, payload = flow.plan_command(flow.PlanArgs(
-        model=args.model, output=args.output, check=args.check, policy=args.policy,
-        kinds=_parse_kinds(args.kinds), branch_widths=args.branch_widths))
+        model=args.model, output=args.output, check=args.check,
+        policy=args.policy or "keep-kernel", kinds=_parse_kinds(args.kinds or
+                                                                 ",".join(SITE_KINDS)),
+        branch_widths=args.branch_widths or "carry"))
     out = args.check or args.output or os.path.basename(payload["plan"])
     text = table(_site_rows(plan.sites), ["site", "kind", "ops", "old -> new conv", "exact"])
     counts = ", ".join(f"{v} {k}" for k, v in payload["counts"].items())
@@ -107,9 +116,7 @@ def cmd_bench(args) -> None:
     payload = flow.bench(flow.BenchArgs(
         model=args.model, rebirth=_rebirth_options(args), tracker=args.tracker, key=args.key,
         target=args.target, session_timeout=args.session_timeout, rounds=args.rounds,
-        profile=args.profile))
-    if args.output:
-        write_json(args.output, payload)
+        profile=args.profile, output=args.output))
     o, r = payload["original"], payload["rebirth"]
     latency = "latency (ms, median)" if not payload.get("latency_is_emulated") else \
         "latency (ms, EMULATED: not phone speed)"
@@ -209,6 +216,28 @@ def cmd_demo(args) -> None:
 
 
 # -- entry point -----------------------------------------------------------------------------
+def positive_int(text: str) -> int:
+    """argparse type: an integer of at least 1 (a count: images, rounds, epochs, a limit)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid int value: '{text}'") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    """argparse type: a number above 0 (seconds)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid float value: '{text}'") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, got {text}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tvm-rebirth", description="DeepRebirth layer slimming for Apache TVM Relax")
@@ -224,14 +253,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("plan", cmd_plan, "find every rebirth site and write an editable plan")
     p.add_argument("model", help="zoo name (see `tvm-rebirth models`) or path to an .onnx file")
     p.add_argument("-o", "--output", help="plan file to write (default: <model>.plan.yaml)")
-    p.add_argument("--kinds", default=",".join(SITE_KINDS),
-                   help="site kinds to look for (default: streamline,branch)")
+    p.add_argument("--kinds", help="site kinds to look for (default: streamline,branch)")
     p.add_argument("--check", metavar="PLAN",
                    help="validate an existing (edited) plan against MODEL instead of writing one")
-    p.add_argument("--policy", choices=KERNEL_POLICIES, default="keep-kernel",
+    p.add_argument("--policy", choices=KERNEL_POLICIES,
                    help="rebirth conv kernel: keep-kernel (the paper, default) or "
                         "keep-receptive-field")
-    p.add_argument("--branch-widths", choices=BRANCH_WIDTHS, default="carry",
+    p.add_argument("--branch-widths", choices=BRANCH_WIDTHS,
                    help="branch sites' reducer widths: carry (the pool branch's receiver's "
                         "reducer grows by the pool projection's width; default) or paper "
                         "(3x3 reducer halved: fewer FLOPs, more error)")
@@ -243,7 +271,8 @@ def build_parser() -> argparse.ArgumentParser:
                                              "(default: fine-tune first)")
         p.add_argument("--calib", help="calibration images: a folder of JPEG/PNG files or a "
                                        ".npy array (default: the zoo model's own source)")
-        p.add_argument("--images", type=int, default=256, help="calibration images (256)")
+        p.add_argument("--images", type=positive_int, default=256,
+                       help="calibration images (256)")
 
     def add_variant(p, verb):
         """MODEL, the original or (with --plan/--weights) rebirth variant, and --target."""
@@ -251,7 +280,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--plan", help=f"plan file: {verb} the rebirth model")
         p.add_argument("--weights", help="weights for --plan (default: fine-tune first)")
         p.add_argument("--calib", help="calibration images when fine-tuning is needed")
-        p.add_argument("--images", type=int, default=256, help="calibration images (256)")
+        p.add_argument("--images", type=positive_int, default=256,
+                       help="calibration images (256)")
         p.add_argument("--target", default="host",
                        help="host, cortex-a53, cortex-a55, cortex-a72 or cortex-a76 "
                             "(default host)")
@@ -262,9 +292,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--e2e", action="store_true",
                    help="then refine all learned convs end to end by distilling the original "
                         "outputs (needs PyTorch: pip install torch==2.13.0)")
-    p.add_argument("--e2e-images", type=int, default=4096,
+    p.add_argument("--e2e-images", type=positive_int, default=4096,
                    help="images for end-to-end refinement (4096)")
-    p.add_argument("--e2e-epochs", type=int, default=8, help="epochs of it (8)")
+    p.add_argument("--e2e-epochs", type=positive_int, default=8, help="epochs of it (8)")
     p.add_argument("--e2e-labels", nargs="?", const="source", metavar="LABELS.npy",
                    help="retrain with labels, the original model as teacher: class indices "
                         "for the rows of --calib FILE.npy; alone, the zoo model's own labeled "
@@ -277,15 +307,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--key", help="device key on the tracker (with --tracker)")
     p.add_argument("--target", help="target preset for the device (default: the key when it "
                                     "names a preset, host for 'local')")
-    p.add_argument("--session-timeout", type=float, default=3600.0,
+    p.add_argument("--session-timeout", type=positive_float, default=3600.0,
                    help="seconds the device session may last (3600)")
-    p.add_argument("--rounds", type=int, default=7, help="interleaved timing rounds (7)")
+    p.add_argument("--rounds", type=positive_int, default=7,
+                   help="interleaved timing rounds (7)")
     p.add_argument("--profile", action="store_true",
                    help="also time every kernel and report time per layer type (this CPU)")
     p.add_argument("-o", "--output", help="also write the JSON report to this file")
     p = add("eval", cmd_eval, "top-1/top-5 of original and rebirth on the labeled set")
     add_flow(p)
-    p.add_argument("--limit", type=int, help="evaluate only the first N labeled images")
+    p.add_argument("--limit", type=positive_int,
+                   help="evaluate only the first N labeled images")
     p = add("build", cmd_build, "compile the original (or, with --plan/--weights, the "
                                 "rebirth) model into a deployable shared library")
     add_variant(p, "build")
@@ -295,7 +327,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("tune", cmd_tune, "MetaSchedule-tune the (original, or with --plan/--weights "
                               "rebirth) model into a tuning_logs database that builds apply")
     add_variant(p, "tune")
-    p.add_argument("--trials", type=int, required=True,
+    p.add_argument("--trials", type=positive_int, required=True,
                    help="searched trials the database should hold in total (a rerun continues)")
     p.add_argument("--max-tasks", type=int,
                    help="search only the N heaviest tasks (default: about trials / 16)")
@@ -319,12 +351,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="emulated Cortex-A72 servers under the key (a small farm; default 1)")
     p = add("demo", cmd_demo, "run the whole flow on the default model")
     p.add_argument("--report-dir", default="rebirth-demo", help="where the report goes")
-    p.add_argument("--images", type=int,
+    p.add_argument("--images", type=positive_int,
                    help="calibration images per model (default: 64 for GoogLeNet, whose "
                         "weights only need to be plausible for speed and memory; 256 for "
                         "fmnist-inception, whose accuracy is reported)")
-    p.add_argument("--rounds", type=int, default=7, help="interleaved timing rounds (7)")
-    p.add_argument("--eval-limit", type=int, help="evaluate on the first N test images only")
+    p.add_argument("--rounds", type=positive_int, default=7,
+                   help="interleaved timing rounds (7)")
+    p.add_argument("--eval-limit", type=positive_int, help="evaluate on the first N test images only")
     p.add_argument("--no-device", action="store_true",
                    help="skip the emulated Cortex-A72 stage (tracker + qemu device)")
     return parser

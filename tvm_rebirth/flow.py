@@ -39,7 +39,9 @@ class E2EOptions:
     flip: bool = False  # random horizontal flips
 
     def check(self) -> None:
-        """Refuse labels or flips without end-to-end refinement."""
+        """Refuse labels or flips without end-to-end refinement, and counts below one."""
+        require_positive(self.images, "--e2e-images")
+        require_positive(self.epochs, "--e2e-epochs")
         if (self.labels or self.flip) and not self.enabled:
             raise RebirthError("--e2e-labels and --e2e-flip refine end to end: add --e2e")
 
@@ -57,6 +59,12 @@ class RebirthOptions:
     branch_widths: str = "carry"
     e2e: E2EOptions = field(default_factory=E2EOptions)
 
+    def inputs(self) -> dict:
+        """{what: path} of the files these options read (outputs must not overwrite them)."""
+        return {"--plan file": self.plan, "--weights file": self.weights,
+                "--calib images": self.calib,
+                "--e2e-labels file": self.e2e.labels if self.e2e.labels != "source" else None}
+
     @property
     def given(self) -> bool:
         """True when a plan or weights file was named (build/tune then make the rebirth)."""
@@ -64,6 +72,7 @@ class RebirthOptions:
 
     def check(self) -> None:
         """Option combinations that cannot work, refused before any work."""
+        require_positive(self.images, "--images")
         if self.weights and not self.plan:
             raise RebirthError("--weights needs the --plan it was learned for")
         self.e2e.check()
@@ -118,6 +127,7 @@ class BenchArgs(ModelArgs):
     session_timeout: float = 3600.0
     rounds: int = 7
     profile: bool = False  # time per layer type (this CPU only)
+    output: str | None = None  # also write the JSON report here
 
 
 @dataclass(kw_only=True)
@@ -166,12 +176,45 @@ def _log(tag, message) -> None:
         logger.info(f"[{tag}] {message}")
 
 
+def require_positive(value, flag: str) -> None:
+    """RebirthError unless ``value`` (of option ``flag``) is None or at least 1."""
+    if value is not None and value < 1:
+        raise RebirthError(f"{flag} must be at least 1, got {value}")
+
+
+def model_inputs(model: str, options: RebirthOptions | None = None) -> dict:
+    """{what: path} of every file a command on MODEL with ``options`` reads."""
+    inputs = {"model": model if os.path.isfile(model) else None}
+    return {**inputs, **(options.inputs() if options else {})}
+
+
+def checked_output(path, inputs: dict) -> str:
+    """report.output.output_path: the real file an output path names, checked before work."""
+    from .report.output import output_path
+
+    return output_path(path, inputs)
+
+
 # -- the flow, step by step -----------------------------------------------------------------
 def load(model: str, tag: str | None = None):
     """The LoadedModel of a zoo name or an .onnx path (logs '[tag] loading MODEL')."""
+    import dataclasses
+
+    from .frontend import zoo
     from .frontend.loader import load_model
 
     _log(tag, f"loading {model}")
+    if os.path.isdir(model):
+        # a folder is never a model: a bare zoo name means the zoo model (a report or plan
+        # folder named after it must not shadow it); any other folder is an error
+        if model not in zoo.ZOO:
+            raise RebirthError(f"{model}: is a directory, not an .onnx model file")
+        logger.info(f"note: ./{model} is a folder, not a model file; using the zoo model "
+                    f"'{model}'")
+        loaded = load_model(str(zoo.zoo_path(model)))
+        return dataclasses.replace(loaded, name=model, zoo_entry=zoo.ZOO[model])
+    if model in zoo.ZOO and os.path.isfile(model):
+        logger.info(f"note: loading the file ./{model}, not the zoo model '{model}'")
     return load_model(model)
 
 
@@ -208,12 +251,25 @@ def calibration(model, options: RebirthOptions, plan=None, tag: str | None = Non
     """(images or None, description) to fit ``plan``'s learned sites on: ``options.images``
     from ``options.calib`` (default the zoo model's own source); none when every enabled site
     of ``plan`` is exact. Without a plan the images are always loaded."""
-    from .learn.calib import calibration_images
+    from .learn.calib import MIN_LEARNING_IMAGES, calibration_images
 
+    if plan is not None and not plan.enabled_sites():
+        logger.warning(f"{'[' + tag + '] ' if tag else ''}the plan enables no site: the "
+                       "rebirth model is the original model")
+        return None, "none needed (no site is enabled)"
     if plan is not None and not any(not s.exact for s in plan.enabled_sites()):
         return None, "none needed (exact sites only)"
+    if plan is not None and options.images < MIN_LEARNING_IMAGES:
+        raise RebirthError(f"--images {options.images}: learned sites need at least "
+                           f"{MIN_LEARNING_IMAGES} calibration images (every 8th is held out "
+                           "to measure their error)")
     _log(tag, f"loading {options.images} calibration images")
-    return calibration_images(model, options.calib, count=options.images)
+    images, description = calibration_images(model, options.calib, count=options.images)
+    if plan is not None and len(images) < MIN_LEARNING_IMAGES:
+        raise RebirthError(f"{options.calib}: {len(images)} image(s); learned sites need at "
+                           f"least {MIN_LEARNING_IMAGES} (every 8th is held out to measure "
+                           "their error)")
+    return images, description
 
 
 def e2e_data(model, options: RebirthOptions, tag: str | None = None) -> tuple:
@@ -369,6 +425,10 @@ def plan_command(args: PlanArgs) -> tuple:
     <model>.plan.yaml), or the plan file ``args.check`` validated against the model."""
     from .plan import RebirthPlan
 
+    if args.check and args.output:
+        raise RebirthError("--check validates an existing plan and writes nothing: drop -o")
+    inputs = {**model_inputs(args.model), "--check plan": args.check}
+    output = checked_output(args.output, inputs) if args.output else None
     start = time.time()
     model = load(args.model, "plan")
     if args.check:
@@ -380,7 +440,7 @@ def plan_command(args: PlanArgs) -> tuple:
         logger.info(f"[plan] finding rebirth sites ({args.policy})")
         plan = find_plan(model, args.policy, args.kinds, args.branch_widths)
         out = args.output or f"{model.name}.plan.yaml"
-        plan.save(out)
+        plan.save(output or checked_output(out, inputs))
     payload = {"model": model.name, "sha256": model.sha256, "plan": os.path.abspath(out),
                "plan_sha256": plan.sha256, "valid": True,
                "policy": plan.policy, "input_shapes": plan.input_shapes,
@@ -394,13 +454,16 @@ def finetune_command(args: FinetuneArgs) -> dict:
     (default <model>.weights.npz); payload with per-site errors and seconds."""
     options = args.rebirth
     options.check()
+    inputs = model_inputs(args.model, options)
+    output = checked_output(args.output, inputs) if args.output else None
     start = time.time()
     model = load(args.model)
+    out = args.output or f"{model.name}.weights.npz"
+    output = output or checked_output(out, inputs)
     plan = plan_for(model, options, "finetune")
     images = calibration(model, options, plan, "finetune")
     weights, report = fine_tune(model, plan, options, "finetune", images)
-    out = args.output or f"{model.name}.weights.npz"
-    weights.save(out)
+    weights.save(output)
     return {"model": model.name, "weights": os.path.abspath(out), "plan_sha256": plan.sha256,
             "calibration": images[1], "sites": report["sites"],
             "seconds": round(time.time() - start, 2),
@@ -414,11 +477,14 @@ def bench(args: BenchArgs) -> dict:
     if args.profile and args.tracker:
         raise RebirthError("--profile times kernels on this CPU; drop it with --tracker")
     args.rebirth.check()
+    require_positive(args.rounds, "--rounds")
+    output = checked_output(args.output, model_inputs(args.model, args.rebirth)) \
+        if args.output else None
     model = load(args.model)
     rebirth = rebirth_model(model, args.rebirth, "bench")
     from .learn.calib import bench_input
 
-    x, input_desc = bench_input(model)
+    x, input_desc = bench_input(model, args.rebirth.calib)
     if args.tracker:
         from .deploy.remote import bench_on_device
         from .report.measure import pair_layout
@@ -430,8 +496,13 @@ def bench(args: BenchArgs) -> dict:
         device = result.pop("device")
     else:
         result, device = bench_host(model, rebirth.mod, args.rounds, args.profile, x)
-    return {"model": model.name, "device": device, "input": input_desc,
-            "sites": [s.id for s in rebirth.plan.enabled_sites()], **result}
+    payload = {"model": model.name, "device": device, "input": input_desc,
+               "sites": [s.id for s in rebirth.plan.enabled_sites()], **result}
+    if output:
+        from .report.output import write_json
+
+        write_json(output, payload)
+    return payload
 
 
 def evaluate(args: EvalArgs) -> dict:
@@ -439,6 +510,7 @@ def evaluate(args: EvalArgs) -> dict:
     any fine-tuning)."""
     from .report.measure import labeled_set
 
+    require_positive(args.limit, "--limit")
     args.rebirth.check()
     model = load(args.model)
     images, labels, description = labeled_set(model, args.limit)
@@ -457,13 +529,17 @@ def build(args: BuildArgs) -> dict:
 
     target = resolve_target(args.target)
     args.rebirth.check()
+    inputs = model_inputs(args.model, args.rebirth)
+    output = checked_output(args.output, inputs) if args.output else None
     start = time.time()
     model = load(args.model)
+    what = "rebirth" if args.rebirth.given else "original"
+    out = args.output or f"{model.name}-{what}-{args.target}.so"
+    output = output or checked_output(out, inputs)
     mod, what = variant(model, args.rebirth, "build")
     logger.info(f"[build] compiling the {what} {model.name} for {args.target}")
     compiled = compile_module(mod, target, tuned=args.tuning_logs)
-    out = args.output or f"{model.name}-{what}-{args.target}.so"
-    export_library(compiled.executable, out, target)
+    export_library(compiled.executable, output, target)
     return {"model": model.name, "variant": what, "path": os.path.abspath(out),
             "target": args.target, "target_json": str(target),
             "planned_memory_mb": round(compiled.planned_bytes / 2 ** 20, 3),

@@ -19,23 +19,38 @@ from ..errors import RebirthError
 logger = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
+# learned sites hold every 8th calibration image out to measure their error (learn.finetune):
+# fewer images leave no held-out image, and the error would be measured on the fitted ones
+MIN_LEARNING_IMAGES = 8
 FOOLBOX_WHEEL = "foolbox==3.3.4"  # carries 20 labeled ImageNet photos in foolbox/data/
 
 
 def preprocess(images_hwc: np.ndarray, entry: zoo.ZooModel | None, shape) -> np.ndarray:
-    """uint8 [N, H, W, C] (already at the model's size) -> float32 NCHW, normalised."""
+    """[N, H, W, C] pixel values on the 0..255 scale (uint8, or float32 from 16-bit images;
+    already at the model's size) -> float32 NCHW, normalised."""
     mean = np.array(entry.mean if entry else [0.0] * shape[1], np.float32)
     std = np.array(entry.std if entry else [1.0] * shape[1], np.float32)
     x = (images_hwc.astype(np.float32) - mean) / std
     return np.ascontiguousarray(x.transpose(0, 3, 1, 2))
 
 
-def _decode(path: Path, size, channels, crop_box=None, flip=False):
+# PIL modes of 16-bit (and 32-bit integer) grayscale images: converting them to "L" clips
+# every value above 255, so they are read as floats and scaled to the 8-bit range instead
+WIDE_GRAY_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
+
+
+def _decode(path: Path, size, channels, crop_box=None, flip=False) -> np.ndarray:
+    """One image file as [H, W, C] pixel values on the 0..255 scale: uint8 for 8-bit
+    images, float32 for 16-bit grayscale ones (value * 255 / 65535: full precision)."""
     from PIL import Image
 
     try:
         with Image.open(path) as img:
-            img = img.convert("RGB" if channels == 3 else "L")
+            wide = img.mode in WIDE_GRAY_MODES
+            if wide:
+                img = Image.fromarray(np.asarray(img, np.float32) * np.float32(255 / 65535), "F")
+            else:
+                img = img.convert("RGB" if channels == 3 else "L")
             if crop_box is not None:
                 img = img.crop(crop_box)
             else:  # resize the shorter side, centre crop
@@ -46,10 +61,14 @@ def _decode(path: Path, size, channels, crop_box=None, flip=False):
             img = img.resize((size[1], size[0]), Image.BILINEAR)
             if flip:
                 img = img.transpose(Image.FLIP_LEFT_RIGHT)
-            arr = np.asarray(img, np.uint8)
+            arr = np.asarray(img, np.float32 if wide else np.uint8)
     except (OSError, ValueError) as err:
         raise RebirthError(f"{path}: not a readable image ({err})") from None
-    return arr[:, :, None] if arr.ndim == 2 else arr
+    if arr.ndim == 2:
+        arr = arr[:, :, None]
+    if wide and channels == 3:
+        arr = np.repeat(arr, 3, axis=2)
+    return arr
 
 
 def images_from_folder(folder, shape, count, entry=None, augment=False, seed=0):
@@ -82,14 +101,25 @@ def images_from_folder_files(files, shape, entry=None):
 
 
 def images_from_npy(path, shape, count):
+    """The first ``count`` rows of a preprocessed NCHW float array; every value finite."""
     try:
         x = np.load(path, allow_pickle=False)
-    except (OSError, ValueError) as err:
-        raise RebirthError(f"{path}: not a readable .npy array ({err})") from None
+    except (OSError, ValueError, EOFError) as err:
+        raise RebirthError(f"{path}: not a readable .npy array ({err or 'empty file'})") from None
+    if not isinstance(x, np.ndarray):
+        raise RebirthError(f"{path}: an .npz archive, not a .npy array")
     if x.ndim != 4 or list(x.shape[1:]) != list(shape[1:]):
         raise RebirthError(f"{path}: array shape {list(x.shape)} does not match the model "
                            f"input [N, {', '.join(map(str, shape[1:]))}] (preprocessed NCHW)")
-    return np.ascontiguousarray(x[:count], np.float32)
+    if not (np.issubdtype(x.dtype, np.floating) or np.issubdtype(x.dtype, np.integer)):
+        raise RebirthError(f"{path}: holds {x.dtype} values, not numbers")
+    x = np.ascontiguousarray(x[:count], np.float32)
+    finite = np.isfinite(x).reshape(len(x), -1).all(axis=1)
+    if not finite.all():
+        bad = np.flatnonzero(~finite)
+        raise RebirthError(f"{path}: {len(bad)} image(s) hold NaN or Inf values (first: row "
+                           f"{bad[0]})")
+    return x
 
 
 def imagenet_photos_dir() -> Path:
@@ -185,12 +215,16 @@ def labeled_training_images(model, source=None, labels=None, count=4096, seed=1)
     return x, y, f"{len(x)} labeled images from {source}"
 
 
-def bench_input(model) -> tuple[np.ndarray, str]:
-    """(input, description) every latency comparison runs on: one real image of a zoo
-    model's calibration source, else a seeded standard-normal tensor."""
+def bench_input(model, source=None) -> tuple[np.ndarray, str]:
+    """(input, description) every latency comparison runs on: the first image of
+    ``source`` (--calib: a folder or .npy), else one real image of a zoo model's calibration
+    source, else a seeded standard-normal tensor (a user model without --calib)."""
     shape = model.input_shapes[model.input_name]
+    if source:
+        x, _ = calibration_images(model, source, count=1)
+        return x, f"the first image of {source}"
     if model.zoo_entry is not None:
         x, _ = calibration_images(model, count=1, seed=12345)
         return x, "one real image of the model's calibration source"
     return np.random.default_rng(0).standard_normal(shape).astype("float32"), \
-        "seeded standard-normal input"
+        "seeded standard-normal input (no --calib images)"
