@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import signal
 import tempfile
 import time
@@ -47,7 +48,38 @@ def _build_child(mod, target, path):
         os._exit(status)
 
 
-def make_builder(timeout: float, workers: int):
+RUN_DIR_PREFIX = "tvm-rebirth-tune-"
+STALE_AFTER = 600  # seconds without change before a dead run's folder is removed
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True
+    return True
+
+
+def new_run_dir() -> str:
+    """This run's folder for candidate libraries, ``<tmp>/tvm-rebirth-tune-<pid>-*``; the
+    caller removes it at the end. Folders of runs that were killed (their pid gone, nothing
+    changed for 10 minutes) are removed first."""
+    tmp = Path(tempfile.gettempdir())
+    for old in tmp.glob(RUN_DIR_PREFIX + "*"):
+        pid = old.name[len(RUN_DIR_PREFIX):].split("-")[0]
+        try:
+            stale = time.time() - old.stat().st_mtime > STALE_AFTER
+        except OSError:
+            continue
+        if pid.isdigit() and stale and not _pid_alive(int(pid)):
+            logger.info(f"[tune] removing {old}, left by a killed run")
+            shutil.rmtree(old, ignore_errors=True)
+    return tempfile.mkdtemp(prefix=f"{RUN_DIR_PREFIX}{os.getpid()}-")
+
+
+def make_builder(timeout: float, workers: int, run_dir=None):
     from tvm.ir.utils import derived_object
     from tvm.s_tir.meta_schedule.builder import BuilderResult, PyBuilder
 
@@ -56,36 +88,51 @@ def make_builder(timeout: float, workers: int):
         """Builds each candidate in a forked child (TVM already imported, so no 40 s import per
         worker) with a hard kill after ``timeout`` seconds: one pathological unrolled candidate
         once kept LLVM busy for more than 8 minutes. One temp dir per artifact, because
-        MetaSchedule's RemoveBuildArtifact deletes the artifact's parent directory."""
+        MetaSchedule's RemoveBuildArtifact deletes the artifact's parent directory. Those
+        dirs live in ``run_dir`` (the tune removes it at the end); a failed build's dir goes
+        at once, and an interrupted batch kills its children and removes theirs."""
 
         def build(self, build_inputs):
             results = [None] * len(build_inputs)
             pending = list(enumerate(build_inputs))
             running = {}
-            while pending or running:
-                while pending and len(running) < workers:
-                    i, inp = pending.pop(0)
-                    path = os.path.join(tempfile.mkdtemp(prefix="tvm-rebirth-cand-"), "cand.so")
-                    pid = os.fork()
-                    if pid == 0:
-                        _build_child(inp.mod, inp.target, path)
-                    running[pid] = (i, path, time.time())
-                time.sleep(0.01)
-                for pid, (i, path, start) in list(running.items()):
-                    done, status = os.waitpid(pid, os.WNOHANG)
-                    if done == 0 and time.time() - start > timeout:
+            try:
+                while pending or running:
+                    while pending and len(running) < workers:
+                        i, inp = pending.pop(0)
+                        path = os.path.join(tempfile.mkdtemp(prefix="cand-", dir=run_dir),
+                                            "cand.so")
+                        pid = os.fork()
+                        if pid == 0:
+                            _build_child(inp.mod, inp.target, path)
+                        running[pid] = (i, path, time.time())
+                    time.sleep(0.01)
+                    for pid, (i, path, start) in list(running.items()):
+                        done, status = os.waitpid(pid, os.WNOHANG)
+                        if done == 0 and time.time() - start > timeout:
+                            os.kill(pid, signal.SIGKILL)
+                            os.waitpid(pid, 0)
+                            results[i] = BuilderResult(None,
+                                                       f"build timed out after {timeout:g}s")
+                        elif done == 0:
+                            continue
+                        elif os.path.exists(path) and status == 0:
+                            results[i] = BuilderResult(path, None)
+                        else:
+                            error = Path(path + ".error")
+                            results[i] = BuilderResult(None, error.read_text() if error.exists()
+                                                       else f"build crashed (status {status})")
+                        if results[i].artifact_path is None:
+                            remove_artifact(path)
+                        del running[pid]
+            finally:
+                for pid, (_, path, _) in running.items():  # interrupted: no child outlives us
+                    try:
                         os.kill(pid, signal.SIGKILL)
                         os.waitpid(pid, 0)
-                        results[i] = BuilderResult(None, f"build timed out after {timeout:.0f}s")
-                    elif done == 0:
-                        continue
-                    elif os.path.exists(path) and status == 0:
-                        results[i] = BuilderResult(path, None)
-                    else:
-                        error = Path(path + ".error")
-                        results[i] = BuilderResult(None, error.read_text() if error.exists()
-                                                   else f"build crashed (status {status})")
-                    del running[pid]
+                    except OSError:
+                        pass
+                    remove_artifact(path)
             return results
 
     return ForkBuilder()
@@ -198,6 +245,32 @@ def make_rpc_runner(host, port, key, number: int, repeat: int, min_repeat_ms: in
     return TrackerRunner()
 
 
+def make_commit_measured(database, contexts):
+    """Instead of MetaSchedule's AddToDatabase, which also commits failed candidates (with a
+    run time of 1e10 s): only measured candidates become records."""
+    from tvm.ir.utils import derived_object
+    from tvm.s_tir.meta_schedule.database import TuningRecord
+    from tvm.s_tir.meta_schedule.measure_callback import PyMeasureCallback
+
+    workloads = {}
+
+    @derived_object
+    class CommitMeasured(PyMeasureCallback):
+        def apply(self, task_scheduler, task_id, measure_candidates, builder_results,
+                  runner_results):
+            ctx = contexts[task_id]
+            for cand, built, ran in zip(measure_candidates, builder_results, runner_results):
+                if built.error_msg is not None or ran.error_msg is not None or not ran.run_secs:
+                    continue
+                if task_id not in workloads:
+                    workloads[task_id] = database.commit_workload(ctx.mod)
+                database.commit_tuning_record(TuningRecord(
+                    cand.sch.trace, workloads[task_id], ran.run_secs, ctx.target,
+                    cand.args_info))
+
+    return CommitMeasured()
+
+
 def make_progress(names, report, started):
     from tvm.ir.utils import derived_object
     from tvm.s_tir.meta_schedule.measure_callback import PyMeasureCallback
@@ -244,6 +317,4 @@ def read_report(log_dir: Path) -> dict:
 
 
 def remove_artifact(path):
-    import shutil
-
     shutil.rmtree(os.path.dirname(path), ignore_errors=True)

@@ -7,12 +7,23 @@ Layout: ``tuning_logs/<target key>/<model>[-rebirth]/`` holds MetaSchedule's JSO
 The target key is the preset's core (``cortex-a72``) or the host CPU (``znver3``). A build
 applies the union of every database under its target key: records match by PrimFunc
 structure, so a conv tuned for GoogLeNet also serves the rebirth model that shares it.
+
+Records are appended line by line, so a write cut short (a full disk, a killed process)
+leaves a torn last line; TVM's reader fails on it (or on a blank line) for every later load.
+Every database is read through ``clean_lines`` first: torn, blank or malformed lines are
+skipped with a warning naming the file and line, records of a skipped workload go with it.
 """
 
 from __future__ import annotations
 
+import json
+import logging
 import os
+import shutil
+import tempfile
 from pathlib import Path
+
+logger = logging.getLogger(__name__)
 
 DB_FILES = ("database_workload.json", "database_tuning_record.json")
 
@@ -29,6 +40,118 @@ def target_key(target) -> str:
 
 def default_log_dir(model_name: str, target, rebirth: bool) -> Path:
     return tuning_logs_root() / target_key(target) / (model_name + ("-rebirth" if rebirth else ""))
+
+
+def _valid_workload(value) -> bool:
+    return (isinstance(value, list) and len(value) == 2
+            and all(isinstance(v, str) and v for v in value))
+
+
+def _valid_record(value, n_workloads: int) -> bool:
+    return (isinstance(value, list) and len(value) == 2 and type(value[0]) is int
+            and 0 <= value[0] < n_workloads and isinstance(value[1], list)
+            and len(value[1]) >= 2 and isinstance(value[1][0], list))
+
+
+def _read_lines(path: Path) -> list:
+    if not path.exists():
+        return []
+    lines = path.read_bytes().split(b"\n")
+    return lines[:-1] if lines[-1] == b"" else lines  # the newline ending the last line
+
+
+def clean_lines(folder) -> tuple:
+    """(workload lines, record lines, number of lines skipped) of the database in ``folder``,
+    every line valid JSON of the right shape, record workload indices renumbered to match
+    the kept workloads. Skipped lines are logged with their file and line number."""
+    folder = Path(folder)
+    paths = [folder / name for name in DB_FILES]
+    skipped = 0
+
+    def parse(path, raw, lineno, valid):
+        nonlocal skipped
+        if not raw.strip():  # TVM's reader crashes on a blank line: dropped, no news
+            skipped += 1
+            return None
+        try:
+            value = json.loads(raw.decode("utf-8"))
+        except (UnicodeDecodeError, ValueError):
+            value = None
+        if value is None or not valid(value):
+            skipped += 1
+            logger.warning(f"[tuning_logs] {path}: line {lineno} is torn or malformed "
+                           f"({len(raw)} bytes); skipped")
+            return None
+        return value
+
+    renumber, workloads, index = {}, [], 0  # TVM's workload index -> the kept one
+    for lineno, raw in enumerate(_read_lines(paths[0]), 1):
+        value = parse(paths[0], raw, lineno, _valid_workload)
+        if value is not None:
+            renumber[index] = len(workloads)
+            workloads.append(raw.decode("utf-8"))
+        if raw.strip():
+            index += 1
+    records = []
+    for lineno, raw in enumerate(_read_lines(paths[1]), 1):
+        value = parse(paths[1], raw, lineno, lambda v: _valid_record(v, index))
+        if value is None:
+            continue
+        if value[0] not in renumber:
+            skipped += 1
+            logger.warning(f"[tuning_logs] {paths[1]}: line {lineno} belongs to a skipped "
+                           "workload; skipped")
+            continue
+        if renumber[value[0]] == value[0]:
+            records.append(raw.decode("utf-8"))
+        else:
+            value[0] = renumber[value[0]]
+            records.append(json.dumps(value, separators=(",", ":")))
+    return workloads, records, skipped
+
+
+def _write_lines(path: Path, lines: list) -> None:
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    try:
+        tmp.write_text("".join(line + "\n" for line in lines))
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def repair_folder(folder) -> int:
+    """Rewrite the database in ``folder`` (a tune's own output) without torn or malformed
+    lines, so appending continues on a clean line; returns how many lines were dropped."""
+    folder = Path(folder)
+    workloads, records, skipped = clean_lines(folder)
+    for path, lines in zip((folder / n for n in DB_FILES), (workloads, records)):
+        if path.exists() and (skipped or not path.read_bytes().endswith(b"\n")
+                              and path.stat().st_size):
+            _write_lines(path, lines)
+    if skipped:
+        logger.warning(f"[tuning_logs] {folder}: dropped {skipped} torn or malformed line(s)")
+    return skipped
+
+
+def open_json_database(folder):
+    """A MetaSchedule JSONDatabase of ``folder`` read through ``clean_lines`` without changing
+    the files (committed databases are inputs): a damaged one is loaded from a clean copy."""
+    from tvm.s_tir import meta_schedule as ms
+
+    folder = Path(folder)
+    workloads, records, skipped = clean_lines(folder)
+    if not skipped:
+        return ms.database.JSONDatabase(str(folder / DB_FILES[0]), str(folder / DB_FILES[1]),
+                                        allow_missing=False)
+    copy = Path(tempfile.mkdtemp(prefix="tvm-rebirth-db-"))
+    try:
+        for name, lines in zip(DB_FILES, (workloads, records)):
+            _write_lines(copy / name, lines)
+        # the records are read at construction; the copy is not needed afterwards
+        return ms.database.JSONDatabase(str(copy / DB_FILES[0]), str(copy / DB_FILES[1]),
+                                        allow_missing=False)
+    finally:
+        shutil.rmtree(copy, ignore_errors=True)
 
 
 _LOADED: dict = {}  # (folder, files' sizes and mtimes) -> database
@@ -48,8 +171,7 @@ def load_database(target, root=None):
     key = (str(folder), tuple((str(f), f.stat().st_size, f.stat().st_mtime_ns)
                               for f in files if f.exists()))
     if key not in _LOADED:
-        dbs = [ms.database.JSONDatabase(str(d / DB_FILES[0]), str(d / DB_FILES[1]),
-                                        allow_missing=False) for d in dirs]
+        dbs = [open_json_database(d) for d in dirs]
         _LOADED.clear()  # one folder's worth at a time
         _LOADED[key] = dbs[0] if len(dbs) == 1 else ms.database.UnionDatabase(*dbs)
     return _LOADED[key]
