@@ -6,6 +6,8 @@ whoever needs it (the slimming passes, plan validation, the fine-tune stage).
     analysis.rejected     # [Rejection(id, reason)]: blocks that look like sites but are not
     analysis.trace(id)    # StreamlineTrace | BranchTrace: where the site sits
     analysis.graph        # the Dataflow the traces' vars belong to
+    analysis.mod          # the module analysed: ``mod`` after PrepareForSites (the one to
+                          # rewrite or run with the traces' vars)
 
 Site ids come from source layer names (``AttachLayerNames``) or, without them, positions.
 """
@@ -21,6 +23,7 @@ from .errors import RebirthError
 from .find_branch import BranchFinder
 from .find_streamline import Found, Rejection, StreamlineFinder
 from .layers import LrnMatcher, attached_names, layer_names
+from .prepare import PrepareForSites
 from .site import BRANCH_WIDTHS, KERNEL_POLICIES, SITE_KINDS, ConvSpec, RebirthSite
 from .traces import ConvBlock, conv_block_weights
 
@@ -33,6 +36,7 @@ class SiteAnalysis:
     rejected: list
     traces: dict  # site id -> StreamlineTrace | BranchTrace
     graph: Dataflow
+    mod: tvm.IRModule = None  # the prepared module the vars belong to
 
     def site(self, site_id: str) -> RebirthSite | None:
         return next((s for s in self.sites if s.id == site_id), None)
@@ -69,6 +73,7 @@ def analyze_sites(mod: tvm.IRModule, policy: str = "keep-kernel", kinds=SITE_KIN
                   func_name: str = "main", branch_widths: str = "carry") -> SiteAnalysis:
     """Find every rebirth site of ``kinds`` in ``mod[func_name]`` (see module doc)."""
     check_settings(policy, kinds, branch_widths)
+    mod = PrepareForSites(func_name)(mod)
     graph = Dataflow(mod[func_name])
     lrns = LrnMatcher().match(graph)
     names = layer_names(graph, lrns, attached_names(mod))
@@ -84,6 +89,7 @@ def analyze_sites(mod: tvm.IRModule, policy: str = "keep-kernel", kinds=SITE_KIN
                 results.append(streamline.from_concat(binding.var))
             if "branch" in kinds:
                 results.append(branch.from_concat(binding.var))
+    results.append(_nothing_to_find(graph, func_name))
     found = [r for r in results if isinstance(r, Found)]
     seen = {}
     for item in found:  # ids must be unique even in oddly named models
@@ -95,7 +101,19 @@ def analyze_sites(mod: tvm.IRModule, policy: str = "keep-kernel", kinds=SITE_KIN
             seen[site.id] = 0
     return SiteAnalysis(sites=[f.site for f in found],
                         rejected=[r for r in results if isinstance(r, Rejection)],
-                        traces={f.site.id: f.trace for f in found}, graph=graph)
+                        traces={f.site.id: f.trace for f in found}, graph=graph, mod=mod)
+
+
+def _nothing_to_find(graph: Dataflow, func_name: str) -> Rejection | None:
+    """Why a function holds no conv a site could start from, when it holds none."""
+    ops = [op_name(b.value) for b in graph.bindings]
+    if "relax.nn.conv2d" in ops:
+        return None
+    if "relax.call_tir" in ops:
+        return Rejection(func_name, "no relax.nn.conv2d left: the module is already legalized "
+                         "(LegalizeOps turned the ops into call_tir); find and slim sites "
+                         "before legalization")
+    return Rejection(func_name, "no relax.nn.conv2d in the function")
 
 
 def block_difference(site: RebirthSite, ref: RebirthSite) -> str | None:

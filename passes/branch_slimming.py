@@ -114,6 +114,7 @@ class BranchSlimming:
         if not sites:
             return mod
         analysis = analyze_sites(mod, self.plan.policy, ["branch"], self.func_name)
+        mod = analysis.mod  # prepared: the module the traces' vars belong to
         rewrites = {}
         for site in sites:
             match_site(analysis, site)

@@ -157,13 +157,39 @@ class Dataflow:
 
     def is_plain_conv(self, var) -> bool:
         """An NCHW/OIHW conv2d without dilation whose weights are constant, static shapes."""
-        call = self.value.get(var)
-        if op_name(call) != "relax.nn.conv2d":
-            return False
+        return op_name(self.value.get(var)) == "relax.nn.conv2d" and \
+            self.conv_problem(var) is None
+
+    def conv_problem(self, var) -> str | None:
+        """Why conv2d ``var`` is not a plain conv a site can rewrite, or None."""
+        call = self.value[var]
         a = call.attrs
-        return (a.data_layout == "NCHW" and a.kernel_layout == "OIHW"
-                and all(int(d) == 1 for d in a.dilation) and self.is_const(call.args[1])
-                and shape_of(call.args[0]) is not None and shape_of(call.args[1]) is not None)
+        weight = call.args[1]
+        if not self.is_const(weight):
+            source = self._param_source(weight)
+            where = f" (function parameter '{source.name}')" if source is not None else ""
+            return (f"its weights are not bound constants{where}: bind them "
+                    "(relax.transform.BindParams, or import with keep_params_in_input=False)")
+        if a.data_layout != "NCHW" or a.kernel_layout != "OIHW":
+            return f"layout {a.data_layout}/{a.kernel_layout} (NCHW/OIHW only)"
+        if any(int(d) != 1 for d in a.dilation):
+            return "a dilated conv"
+        if shape_of(call.args[0]) is None or shape_of(weight) is None:
+            return "dynamic shapes"
+        return None
+
+    def _param_source(self, expr):
+        """The function parameter a non-constant expression reads, if any."""
+        seen = [expr]
+        while seen:
+            e = seen.pop()
+            if isinstance(e, relax.Var) and e not in self.value:
+                return e
+            if isinstance(e, relax.Var):
+                seen.append(self.value[e])
+            elif isinstance(e, relax.Call):
+                seen.extend(e.args)
+        return None
 
     def is_pointwise_conv(self, var) -> bool:
         """A plain 1x1 conv: stride 1, no padding, no groups, reading a var."""

@@ -14,6 +14,7 @@ from tvm import relax
 from .analysis import SiteAnalysis
 from .dataflow import op_name
 from .errors import RebirthError
+from .site import ACTIVATIONS
 
 
 def _per_channel(arr, channels):
@@ -82,7 +83,7 @@ def exact_site_weights(analysis: SiteAnalysis, site_id: str) -> tuple:
             pool = [int(v) for v in call.attrs.pool_size]
             weight = _pool_kernel(weight, pool, jump)
             jump = [j * int(s) for j, s in zip(jump, call.attrs.strides)]
-        elif step.kind != "relu":
+        elif step.kind not in ACTIVATIONS:
             raise RebirthError(f"site '{site_id}': '{step.kind}' has no closed form")
     expected = site.new_conv[0]
     if list(weight.shape[2:]) != list(expected.kernel):

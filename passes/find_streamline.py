@@ -20,10 +20,17 @@ import dataclasses
 
 from tvm import relax
 
-from .dataflow import AFFINE_OPS, Dataflow, ints, op_name, shape_of
+from .dataflow import AFFINE_OPS, RETURN, Dataflow, ints, op_name, shape_of
 from .layers import POOL_OPS
-from .site import LINEAR_OPS, NON_TENSOR_OPS, ConvSpec, RebirthSite, Window, rebirth_geometry
+from .site import (ACTIVATIONS, LINEAR_OPS, NON_TENSOR_OPS, RELU_LIKE, ConvSpec, RebirthSite,
+                   Window, rebirth_geometry)
 from .traces import Step, StreamlineTrace, consumer_convs
+
+
+# Relax op -> the activation kind a plan's ops list records
+_ACTIVATION_OPS = {"relax.nn.relu": "relu", "relax.nn.prelu": "prelu",
+                   "relax.nn.leakyrelu": "leaky_relu", "relax.clip": "clip",
+                   "relax.nn.relu6": "relu6"}
 
 
 @dataclasses.dataclass
@@ -51,6 +58,7 @@ class _ChainStep:
     layer: str | None = None
     windows: tuple | None = None  # (Window h, Window w) of a pool
     pool_attrs: object = None
+    call: object = None  # an activation's call (re-applied at the chain's end)
 
 
 @dataclasses.dataclass
@@ -65,6 +73,8 @@ class _Chain:
     steps: list = dataclasses.field(default_factory=list)
     end: object = None
     linear: bool = True
+    activation: str | None = None  # the last activation's kind
+    activation_call: object = None  # and its call, when not a plain ReLU
 
 
 def _conv_windows(spec: ConvSpec):
@@ -92,8 +102,10 @@ class StreamlineFinder:
         value = graph.value[user]
         op = op_name(value)
         channels = (shape_of(cur) or [0, 0])[1]
-        if op == "relax.nn.relu":
-            return _ChainStep("relu", user)
+        kind = _ACTIVATION_OPS.get(op)
+        if kind is not None and value.args[0].same_as(cur) and all(
+                graph.is_const(a) or isinstance(a, relax.PrimValue) for a in value.args[1:]):
+            return _ChainStep(kind, user, call=value)
         if op in POOL_OPS:
             a = value.attrs
             if a.layout != "NCHW" or any(int(d) != 1 for d in a.dilation):
@@ -139,8 +151,10 @@ class StreamlineFinder:
             if step.kind == "bias":  # part of the conv
                 chain.end = cur
                 continue
-            if step.kind == "relu":
-                chain.ops.append("relu")
+            if step.kind in ACTIVATIONS:
+                chain.ops.append(step.kind)
+                chain.activation = step.kind
+                chain.activation_call = None if step.kind == "relu" else step.call
                 pending_relu = True
                 continue
             if pending_relu:
@@ -161,7 +175,7 @@ class StreamlineFinder:
                 chain.windows_h.append(step.windows[0])
                 chain.windows_w.append(step.windows[1])
             chain.end = cur
-        if chain.ops[-1] == "relu":  # trailing relus belong to the chain
+        if chain.ops[-1] in ACTIVATIONS:  # trailing activations belong to the chain
             chain.end = cur
         while chain.steps and not chain.steps[-1].var.same_as(chain.end):
             chain.steps.pop()
@@ -170,17 +184,24 @@ class StreamlineFinder:
     # -- conv -> non-tensor ops --------------------------------------------------------------
     def from_conv(self, conv_var) -> Found | Rejection | None:
         graph = self.graph
-        if not graph.is_plain_conv(conv_var):
-            return None
         name = self.names[conv_var]
-        spec = graph.conv_spec(conv_var, name)
-        wh, ww = _conv_windows(spec)
+        problem = graph.conv_problem(conv_var)
+        if problem is not None and "not bound" in problem:
+            return Rejection(name, f"'{name}': {problem}")
+        spec = graph.conv_spec(conv_var, name) if problem is None else None
+        wh, ww = _conv_windows(spec) if spec is not None else ([], [])
         chain = self._walk(_Chain(["conv2d"], [name], wh, ww), conv_var, allow_bias=True)
         if not any(op in NON_TENSOR_OPS for op in chain.ops):
-            return None
+            shared = self._shared_pool(chain.end)
+            if shared is None:
+                return None
+            return Rejection(f"{name}+{shared[0]}", f"'{shared[0]}' reads a tensor that "
+                             f"{shared[1]} ops read: a chain never crosses a shared tensor")
+        site_id = "+".join(chain.layers)
+        if problem is not None:
+            return Rejection(site_id, f"'{name}': {problem}")
         in_hw = shape_of(graph.value[conv_var].args[0])[2:]
         out_hw = shape_of(chain.end)[2:]
-        site_id = "+".join(chain.layers)
         try:
             kernel, stride, pad, note = rebirth_geometry(
                 (chain.windows_h, chain.windows_w), in_hw, out_hw, self.policy,
@@ -191,12 +212,25 @@ class StreamlineFinder:
                        spec.groups)
         trace = StreamlineTrace(
             convs=[conv_var], inputs=[graph.value[conv_var].args[0]],
-            relu=["relu" in chain.ops], steps=chain.steps, end=chain.end,
-            consumers=consumer_convs(graph, self.names, chain.end))
+            relu=[chain.activation in RELU_LIKE], steps=chain.steps, end=chain.end,
+            consumers=consumer_convs(graph, self.names, chain.end),
+            activation=[chain.activation_call])
         return Found(RebirthSite(id=site_id, kind="streamline", ops=chain.ops,
                                  layers=chain.layers, old_conv=[spec], new_conv=[new],
                                  exact=chain.linear, input_hw=in_hw, output_hw=out_hw,
                                  note=note), trace)
+
+    def _shared_pool(self, var):
+        """(layer name, readers) of a pool/BN/LRN that reads ``var`` while other ops read it
+        too (the chain stopped there), else None."""
+        users = [u for u in self.graph.users_of(var) if u != RETURN]
+        if len(users) < 2:
+            return None
+        for user in users:
+            op = op_name(self.graph.value[user])
+            if op in POOL_OPS or op == "relax.nn.batch_norm":
+                return self.names.get(user, op), len(self.graph.users_of(var))
+        return None
 
     # -- concat -> stride-2 pool -------------------------------------------------------------
     def _branch_tail(self, var):

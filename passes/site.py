@@ -20,6 +20,11 @@ BRANCH_WIDTHS = ("carry", "paper")
 POOL_KINDS = ("max_pool2d", "avg_pool2d")
 # ops that are not tensor (learned) layers: what a streamline chain absorbs
 NON_TENSOR_OPS = ("max_pool2d", "avg_pool2d", "lrn", "batch_norm", "scale")
+# elementwise activations a chain passes and its rebirth conv re-applies at its end (a ReLU
+# in the middle of a block moves to the end: exact for max pools, learned otherwise)
+ACTIVATIONS = ("relu", "prelu", "leaky_relu", "clip", "relu6")
+# activations whose output is a ReLU's where it matters for fitting (lower bound 0)
+RELU_LIKE = ("relu", "relu6", "clip")
 # ops through which a chain stays a linear function of the conv output
 LINEAR_OPS = ("avg_pool2d", "batch_norm", "scale")
 

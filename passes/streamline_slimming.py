@@ -38,7 +38,8 @@ class _SiteRewriter(relax.PyExprMutator):
 
     def __init__(self, mod, replacements, refits):
         super().__init__(mod)
-        # end var -> ([(input, ConvSpec, W, b, relu)], name of the concat the convs feed)
+        # end var -> ([(input, ConvSpec, W, b, relu, activation call or None)], name of the
+        # concat the convs feed)
         self.replacements = replacements
         self.refits = refits  # consumer end var -> (ConvBlock, conv2d call, W, b)
 
@@ -54,14 +55,19 @@ class _SiteRewriter(relax.PyExprMutator):
         is_output = not isinstance(binding.var, relax.DataflowVar)
         last = len(convs) == 1  # several convs end in a concat, which is the output
         outs = []
-        for data, spec, weight, bias, relu in convs:
+        for data, spec, weight, bias, relu, activation in convs:
             # the rebirth conv keeps the replaced layer's name, so site ids stay stable
             y = self.builder_.emit(relax.op.nn.conv2d(
                 self.visit_expr(data), relax.const(weight), strides=spec.stride,
                 padding=spec.padding, groups=spec.groups), name_hint=spec.replaces)
+            act = activation is not None or relu
             y = self._emit(relax.op.add(y, relax.const(bias.reshape(1, -1, 1, 1))),
-                           is_output and last and not relu)
-            if relu:
+                           is_output and last and not act)
+            if activation is not None:  # the block's activation, re-applied on the new conv
+                y = self._emit(relax.Call(activation.op, [y] + [
+                    self.visit_expr(a) for a in activation.args[1:]], activation.attrs,
+                    activation.ty_args), is_output and last)
+            elif relu:
                 y = self._emit(relax.op.nn.relu(y), is_output and last)
             outs.append(y)
         if len(outs) == 1:
@@ -119,16 +125,19 @@ class _Streamline:
     """One run of StreamlineSlimming: the module's site analysis, computed once."""
 
     def __init__(self, mod, policy, weights, func_name):
-        self.mod, self.weights, self.func_name = mod, weights, func_name
+        self.weights, self.func_name = weights, func_name
         self.analysis = analyze_sites(mod, policy, ["streamline"], func_name)
+        self.mod = self.analysis.mod  # prepared: the module the traces' vars belong to
 
     def run(self, sites) -> tvm.IRModule:
         replacements, refits = {}, {}
         for site in sites:
             match_site(self.analysis, site)
             trace = self.analysis.trace(site.id)
-            convs = [(data, spec, weight, bias, relu) for (weight, bias), spec, data, relu in zip(
-                self._conv_weights(site), site.new_conv, trace.inputs, trace.relu)]
+            activations = trace.activation or [None] * len(trace.convs)
+            convs = [(data, spec, weight, bias, relu, act) for (weight, bias), spec, data, relu,
+                     act in zip(self._conv_weights(site), site.new_conv, trace.inputs,
+                                trace.relu, activations)]
             replacements[trace.end] = (convs, site.layers[0])
             for consumer in trace.consumers:
                 refit = self._refit(site, consumer)

@@ -52,12 +52,15 @@ class StreamlineTrace:
 
     convs: list   # conv2d vars, one per rebirth conv (same order as site.new_conv)
     inputs: list  # each conv's data input
-    relu: list    # whether each rebirth conv is followed by a ReLU
+    relu: list    # whether each rebirth conv is followed by a ReLU (or a ReLU-like clip)
     steps: list   # Step of every op after the conv(s)
     end: object   # the var whose value the rebirth conv(s) replace
     # convs reading the site's output (directly or through pools): the fine-tune stage may
     # refit them to absorb the site's residual error
     consumers: list = dataclasses.field(default_factory=list)
+    # per conv: the activation call it re-applies (R.nn.prelu(x, alpha), R.clip(...), ...)
+    # with its data argument replaced, or None (a ReLU when ``relu``, else nothing)
+    activation: list = dataclasses.field(default_factory=list)
 
 
 @dataclasses.dataclass

@@ -97,3 +97,41 @@ def test_if_network(tmp_path):
     plan, weights, original, rebirth = user_flow(path, (1, 3, 32, 32))
     assert [s.id for s in plan.sites] == ["conv1+pool1"]
     assert rel_err(rebirth, original) < 0.6
+
+
+@pytest.mark.parametrize("leaky", [False, True], ids=["prelu", "leakyrelu"])
+def test_prelu_network(tmp_path, leaky):
+    """PReLU / LeakyReLU chains are sites; the activation is re-applied after the rebirth
+    conv (R.nn.prelu with the block's slopes), and the slimmed model tracks the original."""
+    path = onnx_models.prelu_model(tmp_path / "p.onnx", leaky=leaky)
+    plan, weights, original, rebirth = user_flow(path, (1, 3, 32, 32), n_images=32)
+    act = "leaky_relu" if leaky else "prelu"
+    assert [(s.id, s.ops) for s in plan.sites] == [
+        ("conv1+pool1", ["conv2d", act, "max_pool2d"]),
+        ("conv2+pool2", ["conv2d", act, "avg_pool2d"])]
+    assert rel_err(rebirth, original) < 0.6
+    mod = tvm_rebirth.from_onnx(onnx.load(str(path)), shape_dict={"data": [1, 3, 32, 32]})
+    slim = tvm_rebirth.transform.Rebirth(plan, weights)(mod)
+    ops = [c.op.name for c in _calls(slim["main"])]
+    assert ops.count("relax.nn.prelu" if not leaky else "relax.nn.leakyrelu") == 2
+    assert "relax.nn.max_pool2d" not in ops and "relax.nn.avg_pool2d" not in ops
+
+
+def test_reasons_when_nothing_is_found(tmp_path):
+    """Weights left as parameters and legalized modules say why nothing is found; pass order
+    (DecomposeOpsForInference before the analysis) keeps the chain."""
+    path = onnx_models.chain_model(tmp_path / "bn.onnx", ["batch_norm", "avg_pool2d", "relu"])
+    model = onnx.load(str(path))
+    shape = {"data": [1, 4, 32, 32]}
+    mod = tvm_rebirth.from_onnx(model, shape_dict=shape)
+    assert [s.ops for s in tvm_rebirth.RebirthPlan.from_module(mod).sites] == [
+        ["conv2d", "batch_norm", "avg_pool2d", "relu"]]
+    decomposed = relax.transform.DecomposeOpsForInference()(mod)
+    assert [s.ops for s in tvm_rebirth.RebirthPlan.from_module(decomposed).sites] == [
+        ["conv2d", "scale", "avg_pool2d", "relu"]]
+    legalized = tvm_rebirth.RebirthPlan.from_module(relax.transform.LegalizeOps()(mod))
+    assert not legalized.sites and "already legalized" in legalized.rejected[0]["reason"]
+    unbound = tvm_rebirth.RebirthPlan.from_module(
+        tvm_rebirth.from_onnx(model, shape_dict=shape, keep_params_in_input=True))
+    assert not unbound.sites
+    assert "not bound constants" in unbound.rejected[0]["reason"]

@@ -41,7 +41,7 @@ def capture(mod, select, images, label, policy="keep-kernel", func_name="main") 
     analysis = analyze_sites(plain, policy, SITE_KINDS, func_name)
     outputs = select(analysis)
     keys = list(outputs)
-    func = plain[func_name]
+    func = analysis.mod[func_name]  # the analysed (prepared) module the vars belong to
     body = relax.BlockBuilder().normalize(relax.SeqExpr(
         func.body.blocks, relax.Tuple([outputs[k] for k in keys])))
     captured = relax.analysis.remove_all_unused(
