@@ -31,8 +31,10 @@ def _fusion_passes(target) -> list:
 
     from .fast_math import PowerToRoots
     from .layouts import PackConvWeights
+    from .pools import SeparablePools
 
-    packing = [PowerToRoots(), PackConvWeights(target)] if conv_kernels_enabled() else []
+    packing = [PowerToRoots(), PackConvWeights(target), SeparablePools(target)] \
+        if conv_kernels_enabled() else []
     return packing + cpu_generic.library_dispatch_passes(target) \
         + cpu_generic.legalize_passes(target)
 
@@ -41,9 +43,11 @@ def schedule_rules() -> list:
     """The dlight rules an untuned build applies, first match wins: our conv kernels, then
     the generic schedule for everything else."""
     from .conv_rules import ConvRule
+    from .pools import PoolRule
     from .schedules import GenericCpuSchedule
 
-    return ([ConvRule()] if conv_kernels_enabled() else []) + [GenericCpuSchedule()]
+    ours = [ConvRule(), PoolRule()] if conv_kernels_enabled() else []
+    return ours + [GenericCpuSchedule()]
 
 
 def _stages(target, database):

@@ -5,7 +5,8 @@
  * for a single-threaded guest). The guest marks the region to count with lseek(-1, MARK_START,
  * 0) and lseek(-1, MARK_STOP, 0) -- harmless failing syscalls the plugin recognises -- so
  * interpreter start-up, whose count varies run to run, stays outside. At exit the counted
- * instructions are written to `outfile=PATH`. The declarations are the few entry points of
+ * instructions are written to `outfile=PATH`; with `segments=PATH`, also each marked region's
+ * own count, one line per region in order (a per-call profile). The declarations are the few entry points of
  * QEMU's stable plugin ABI used here (Debian ships no qemu-plugin.h). */
 #include <stdint.h>
 #include <stdio.h>
@@ -38,7 +39,8 @@ extern void qemu_plugin_register_vcpu_syscall_cb(
 
 static uint64_t executed, started, counted;
 static int counting;
-static char outfile[4096];
+static char outfile[4096], segfile[4096];
+static FILE *segments;
 
 static void on_syscall(qemu_plugin_id_t id, unsigned int vcpu, int64_t num, uint64_t a1,
                        uint64_t a2, uint64_t a3, uint64_t a4, uint64_t a5, uint64_t a6,
@@ -50,6 +52,7 @@ static void on_syscall(qemu_plugin_id_t id, unsigned int vcpu, int64_t num, uint
     } else if (a2 == MARK_STOP && counting) {
         counting = 0;
         counted += executed - started;
+        if (segments) fprintf(segments, "%llu\n", (unsigned long long)(executed - started));
     }
 }
 
@@ -59,6 +62,7 @@ static void on_translate(qemu_plugin_id_t id, struct qemu_plugin_tb *tb) {
 }
 
 static void on_exit(qemu_plugin_id_t id, void *userdata) {
+    if (segments) fclose(segments);
     FILE *f = fopen(outfile, "w");
     if (f) {
         fprintf(f, "%llu\n", (unsigned long long)counted);
@@ -73,9 +77,12 @@ __attribute__((visibility("default"))) int qemu_plugin_install(
         if (strncmp(arg, "arg=", 4) == 0) arg += 4;
         if (strncmp(arg, "outfile=", 8) == 0) {
             strncpy(outfile, arg + 8, sizeof(outfile) - 1);
+        } else if (strncmp(arg, "segments=", 9) == 0) {
+            strncpy(segfile, arg + 9, sizeof(segfile) - 1);
         }
     }
     if (!outfile[0]) return -1;
+    if (segfile[0] && !(segments = fopen(segfile, "w"))) return -1;
     qemu_plugin_register_vcpu_tb_trans_cb(id, on_translate);
     qemu_plugin_register_vcpu_syscall_cb(id, on_syscall);
     qemu_plugin_register_atexit_cb(id, on_exit, NULL);

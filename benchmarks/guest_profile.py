@@ -1,0 +1,166 @@
+"""Where the instructions go: guest aarch64 instructions of every kernel call of one
+inference on the emulated Cortex-A72 (qemu-user, 1 thread), grouped by kind.
+
+    python benchmarks/guest_profile.py --model googlenet [--top 25] [--json]
+
+The original model is cross-built as the peers benchmark builds it (logits, untuned);
+in the guest, the Relax VM's instrument hook marks every kernel call for the counting plugin
+(`segments=`), which writes each call's own count. Each call's MACs come from its PrimFunc
+(conv / dense), so convs show instructions per MAC (the floor is 0.25: one FMLA = 4 MACs).
+Writes benchmarks/results/guest_profile_<model>.{json,md}.
+"""
+
+import argparse
+import collections
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from _common import table, write
+
+from tvm_rebirth import flow
+from tvm_rebirth.compile.build import compile_module, export_library, fused_module
+from tvm_rebirth.compile.targets import resolve_target
+from tvm_rebirth.deploy.peers import logits_module
+from tvm_rebirth.deploy.remote import count_guest_run, plugin_path
+
+# runs in the emulated device's Python: each VM call between two lseek markers, its symbol
+# appended to argv[3] in the order the plugin writes the segments
+GUEST_PROFILE = """import os
+import sys
+import numpy as np
+import tvm
+from tvm.runtime import vm as runtime_vm
+
+
+def mark(code):
+    try:
+        os.lseek(-1, code, 0)
+    except OSError:
+        pass
+
+
+vm = runtime_vm.VirtualMachine(tvm.runtime.load_module(sys.argv[1]), tvm.cpu())
+x = tvm.runtime.tensor(np.load(sys.argv[2]), tvm.cpu())
+vm["main"](x)  # the first run allocates
+names = []
+
+
+def instrument(func, symbol, before, ret, *args):
+    if before:
+        names.append(symbol)
+        mark(0x5EB1)
+    else:
+        mark(0x5EB2)
+    return 0
+
+
+vm.set_instrument(instrument)
+vm["main"](x)
+with open(sys.argv[3], "w") as f:
+    f.write("\\n".join(names) + "\\n")
+"""
+
+
+def kernel_macs(mod, target) -> dict:
+    """{PrimFunc name: multiply-adds}, read from the fused module's conv / matmul blocks:
+    the product of the spatial and reduction extents of each block that accumulates."""
+    from tvm import s_tir, tirx
+
+    macs = {}
+    for gv, func in fused_module(mod, target).functions.items():
+        if not isinstance(func, tirx.PrimFunc):
+            continue
+        sch = s_tir.Schedule(func)
+        total = 0
+        for rv in sch.get_child_blocks(sch.get_sblock("root")):
+            block = sch.get(rv)
+            store = block.body
+            if block.init is None or not isinstance(store, tirx.BufferStore) or not (
+                    isinstance(store.value, tirx.Add) and isinstance(store.value.b, tirx.Mul)):
+                continue
+            n = 1
+            for v in block.iter_vars:
+                n *= int(v.dom.extent)
+            total += n
+        macs[gv.name_hint] = total
+    return macs
+
+
+def kind_of(name: str) -> str:
+    for key in ("conv2d", "matmul", "dense", "max_pool", "avg_pool", "adaptive", "lrn",
+                "power", "concat", "softmax", "pad", "transpose", "reshape", "add", "relu"):
+        if key in name:
+            return key
+    return "other"
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="googlenet")
+    parser.add_argument("--target", default="cortex-a72")
+    parser.add_argument("--top", type=int, default=25)
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+
+    model = flow.load(args.model)
+    mod = model.mod
+    target = resolve_target(args.target)
+    x = np.random.default_rng(0).standard_normal(model.input_shapes[model.input_name]).astype("float32")
+    logits = logits_module(mod)
+    with tempfile.TemporaryDirectory(prefix="tvm-rebirth-profile-") as tmp:
+        work = Path(tmp)
+        lib = work / "model.so"
+        export_library(compile_module(logits, target).executable, str(lib), target)
+        (work / "guest.py").write_text(GUEST_PROFILE)
+        np.save(work / "x.npy", x)
+        segments = work / "segments.txt"
+        total = count_guest_run([work / "guest.py", lib, work / "x.npy", work / "names.txt"],
+                                work / "count.txt", 1, f"profile of {args.model}",
+                                plugin=f"{plugin_path()},segments={segments}")
+        names = (work / "names.txt").read_text().split()
+        counts = [int(v) for v in segments.read_text().split()]
+    if len(names) != len(counts):
+        sys.exit(f"error: {len(names)} calls but {len(counts)} counted segments")
+    macs = kernel_macs(logits, target)
+    calls = collections.defaultdict(lambda: [0, 0, 0])  # instructions, calls, macs
+    for name, n in zip(names, counts):
+        calls[name][0] += n
+        calls[name][1] += 1
+        calls[name][2] += macs.get(name, 0)
+    by_kind = collections.Counter()
+    for name, (n, _, _) in calls.items():
+        by_kind[kind_of(name)] += n
+    conv_macs = sum(m for _, _, m in calls.values())
+    conv_instr = sum(n for name, (n, _, m) in calls.items() if m)
+    result = {"model": args.model, "target": args.target,
+              "instructions": total, "kernel_instructions": sum(counts),
+              "mac_kernels": {"instructions": conv_instr, "macs": conv_macs,
+                              "per_mac": round(conv_instr / max(conv_macs, 1), 4)},
+              "by_kind": dict(by_kind.most_common()),
+              "calls": {name: {"instructions": n, "calls": c, "macs": m,
+                               "per_mac": round(n / m, 4) if m else None}
+                        for name, (n, c, m) in sorted(calls.items(), key=lambda kv: -kv[1][0])}}
+    rows = [[name, f"{v['instructions']:.3g}", v["calls"], f"{v['macs']:.3g}" if v["macs"] else "-",
+             f"{v['per_mac']:.3f}" if v["per_mac"] else "-"]
+            for name, v in list(result["calls"].items())[:args.top]]
+    md = (f"# Guest instructions per kernel: {args.model}, "
+          f"emulated Cortex-A72, 1 thread\n\n"
+          f"Whole inference (between the VM's calls too): {total:.4g}; in kernels "
+          f"{sum(counts):.4g}; MAC kernels {conv_instr:.4g} for {conv_macs:.4g} MACs "
+          f"({result['mac_kernels']['per_mac']:.3f}/MAC).\n\n"
+          + table([[k, f"{n:.3g}", f"{n / sum(counts):.1%}"] for k, n in by_kind.most_common()],
+                  ["kind", "instructions", "share"])
+          + "\n\n" + table(rows, ["kernel", "instructions", "calls", "MACs", "instr/MAC"])
+          + f"\n\nReproduce: `python benchmarks/guest_profile.py --model {args.model}`\n")
+    write(f"guest_profile_{args.model}", result, md)
+    print(json.dumps(result, indent=1) if args.json else md)
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TVM_NUM_THREADS", "1")
+    main()
