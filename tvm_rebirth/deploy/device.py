@@ -190,6 +190,36 @@ def _alive(pid: int) -> bool:
         return True
 
 
+def _group_members(pgid: int) -> list:
+    """Live (not zombie) processes of process group ``pgid``: `start` runs every tracker and
+    server as a group leader, and TVM's tracker and servers work in a child (PopenWorker)
+    that outlives a leader killed alone."""
+    members = []
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry.name}/stat") as f:
+                fields = f.read().rsplit(")", 1)[-1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            members.append(int(entry.name))
+    return members
+
+
+def port_in_use(port: int) -> bool:
+    """Whether something on 127.0.0.1 already listens on (or holds) ``port`` (connections
+    of a closed listener in TIME_WAIT do not count: the tracker reuses the address too)."""
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return True
+    return False
+
+
 def read_state() -> dict | None:
     path = state_path()
     if not path.exists():
@@ -246,9 +276,17 @@ def wait_for_keys(port: int, counts: dict, timeout: float, pids=()) -> dict:
 def start(port=None, local=False, emulated=True, servers=1) -> dict:
     """Start a tracker on 127.0.0.1 and the devices; returns the state (also on disk)."""
     state = read_state()
-    if state and any(_alive(p["pid"]) for p in state["processes"]):
-        raise RebirthError(f"devices already running (tracker 127.0.0.1:{state['port']}); "
-                           "`tvm-rebirth device stop` first")
+    if state:
+        groups = {p["pid"]: _group_members(p["pid"]) for p in state["processes"]}
+        alive = sorted(pid for members in groups.values() for pid in members)
+        if alive or port_in_use(state["port"]):
+            what = (f"pid(s) {', '.join(map(str, alive))}" if alive
+                    else "a process not started by us")
+            raise RebirthError(f"devices already running (tracker 127.0.0.1:{state['port']}, "
+                               f"held by {what}); `tvm-rebirth device stop` first")
+    if port and port_in_use(port):
+        raise RebirthError(f"port {port} on 127.0.0.1 is already in use: pass another --port "
+                           "(or none, for the first free one from 9190)")
     root = ensure_sysroot() if emulated else None
     port = port or free_port(9190)
     logs = state_path().parent / "logs"
@@ -291,17 +329,20 @@ def start(port=None, local=False, emulated=True, servers=1) -> dict:
 
 
 def _wait_port(port, timeout, pid):
+    """Wait until the tracker we started (``pid``'s group) answers as a tracker on ``port``."""
+    from .rpc import tracker_summary
+
     deadline = time.time() + timeout
     while time.time() < deadline:
+        if not _group_members(pid):
+            break
         try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            tracker_summary("127.0.0.1", port)
             return
-        except OSError:
-            if not _alive(pid):
-                break
+        except RebirthError:
             time.sleep(0.2)
     raise RebirthError(f"the RPC tracker did not start on 127.0.0.1:{port} "
-                       f"(log: {devices_dir() / 'logs' / 'tracker.log'})")
+                       f"(log: {state_path().parent / 'logs' / 'tracker.log'})")
 
 
 def stop() -> list:
@@ -310,8 +351,8 @@ def stop() -> list:
     if not state:
         return []
     stopped = []
-    for proc in state["processes"]:
-        if _alive(proc["pid"]):
+    for proc in state["processes"]:  # the whole group: a killed leader leaves its worker
+        if _group_members(proc["pid"]):
             try:
                 os.killpg(proc["pid"], signal.SIGTERM)
             except OSError:
@@ -319,13 +360,16 @@ def stop() -> list:
             stopped.append(proc)
     deadline = time.time() + 10
     for proc in stopped:
-        while _alive(proc["pid"]) and time.time() < deadline:
+        while _group_members(proc["pid"]) and time.time() < deadline:
             time.sleep(0.1)
-        if _alive(proc["pid"]):
+        if _group_members(proc["pid"]):
             try:
                 os.killpg(proc["pid"], signal.SIGKILL)
             except OSError:
                 pass
+    if port_in_use(state["port"]):
+        logger.warning(f"[device] 127.0.0.1:{state['port']} is still held by a process "
+                       "`device start` did not start")
     state_path().unlink(missing_ok=True)
     return stopped
 
@@ -337,12 +381,17 @@ def status() -> dict:
     state = read_state()
     if not state:
         return {"running": False, "tracker": None, "keys": {}, "processes": []}
-    processes = [dict(p, alive=_alive(p["pid"])) for p in state["processes"]]
-    queues = {}
-    if processes and processes[0]["alive"]:
-        try:
-            queues = tracker_summary("127.0.0.1", state["port"]).get("queue_info", {})
-        except RebirthError:
-            queues = {}
-    return {"running": bool(processes and processes[0]["alive"]),
-            "tracker": f"127.0.0.1:{state['port']}", "keys": queues, "processes": processes}
+    processes = []
+    for p in state["processes"]:  # alive: any process of its group (TVM works in a child)
+        members = _group_members(p["pid"])
+        processes.append(dict(p, alive=bool(members), leader_alive=p["pid"] in members,
+                              group=members))
+    try:  # the port, not the pid, says whether a tracker runs
+        queues = tracker_summary("127.0.0.1", state["port"]).get("queue_info", {})
+        answers = True
+    except RebirthError:
+        queues, answers = {}, False
+    return {"running": answers or any(p["alive"] for p in processes),
+            "tracker": f"127.0.0.1:{state['port']}", "tracker_answers": answers,
+            "port_in_use": answers or port_in_use(state["port"]), "keys": queues,
+            "processes": processes}
