@@ -53,9 +53,10 @@ class RebirthWeights(collections.abc.Mapping):
             raise RebirthError(f"{path}: no such weights file" if not path.exists() else
                                f"{path}: not a weights file (a directory or device)")
         try:
-            with np.load(path, allow_pickle=False) as data:
-                if not isinstance(data, np.lib.npyio.NpzFile):
-                    raise RebirthError(f"{path}: not a weights .npz file (a single .npy array)")
+            data = np.load(path, allow_pickle=False)
+            if not isinstance(data, np.lib.npyio.NpzFile):
+                raise RebirthError(f"{path}: not a weights .npz file (a single .npy array)")
+            with data:
                 arrays = {k: data[k] for k in data.files}
         except (OSError, ValueError, EOFError, zipfile.BadZipFile) as err:
             reason = str(err) or type(err).__name__
