@@ -1,6 +1,8 @@
 """tvm-rebirth's Relax passes: pure IRModule analyses and rewrites, no I/O, no tooling.
 
     AttachLayerNames     source layer names on the vars (site ids stay stable)
+    PrepareForSites      canonical bindings, no dead code, explicit pads absorbed (AbsorbPads):
+                         what every analysis reads
     FindRebirthSites     annotate the module with its sites (analyze_sites: as objects)
     StreamlineSlimming   conv + pool/LRN/BN chains -> one strided conv
     BranchSlimming       inception branches -> fewer, wider convs
@@ -8,6 +10,7 @@
     rebirth_pipeline     the slimming passes in order
 """
 
+from .absorb_pads import AbsorbPads
 from .analysis import SiteAnalysis, analyze_sites, block_difference, match_site
 from .attach_layer_names import AttachLayerNames
 from .branch_slimming import BranchSlimming
@@ -17,13 +20,14 @@ from .exact_merge import exact_site_weights
 from .find_rebirth_sites import FindRebirthSites, find_rebirth_sites
 from .merge_parallel_convs import MergeParallelConvs
 from .pipeline import rebirth_pipeline
+from .prepare import PrepareForSites
 from .site import (BRANCH_WIDTHS, KERNEL_POLICIES, SITE_KINDS, Absorb, Branch, ConvSpec,
                    RebirthSite, branch_conv_layout, branch_groups, refit_keys,
                    site_conv_weights, weight_keys)
 from .streamline_slimming import StreamlineSlimming
 from .traces import BranchTrace, ConvBlock, PoolSpec, Step, StreamlineTrace
 
-__all__ = ["AttachLayerNames", "FindRebirthSites", "find_rebirth_sites", "analyze_sites",
+__all__ = ["AttachLayerNames", "AbsorbPads", "PrepareForSites", "FindRebirthSites", "find_rebirth_sites", "analyze_sites",
            "SiteAnalysis", "block_difference", "match_site", "StreamlineSlimming",
            "BranchSlimming", "MergeParallelConvs", "rebirth_pipeline", "exact_site_weights",
            "Dataflow", "evaluate_constant", "RebirthError", "ConvSpec", "RebirthSite", "Branch",

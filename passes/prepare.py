@@ -12,6 +12,7 @@ such passes::
     lv7 = lv6[0]
     lv8 = R.nn.avg_pool2d(lv7, ...)
 
+Explicit constant pads before convs and pools become their padding (``AbsorbPads``).
 ``analysis.analyze_sites`` applies it first; the slimming passes rewrite the prepared module.
 """
 
@@ -20,6 +21,8 @@ from __future__ import annotations
 import tvm
 import tvm_ffi
 from tvm import relax
+
+from .absorb_pads import AbsorbPads
 
 
 @tvm.transform.module_pass(opt_level=0, name="PrepareForSites")
@@ -43,8 +46,8 @@ class PrepareForSites:
         single = tvm.IRModule({gvar: func})
         canonical = relax.transform.CanonicalizeBindings()(single)[self.func_name]
         prepared = relax.analysis.remove_all_unused(canonical)
-        if tvm_ffi.structural_equal(prepared, func):
-            return mod  # nothing to do: keep the very vars the caller holds
-        updated = tvm.IRModule(dict(mod.functions), attrs=mod.attrs)
-        updated[self.func_name] = prepared
-        return updated
+        if not tvm_ffi.structural_equal(prepared, func):
+            mod = tvm.IRModule(dict(mod.functions), attrs=mod.attrs)
+            mod[self.func_name] = prepared
+        # keeps the very vars the caller holds when there is nothing to do
+        return AbsorbPads(self.func_name)(mod)

@@ -232,8 +232,8 @@ def _pad(g, x, name, pads, value):
 
 def pad_model(path, shape=(1, 3, 32, 32)):
     """Explicit Pad nodes as PyTorch/TF exports write them: zero Pad -> conv1 (no padding of
-    its own) -> relu -> -inf Pad -> pool1 3x3/s2 -> conv2 -> relu -> zero Pad -> pool2 (a
-    max pool after a zero pad: not absorbable unless after a ReLU) -> tail."""
+    its own) -> relu -> -inf Pad (bottom/right only) -> pool1 3x3/s2 -> conv2 -> relu ->
+    pool2 -> tail."""
     g = GraphMaker(shape)
     x = _pad(g, "data", "conv1/pad", (1, 1, 1, 1), 0.0)
     x = g.relu(g.conv(x, "conv1", 8, k=3, p=0), "relu1")

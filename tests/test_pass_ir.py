@@ -15,7 +15,8 @@ from tvm.script import ir as I
 from tvm.script import relax as R
 
 from tvm_rebirth import RebirthPlan
-from tvm_rebirth.passes import (AttachLayerNames, BranchSlimming, MergeParallelConvs,
+from tvm_rebirth.passes import (AbsorbPads, AttachLayerNames, BranchSlimming, MergeParallelConvs,
+                                 PrepareForSites,
                                  StreamlineSlimming, weight_keys)
 
 
@@ -778,3 +779,162 @@ class TestBranchSlimming:
         plan = plan_for(before)
         assert [s.kind for s in plan.sites] == ["streamline"]
         verify_noop(BranchSlimming(plan, {}), before)
+
+
+# -- AbsorbPads / PrepareForSites (issue 19) --------------------------------------------------
+class TestAbsorbPads:
+    @I.ir_module
+    class PadConv:
+        @R.function
+        def main(x: R.Tensor((1, 3, 8, 8), "float32"), w: R.Tensor((4, 3, 3, 3), "float32")):
+            with R.dataflow():
+                p = R.nn.pad(x, [0, 0, 0, 0, 1, 2, 1, 0], pad_value=0.0)
+                c = R.nn.conv2d(p, w, padding=[0, 0, 0, 0])
+                R.output(c)
+            return c
+
+    @I.ir_module
+    class PadConvAbsorbed:
+        @R.function
+        def main(x: R.Tensor((1, 3, 8, 8), "float32"), w: R.Tensor((4, 3, 3, 3), "float32")):
+            with R.dataflow():
+                c = R.nn.conv2d(x, w, padding=[1, 1, 2, 0])
+                R.output(c)
+            return c
+
+    def test_zero_pad_becomes_conv_padding(self):
+        w = random_params({"w": (4, 3, 3, 3)})
+        after = verify(AbsorbPads(), bind(self.PadConv, w), bind(self.PadConvAbsorbed, w))
+        x = np.random.default_rng(1).standard_normal((1, 3, 8, 8)).astype("float32")
+        assert_close(run(after, x), run(bind(self.PadConv, w), x))
+
+    @I.ir_module
+    class PadPool:
+        @R.function
+        def main(x: R.Tensor((1, 3, 8, 8), "float32")):
+            with R.dataflow():
+                p = R.nn.pad(x, [0, 0, 0, 0, 0, 1, 0, 1], pad_value=float("-inf"))
+                m = R.nn.max_pool2d(p, [3, 3], strides=[2, 2])
+                R.output(m)
+            return m
+
+    @I.ir_module
+    class PadPoolAbsorbed:
+        @R.function
+        def main(x: R.Tensor((1, 3, 8, 8), "float32")):
+            with R.dataflow():
+                m = R.nn.max_pool2d(x, [3, 3], strides=[2, 2], padding=[0, 0, 1, 1])
+                R.output(m)
+            return m
+
+    def test_minus_inf_pad_becomes_max_pool_padding(self):
+        verify(AbsorbPads(), self.PadPool, self.PadPoolAbsorbed)
+
+    @I.ir_module
+    class ZeroPadPool:
+        @R.function
+        def main(x: R.Tensor((1, 3, 8, 8), "float32")):
+            with R.dataflow():
+                p = R.nn.pad(x, [0, 0, 0, 0, 1, 1, 1, 1], pad_value=0.0)
+                m = R.nn.max_pool2d(p, [3, 3], strides=[2, 2])
+                R.output(m)
+            return m
+
+    def test_zero_pad_before_max_pool_stays(self):
+        verify_noop(AbsorbPads(), self.ZeroPadPool)
+
+
+class TestPrepareForSites:
+    @I.ir_module
+    class DeadTuple:
+        """What DecomposeOpsForInference leaves of a BatchNorm: arithmetic plus a tuple of
+        which only field 0 is read, through a trivial rebinding."""
+
+        @R.function
+        def main(x: R.Tensor((1, 4, 8, 8), "float32"), m: R.Tensor((4,), "float32")):
+            with R.dataflow():
+                a = R.add(x, x)
+                t = (a, m, m)
+                b = t[0]
+                c = b
+                p = R.nn.avg_pool2d(c, [2, 2], strides=[2, 2])
+                R.output(p)
+            return p
+
+    @I.ir_module
+    class DeadTuplePrepared:
+        @R.function
+        def main(x: R.Tensor((1, 4, 8, 8), "float32"), m: R.Tensor((4,), "float32")):
+            with R.dataflow():
+                a = R.add(x, x)
+                p = R.nn.avg_pool2d(a, [2, 2], strides=[2, 2])
+                R.output(p)
+            return p
+
+    def test_dead_tuple_and_rebindings_go(self):
+        verify(PrepareForSites(), self.DeadTuple, self.DeadTuplePrepared)
+
+    def test_prepared_module_is_left_alone(self):
+        verify_noop(PrepareForSites(), self.DeadTuplePrepared)
+
+
+class TestActivations:
+    @I.ir_module
+    class PreluChain:
+        @R.function
+        def main(x: R.Tensor((1, 3, 8, 8), "float32"), w: R.Tensor((4, 3, 3, 3), "float32"),
+                 b: R.Tensor((1, 4, 1, 1), "float32"), alpha: R.Tensor((4,), "float32")):
+            with R.dataflow():
+                c = R.nn.conv2d(x, w, padding=[1, 1, 1, 1])
+                cb = R.add(c, b)
+                a = R.nn.prelu(cb, alpha, axis=1)
+                p = R.nn.max_pool2d(a, [2, 2], strides=[2, 2])
+                R.output(p)
+            return p
+
+    @I.ir_module
+    class PreluSlimmed:
+        @R.function
+        def main(x: R.Tensor((1, 3, 8, 8), "float32"), w: R.Tensor((4, 3, 3, 3), "float32"),
+                 b: R.Tensor((1, 4, 1, 1), "float32"), alpha: R.Tensor((4,), "float32")):
+            with R.dataflow():
+                c = R.nn.conv2d(x, w, strides=[2, 2], padding=[1, 1, 0, 0])
+                cb = R.add(c, b)
+                p = R.nn.prelu(cb, alpha, axis=1)
+                R.output(p)
+            return p
+
+    def test_prelu_is_kept_at_the_chain_end(self):
+        shapes = {"w": (4, 3, 3, 3), "b": (1, 4, 1, 1), "alpha": (4,)}
+        p = random_params(shapes)
+        before = bind(self.PreluChain, p)
+        plan = plan_for(before)
+        assert [s.ops for s in plan.sites] == [["conv2d", "prelu", "max_pool2d"]]
+        site = plan.sites[0]
+        (_, wkey, bkey), = weight_keys(site)
+        new_w = random_params({"w": (4, 3, 3, 3)}, seed=3)["w"]
+        new_b = np.arange(4, dtype="float32")
+        expected = bind(self.PreluSlimmed, {"w": new_w, "b": new_b.reshape(1, 4, 1, 1),
+                                            "alpha": p["alpha"]})
+        verify(StreamlineSlimming(plan, {wkey: new_w, bkey: new_b}), before, expected)
+
+
+class TestNonDataflowBindings:
+    @I.ir_module
+    class WithIf:
+        @R.function
+        def main(x: R.Tensor((1, 3, 8, 8), "float32"), w: R.Tensor((4, 3, 3, 3), "float32"),
+                 cond: R.Tensor((), "bool")):
+            c = R.nn.conv2d(x, w, padding=[1, 1, 1, 1])
+            p = R.nn.max_pool2d(c, [2, 2], strides=[2, 2])
+            if cond:
+                r = R.nn.relu(p)
+            else:
+                r = R.negative(p)
+            return r
+
+    def test_attach_layer_names_outside_dataflow_blocks(self):
+        before = bind(self.WithIf, random_params({"w": (4, 3, 3, 3)}))
+        after = AttachLayerNames({"conv2d": ["conv1"], "max_pool2d": ["pool1"]})(before)
+        assert names_of(after, ["relax.nn.conv2d", "relax.nn.max_pool2d"]) == ["conv1", "pool1"]
+        assert [s.id for s in plan_for(after).sites] == ["conv1+pool1"]

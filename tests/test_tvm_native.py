@@ -135,3 +135,16 @@ def test_reasons_when_nothing_is_found(tmp_path):
         tvm_rebirth.from_onnx(model, shape_dict=shape, keep_params_in_input=True))
     assert not unbound.sites
     assert "not bound constants" in unbound.rejected[0]["reason"]
+
+
+def test_pad_network(tmp_path):
+    """Explicit ONNX Pad nodes (call_tir of topi's pad after TVM's import) are absorbed into
+    the conv and the max pool, so both chains are sites, slimmed and built."""
+    path = onnx_models.pad_model(tmp_path / "pad.onnx")
+    plan, weights, original, rebirth = user_flow(path, (1, 3, 32, 32), n_images=32)
+    assert [(s.id, s.old_conv[0].padding) for s in plan.sites] == [
+        ("conv1+pool1", [1, 1, 1, 1]), ("conv2+pool2", [1, 1, 1, 1])]
+    assert rel_err(rebirth, original) < 0.6
+    mod = tvm_rebirth.from_onnx(onnx.load(str(path)), shape_dict={"data": [1, 3, 32, 32]})
+    slim = tvm_rebirth.transform.Rebirth(plan, weights)(mod)
+    assert not [g for g, f in slim.functions.items() if isinstance(f, tvm.tirx.PrimFunc)]
