@@ -148,3 +148,37 @@ def test_pad_network(tmp_path):
     mod = tvm_rebirth.from_onnx(onnx.load(str(path)), shape_dict={"data": [1, 3, 32, 32]})
     slim = tvm_rebirth.transform.Rebirth(plan, weights)(mod)
     assert not [g for g, f in slim.functions.items() if isinstance(f, tvm.tirx.PrimFunc)]
+
+
+def test_targets_presets_tags_dicts_and_targets():
+    """Presets stay aliases; a TVM tag, a dict, its JSON and a Target are taken as they are;
+    anything else is a one-line error naming what is accepted."""
+    from tvm_rebirth.compile.targets import resolve_target, target_label
+
+    assert resolve_target("cortex-a72").attrs["mcpu"] == "cortex-a72"
+    rk = resolve_target("arm/rk3399")
+    assert rk.attrs["mtriple"] == "aarch64-linux-gnu" and rk.attrs["model"] == "rk3399"
+    spec = {"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mcpu": "cortex-a55"}
+    assert resolve_target(spec).attrs["mcpu"] == "cortex-a55"
+    import json
+    assert str(resolve_target(json.dumps(spec))) == str(resolve_target(spec))
+    target = tvm.target.Target("llvm")
+    assert resolve_target(target) is target
+    assert target_label("arm/rk3399") == "arm-rk3399" and target_label(spec) == "cortex-a55"
+    for bad in ("nope/tag", '{"kind": "llvm",', '{"kind": "nokind"}'):
+        with pytest.raises(tvm_rebirth.RebirthError, match="target"):
+            resolve_target(bad)
+
+
+def test_pipeline_builds_for_a_tag_target(tmp_path):
+    """The registered pipeline takes the target tvm.compile gives it: a cross build for a
+    TVM tag (no device needed to compile)."""
+    from tvm_rebirth.compile.targets import resolve_target
+
+    path = onnx_models.chain_model(tmp_path / "m.onnx", ["relu", "max_pool2d"])
+    mod = tvm_rebirth.from_onnx(onnx.load(str(path)), shape_dict={"data": [1, 4, 32, 32]})
+    plan = tvm_rebirth.RebirthPlan.from_module(mod)
+    weights = tvm_rebirth.finetune(mod, plan, images(16, (1, 4, 32, 32)))
+    ex = tvm.compile(mod, resolve_target("arm/rk3399"), relax_pipeline=relax.get_pipeline(
+        "rebirth", plan=plan, weights=weights))
+    assert ex is not None

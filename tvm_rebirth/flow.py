@@ -525,7 +525,7 @@ def build(args: BuildArgs) -> dict:
     """`build`: compile the original (or rebirth) model into a library for ``target``, with
     the tuning_logs unless ``tuning_logs`` is false."""
     from .compile.build import compile_module, export_library
-    from .compile.targets import resolve_target
+    from .compile.targets import resolve_target, target_label
 
     target = resolve_target(args.target)
     args.rebirth.check()
@@ -534,7 +534,7 @@ def build(args: BuildArgs) -> dict:
     start = time.time()
     model = load(args.model)
     what = "rebirth" if args.rebirth.given else "original"
-    out = args.output or f"{model.name}-{what}-{args.target}.so"
+    out = args.output or f"{model.name}-{what}-{target_label(args.target)}.so"
     output = output or checked_output(out, inputs)
     mod, what = variant(model, args.rebirth, "build")
     logger.info(f"[build] compiling the {what} {model.name} for {args.target}")
