@@ -118,11 +118,10 @@ def write_atomic(path, data) -> None:
     failure, nothing (the old file untouched, no temporary file left)."""
     if isinstance(data, str):
         data = data.encode()
-    with replacing(path) as tmp:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+    with replacing(path) as tmp, open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def write_text(path, text: str) -> None:
