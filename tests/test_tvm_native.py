@@ -182,3 +182,28 @@ def test_pipeline_builds_for_a_tag_target(tmp_path):
     ex = tvm.compile(mod, resolve_target("arm/rk3399"), relax_pipeline=relax.get_pipeline(
         "rebirth", plan=plan, weights=weights))
     assert ex is not None
+
+
+def test_bench_compares_logits(tmp_path):
+    """bench's error is the relative error of the logits (the input of a final softmax)."""
+    from onnx import helper
+
+    from tvm_rebirth.report.measure import bench_pair, with_logits
+
+    path = onnx_models.chain_model(tmp_path / "m.onnx", ["relu", "max_pool2d"])
+    model = onnx.load(str(path))
+    tail = model.graph.output[0].name
+    model.graph.node.append(helper.make_node("Softmax", [tail], ["prob"], name="prob", axis=1))
+    model.graph.output[0].name = "prob"
+    mod = tvm_rebirth.from_onnx(model, shape_dict={"data": [1, 4, 32, 32]})
+    no_softmax = tvm_rebirth.from_onnx(onnx.load(str(path)))
+    assert with_logits(no_softmax) is no_softmax
+    plan = tvm_rebirth.RebirthPlan.from_module(mod)
+    weights = tvm_rebirth.finetune(mod, plan, images(16, (1, 4, 32, 32)))
+    slim = tvm_rebirth.transform.Rebirth(plan, weights)(mod)
+    x = images(1, (1, 4, 32, 32), seed=2)
+    result = bench_pair(mod, slim, x, rounds=1, number=1)
+    assert result["compared"] == "logits"
+    ref = run(tvm.compile(mod, "llvm"), x)
+    assert 0 < result["rel_err"] < 1 and result["max_abs_err"] <= np.abs(ref).max()
+    assert "tuned_functions" in result["original"] and "rel_err" not in result["original"]

@@ -63,20 +63,49 @@ def interleaved_rounds(timers, rounds, label) -> dict:
     return samples
 
 
+def with_logits(mod, func_name="main"):
+    """``mod`` with ``main`` also returning the input of a final softmax (its logits), or
+    ``mod`` itself when the output is not a softmax: compared outputs of saturated softmaxes
+    say nothing (1e-34 apart while sites err by a third), their logits do."""
+    import tvm
+    from tvm import relax
+
+    plain = relax.transform.ToNonDataflow()(tvm.IRModule({func_name: mod[func_name]}))
+    plain = plain[func_name]
+    graph = {b.var: b.value for blk in plain.body.blocks for b in blk.bindings}
+    out = plain.body.body
+    while isinstance(out, relax.Var) and isinstance(graph.get(out), relax.Var):
+        out = graph[out]  # trivial rebindings (R.output)
+    value = graph.get(out)
+    if not (isinstance(value, relax.Call) and getattr(value.op, "name", "") in (
+            "relax.nn.softmax", "relax.nn.log_softmax")):
+        return mod
+    body = relax.SeqExpr(plain.body.blocks, relax.Tuple([plain.body.body, value.args[0]]))
+    new = relax.Function(plain.params, relax.BlockBuilder().normalize(body), attrs=plain.attrs)
+    updated = tvm.IRModule(dict(mod.functions), attrs=mod.attrs)
+    updated[func_name] = new
+    return updated
+
+
 def bench_variants(mods, x, rounds=7, number=5, profile=False) -> dict:
     """Compile every module of ``mods`` ({name: IRModule}, the first is the baseline) with the
     same settings, run the same input and time them in interleaved rounds. Returns {name:
     {latency_ms, latency_ms_rounds, memory_mb, gflops, tuned_functions, functions,
-    max_abs_err}} plus ``speedup``, ``memory_ratio`` and ``gflops_ratio`` of every other
-    variant against the baseline. ``profile``: also ``time_by_layer_type`` per variant."""
-    runners, outputs = {}, {}
+    max_abs_err, rel_err}} plus ``speedup``, ``memory_ratio`` and ``gflops_ratio`` of every
+    other variant against the baseline. ``rel_err`` is ||out - base|| / ||base|| of the logits
+    (the input of a final softmax, ``compared`` says which). ``profile``: also
+    ``time_by_layer_type`` per variant."""
+    runners, outputs, compared, logits = {}, {}, {}, False
     for name, mod in mods.items():
         logger.info(f"[bench] building {name}")
-        runners[name] = Runner(mod)
-        outputs[name] = runners[name](x)[0]
+        both = with_logits(mod)
+        logits = both is not mod
+        runners[name] = Runner(both)
+        outs = runners[name](x)
+        outputs[name], compared[name] = outs[0], outs[1 if logits else 0]
+    base = next(iter(mods))
     samples = interleaved_rounds({n: tvm_timer(r, x, number) for n, r in runners.items()},
                                  rounds, "bench")
-    base = next(iter(mods))
     result = {}
     for name, mod in mods.items():
         result[name] = {"latency_ms": round(statistics.median(samples[name]), 3),
@@ -85,7 +114,9 @@ def bench_variants(mods, x, rounds=7, number=5, profile=False) -> dict:
                         "gflops": round(count_gflops(mod), 4),
                         "tuned_functions": runners[name].compiled.tuned,
                         "functions": runners[name].compiled.functions,
-                        "max_abs_err": float(np.abs(outputs[name] - outputs[base]).max())}
+                        "max_abs_err": float(np.abs(outputs[name] - outputs[base]).max()),
+                        "rel_err": float(np.linalg.norm(compared[name] - compared[base]) /
+                                         max(float(np.linalg.norm(compared[base])), 1e-30))}
         if profile:
             from .profile import time_by_layer_type
 
@@ -97,6 +128,7 @@ def bench_variants(mods, x, rounds=7, number=5, profile=False) -> dict:
         r["memory_ratio"] = round(o["memory_mb"] / r["memory_mb"], 3)
         r["gflops_ratio"] = round(o["gflops"] / r["gflops"], 3)
     result["max_abs_output"] = float(np.abs(outputs[base]).max())
+    result["compared"] = "logits" if logits else "output"
     result["rounds"], result["number"] = rounds, number
     return result
 
@@ -111,10 +143,12 @@ def bench_pair(original_mod, rebirth_mod, x, rounds=7, number=5,
 
 def pair_layout(result) -> dict:
     """bench_variants' result for {"original", "rebirth"} with the ratios at the top level."""
-    for key in ("speedup", "memory_ratio", "gflops_ratio", "max_abs_err", "instructions_ratio"):
+    for key in ("speedup", "memory_ratio", "gflops_ratio", "max_abs_err", "rel_err",
+                "instructions_ratio"):
         if key in result["rebirth"]:
             result[key] = result["rebirth"].pop(key)
     result["original"].pop("max_abs_err")
+    result["original"].pop("rel_err", None)
     return result
 
 
