@@ -4,7 +4,10 @@ The emulated device is the aarch64 apache-tvm runtime in an arm64 Debian sysroot
 qemu-user with ``QEMU_CPU=cortex-a72`` (instructions the core lacks trap, as on a phone).
 The sysroot is built once (mmdebstrap + the aarch64 wheels, compiler library removed) into
 the cache dir. Everything binds to loopback; the processes started are recorded in
-``devices/state.json`` so ``stop`` ends exactly those.
+``devices/state.json``, each the leader of its own process group, so ``stop`` ends exactly
+those groups (TVM's tracker and servers work in a child that outlives a leader killed
+alone); ``status`` asks the tracker's port, and ``start`` refuses while a recorded group or
+the recorded port is still there.
 
 The servers are `resilient_rpc_server.py`: TVM's server with a listen loop that survives a
 crashed session (an illegal instruction kills only that session's forked child). The guest
