@@ -210,6 +210,9 @@ def test_full_filesystem_leaves_the_old_file_and_no_temporary(exact, learned, tm
         assert_error(run("finetune", learned["model"], "--plan", str(learned["plan"]),
                          "--calib", str(learned["calib"]), "-o", str(full / "w.npz")),
                      "w.npz", "No space left on device", command="finetune")
+        assert_error(run("build", exact["model"], "-o", str(full / "lib.so")), "lib.so",
+                     "No space left on device", command="build")
+        assert not (full / "lib.so").exists()
         assert (full / "p.yaml").read_text() == "precious: true\n"
         assert (full / "w.npz").read_bytes() == b"precious"
         assert no_temporary_files(full)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import os
+import tempfile
 import time
 from dataclasses import dataclass, field
 
@@ -526,6 +527,7 @@ def build(args: BuildArgs) -> dict:
     the tuning_logs unless ``tuning_logs`` is false."""
     from .compile.build import compile_module, export_library
     from .compile.targets import resolve_target, target_label
+    from .report.output import install_file
 
     target = resolve_target(args.target)
     args.rebirth.check()
@@ -539,7 +541,11 @@ def build(args: BuildArgs) -> dict:
     mod, what = variant(model, args.rebirth, "build")
     logger.info(f"[build] compiling the {what} {model.name} for {args.target}")
     compiled = compile_module(mod, target, tuned=args.tuning_logs)
-    export_library(compiled.executable, output, target)
+    with tempfile.TemporaryDirectory(prefix="tvm-rebirth-build-") as scratch:
+        # exported in a scratch folder, then copied: a full destination is a one-line error
+        library = os.path.join(scratch, os.path.basename(output))
+        export_library(compiled.executable, library, target)
+        install_file(library, output)
     return {"model": model.name, "variant": what, "path": os.path.abspath(out),
             "target": args.target, "target_json": str(target),
             "planned_memory_mb": round(compiled.planned_bytes / 2 ** 20, 3),

@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import stat
 import tempfile
 
@@ -122,6 +123,13 @@ def write_atomic(path, data) -> None:
         f.write(data)
         f.flush()
         os.fsync(f.fileno())
+
+
+def install_file(source, path) -> None:
+    """Copy the finished file ``source`` to ``path`` by the same rules as ``write_atomic``:
+    for writers (a library export) that cannot report a full disk as such themselves."""
+    with replacing(path) as tmp:
+        shutil.copyfile(source, tmp)
 
 
 def write_text(path, text: str) -> None:
