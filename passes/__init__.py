@@ -1,8 +1,8 @@
 """tvm-rebirth's Relax passes: pure IRModule analyses and rewrites, no I/O, no tooling.
 
     AttachLayerNames     source layer names on the vars (site ids stay stable)
-    PrepareForSites      canonical bindings, no dead code, explicit pads absorbed (AbsorbPads):
-                         what every analysis reads
+    PrepareForSites      canonical bindings, no dead code, ONNX Clip as R.clip (LiftClips),
+                         explicit pads absorbed (AbsorbPads): what every analysis reads
     FindRebirthSites     annotate the module with its sites (analyze_sites: as objects)
     StreamlineSlimming   conv + pool/LRN/BN chains -> one strided conv
     BranchSlimming       inception branches -> fewer, wider convs
@@ -18,6 +18,7 @@ from .dataflow import Dataflow, evaluate_constant
 from .errors import RebirthError
 from .exact_merge import exact_site_weights
 from .find_rebirth_sites import FindRebirthSites, find_rebirth_sites
+from .lift_clips import LiftClips
 from .merge_parallel_convs import MergeParallelConvs
 from .pipeline import rebirth_pipeline
 from .prepare import PrepareForSites
@@ -27,7 +28,7 @@ from .site import (BRANCH_WIDTHS, KERNEL_POLICIES, SITE_KINDS, Absorb, Branch, C
 from .streamline_slimming import StreamlineSlimming
 from .traces import BranchTrace, ConvBlock, PoolSpec, Step, StreamlineTrace
 
-__all__ = ["AttachLayerNames", "AbsorbPads", "PrepareForSites", "FindRebirthSites", "find_rebirth_sites", "analyze_sites",
+__all__ = ["AttachLayerNames", "AbsorbPads", "LiftClips", "PrepareForSites", "FindRebirthSites", "find_rebirth_sites", "analyze_sites",
            "SiteAnalysis", "block_difference", "match_site", "StreamlineSlimming",
            "BranchSlimming", "MergeParallelConvs", "rebirth_pipeline", "exact_site_weights",
            "Dataflow", "evaluate_constant", "RebirthError", "ConvSpec", "RebirthSite", "Branch",

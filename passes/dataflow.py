@@ -54,7 +54,7 @@ _BINARY = {
     "relax.add": np.add, "relax.subtract": np.subtract, "relax.multiply": np.multiply,
     "relax.divide": np.divide, "relax.power": np.power,
 }
-_UNARY = {"relax.sqrt": np.sqrt, "relax.rsqrt": lambda x: 1.0 / np.sqrt(x),
+_UNARY = {"relax.isnan": np.isnan, "relax.sqrt": np.sqrt, "relax.rsqrt": lambda x: 1.0 / np.sqrt(x),
           "relax.negative": np.negative, "relax.exp": np.exp}
 
 
@@ -72,6 +72,8 @@ def evaluate_constant(expr, var2val) -> np.ndarray:
                            evaluate_constant(expr.args[1], var2val))
     if op in _UNARY:
         return _UNARY[op](evaluate_constant(expr.args[0], var2val))
+    if op == "relax.where":
+        return np.where(*(evaluate_constant(a, var2val) for a in expr.args))
     if op == "relax.reshape":
         return evaluate_constant(expr.args[0], var2val).reshape(ints(expr.args[1].values))
     if op == "relax.expand_dims":

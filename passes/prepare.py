@@ -12,7 +12,8 @@ such passes::
     lv7 = lv6[0]
     lv8 = R.nn.avg_pool2d(lv7, ...)
 
-Explicit constant pads before convs and pools become their padding (``AbsorbPads``).
+ONNX ``Clip`` imported as call_tir max/min becomes ``R.clip`` again (``LiftClips``), and
+explicit constant pads before convs and pools become their padding (``AbsorbPads``).
 ``analysis.analyze_sites`` applies it first; the slimming passes rewrite the prepared module.
 """
 
@@ -23,6 +24,7 @@ import tvm_ffi
 from tvm import relax
 
 from .absorb_pads import AbsorbPads
+from .lift_clips import LiftClips
 
 
 @tvm.transform.module_pass(opt_level=0, name="PrepareForSites")
@@ -50,4 +52,4 @@ class PrepareForSites:
             mod = tvm.IRModule(dict(mod.functions), attrs=mod.attrs)
             mod[self.func_name] = prepared
         # keeps the very vars the caller holds when there is nothing to do
-        return AbsorbPads(self.func_name)(mod)
+        return AbsorbPads(self.func_name)(LiftClips(self.func_name)(mod))

@@ -261,3 +261,11 @@ def if_model(path, shape=(1, 3, 32, 32)):
                                     then_branch=branches[0], else_branch=branches[1]))
     g.channels["gate"] = g.channels[x]
     return g.save(path, [g.conv("gate", "tail", 4, k=1)])
+
+
+def clip_model(path, shape=(1, 3, 32, 32)):
+    """conv1 -> ReLU6 (ONNX Clip with min/max inputs, as MobileNet exports write it) ->
+    pool1 3x3/s2 -> tail."""
+    g = GraphMaker(shape)
+    x = g.maxpool(_relu6(g, g.conv("data", "conv1", 8, k=3), "relu6_1"), "pool1", k=3, s=2)
+    return g.save(path, [g.conv(x, "tail", 4, k=1)])

@@ -207,3 +207,16 @@ def test_bench_compares_logits(tmp_path):
     ref = run(tvm.compile(mod, "llvm"), x)
     assert 0 < result["rel_err"] < 1 and result["max_abs_err"] <= np.abs(ref).max()
     assert "tuned_functions" in result["original"] and "rel_err" not in result["original"]
+
+
+def test_relu6_clip_network(tmp_path):
+    """ONNX Clip (ReLU6), which TVM imports as call_tir max/min, is a chain activation: the
+    site is found, slimmed with R.clip at its end and built."""
+    path = onnx_models.clip_model(tmp_path / "clip.onnx")
+    plan, weights, original, rebirth = user_flow(path, (1, 3, 32, 32), n_images=32)
+    assert [(s.id, s.ops) for s in plan.sites] == [("conv1+pool1", ["conv2d", "clip",
+                                                                     "max_pool2d"])]
+    assert rel_err(rebirth, original) < 0.6
+    mod = tvm_rebirth.from_onnx(onnx.load(str(path)), shape_dict={"data": [1, 3, 32, 32]})
+    slim = tvm_rebirth.transform.Rebirth(plan, weights)(mod)
+    assert [c.op.name for c in _calls(slim["main"])].count("relax.clip") == 1
