@@ -90,6 +90,9 @@ def _ceil(a, b):
 
 ROW_STEP_OVERHEAD = 3 / 8   # loop overhead per input channel, the ic loop unrolled by 8
 ROW_REGISTER_SLACK = 2      # registers left free with vector rows (measured: fuller tiles spill)
+TAP_REGISTER_SLACK = 6      # ... with a row of input scalars for kw <= 3 taps (measured on
+                            # the emulated A72: 29-31 live registers cost 0.36-0.40 instr/MAC,
+                            # 25-26 cost 0.33-0.35; 5x5 and wider do best with full tiles)
 
 
 def _vector_pieces(columns: int, lanes: int) -> int:
@@ -117,8 +120,10 @@ def plan_conv(unit: VectorUnit, out_channels: int, out_width: int, kw: int, stri
         for tile in range(1, 17):
             if rows:  # the row's registers, and slack: LLVM spills the fullest tiles
                 live_inputs = _ceil(tile, unit.lanes) + ROW_REGISTER_SLACK
+            elif unit.lanes != 4 or kw == 1:
+                live_inputs = 2
             else:
-                live_inputs = 2 if unit.lanes != 4 or kw == 1 else tile + 2
+                live_inputs = tile + 2 + (TAP_REGISTER_SLACK if kw <= 3 else 0)
             if tile * vectors + vectors + live_inputs > unit.registers:
                 continue
             fmas = tile * vectors * kw
