@@ -101,7 +101,8 @@ def test_tune_errors(tmp_path, logs):
     model_path = chain_model(tmp_path / "net.onnx", ["relu"])
     assert_error(run("tune", model_path, "--trials", "4", "--target", "pentium"),
                  "unknown target 'pentium'", "cortex-a72", command="tune")
-    assert_error(run("tune", model_path, "--trials", "0"), "--trials must be positive",
+    assert_error(run("tune", model_path, "--trials", "0"),
+                 "argument --trials: must be at least 1", "got 0",
                  command="tune")
     bad = tmp_path / "logs"
     bad.mkdir()
