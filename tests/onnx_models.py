@@ -269,3 +269,20 @@ def clip_model(path, shape=(1, 3, 32, 32)):
     g = GraphMaker(shape)
     x = g.maxpool(_relu6(g, g.conv("data", "conv1", 8, k=3), "relu6_1"), "pool1", k=3, s=2)
     return g.save(path, [g.conv(x, "tail", 4, k=1)])
+
+
+def constant_pads_model(path, shape=(1, 3, 16, 16)):
+    """A Pad whose pads are computed by a constant subgraph (Constant -> Cast -> Concat), as
+    exporters write them; TVM's importer cannot take it unfolded."""
+    g = GraphMaker(shape)
+    for name, value, dtype in (("pads_begin", [0, 0, 1, 1], np.int64),
+                               ("pads_end", [0, 0, 1, 1], np.int32)):
+        g.nodes.append(helper.make_node("Constant", [], [name], value=numpy_helper.from_array(
+            np.array(value, dtype))))
+    g.nodes.append(helper.make_node("Cast", ["pads_end"], ["pads_end64"], to=TensorProto.INT64))
+    g.nodes.append(helper.make_node("Concat", ["pads_begin", "pads_end64"], ["pads"], axis=0))
+    g.nodes.append(helper.make_node("Pad", ["data", "pads"], ["padded"], name="conv1/pad",
+                                    mode="constant"))
+    g.channels["padded"] = g.channels["data"]
+    x = g.maxpool(g.relu(g.conv("padded", "conv1", 8, k=3, p=0), "relu1"), "pool1", k=3, s=2)
+    return g.save(path, [g.conv(x, "tail", 4, k=1)])

@@ -220,3 +220,18 @@ def test_relu6_clip_network(tmp_path):
     mod = tvm_rebirth.from_onnx(onnx.load(str(path)), shape_dict={"data": [1, 3, 32, 32]})
     slim = tvm_rebirth.transform.Rebirth(plan, weights)(mod)
     assert [c.op.name for c in _calls(slim["main"])].count("relax.clip") == 1
+
+
+def test_constant_pad_subgraph_is_folded_before_import(tmp_path):
+    """Pads computed by a constant subgraph stop TVM's importer; tvm_rebirth.from_onnx and
+    the CLI's loader fold it first, and the pad is then absorbed into the conv."""
+    from tvm.relax.frontend.onnx import from_onnx as tvm_from_onnx
+
+    path = onnx_models.constant_pads_model(tmp_path / "cp.onnx")
+    with pytest.raises(Exception):
+        tvm_from_onnx(onnx.load(str(path)), shape_dict={"data": [1, 3, 16, 16]})
+    mod = tvm_rebirth.from_onnx(onnx.load(str(path)), shape_dict={"data": [1, 3, 16, 16]})
+    plan = tvm_rebirth.RebirthPlan.from_module(mod)
+    assert [(s.id, s.old_conv[0].padding) for s in plan.sites] == [("conv1+pool1", [1, 1, 1, 1])]
+    loaded = tvm_rebirth.RebirthPlan.from_model(tvm_rebirth.load_model(str(path)))
+    assert [s.id for s in loaded.sites] == ["conv1+pool1"]

@@ -83,23 +83,93 @@ def load_model(model: str) -> LoadedModel:
         input_shapes[value.name] = [d.dim_value if d.dim_value > 0 else 1 for d in dims]
     if not input_shapes:
         raise RebirthError(f"{path}: the model has no data input")
-    mod = import_onnx(onnx_model, input_shapes, str(path))
-    mod = AttachLayerNames(onnx_layer_names(onnx_model))(mod)
+    folded = fold_constant_subgraphs(onnx_model)
+    mod = import_onnx(folded, input_shapes, str(path))
+    mod = AttachLayerNames(onnx_layer_names(folded))(mod)
     return LoadedModel(name=name, path=path, sha256=zoo.file_sha256(path),
                        onnx_model=onnx_model, input_shapes=input_shapes, mod=mod,
                        zoo_entry=entry)
+
+
+def fold_constant_subgraphs(onnx_model, max_elements: int = 1 << 16):
+    """``onnx_model`` with every node computed from constants only (initializers, Constant
+    nodes, earlier folded nodes) replaced by an initializer holding its value, evaluated by
+    onnx's reference evaluator: pads, shapes and scales computed by a constant subgraph (TVM's
+    importer stops at those: "Dynamic pads are not supported yet"). Such nodes are no layers
+    of the model (names stay aligned: ``onnx_layer_names`` reads the folded model). Ops with
+    subgraphs and outputs over ``max_elements`` values are left alone. The model is returned
+    as is when there is nothing to fold."""
+    import onnx
+    from onnx import numpy_helper
+    from onnx.reference import ReferenceEvaluator
+
+    graph = onnx_model.graph
+    const = {t.name for t in graph.initializer}
+    const |= {o for n in graph.node if n.op_type == "Constant" for o in n.output}
+    opsets = {o.domain or "": o.version for o in onnx_model.opset_import}
+    folded, values = [], {}
+    for node in graph.node:
+        if node.op_type == "Constant" or node.domain not in ("", "ai.onnx") or not node.input or \
+                any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
+                    for a in node.attribute) or \
+                not all(i == "" or i in const for i in node.input):
+            continue
+        try:
+            feeds = {i: _constant_value(onnx_model, i, values) for i in node.input if i}
+            outs = ReferenceEvaluator(node, opsets={"": opsets.get("", 13)}).run(None, feeds)
+        except Exception:  # an op the reference evaluator lacks: leave it to TVM
+            continue
+        if any(getattr(o, "size", max_elements + 1) > max_elements for o in outs):
+            continue
+        for name, out in zip(node.output, outs):
+            values[name] = out
+            const.add(name)
+        folded.append(node)
+    if not folded:
+        return onnx_model
+    model = onnx.ModelProto()
+    model.CopyFrom(onnx_model)
+    names = {id(n) for n in folded}
+    keep = [n for n in onnx_model.graph.node if id(n) not in names]
+    del model.graph.node[:]
+    model.graph.node.extend(keep)
+    used = {i for n in keep for i in n.input} | {o.name for o in model.graph.output}
+    model.graph.initializer.extend(numpy_helper.from_array(v, name) for name, v in
+                                   values.items() if name in used)
+    return model
+
+
+def _constant_value(onnx_model, name, values):
+    """numpy value of a constant tensor: folded, an initializer or a Constant node's."""
+    from onnx import numpy_helper
+
+    if name in values:
+        return values[name]
+    for t in onnx_model.graph.initializer:
+        if t.name == name:
+            values[name] = numpy_helper.to_array(t)
+            return values[name]
+    for node in onnx_model.graph.node:
+        if node.op_type == "Constant" and name in node.output:
+            from onnx.reference import ReferenceEvaluator
+
+            values[name] = ReferenceEvaluator(node).run(None, {})[0]
+            return values[name]
+    raise KeyError(name)
 
 
 def from_onnx(onnx_model, shape_dict: dict | None = None, **kwargs):
     """TVM's ``tvm.relax.frontend.onnx.from_onnx`` with the source layer names attached
     (``AttachLayerNames``), so site ids are the ONNX node names and a plan made by the CLI
     for the same file applies to this module. ``onnx_model``: a ModelProto or a path;
-    other keyword arguments go to TVM's importer."""
+    other keyword arguments go to TVM's importer. Constant subgraphs are folded first
+    (``fold_constant_subgraphs``)."""
     import onnx
     from tvm.relax.frontend.onnx import from_onnx as tvm_from_onnx
 
     if not isinstance(onnx_model, onnx.ModelProto):
         onnx_model = onnx.load(str(onnx_model))
+    onnx_model = fold_constant_subgraphs(onnx_model)
     mod = tvm_from_onnx(onnx_model, shape_dict=shape_dict, **kwargs)
     return AttachLayerNames(onnx_layer_names(onnx_model))(mod)
 
