@@ -193,10 +193,16 @@ class StreamlineFinder:
         chain = self._walk(_Chain(["conv2d"], [name], wh, ww), conv_var, allow_bias=True)
         if not any(op in NON_TENSOR_OPS for op in chain.ops):
             shared = self._shared_pool(chain.end)
-            if shared is None:
-                return None
-            return Rejection(f"{name}+{shared[0]}", f"'{shared[0]}' reads a tensor that "
-                             f"{shared[1]} ops read: a chain never crosses a shared tensor")
+            if shared is not None:
+                return Rejection(f"{name}+{shared[0]}", f"'{shared[0]}' reads a tensor that "
+                                 f"{shared[1]} ops read: a chain never crosses a shared "
+                                 "tensor")
+            blocked = self._blocked_pool(chain.end)
+            if blocked is not None:
+                return Rejection(f"{name}+{blocked[1]}", f"'{blocked[0]}' between the conv and "
+                                 f"'{blocked[1]}' is not a chain op (bias, ReLU/PReLU/LeakyReLU/"
+                                 "Clip, pools, LRN, BatchNorm, per-channel scale)")
+            return None
         site_id = "+".join(chain.layers)
         if problem is not None:
             return Rejection(site_id, f"'{name}': {problem}")
@@ -230,6 +236,22 @@ class StreamlineFinder:
             op = op_name(self.graph.value[user])
             if op in POOL_OPS or op == "relax.nn.batch_norm":
                 return self.names.get(user, op), len(self.graph.users_of(var))
+        return None
+
+    def _blocked_pool(self, var):
+        """(op, pool layer) when ``var``'s one reader is an op a chain cannot pass and that
+        op's one reader is a pool or BatchNorm, else None."""
+        graph = self.graph
+        user = graph.sole_user(var)
+        if user is None or op_name(graph.value[user]) in (None, "relax.nn.conv2d",
+                                                          "relax.concat"):
+            return None
+        after = graph.sole_user(user)
+        if after is None:
+            return None
+        op = op_name(graph.value[after])
+        if op in POOL_OPS or op == "relax.nn.batch_norm":
+            return op_name(graph.value[user]).replace("relax.", ""), self.names.get(after, op)
         return None
 
     # -- concat -> stride-2 pool -------------------------------------------------------------

@@ -938,3 +938,38 @@ class TestNonDataflowBindings:
         after = AttachLayerNames({"conv2d": ["conv1"], "max_pool2d": ["pool1"]})(before)
         assert names_of(after, ["relax.nn.conv2d", "relax.nn.max_pool2d"]) == ["conv1", "pool1"]
         assert [s.id for s in plan_for(after).sites] == ["conv1+pool1"]
+
+
+class TestRejectedReasons:
+    @I.ir_module
+    class SigmoidBeforePool:
+        @R.function
+        def main(x: R.Tensor((1, 3, 8, 8), "float32"), w: R.Tensor((4, 3, 3, 3), "float32")):
+            with R.dataflow():
+                c = R.nn.conv2d(x, w, padding=[1, 1, 1, 1])
+                s = R.sigmoid(c)
+                p = R.nn.max_pool2d(s, [2, 2], strides=[2, 2])
+                R.output(p)
+            return p
+
+    @I.ir_module
+    class SharedBeforePool:
+        @R.function
+        def main(x: R.Tensor((1, 3, 8, 8), "float32"), w: R.Tensor((4, 3, 3, 3), "float32")):
+            with R.dataflow():
+                c = R.nn.conv2d(x, w, padding=[1, 1, 1, 1])
+                r = R.nn.relu(c)
+                p = R.nn.max_pool2d(r, [2, 2], strides=[2, 2])
+                q = R.nn.avg_pool2d(r, [2, 2], strides=[2, 2])
+                out = R.add(p, q)
+                R.output(out)
+            return out
+
+    def test_chains_that_are_not_sites_say_why(self):
+        w = random_params({"w": (4, 3, 3, 3)})
+        plan = plan_for(bind(self.SigmoidBeforePool, w))
+        assert not plan.sites and "'sigmoid' between the conv" in plan.rejected[0]["reason"]
+        plan = plan_for(bind(self.SharedBeforePool, w))
+        assert not plan.sites and "shared tensor" in plan.rejected[0]["reason"]
+        unbound = plan_for(self.SigmoidBeforePool)  # w left a parameter
+        assert "not bound constants (function parameter 'w')" in unbound.rejected[0]["reason"]

@@ -235,3 +235,16 @@ def test_constant_pad_subgraph_is_folded_before_import(tmp_path):
     assert [(s.id, s.old_conv[0].padding) for s in plan.sites] == [("conv1+pool1", [1, 1, 1, 1])]
     loaded = tvm_rebirth.RebirthPlan.from_model(tvm_rebirth.load_model(str(path)))
     assert [s.id for s in loaded.sites] == ["conv1+pool1"]
+
+
+def test_pipeline_without_plan_builds_the_original(tmp_path):
+    """get_pipeline("rebirth") with no plan is the tool's build of the module as it is (our
+    schedules), numerically TVM's own build; a plan without weights is refused up front."""
+    path = onnx_models.chain_model(tmp_path / "m.onnx", ["relu", "max_pool2d", "lrn"])
+    mod = tvm_rebirth.from_onnx(onnx.load(str(path)), shape_dict={"data": [1, 4, 32, 32]})
+    x = images(2, (1, 4, 32, 32))
+    ours = run(tvm.compile(mod, "llvm", relax_pipeline=relax.get_pipeline("rebirth")), x)
+    np.testing.assert_allclose(ours, run(tvm.compile(mod, "llvm"), x), rtol=1e-4, atol=1e-4)
+    with pytest.raises(tvm_rebirth.RebirthError, match="needs its weights"):
+        relax.get_pipeline("rebirth", plan=tvm_rebirth.RebirthPlan.from_module(mod))
+    assert "rebirth_slim" in relax.pipeline.PIPELINE_MAP

@@ -22,7 +22,7 @@ from __future__ import annotations
 import tvm
 from tvm.relax import pipeline as relax_pipeline
 
-from ..passes import rebirth_pipeline
+from ..errors import RebirthError
 from ..transform import Rebirth
 from .build import build_passes
 
@@ -47,6 +47,10 @@ def rebirth_build_pipeline(plan=None, weights=None, target=None, tuned=True,
     func_name : str
         The function to slim.
     """
+
+    if plan is not None and weights is None:
+        raise RebirthError("relax.get_pipeline('rebirth'): a plan needs its weights "
+                           "(weights=tvm_rebirth.finetune(mod, plan, images))")
 
     @tvm.transform.module_pass(opt_level=0, name="RebirthBuildPipeline")
     def _pipeline(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
