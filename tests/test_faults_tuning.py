@@ -1,6 +1,7 @@
 """Faults around tuning and devices (issue 20): torn databases, failed or interrupted tunes,
 hostile or dead trackers, orphaned device processes, leftover candidate folders."""
 
+import errno
 import json
 import os
 import signal
@@ -318,3 +319,49 @@ def test_candidate_folders_of_killed_runs_are_removed(tmp_path, monkeypatch):
     run_dir = candidates.new_run_dir()
     assert run_dir.startswith(str(tmp_path / f"tvm-rebirth-tune-{os.getpid()}-"))
     assert not stale.exists() and live.exists() and recent.exists()
+
+
+def test_a_full_disk_while_tuning_keeps_tuning_json_whole(tmp_path, logs, monkeypatch):
+    """tuning.json is written by report.output.write_atomic: ENOSPC (simulated in process at
+    the fsync) while measuring defaults or inside MetaSchedule's search is a RebirthError
+    naming the file, which keeps its previous content, and no temporary file is left."""
+    from tvm_rebirth.compile.tune import extract_tasks, tune
+    from tvm_rebirth.report import output
+
+    model = load_model(chain_model(tmp_path / "net.onnx", ["relu", "max_pool2d"]))
+    target = resolve_target("host")
+    log_dir = tmp_path / "db"
+    log_dir.mkdir()
+    report = log_dir / "tuning.json"
+    old = json.dumps({"model": model.name, "trials": 0, "failed_trials": 0,
+                      "wall_seconds": 0.0, "tasks": {}}) + "\n"
+    report.write_text(old)
+    fsyncs = []
+
+    def full_after(n):
+        def fsync(fd):
+            fsyncs.append(fd)
+            if len(fsyncs) > n:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        fsyncs.clear()
+        monkeypatch.setattr(output.os, "fsync", fsync)
+
+    def no_temporary_files():
+        return not [p for p in os.listdir(log_dir) if ".tmp" in p]
+
+    # 1. the first default measured, its tuning.json cannot be written
+    full_after(0)
+    with pytest.raises(RebirthError, match=f"{report}: cannot write .No space left on device"):
+        tune(model.mod, target, log_dir, 8, model_name=model.name, max_tasks=1, measure=False)
+    assert report.read_text() == old and no_temporary_files()
+
+    # 2. every default written, then the disk fills during the search: the error raised in
+    # MetaSchedule's callback comes out as itself, not as TVM's bare RuntimeError
+    n_tasks = len(extract_tasks(model.mod, target))
+    full_after(n_tasks)
+    with pytest.raises(RebirthError, match=f"{report}: cannot write .No space left on device"):
+        tune(model.mod, target, log_dir, 8, model_name=model.name, max_tasks=1, measure=False)
+    assert len(fsyncs) == n_tasks + 1 and no_temporary_files()
+    kept = json.loads(report.read_text())
+    assert len(kept["tasks"]) == n_tasks and kept["trials"] == 0
+    assert all(t["default_ms"] > 0 for t in kept["tasks"].values())

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import RebirthError
+from ..report.output import write_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -271,7 +272,10 @@ def make_commit_measured(database, contexts):
     return CommitMeasured()
 
 
-def make_progress(names, report, started):
+def make_progress(names, report, started, errors):
+    """A measure callback keeping tuning.json current. TVM turns an exception raised inside a
+    callback into a bare RuntimeError, so a failed write of tuning.json (RebirthError) is also
+    appended to ``errors`` for the caller to raise as it is."""
     from tvm.ir.utils import derived_object
     from tvm.s_tir.meta_schedule.measure_callback import PyMeasureCallback
 
@@ -291,7 +295,11 @@ def make_progress(names, report, started):
                 else:
                     report["failed_trials"] += 1
             report["wall_seconds"] = round(report["prior_seconds"] + time.time() - started, 1)
-            write_report(report)
+            try:
+                write_report(report)
+            except RebirthError as err:
+                errors.append(err)
+                raise
             logger.info(f"[tune] {report['trials']} trials ({report['wall_seconds']:.0f}s): "
                 f"{names[task_id]} default {task['default_ms']} ms, best {task['best_ms']} ms")
 
@@ -299,11 +307,12 @@ def make_progress(names, report, started):
 
 
 def write_report(report):
+    """The folder's tuning.json, by report.output's rules (write_atomic): all of it or, on a
+    full disk or any other failure, the old file untouched and no temporary file left; a
+    RebirthError naming the path then."""
     path = Path(report["log_dir"]) / "tuning.json"
-    tmp = path.with_suffix(".json.tmp")
     data = {k: v for k, v in report.items() if k not in ("log_dir", "prior_seconds")}
-    tmp.write_text(json.dumps(data, indent=1) + "\n")
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps(data, indent=1) + "\n")
 
 
 def read_report(log_dir: Path) -> dict:

@@ -77,7 +77,7 @@ def tune(mod, target, log_dir, trials: int, *, model_name="model", max_tasks=Non
         raise RebirthError(f"target {target_key(target)} does not run on this host: tune it on "
                            "a device with --tracker HOST:PORT --key KEY (`tvm-rebirth device "
                            "start` gives an emulated one)")
-    interrupted = []
+    interrupted, write_errors = [], []
 
     def on_sigint(signum, frame):
         interrupted.append(signum)
@@ -90,11 +90,14 @@ def tune(mod, target, log_dir, trials: int, *, model_name="model", max_tasks=Non
         run_dir = new_run_dir()
         return _tune(mod, target, Path(log_dir), trials, model_name, max_tasks,
                      trials_per_iter, build_timeout, tracker, key, workers, seed, measure,
-                     run_dir)
+                     run_dir, write_errors)
     except Exception:
-        # TVM turns a KeyboardInterrupt raised inside its callbacks into a bare RuntimeError
+        # TVM turns a KeyboardInterrupt or a RebirthError (tuning.json not written: a full
+        # disk) raised inside its callbacks into a bare RuntimeError
         if interrupted:
             raise KeyboardInterrupt from None
+        if write_errors:
+            raise write_errors[0] from None
         raise
     finally:
         if in_main:
@@ -107,7 +110,7 @@ def tune(mod, target, log_dir, trials: int, *, model_name="model", max_tasks=Non
 
 
 def _tune(mod, target, log_dir, trials, model_name, max_tasks, trials_per_iter, build_timeout,
-          tracker, key, workers, seed, measure, run_dir) -> dict:
+          tracker, key, workers, seed, measure, run_dir, write_errors) -> dict:
     from tvm.s_tir import meta_schedule as ms
 
     from .targets import is_cross
@@ -227,7 +230,7 @@ def _tune(mod, target, log_dir, trials, model_name, max_tasks, trials_per_iter, 
             measure_callbacks=[make_commit_measured(database, contexts),
                                ms.measure_callback.RemoveBuildArtifact(),
                                ms.measure_callback.UpdateCostModel(),
-                               make_progress(names, report, started)],
+                               make_progress(names, report, started, write_errors)],
             task_scheduler="gradient")
     report["wall_seconds"] = round(report["prior_seconds"] + time.time() - started, 1)
     if measure and not tracker and not is_cross(target):
