@@ -55,9 +55,11 @@ def user_flow(model_path, shape, n_images=16, keep=None, target="llvm"):
 
 def test_googlenet_stock_import(tmp_path):
     """GoogLeNet from TVM's own importer: plan ids are the ONNX layer names, the plan is the
-    one the CLI's loader makes, and the first two streamline sites slim and build."""
+    one the CLI's loader makes, and its first sites (two streamline, one branch) slim and
+    build."""
     path = zoo.zoo_path("googlenet")
-    first = ["conv1/7x7_s2+pool1/3x3_s2+pool1/norm1", "conv2/3x3+conv2/norm2+pool2/3x3_s2"]
+    first = ["conv1/7x7_s2+pool1/3x3_s2+pool1/norm1", "conv2/3x3+conv2/norm2+pool2/3x3_s2",
+             "inception_3a/output"]
     plan, weights, original, rebirth = user_flow(
         path, (1, 3, 224, 224), n_images=8, keep=lambda s: s.id in first)
     assert [s.id for s in plan.enabled_sites()] == first
