@@ -13,10 +13,11 @@ import tvm
 from tvm import relax
 from tvm.script import ir as I
 from tvm.script import relax as R
+from tvm.script import tirx as T
 
 from tvm_rebirth import RebirthPlan
-from tvm_rebirth.passes import (AbsorbPads, AttachLayerNames, BranchSlimming, MergeParallelConvs,
-                                 PrepareForSites,
+from tvm_rebirth.passes import (AbsorbPads, AttachLayerNames, BranchSlimming, LiftClips,
+                                 MergeParallelConvs, PrepareForSites,
                                  StreamlineSlimming, weight_keys)
 
 
@@ -973,3 +974,52 @@ class TestRejectedReasons:
         assert not plan.sites and "shared tensor" in plan.rejected[0]["reason"]
         unbound = plan_for(self.SigmoidBeforePool)  # w left a parameter
         assert "not bound constants (function parameter 'w')" in unbound.rejected[0]["reason"]
+
+
+class TestLiftClips:
+    @I.ir_module
+    class OnnxClip:
+        """What TVM's ONNX importer emits for Clip(x, 0, 6): call_tir max, then min."""
+
+        @T.prim_func(private=True, s_tir=True)
+        def maximum(A: T.Buffer((T.int64(1), T.int64(4), T.int64(8), T.int64(8)), "float32"),
+                    c: T.Buffer((), "float32"),
+                    out: T.Buffer((T.int64(1), T.int64(4), T.int64(8), T.int64(8)), "float32")):
+            for i0, i1, i2, i3 in T.grid(T.int64(1), T.int64(4), T.int64(8), T.int64(8)):
+                with T.sblock("T_maximum"):
+                    v0, v1, v2, v3 = T.axis.remap("SSSS", [i0, i1, i2, i3])
+                    out[v0, v1, v2, v3] = T.max(A[v0, v1, v2, v3], c[()])
+
+        @T.prim_func(private=True, s_tir=True)
+        def minimum(A: T.Buffer((T.int64(1), T.int64(4), T.int64(8), T.int64(8)), "float32"),
+                    c: T.Buffer((), "float32"),
+                    out: T.Buffer((T.int64(1), T.int64(4), T.int64(8), T.int64(8)), "float32")):
+            for i0, i1, i2, i3 in T.grid(T.int64(1), T.int64(4), T.int64(8), T.int64(8)):
+                with T.sblock("T_minimum"):
+                    v0, v1, v2, v3 = T.axis.remap("SSSS", [i0, i1, i2, i3])
+                    out[v0, v1, v2, v3] = T.min(A[v0, v1, v2, v3], c[()])
+
+        @R.function
+        def main(x: R.Tensor((1, 4, 8, 8), "float32")):
+            cls = OnnxClip
+            with R.dataflow():
+                lo = R.const(0.0, "float32")
+                hi = R.const(6.0, "float32")
+                a = R.call_tir(cls.maximum, (x, lo), out_ty=R.Tensor((1, 4, 8, 8), "float32"))
+                b = R.call_tir(cls.minimum, (a, hi), out_ty=R.Tensor((1, 4, 8, 8), "float32"))
+                R.output(b)
+            return b
+
+    @I.ir_module
+    class Clipped:
+        @R.function
+        def main(x: R.Tensor((1, 4, 8, 8), "float32")):
+            with R.dataflow():
+                b = R.clip(x, R.prim_value(T.float64(0.0)), R.prim_value(T.float64(6.0)))
+                R.output(b)
+            return b
+
+    def test_onnx_clip_becomes_r_clip(self):
+        after = verify(LiftClips(), self.OnnxClip, self.Clipped)
+        x = (np.random.default_rng(0).standard_normal((1, 4, 8, 8)) * 8).astype("float32")
+        assert_close(run(after, x), np.clip(x, 0, 6))
