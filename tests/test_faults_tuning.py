@@ -282,14 +282,36 @@ def test_device_start_on_a_taken_port_and_an_orphaned_tracker(tmp_path, monkeypa
     tracker_pid = info["processes"][0]["pid"]
     recorded = state.read_text()
     try:
+        status = json.loads(run("device", "status", "--json")[1])
+        assert status["tracker_answers"] and status["port_in_use"] and status["warnings"] == []
+        assert [p["state"] for p in status["processes"]] == ["running", "running"]
+        assert status["port_holders"] and set(status["port_holders"]) <= set(
+            status["processes"][0]["group"])
         os.kill(tracker_pid, signal.SIGKILL)  # the leader only: TVM's worker keeps the port
         deadline = time.time() + 10
         while psutil.pid_exists(tracker_pid) and psutil.Process(tracker_pid).status() != \
                 psutil.STATUS_ZOMBIE and time.time() < deadline:
             time.sleep(0.1)
         assert port_in_use(port)
+        # status says it as it is: the leader died, its group still holds and serves the port
         status = json.loads(run("device", "status", "--json")[1])
-        assert status["running"] and status["processes"][0]["alive"]
+        tracker = status["processes"][0]
+        assert status["running"] and status["tracker_answers"] and status["port_in_use"]
+        assert tracker["alive"] and not tracker["leader_alive"]
+        assert tracker["state"] == "leader dead, group running"
+        assert tracker["group"] and tracker_pid not in tracker["group"]
+        assert status["port_holders"] and set(status["port_holders"]) <= set(tracker["group"])
+        assert status["processes"][1]["state"] == "running"
+        assert len(status["warnings"]) == 1, status["warnings"]
+        for fragment in (f"tracker pid {tracker_pid} died", "process group lives on",
+                         f"holds 127.0.0.1:{port}", "answers as the tracker", "device stop"):
+            assert fragment in status["warnings"][0], status["warnings"]
+        code, text, err = run("device", "status")
+        assert code == 0, err
+        assert f"tracker 127.0.0.1:{port} (answers, port in use)" in text
+        assert f"tracker: pid {tracker_pid} (dead; its group runs on: pid " in text, text
+        assert "alive" not in text and f"pid {tracker_pid} (running)" not in text, text
+        assert f"warning: tracker pid {tracker_pid} died" in text, text
         assert_error(run("device", "start", "--local", "--no-emulated"), "already running",
                      f"127.0.0.1:{port}", command="device")
         assert state.read_text() == recorded  # the orphan is not forgotten

@@ -193,14 +193,26 @@ def cmd_device(args) -> None:
         _emit(args, payload, f"stopped {len(stopped)} process(es)" if stopped
               else "nothing was running")
         return
+    warnings = [f"warning: {w}" for w in payload["warnings"]]
     if not payload["running"]:
-        _emit(args, payload, "no devices running (`tvm-rebirth device start`)")
+        _emit(args, payload, "\n".join(["no devices running (`tvm-rebirth device start`)"]
+                                       + warnings))
         return
     rows = [[key, q.get("free", 0), q.get("pending", 0)] for key, q in payload["keys"].items()]
-    procs = "\n".join(f"  {p['role']}: pid {p['pid']} ({'alive' if p['alive'] else 'dead'})"
-                      for p in payload["processes"])
-    _emit(args, payload, f"tracker {payload['tracker']}\n"
-                         + table(rows, ["key", "free", "pending"]) + "\n" + procs)
+    tracker = (f"tracker {payload['tracker']} ("
+               + ("answers" if payload["tracker_answers"] else "does not answer")
+               + (", port in use" if payload["port_in_use"] else ", port free") + ")")
+
+    def process_line(p):
+        state = p["state"]
+        if state == "leader dead, group running":
+            state = "dead; its group runs on: pid " + ", ".join(map(str, p["group"]))
+        return f"  {p['role']}: pid {p['pid']} ({state})"
+
+    text = "\n".join([tracker, table(rows, ["key", "free", "pending"])]
+                     + [process_line(p) for p in payload["processes"]]
+                     + warnings)
+    _emit(args, payload, text)
 
 
 def cmd_demo(args) -> None:

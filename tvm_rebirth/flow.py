@@ -585,7 +585,8 @@ def tune(args: TuneArgs) -> dict:
 
 def device(args: DeviceArgs) -> dict:
     """`device`: start (then status), stop ({"stopped": [...]}) or status of the tracker and
-    its devices on 127.0.0.1."""
+    its devices on 127.0.0.1 (deploy.device.status: whether the tracker answers, who holds
+    its port, per process whether the recorded pid or only its group still runs)."""
     from .deploy import device as devices
 
     if args.action == "start":
@@ -597,6 +598,4 @@ def device(args: DeviceArgs) -> dict:
                       servers=args.servers)
     elif args.action == "stop":
         return {"stopped": [{"role": p["role"], "pid": p["pid"]} for p in devices.stop()]}
-    info = devices.status()
-    return {"running": info["running"], "tracker": info["tracker"], "keys": info["keys"],
-            "processes": info["processes"]}
+    return devices.status()  # every field, the dead-leader and port ones included

@@ -223,6 +223,37 @@ def port_in_use(port: int) -> bool:
     return False
 
 
+def port_holders(port: int, pids) -> list:
+    """Those of ``pids`` that hold a listening TCP socket on ``port`` (read from /proc: the
+    listening sockets' inodes, then each process's open descriptors)."""
+    inodes = set()
+    for table_file in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            with open(table_file) as f:
+                rows = f.read().splitlines()[1:]
+        except OSError:
+            continue
+        for row in rows:
+            fields = row.split()
+            if len(fields) > 9 and fields[3] == "0A" and \
+                    int(fields[1].rsplit(":", 1)[1], 16) == port:
+                inodes.add(f"socket:[{fields[9]}]")
+    holders = []
+    for pid in pids:
+        try:
+            fds = os.listdir(f"/proc/{pid}/fd")
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                if os.readlink(f"/proc/{pid}/fd/{fd}") in inodes:
+                    holders.append(pid)
+                    break
+            except OSError:
+                continue
+    return holders
+
+
 def read_state() -> dict | None:
     path = state_path()
     if not path.exists():
@@ -378,23 +409,54 @@ def stop() -> list:
 
 
 def status() -> dict:
-    """What runs: tracker address, processes alive, and the tracker's view of each key."""
+    """What runs, said as it is: the tracker address, whether it answers as a tracker and
+    whether its port is taken (``tracker_answers``, ``port_in_use``), which live processes
+    of the recorded groups hold that port (``port_holders``), the tracker's view of each key,
+    and per recorded process: ``leader_alive`` (the recorded pid itself), ``group`` (the live
+    pids of its process group: TVM's tracker and servers work in a child that outlives a
+    leader killed alone), ``alive`` (any of the group) and ``state`` ("running", "leader
+    dead, group running" or "dead"). ``warnings`` says in words what is wrong (a dead
+    leader whose group lives on, a port held by a process we did not start, a tracker that
+    does not answer)."""
     from .rpc import tracker_summary
 
     state = read_state()
     if not state:
-        return {"running": False, "tracker": None, "keys": {}, "processes": []}
+        return {"running": False, "tracker": None, "tracker_answers": False,
+                "port_in_use": False, "port_holders": [], "keys": {}, "processes": [],
+                "warnings": []}
+    port = state["port"]
+    where = f"127.0.0.1:{port}"
     processes = []
-    for p in state["processes"]:  # alive: any process of its group (TVM works in a child)
+    for p in state["processes"]:
         members = _group_members(p["pid"])
-        processes.append(dict(p, alive=bool(members), leader_alive=p["pid"] in members,
-                              group=members))
+        leader = p["pid"] in members
+        processes.append(dict(p, alive=bool(members), leader_alive=leader, group=members,
+                              state="running" if leader else
+                              "leader dead, group running" if members else "dead"))
     try:  # the port, not the pid, says whether a tracker runs
-        queues = tracker_summary("127.0.0.1", state["port"]).get("queue_info", {})
+        queues = tracker_summary("127.0.0.1", port).get("queue_info", {})
         answers = True
     except RebirthError:
         queues, answers = {}, False
-    return {"running": answers or any(p["alive"] for p in processes),
-            "tracker": f"127.0.0.1:{state['port']}", "tracker_answers": answers,
-            "port_in_use": answers or port_in_use(state["port"]), "keys": queues,
-            "processes": processes}
+    in_use = answers or port_in_use(port)
+    holders = port_holders(port, [pid for p in processes for pid in p["group"]])
+    warnings = []
+    for p in processes:
+        if p["state"] == "leader dead, group running":
+            pids = ", ".join(map(str, p["group"]))
+            what = f"{p['role']} pid {p['pid']} died, but its process group lives on (pid {pids})"
+            held = [pid for pid in p["group"] if pid in holders]
+            if p["role"] == "tracker" and held:
+                what += (f" and still holds {where}" + (" and answers as the tracker"
+                                                      if answers else ""))
+            warnings.append(what + ": `tvm-rebirth device stop` ends the whole group")
+    if in_use and not holders:
+        warnings.append(f"{where} is held by a process `tvm-rebirth device start` did not "
+                        "start")
+    elif not answers and any(p["alive"] for p in processes if p["role"] == "tracker"):
+        warnings.append(f"the tracker's processes run but {where} does not answer as an RPC "
+                        "tracker")
+    return {"running": answers or any(p["alive"] for p in processes), "tracker": where,
+            "tracker_answers": answers, "port_in_use": in_use, "port_holders": holders,
+            "keys": queues, "processes": processes, "warnings": warnings}
