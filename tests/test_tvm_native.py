@@ -99,6 +99,13 @@ def test_if_network(tmp_path):
     plan, weights, original, rebirth = user_flow(path, (1, 3, 32, 32))
     assert [s.id for s in plan.sites] == ["conv1+pool1"]
     assert rel_err(rebirth, original) < 0.6
+    # the exported pass on TVM's own import names the layers the same way
+    from tvm.relax.frontend.onnx import from_onnx as tvm_from_onnx
+
+    model = onnx.load(str(path))
+    named = tvm_rebirth.AttachLayerNames(tvm_rebirth.onnx_layer_names(model))(
+        tvm_from_onnx(model, shape_dict={"data": [1, 3, 32, 32]}))
+    assert [s.id for s in tvm_rebirth.RebirthPlan.from_module(named).sites] == ["conv1+pool1"]
 
 
 @pytest.mark.parametrize("leaky", [False, True], ids=["prelu", "leakyrelu"])

@@ -1,7 +1,7 @@
 """tvm-rebirth: DeepRebirth layer slimming as an Apache TVM (Relax) compiler plugin."""
 
 from .errors import RebirthError
-from .frontend.loader import LoadedModel, as_model, from_onnx, load_model
+from .frontend.loader import LoadedModel, as_model, from_onnx, load_model, onnx_layer_names
 from .passes.attach_layer_names import AttachLayerNames
 from .plan import RebirthPlan
 # weights = finetune(mod, plan, images): RebirthWeights, the fit report as ``.meta``
@@ -12,5 +12,5 @@ from . import transform
 from .compile import pipeline as _pipeline  # noqa: F401
 
 __all__ = ["RebirthError", "LoadedModel", "load_model", "as_model", "from_onnx",
-           "AttachLayerNames", "RebirthPlan", "finetune", "transform"]
+           "onnx_layer_names", "AttachLayerNames", "RebirthPlan", "finetune", "transform"]
 __version__ = "0.1.0"
