@@ -52,13 +52,6 @@ class RebirthPlan:
 
         return cls.from_model(as_model(mod, name), **options)
 
-    @classmethod
-    def from_module(cls, mod, name=None, **options) -> "RebirthPlan":
-        """``from_model`` for any Relax IRModule with bound weights (options as there)."""
-        from .frontend.loader import as_model
-
-        return cls.from_model(as_model(mod, name), **options)
-
     # -- serialisation -------------------------------------------------------------------
     def to_dict(self) -> dict:
         return {
