@@ -6,7 +6,9 @@
 
 README's section between the `results:begin` and `results:end` markers is generated here
 from benchmarks/results/*.json and nothing else (tests/test_readme.py checks that it
-matches), so no figure in it is typed by hand. The paper's figures are quoted, not measured.
+matches), so no figure in it is typed by hand; the count of issue 20's cases in README's
+Reliability section (`reliability:begin`/`end`) likewise from results/reliability.json,
+rendered by reliability.py. The paper's figures are quoted, not measured.
 """
 
 import argparse
@@ -36,6 +38,7 @@ BENCHMARKS = {
     "googlenet_branch": (["branch_googlenet.py"], ["googlenet_branch"]),
     "fmnist_accuracy": (["fmnist_accuracy.py"], ["fmnist_inception_accuracy"]),
     "fmnist_layerwise_limits": (["fmnist_layerwise_limits.py"], ["fmnist_layerwise_limits"]),
+    "reliability": (["reliability.py"], ["reliability"]),  # issue 20's cases (its own block)
 }
 
 # DeepRebirth (Li et al., WACV 2018), GoogLeNet on a Samsung Galaxy S5 (Caffe, CPU):
@@ -312,6 +315,11 @@ def main():
                            check=True)
     changed = update_readme()
     print(f"[run_all] README Results {'updated' if changed else 'unchanged'}", file=sys.stderr)
+    import reliability  # README's Reliability count, from results/reliability.json
+
+    changed = reliability.update_readme()
+    print(f"[run_all] README Reliability count {'updated' if changed else 'unchanged'}",
+          file=sys.stderr)
 
 
 if __name__ == "__main__":

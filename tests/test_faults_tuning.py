@@ -75,6 +75,7 @@ def _all_lines_parse(path):
     return [json.loads(line) for line in text.splitlines()]
 
 
+# -- 2. torn or malformed database lines ------------------------------------------------------
 def test_a_torn_record_is_skipped_by_builds_and_tune_appends_after_it(tmp_path, logs, caplog):
     model_path = chain_model(tmp_path / "net.onnx", ["relu", "max_pool2d"])
     model = load_model(model_path)
@@ -122,6 +123,7 @@ def test_a_torn_record_is_skipped_by_builds_and_tune_appends_after_it(tmp_path, 
     assert code == 0 and "torn" not in err, err
 
 
+# -- 4, 8, 13. failed defaults are no records; Ctrl-C; no candidate folders left --------------
 def test_failed_defaults_are_an_error_then_ctrl_c_then_resume(tmp_path, logs, tmpdir_env):
     """--build-timeout too short for anything: a clear error, no records, nothing marked done
     and no candidate folders; a correct run in the same folder works, Ctrl-C during its
@@ -168,6 +170,7 @@ def test_failed_defaults_are_an_error_then_ctrl_c_then_resume(tmp_path, logs, tm
         assert max(line[1][1]) < 1e9
 
 
+# -- 4. tune's arguments and another model's folder -------------------------------------------
 def test_tune_argument_and_folder_errors(tmp_path, logs):
     model_path = chain_model(tmp_path / "net.onnx", ["relu"])
     log_dir = tmp_path / "db"
@@ -184,6 +187,7 @@ def test_tune_argument_and_folder_errors(tmp_path, logs):
     assert sorted(p.name for p in log_dir.iterdir()) == ["tuning.json"]
 
 
+# -- 3. every network wait has a timeout ------------------------------------------------------
 class _Listener:
     """Something that is not a tracker on a port: silent (accepts, never answers) or
     answering garbage like an HTTP server."""
@@ -260,6 +264,7 @@ def test_a_request_for_a_key_whose_server_was_killed_times_out(tracker, monkeypa
     rpc.request_session(host, port, "local")  # the live key still serves
 
 
+# -- 3, 9. device start on a taken port; a tracker that outlives its leader -------------------
 def test_device_start_on_a_taken_port_and_an_orphaned_tracker(tmp_path, monkeypatch):
     from tvm_rebirth.deploy.device import port_in_use
 
@@ -322,6 +327,7 @@ def test_device_start_on_a_taken_port_and_an_orphaned_tracker(tmp_path, monkeypa
     assert not port_in_use(port) and not state.exists()
 
 
+# -- 13. candidate folders of killed runs -----------------------------------------------------
 def test_candidate_folders_of_killed_runs_are_removed(tmp_path, monkeypatch):
     import tempfile
 
@@ -343,6 +349,7 @@ def test_candidate_folders_of_killed_runs_are_removed(tmp_path, monkeypatch):
     assert not stale.exists() and live.exists() and recent.exists()
 
 
+# -- 1. tune's tuning.json on a full disk -----------------------------------------------------
 def test_a_full_disk_while_tuning_keeps_tuning_json_whole(tmp_path, logs, monkeypatch):
     """tuning.json is written by report.output.write_atomic: ENOSPC (simulated in process at
     the fsync) while measuring defaults or inside MetaSchedule's search is a RebirthError

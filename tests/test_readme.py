@@ -43,3 +43,27 @@ def test_results_section_is_generated_from_the_result_files(monkeypatch):
     for path in sorted((bench / "results").glob("*.json")):
         command = run_all.command_of(json.loads(path.read_text())).split()
         assert command[0] == "python" and (README.parent / command[1]).is_file(), path
+
+
+def test_reliability_count_is_generated_from_its_result_file(monkeypatch):
+    """README's count of issue 20's cases (in its Reliability section) is exactly what
+    benchmarks/reliability.py renders from results/reliability.json, and adds up."""
+    import importlib.util
+    import json
+
+    bench = README.parent / "benchmarks"
+    monkeypatch.syspath_prepend(str(bench))
+    spec = importlib.util.spec_from_file_location("reliability", bench / "reliability.py")
+    reliability = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(reliability)
+    text = README.read_text()
+    section = text[text.index("## Reliability"):]
+    section = section[:section.index("\n## ")]
+    assert reliability.BEGIN in section and reliability.END in section
+    block = section.split(reliability.BEGIN, 1)[1].split(reliability.END, 1)[0]
+    data = json.loads((bench / "results" / "reliability.json").read_text())
+    assert block == "\n" + reliability.render(data), \
+        "run `python benchmarks/run_all.py --readme-only`"
+    assert data["cases"] == len(data["tests"]) == data["passed"] + data["failed"] + \
+        data["skipped"] == sum(data["by_file"].values())
+    assert data["command"] == "python benchmarks/reliability.py"
