@@ -98,9 +98,27 @@ def kernel_macs(mod, target) -> dict:
     return macs
 
 
+def profile_calls(mod, x, target, what: str) -> tuple:
+    """(instructions of one inference, [kernel symbol per call], [instructions per call])
+    of ``mod`` cross-built for ``target``, on the emulated device."""
+    with tempfile.TemporaryDirectory(prefix="tvm-rebirth-profile-") as tmp:
+        work = Path(tmp)
+        lib = work / "model.so"
+        export_library(compile_module(mod, target).executable, str(lib), target)
+        (work / "guest.py").write_text(GUEST_PROFILE)
+        np.save(work / "x.npy", x)
+        segments = work / "segments.txt"
+        total = count_guest_run([work / "guest.py", lib, work / "x.npy", work / "names.txt"],
+                                work / "count.txt", 1, what,
+                                plugin=f"{plugin_path()},segments={segments}")
+        return total, (work / "names.txt").read_text().split(), \
+            [int(v) for v in segments.read_text().split()]
+
+
 def kind_of(name: str) -> str:
-    for key in ("conv2d", "matmul", "dense", "max_pool", "avg_pool", "adaptive", "lrn",
-                "power", "concat", "softmax", "pad", "transpose", "reshape", "add", "relu"):
+    for key in ("winograd_input", "winograd_gemm", "winograd_output", "conv2d", "matmul",
+                "dense", "max_pool", "avg_pool", "adaptive", "lrn", "channel_window", "power",
+                "concat", "softmax", "pad", "transpose", "reshape", "add", "relu"):
         if key in name:
             return key
     return "other"
@@ -119,18 +137,7 @@ def main():
     target = resolve_target(args.target)
     x = np.random.default_rng(0).standard_normal(model.input_shapes[model.input_name]).astype("float32")
     logits = logits_module(mod)
-    with tempfile.TemporaryDirectory(prefix="tvm-rebirth-profile-") as tmp:
-        work = Path(tmp)
-        lib = work / "model.so"
-        export_library(compile_module(logits, target).executable, str(lib), target)
-        (work / "guest.py").write_text(GUEST_PROFILE)
-        np.save(work / "x.npy", x)
-        segments = work / "segments.txt"
-        total = count_guest_run([work / "guest.py", lib, work / "x.npy", work / "names.txt"],
-                                work / "count.txt", 1, f"profile of {args.model}",
-                                plugin=f"{plugin_path()},segments={segments}")
-        names = (work / "names.txt").read_text().split()
-        counts = [int(v) for v in segments.read_text().split()]
+    total, names, counts = profile_calls(logits, x, target, f"profile of {args.model}")
     if len(names) != len(counts):
         sys.exit(f"error: {len(names)} calls but {len(counts)} counted segments")
     macs = kernel_macs(logits, target)

@@ -45,8 +45,9 @@ def schedule_rules() -> list:
     from .conv_rules import ConvRule
     from .pools import PoolRule
     from .schedules import GenericCpuSchedule
+    from .winograd import WinogradRule
 
-    ours = [ConvRule(), PoolRule()] if conv_kernels_enabled() else []
+    ours = [ConvRule(), PoolRule(), WinogradRule()] if conv_kernels_enabled() else []
     return ours + [GenericCpuSchedule()]
 
 

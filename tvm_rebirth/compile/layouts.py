@@ -90,6 +90,8 @@ def _ceil(a, b):
 
 ROW_STEP_OVERHEAD = 3 / 8   # loop overhead per input channel, the ic loop unrolled by 8
 ROW_REGISTER_SLACK = 2      # registers left free with vector rows (measured: fuller tiles spill)
+GEMM_ACCUMULATORS = 16     # Winograd's GEMMs (measured: 2x8 and 4x4 tiles 0.33 instr/MAC,
+                            # 3x8 0.42, 2x12 0.50 on the emulated A72)
 TAP_REGISTER_SLACK = 6      # ... with a row of input scalars for kw <= 3 taps (measured on
                             # the emulated A72: 29-31 live registers cost 0.36-0.40 instr/MAC,
                             # 25-26 cost 0.33-0.35; 5x5 and wider do best with full tiles)
@@ -101,7 +103,8 @@ def _vector_pieces(columns: int, lanes: int) -> int:
 
 
 def plan_conv(unit: VectorUnit, out_channels: int, out_width: int, kw: int, stride: int,
-              whole_blocks: bool = False, pointwise: bool = False) -> ConvPlan | None:
+              whole_blocks: bool = False, pointwise: bool = False,
+              max_accumulators: int | None = None) -> ConvPlan | None:
     """The tile minimising estimated instructions per useful multiply-add. Per (ic, kh) step
     a tile issues tile x vectors x kw FMAs, vectors x kw weight loads (paired), and loads
     the input columns it reads (kw unrolled: neighbouring taps share them; paired scalar
@@ -111,7 +114,8 @@ def plan_conv(unit: VectorUnit, out_channels: int, out_width: int, kw: int, stri
     ``whole_blocks``: only blocks dividing ``out_channels`` (None if there is none).
     ``pointwise``: a 1x1 conv of width stride 1; with FMA by element its plan reads each
     tile row as whole vectors (``rows``: a few loads per input channel instead of one per
-    column pair, all of the row's registers live, the ic loop unrolled)."""
+    column pair, all of the row's registers live, the ic loop unrolled).
+    ``max_accumulators``: at most that many accumulator registers (tile x vectors)."""
     rows = pointwise and unit.fma_by_element
     best, best_cost = None, None
     for vectors in (1, 2, 3, 4):
@@ -124,7 +128,8 @@ def plan_conv(unit: VectorUnit, out_channels: int, out_width: int, kw: int, stri
                 live_inputs = 2
             else:
                 live_inputs = tile + 2 + (TAP_REGISTER_SLACK if kw <= 3 else 0)
-            if tile * vectors + vectors + live_inputs > unit.registers:
+            if tile * vectors + vectors + live_inputs > unit.registers or \
+                    (max_accumulators and tile * vectors > max_accumulators):
                 continue
             fmas = tile * vectors * kw
             weights = vectors * kw / 2
@@ -239,6 +244,8 @@ def PackConvWeights(target):  # noqa: N802 -- a pass, named like TVM's
     import tvm
     from tvm import relax
 
+    from .winograd import winograd_conv
+
     unit = vector_unit(target)
 
     @relax.expr_functor.mutator
@@ -251,6 +258,15 @@ def PackConvWeights(target):  # noqa: N802 -- a pass, named like TVM's
             call = self.visit_expr_post_order(call)
             if not conv_rewrite_applies(call):
                 return call
+            winograd = winograd_conv(
+                self.builder_, call,
+                lambda channels, width: plan_conv(unit, channels, width, 1, 1,
+                                                  whole_blocks=True, pointwise=True,
+                                                  max_accumulators=GEMM_ACCUMULATORS),
+                pack_weight, blocked_conv_te)
+            if winograd is not None:
+                self.rewritten += 1
+                return winograd
             attrs = call.attrs
             x, weight = call.args
             out_channels, _, kh, kw = (int(d) for d in weight.value.shape)

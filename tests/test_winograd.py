@@ -1,0 +1,111 @@
+"""Winograd F(2x2, 3x3) (compile/winograd.py): the transformed weights compute the conv
+exactly (numpy), the rewrite replaces exactly the convs where it applies and pays, the
+transform functions' schedules (WinogradRule) compute what their unscheduled PrimFuncs
+compute (NaN-prefilled outputs, run twice), the GEMM is our blocked 1x1 kernel, and whole
+modules built with Winograd match the direct kernels' build."""
+
+import numpy as np
+import pytest
+import tvm
+from tvm import relax, tirx
+from tvm.relax import op as R
+
+from tvm_rebirth.compile.build import Runner, fused_module, host_target
+from tvm_rebirth.compile.conv_rules import ConvRule
+from tvm_rebirth.compile.winograd import (A_T, B_T, WinogradRule, transform_weight,
+                                          winograd_pays)
+
+from kernel_check import assert_schedule_matches
+
+LLVM = host_target()
+FOUR_LANES = tvm.target.Target({"kind": "llvm", "mcpu": "x86-64"})  # NEON's 4 fp32 lanes
+
+
+def _conv_module(cin, cout, hw, pad=1, epilogue="bias_relu", seed=0, stride=1, k=3):
+    rng = np.random.default_rng(seed)
+    weight = (rng.standard_normal((cout, cin, k, k)) / np.sqrt(9 * cin)).astype("float32")
+    bias = rng.standard_normal((1, cout, 1, 1)).astype("float32")
+    x = relax.Var("x", relax.TensorType((1, cin, *hw), "float32"))
+    bb = relax.BlockBuilder()
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            y = bb.emit(R.nn.conv2d(x, relax.const(weight), strides=stride, padding=pad))
+            if epilogue == "bias_relu":
+                y = bb.emit(R.nn.relu(R.add(y, relax.const(bias))))
+            if epilogue == "concat":  # a concat after the conv (an inception output)
+                y = bb.emit(R.concat([R.nn.relu(y), x], axis=1))
+            out = bb.emit_output(y)
+        bb.emit_func_output(out)
+    return bb.get()
+
+
+def _funcs(mod, target=LLVM) -> dict:
+    return {gv.name_hint: func for gv, func in fused_module(mod, target).functions.items()
+            if isinstance(func, tirx.PrimFunc)}
+
+
+def test_transformed_weights_compute_the_conv():
+    """A^T [ (G g G^T) * (B^T d B) ] A is the 2x2 valid correlation of a 4x4 tile with g."""
+    rng = np.random.default_rng(0)
+    g = rng.standard_normal((5, 3, 3, 3)).astype("float32")          # K=5, C=3
+    d = rng.standard_normal((3, 4, 4)).astype("float32")
+    u = transform_weight(g).reshape(4, 4, 5, 3)                      # [xi, nu, K, C]
+    v = np.einsum("xi,cij,nj->xnc", B_T, d, B_T)                     # [xi, nu, C]
+    m = np.einsum("xnkc,xnc->xnk", u, v)
+    y = np.einsum("ax,xnk,bn->kab", A_T, m, A_T)
+    want = np.array([[[np.sum(g[k] * d[:, a:a + 3, b:b + 3]) for b in range(2)]
+                      for a in range(2)] for k in range(5)])
+    np.testing.assert_allclose(y, want, rtol=1e-5, atol=1e-5)
+
+
+SHAPES = {  # name: (cin, cout, (h, w), pad)
+    "64_to_64_w13": (64, 64, (13, 13), 1),
+    "128_to_128_w7_nopad": (128, 128, (9, 9), 0),
+    "16_to_16_w1": (16, 16, (5, 1), 1),
+    "8_to_32_h1_w7": (8, 32, (1, 7), 1),
+    "96_to_32_w6": (96, 32, (6, 6), 1),
+}
+
+
+@pytest.mark.parametrize("name", list(SHAPES))
+@pytest.mark.parametrize("target", [LLVM, FOUR_LANES], ids=["host", "4_lanes"])
+def test_transform_schedules_match_unscheduled(name, target, monkeypatch):
+    from tvm_rebirth.compile import winograd
+
+    monkeypatch.setattr(winograd, "winograd_pays", lambda *shape: True)  # odd shapes too
+    cin, cout, hw, pad = SHAPES[name]
+    funcs = _funcs(_conv_module(cin, cout, hw, pad), target)
+    kinds = sorted(n.split("rebirth_winograd_")[1].split("_")[0] for n in funcs)
+    assert kinds == ["gemm", "input", "output"], list(funcs)
+    for name_hint, func in funcs.items():
+        rule = ConvRule() if "gemm" in name_hint else WinogradRule()
+        assert_schedule_matches(func, rule, target, atol=1e-3)
+
+
+@pytest.mark.parametrize("epilogue", ["bias_relu", "none", "concat"])
+def test_winograd_module_matches_direct_build(epilogue, monkeypatch):
+    mod = _conv_module(64, 64, (13, 13), epilogue=epilogue)
+    x = np.random.default_rng(1).standard_normal((1, 64, 13, 13)).astype("float32")
+    got = Runner(mod, tuned=False)(x)[0]
+    monkeypatch.setenv("TVM_REBIRTH_WINOGRAD", "0")
+    assert not any("winograd" in n for n in _funcs(mod))
+    want = Runner(mod, tuned=False)(x)[0]
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+    monkeypatch.setenv("TVM_REBIRTH_WINOGRAD", "1")
+    names = list(_funcs(mod))
+    # the output transform takes the elementwise epilogue, never the concat after it
+    assert any(n.startswith("fused_rebirth_winograd_output") or n == "rebirth_winograd_output"
+               for n in names) and not any("winograd" in n and "concat" in n for n in names)
+
+
+def test_where_winograd_is_not_used():
+    """Stride 2, 5x5 and narrow convs stay direct; the rule leaves other functions alone."""
+    for mod in (_conv_module(64, 64, (13, 13), stride=2), _conv_module(64, 64, (13, 13), k=5,
+                                                                        pad=2),
+                _conv_module(8, 8, (13, 13))):
+        names = list(_funcs(mod))
+        assert not any("winograd" in n for n in names), names
+        for func in _funcs(mod).values():
+            assert WinogradRule().apply(func.with_attr("global_symbol", "main"), LLVM,
+                                        False) is None
+    assert not winograd_pays(8, 8, 49, 169) and winograd_pays(64, 192, 784, 3025)
