@@ -1,13 +1,16 @@
 """Where the instructions go: guest aarch64 instructions of every kernel call of one
 inference on the emulated Cortex-A72 (qemu-user, 1 thread), grouped by kind.
 
-    python benchmarks/guest_profile.py --model googlenet [--top 25] [--json]
+    python benchmarks/guest_profile.py --model googlenet [--rebirth [--kinds streamline]]
+                                       [--top 25] [--json]
 
-The original model is cross-built as the peers benchmark builds it (logits, untuned);
+The original model (or with --rebirth its default plan slimmed with seeded placeholder
+weights: the graph and kernels a fine-tuned rebirth model runs) is cross-built as the peers
+benchmark builds it (logits, untuned);
 in the guest, the Relax VM's instrument hook marks every kernel call for the counting plugin
 (`segments=`), which writes each call's own count. Each call's MACs come from its PrimFunc
 (conv / dense), so convs show instructions per MAC (the floor is 0.25: one FMLA = 4 MACs).
-Writes benchmarks/results/guest_profile_<model>.{json,md}.
+Writes benchmarks/results/guest_profile_<model>[_rebirth[_<kinds>]].{json,md}.
 """
 
 import argparse
@@ -127,13 +130,23 @@ def kind_of(name: str) -> str:
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="googlenet")
+    parser.add_argument("--rebirth", action="store_true",
+                        help="the default plan's slimmed model (seeded placeholder weights)")
+    parser.add_argument("--kinds", default=None, help="site kinds of the plan (default: all)")
     parser.add_argument("--target", default="cortex-a72")
     parser.add_argument("--top", type=int, default=25)
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
 
     model = flow.load(args.model)
-    mod = model.mod
+    mod, label = model.mod, args.model
+    if args.rebirth:
+        from tvm_rebirth.passes import rebirth_pipeline
+
+        kinds = args.kinds.split(",") if args.kinds else flow.SITE_KINDS
+        plan = flow.find_plan(model, kinds=kinds)
+        mod = rebirth_pipeline(plan, None)(mod)
+        label += "_rebirth" + (f"_{'_'.join(kinds)}" if args.kinds else "")
     target = resolve_target(args.target)
     x = np.random.default_rng(0).standard_normal(model.input_shapes[model.input_name]).astype("float32")
     logits = logits_module(mod)
@@ -151,7 +164,8 @@ def main():
         by_kind[kind_of(name)] += n
     conv_macs = sum(m for _, _, m in calls.values())
     conv_instr = sum(n for name, (n, _, m) in calls.items() if m)
-    result = {"model": args.model, "target": args.target,
+    result = {"model": args.model, "rebirth": args.rebirth, "kinds": args.kinds,
+              "target": args.target,
               "instructions": total, "kernel_instructions": sum(counts),
               "mac_kernels": {"instructions": conv_instr, "macs": conv_macs,
                               "per_mac": round(conv_instr / max(conv_macs, 1), 4)},
@@ -162,7 +176,7 @@ def main():
     rows = [[name, f"{v['instructions']:.3g}", v["calls"], f"{v['macs']:.3g}" if v["macs"] else "-",
              f"{v['per_mac']:.3f}" if v["per_mac"] else "-"]
             for name, v in list(result["calls"].items())[:args.top]]
-    md = (f"# Guest instructions per kernel: {args.model}, "
+    md = (f"# Guest instructions per kernel: {label.replace('_', ' ')}, "
           f"emulated Cortex-A72, 1 thread\n\n"
           f"Whole inference (between the VM's calls too): {total:.4g}; in kernels "
           f"{sum(counts):.4g}; MAC kernels {conv_instr:.4g} for {conv_macs:.4g} MACs "
@@ -170,8 +184,8 @@ def main():
           + table([[k, f"{n:.3g}", f"{n / sum(counts):.1%}"] for k, n in by_kind.most_common()],
                   ["kind", "instructions", "share"])
           + "\n\n" + table(rows, ["kernel", "instructions", "calls", "MACs", "instr/MAC"])
-          + f"\n\nReproduce: `python benchmarks/guest_profile.py --model {args.model}`\n")
-    write(f"guest_profile_{args.model}", result, md)
+          + f"\n\nReproduce: `python benchmarks/guest_profile.py {' '.join(sys.argv[1:])}`\n")
+    write(f"guest_profile_{label}", result, md)
     print(json.dumps(result, indent=1) if args.json else md)
 
 

@@ -95,9 +95,9 @@ class BranchSlimming:
     ----------
     plan : RebirthPlan, or any object with ``sites`` (list of RebirthSite) and ``policy``
         Where and how to slim.
-    weights : Mapping[str, numpy.ndarray]
+    weights : Mapping[str, numpy.ndarray], or None
         ``<site id>/<layer>/weight`` (OIHW) and ``.../bias`` for every conv in the site's
-        ``new_conv`` (``site.weight_keys``).
+        ``new_conv`` (``site.weight_keys``); None: the structure only (seeded placeholders).
     func_name : str
         The function to rewrite.
 

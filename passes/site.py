@@ -347,14 +347,19 @@ def site_conv_weights(site: RebirthSite, weights, kernels=None) -> list:
     """[(W OIHW, b)] float32 of each rebirth conv of ``site``, from ``weights`` (a mapping of
     ``weight_keys`` to arrays), checked against the plan's shapes. ``kernels``: the kernel of
     each conv where the plan does not fix it (a branch conv keeps the module's). Raises
-    RebirthError naming the site and the key that is missing or of the wrong shape."""
+    RebirthError naming the site and the key that is missing or of the wrong shape.
+    ``weights=None``: the structure only -- seeded placeholder weights of the plan's shapes
+    (for inspecting and timing the slimmed graph; its outputs mean nothing)."""
     result = []
     for i, (spec, (_, wkey, bkey)) in enumerate(zip(site.new_conv, weight_keys(site))):
+        kernel = list(kernels[i]) if kernels is not None else list(spec.kernel)
+        if weights is None:
+            result.append(_placeholder_conv(spec, kernel, wkey))
+            continue
         missing = [k for k in (wkey, bkey) if k not in weights]
         if missing:
             raise RebirthError(f"site '{site.id}': the weights have no '{missing[0]}'")
         weight, bias = np.asarray(weights[wkey]), np.asarray(weights[bkey])
-        kernel = list(kernels[i]) if kernels is not None else list(spec.kernel)
         want = [spec.out_channels, spec.in_channels // spec.groups, *kernel]
         if list(weight.shape) != want:
             raise RebirthError(f"site '{site.id}': weight '{wkey}' has shape "
@@ -364,3 +369,14 @@ def site_conv_weights(site: RebirthSite, weights, kernels=None) -> list:
                                f"the plan needs [{spec.out_channels}]")
         result.append((weight.astype("float32"), bias.astype("float32")))
     return result
+
+
+def _placeholder_conv(spec, kernel, key) -> tuple:
+    """Seeded (W, b) of a rebirth conv's shapes, He-scaled so activations stay finite."""
+    import zlib
+
+    rng = np.random.default_rng(zlib.crc32(key.encode()))
+    fan_in = spec.in_channels // spec.groups * int(np.prod(kernel))
+    weight = rng.standard_normal([spec.out_channels, spec.in_channels // spec.groups, *kernel])
+    return ((weight * np.sqrt(2.0 / fan_in)).astype("float32"),
+            np.zeros(spec.out_channels, dtype="float32"))

@@ -100,11 +100,13 @@ class StreamlineSlimming:
     ----------
     plan : RebirthPlan, or any object with ``sites`` (list of RebirthSite) and ``policy``
         Where and how to slim.
-    weights : Mapping[str, numpy.ndarray]
+    weights : Mapping[str, numpy.ndarray], or None
         ``<site id>/weight`` (OIHW) and ``<site id>/bias`` per site (``site.weight_keys``);
         exact sites missing from it are computed in closed form.
         ``<site id>/refit/<layer>/weight|bias`` replace the weights of a conv that reads the
         site's output (the fine-tune stage refits those to absorb the site's residual error).
+        None: the structure only (exact sites in closed form, seeded placeholders for the
+        learned ones, no refits).
     func_name : str
         The function to rewrite.
     """
@@ -151,7 +153,7 @@ class _Streamline:
 
     def _conv_weights(self, site):
         keys = [k for _, wkey, bkey in weight_keys(site) for k in (wkey, bkey)]
-        if site.exact and not all(k in self.weights for k in keys):
+        if site.exact and (self.weights is None or not all(k in self.weights for k in keys)):
             return [exact_site_weights(self.analysis, site.id)]
         return site_conv_weights(site, self.weights)
 
@@ -159,7 +161,7 @@ class _Streamline:
         """(ConvBlock, conv2d call, W, b) of a consumer conv with refitted weights, or None
         when the weights hold no refit for it."""
         wkey, bkey = refit_keys(site, consumer.name)
-        if wkey not in self.weights:
+        if self.weights is None or wkey not in self.weights:
             return None
         weight = np.asarray(self.weights[wkey])
         bias = np.asarray(self.weights[bkey]) if bkey in self.weights else np.zeros(0)

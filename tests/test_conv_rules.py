@@ -139,12 +139,15 @@ def test_zoo_model_matches_build_without_kernels(monkeypatch):
 
 
 POINTWISE_CASES = ["1x1_w1", "1x1_c3_to10_w7", "1x1_192_to100_w13"]
+TAP_ROW_CASES = ["3x3_c3_w55", "3x3_96_to_16_w13_bn", "3x3_16_w1", "3x3_s2_no_epilogue",
+                 "3x3_16_to3_nopad", "5x5_16_to32_w28", "2x2_s2_even", "5x5_groups2_w27"]
 
 
-@pytest.mark.parametrize("name", POINTWISE_CASES)
+@pytest.mark.parametrize("name", POINTWISE_CASES + TAP_ROW_CASES)
 def test_vector_rows_match_unscheduled(name, monkeypatch):
-    """1x1 convs planned as on AArch64 (FMA by element: vector rows, ic unrolled), built
-    and run on this host."""
+    """Convs planned as on AArch64 (FMA by element: vector rows; a 1x1 one row per input
+    channel with ic unrolled, a kxk one row per (ic, kh) shared by its taps), built and
+    run on this host."""
     from tvm_rebirth.compile import layouts
 
     monkeypatch.setattr(layouts, "vector_unit",
@@ -161,5 +164,7 @@ def test_vector_rows_plans():
     neon = VectorUnit(4, 32, fma_by_element=True)
     plan = plan_conv(neon, 128, 28, 1, 1, pointwise=True)
     assert plan.rows and plan.tile * plan.vectors + plan.vectors + -(-plan.tile // 4) <= 32
-    assert not plan_conv(neon, 128, 28, 3, 1).rows
+    plan = plan_conv(neon, 192, 27, 3, 1)  # a row shared by 3 taps: (tile - 1) + 3 columns
+    assert plan.rows and plan.tile * plan.vectors + plan.vectors + -(-(plan.tile + 2) // 4) <= 32
+    assert not plan_conv(neon, 64, 55, 7, 4).rows  # 7 taps at stride 4: rows too long
     assert not plan_conv(VectorUnit(4, 16), 128, 28, 1, 1, pointwise=True).rows

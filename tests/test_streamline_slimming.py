@@ -73,6 +73,23 @@ def test_structural_rewrite_of_a_conv_relu_pool_chain():
     tvm.ir.assert_structural_equal(after["main"], expected["main"])
 
 
+def test_structure_only_slimming_uses_seeded_placeholders():
+    """weights=None: the same slimmed graph with seeded He-scaled weights (for inspecting
+    and timing; the same every run), exact sites still in closed form."""
+    from tvm_rebirth.passes import site_conv_weights
+
+    before = bind(Before, w=W, b=B)
+    plan = RebirthPlan.from_model(_Model(before))
+    (site,) = plan.sites
+    after = StreamlineSlimming(plan, None)(before)
+    ((weight, bias),) = site_conv_weights(site, None)
+    expected = bind(Expected, w=weight, b=bias.reshape(1, 8, 1, 1))
+    tvm.ir.assert_structural_equal(after["main"], expected["main"])
+    assert weight.shape == (8, 4, 3, 3) and not bias.any()
+    assert 0.1 < weight.std() < 1.0  # He scale: sqrt(2 / 36)
+    np.testing.assert_array_equal(weight, site_conv_weights(site, None)[0][0])
+
+
 @pytest.mark.parametrize("ops", [["batch_norm"], ["avg_pool2d"], ["batch_norm", "avg_pool2d"],
                                  ["batch_norm", "relu"], ["avg_pool2d", "relu"]])
 def test_exact_sites_match_the_original(tmp_path, ops):

@@ -210,6 +210,19 @@ def _vector_rows(sch, conv, ic):
     return reduce_at
 
 
+def _tap_rows(sch, conv, kh):
+    """kxk convs with vector rows: per (ic, kh) the input columns the tile's kw taps read,
+    (tile - 1) x stride + kw of them, loaded once as whole vectors into a local row; the
+    unrolled taps take their scalars as lanes (FMLA by element), so a few registers hold
+    what took one register per column."""
+    row = sch.cache_read(conv, _data_read(sch.get(conv)), "local")
+    sch.compute_at(row, kh)
+    loops = sch.get_loops(row)
+    at = [i for i, loop in enumerate(loops) if sch.get(loop).same_as(sch.get(kh))][0]
+    if len(loops) > at + 1:
+        sch.vectorize(loops[-1])
+
+
 class ConvRule(ScheduleRule):
     """The register-blocked channel-blocked conv (see module doc); None for anything else."""
 
@@ -241,6 +254,8 @@ class ConvRule(ScheduleRule):
         reduce_at = ic
         if _annotation(sch.get(conv), ROWS_KEY) and _pointwise_unit_stride(sch, conv, kh, kw):
             reduce_at = _vector_rows(sch, conv, ic)
+        elif _annotation(sch.get(conv), ROWS_KEY) and _data_read(sch.get(conv)) is not None:
+            _tap_rows(sch, conv, kh)
         init = sch.decompose_reduction(conv, reduce_at)
         init_loops = sch.get_loops(init)
         sch.unroll(init_loops[-3])

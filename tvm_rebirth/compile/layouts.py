@@ -92,9 +92,12 @@ ROW_STEP_OVERHEAD = 3 / 8   # loop overhead per input channel, the ic loop unrol
 ROW_REGISTER_SLACK = 2      # registers left free with vector rows (measured: fuller tiles spill)
 GEMM_ACCUMULATORS = 16     # Winograd's GEMMs (measured: 2x8 and 4x4 tiles 0.33 instr/MAC,
                             # 3x8 0.42, 2x12 0.50 on the emulated A72)
-TAP_REGISTER_SLACK = 6      # ... with a row of input scalars for kw <= 3 taps (measured on
-                            # the emulated A72: 29-31 live registers cost 0.36-0.40 instr/MAC,
-                            # 25-26 cost 0.33-0.35; 5x5 and wider do best with full tiles)
+TAP_REGISTER_SLACK = 6      # ... with a row of input scalars for kw <= 3 taps (measured:
+                            # 29-31 live registers cost 0.36-0.40 instr/MAC, 25-26 0.33-0.35)
+MAX_ROW_COLUMNS = 16        # longer rows (strided 7x7, 1x13 tiles of stride 2) measured worse
+                            # as vectors (0.45-0.50 instr/MAC) than as scalars (0.40)
+TAP_ROW_REGISTER_SLACK = 5  # ... with a row shared by kw taps (measured on the emulated A72:
+                            # 3x7 tiles of a stride-2 3x3 conv, 28 live registers, spill)
 
 
 def _vector_pieces(columns: int, lanes: int) -> int:
@@ -107,35 +110,42 @@ def plan_conv(unit: VectorUnit, out_channels: int, out_width: int, kw: int, stri
               max_accumulators: int | None = None) -> ConvPlan | None:
     """The tile minimising estimated instructions per useful multiply-add. Per (ic, kh) step
     a tile issues tile x vectors x kw FMAs, vectors x kw weight loads (paired), and loads
-    the input columns it reads (kw unrolled: neighbouring taps share them; paired scalar
-    loads, or folded into the FMA as an AVX-512 embedded broadcast), plus loop overhead;
-    zero-padded channels and columns are work for nothing. Accumulators, weights and the live inputs (AArch64 keeps a tile row of input scalars for the by-element
-    FMAs when kw taps share them) must fit the register file, or LLVM spills.
+    the input columns it reads, (tile - 1) x stride + kw of them, plus loop overhead;
+    zero-padded channels and columns are work for nothing. Accumulators, weights and the
+    live inputs must fit the register file, or LLVM spills. How inputs are read:
+
+    * with FMA by element (AArch64), as ``rows``: the columns loaded as whole vectors, the
+      FMAs taking their scalars as lanes; a 1x1 conv of width stride 1 (``pointwise``) reads
+      one row per input channel with the ic loop unrolled, any other conv one row of at most
+      MAX_ROW_COLUMNS per (ic, kh) shared by its kw taps;
+    * else as scalars: paired loads, or folded into the FMA as an AVX-512 embedded broadcast.
+
     ``whole_blocks``: only blocks dividing ``out_channels`` (None if there is none).
-    ``pointwise``: a 1x1 conv of width stride 1; with FMA by element its plan reads each
-    tile row as whole vectors (``rows``: a few loads per input channel instead of one per
-    column pair, all of the row's registers live, the ic loop unrolled).
     ``max_accumulators``: at most that many accumulator registers (tile x vectors)."""
-    rows = pointwise and unit.fma_by_element
     best, best_cost = None, None
     for vectors in (1, 2, 3, 4):
         if whole_blocks and out_channels % (unit.lanes * vectors):
             continue
         for tile in range(1, 17):
-            if rows:  # the row's registers, and slack: LLVM spills the fullest tiles
+            columns = min(tile * kw, (tile - 1) * stride + kw)
+            rows = unit.fma_by_element and (pointwise or columns <= MAX_ROW_COLUMNS)
+            if rows and pointwise:  # the row's registers, and slack: the fullest tiles spill
                 live_inputs = _ceil(tile, unit.lanes) + ROW_REGISTER_SLACK
+            elif rows:
+                live_inputs = _ceil(columns, unit.lanes) + TAP_ROW_REGISTER_SLACK
             elif unit.lanes != 4 or kw == 1:
                 live_inputs = 2
-            else:
+            else:  # a row of scalars shared by the kw taps
                 live_inputs = tile + 2 + (TAP_REGISTER_SLACK if kw <= 3 else 0)
             if tile * vectors + vectors + live_inputs > unit.registers or \
                     (max_accumulators and tile * vectors > max_accumulators):
                 continue
             fmas = tile * vectors * kw
             weights = vectors * kw / 2
-            columns = min(tile * kw, (tile - 1) * stride + kw)
-            if rows:
+            if rows and pointwise:
                 step = fmas + weights + _vector_pieces(tile, unit.lanes) + ROW_STEP_OVERHEAD
+            elif rows:
+                step = fmas + weights + _vector_pieces(columns, unit.lanes) + 3
             else:
                 inputs = columns / 4 if unit.free_broadcast else columns / 2
                 step = fmas + weights + inputs + 3
