@@ -26,11 +26,11 @@ import numpy as np
 from _common import table, write
 
 from tvm_rebirth import flow
-from tvm_rebirth.compile.build import compile_module, export_library, fused_module
-from tvm_rebirth.compile.layouts import CONV_BLOCK, UNPACK_BLOCK
+from tvm_rebirth.compile.build import compile_module, export_library
 from tvm_rebirth.compile.targets import resolve_target
 from tvm_rebirth.deploy.peers import logits_module
 from tvm_rebirth.deploy.remote import count_guest_run, plugin_path
+from tvm_rebirth.report.profile import kernel_macs
 
 # runs in the emulated device's Python: each VM call between two lseek markers, its symbol
 # appended to argv[3] in the order the plugin writes the segments
@@ -68,37 +68,6 @@ vm["main"](x)
 with open(sys.argv[3], "w") as f:
     f.write("\\n".join(names) + "\\n")
 """
-
-
-def kernel_macs(mod, target) -> dict:
-    """{PrimFunc name: multiply-adds}, read from the fused module's conv / matmul blocks:
-    the product of the spatial and reduction extents of each block that accumulates."""
-    from tvm import s_tir, tirx
-
-    macs = {}
-    for gv, func in fused_module(mod, target).functions.items():
-        if not isinstance(func, tirx.PrimFunc):
-            continue
-        sch = s_tir.Schedule(func)
-        blocks = {sch.get(rv).name_hint: sch.get(rv)
-                  for rv in sch.get_child_blocks(sch.get_sblock("root"))}
-        total = 0
-        for block in blocks.values():
-            store = block.body
-            if block.init is None or not isinstance(store, tirx.BufferStore) or not (
-                    isinstance(store.value, tirx.Add) and isinstance(store.value.b, tirx.Mul)):
-                continue
-            # useful MACs: a blocked conv's padded channels and columns do not count
-            unpacked = blocks.get(UNPACK_BLOCK) if block.name_hint == CONV_BLOCK else None
-            n = 1
-            for v in block.iter_vars:
-                if unpacked is None or v.iter_type == tirx.IterVar.CommReduce:
-                    n *= int(v.dom.extent)
-            for v in (unpacked.iter_vars if unpacked is not None else []):
-                n *= int(v.dom.extent)
-            total += n
-        macs[gv.name_hint] = total
-    return macs
 
 
 def profile_calls(mod, x, target, what: str) -> tuple:

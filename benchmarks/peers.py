@@ -35,22 +35,12 @@ from _common import machine, table, write  # noqa: E402
 from tvm_rebirth import flow  # noqa: E402
 from tvm_rebirth.deploy import peers  # noqa: E402
 from tvm_rebirth.report.measure import count_gflops  # noqa: E402
+from tvm_rebirth.report.profile import fp32_peak_gflops  # noqa: E402
 
 EMULATED = "cortex-a72"
 ENGINE_NAMES = {"onnxruntime_original": "ONNX Runtime 1.32", "ncnn_original": "ncnn 20261020 (fp32)",
                 "mnn_original": "MNN 3.6.1", "tvm_original": "tvm-rebirth original",
                 "tvm_rebirth": "tvm-rebirth rebirth"}
-
-
-def peak_gflops(threads: int) -> float:
-    """fp32 peak: threads x clock x FLOP/cycle (two FMA units: 64 with AVX-512, else 32)."""
-    mhz, per_cycle = 0.0, 32
-    for line in open("/proc/cpuinfo"):
-        if line.startswith("cpu MHz"):
-            mhz = max(mhz, float(line.split(":")[1]))
-        if line.startswith("flags") and " avx512f" in line:
-            per_cycle = 64
-    return threads * mhz / 1000 * per_cycle
 
 
 def rebirth_note(args, plan) -> str:
@@ -99,7 +89,7 @@ def host(args, model, plan, rebirth, x) -> tuple:
     ms = {f"{k}_ms": round(statistics.median(v), 3) for k, v in samples.items()}
     alone = round(statistics.median(result["onnxruntime_alone"]), 3)
     gflop = {"original": count_gflops(model.mod), "rebirth": count_gflops(rebirth)}
-    peak = peak_gflops(threads)
+    peak = fp32_peak_gflops(threads)
     achieved = {name: gflop["rebirth" if name.startswith("tvm_rebirth") else "original"]
                 / ms[f"{name}_ms"] * 1000 for name in samples}
     cpu = f"{machine()['cpu']} (target key {result['target_key']})"

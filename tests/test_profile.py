@@ -3,6 +3,7 @@
 import json
 
 import numpy as np
+import pytest
 
 from tvm_rebirth import RebirthPlan, finetune, load_model
 from tvm_rebirth.compile.build import Runner
@@ -26,6 +27,12 @@ def test_kernel_names_map_to_layer_types():
     for lrn_part in ("avg_pool3d1", "fused_multiply2_expand_dims1",
                      "fused_squeeze1_multiply3_add4_power1_divide1"):
         assert layer_type(lrn_part) == "LRN"
+    # our kernels: blocked convs, Winograd's three stages, separable pools, LRN's window
+    for conv_part in ("fused_rebirth_conv2d2_add3_relu2", "rebirth_winograd_input",
+                      "rebirth_winograd_gemm3", "fused_rebirth_winograd_output_add_relu"):
+        assert layer_type(conv_part) == "convolution"
+    assert layer_type("rebirth_max_pool2d4") == "pooling"
+    assert layer_type("rebirth_channel_window1") == "LRN"
     assert layer_type("concatenate4") == "concat"
     assert layer_type("reshape18") == "other"
     assert layer_type("vm.builtin.check_tensor_info") is None
@@ -70,7 +77,14 @@ def test_bench_profile_prints_time_per_layer_type(tmp_path):
     data = json.loads(out)
     assert data["original"]["time_by_layer_type"]["pooling"] > 0
     assert data["rebirth"]["time_by_layer_type"]["pooling"] == 0
+    # each conv kernel's GFLOP/s is its multiply-adds over its time: conv1 (4 -> 8 channels,
+    # 3x3, 32x32) is one of them
+    kernels = data["original"]["time_by_layer_type"]["kernels"]
+    implied_macs = [c["gflops"] * kernels[c["kernel"]] * 1e6 / 2
+                    for c in data["original"]["conv_throughput"]]
+    assert any(m == pytest.approx(8 * 4 * 9 * 32 * 32, rel=0.02) for m in implied_macs)
     code, out, err = run("bench", path, "--plan", str(tmp_path / "p.yaml"), "--rounds", "1",
                          "--profile")
     assert code == 0, err
     assert "time per layer type" in out and "pooling" in out
+    assert "heaviest conv kernels, original" in out and "GFLOP/s" in out

@@ -137,6 +137,12 @@ def cmd_bench(args) -> None:
                                 for k in ("original", "rebirth")})
         text += "\n\ntime per layer type (ms per inference, share):\n" + table(
             rows, ["layer type", "original", "rebirth"])
+        for variant in ("original", "rebirth"):
+            rows = [[c["kernel"], c["ms"], c["gflops"],
+                     f"{c['peak_share']:.0%}" if c["peak_share"] is not None else "-"]
+                    for c in payload[variant]["conv_throughput"]]
+            text += f"\n\nheaviest conv kernels, {variant}:\n" + table(
+                rows, ["kernel", "ms", "GFLOP/s", "of fp32 peak"])
     if "device_vs_host_max_abs_err" in payload:
         text += ("\ndevice vs host build: max abs difference "
                  f"{payload['device_vs_host_max_abs_err']:.3g}")

@@ -4,13 +4,14 @@ GFLOPs, output error, and accuracy on a labeled set."""
 from __future__ import annotations
 
 import logging
+import os
 import statistics
 import time
 from pathlib import Path
 
 import numpy as np
 
-from ..compile.build import Runner
+from ..compile.build import Runner, host_target
 from ..errors import RebirthError
 
 logger = logging.getLogger(__name__)
@@ -95,10 +96,10 @@ def bench_variants(mods, x, rounds=7, number=5, profile=False) -> dict:
     other variant against the baseline. ``rel_err`` is ||out - base|| / ||base|| of the logits
     (the input of a final softmax, ``compared`` says which). ``profile``: also
     ``time_by_layer_type`` per variant."""
-    runners, outputs, compared, logits = {}, {}, {}, False
+    runners, outputs, compared, logits, built = {}, {}, {}, False, {}
     for name, mod in mods.items():
         logger.info(f"[bench] building {name}")
-        both = with_logits(mod)
+        both = built[name] = with_logits(mod)
         logits = both is not mod
         runners[name] = Runner(both)
         outs = runners[name](x)
@@ -118,10 +119,14 @@ def bench_variants(mods, x, rounds=7, number=5, profile=False) -> dict:
                         "rel_err": float(np.linalg.norm(compared[name] - compared[base]) /
                                          max(float(np.linalg.norm(compared[base])), 1e-30))}
         if profile:
-            from .profile import time_by_layer_type
+            from .profile import conv_throughput, kernel_macs, time_by_layer_type
 
             logger.info(f"[bench] timing every kernel of {name} by layer type")
-            result[name]["time_by_layer_type"] = time_by_layer_type(runners[name], x, runs=rounds)
+            timed = time_by_layer_type(runners[name], x, runs=rounds)
+            result[name]["time_by_layer_type"] = timed
+            threads = int(os.environ.get("TVM_NUM_THREADS", os.cpu_count() or 1))
+            result[name]["conv_throughput"] = conv_throughput(
+                timed, kernel_macs(built[name], host_target()), threads)
     for name in list(mods)[1:]:
         o, r = result[base], result[name]
         r["speedup"] = round(o["latency_ms"] / r["latency_ms"], 3)

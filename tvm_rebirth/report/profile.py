@@ -3,7 +3,10 @@ kernel the Relax VM calls is timed and attributed to the layer type its fused na
 
 Relax names a fused kernel after the ops inside it (``fused_conv2d3_add5_relu5``), and
 TVM's ONNX importer lowers LRN to square (``multiply`` + ``expand_dims``) -> ``avg_pool3d``
--> scale/``power``/``divide``; those names are what ``layer_type`` reads.
+-> scale/``power``/``divide``; those names (and our kernels': ``rebirth_conv2d``,
+``rebirth_winograd_*``, ``rebirth_max_pool2d``, ``rebirth_channel_window``) are what
+``layer_type`` reads. ``kernel_macs`` reads each kernel's multiply-adds from its PrimFunc,
+so ``conv_throughput`` gives each conv's GFLOP/s next to this CPU's fp32 peak.
 """
 
 from __future__ import annotations
@@ -23,11 +26,11 @@ def layer_type(symbol: str) -> str | None:
         return None
     ops = set(re.sub(r"\d+", "", symbol).replace("fused_", "").split("_"))
     name = symbol.lower()
-    if "conv2d" in name:  # a conv with its epilogue, or a rebirth conv
+    if "conv2d" in name or "winograd" in name:  # with its epilogue; a Winograd stage
         return "convolution"
     if "matmul" in name or "dense" in name:
         return "fully connected"
-    if "avg_pool3d" in name or "power" in ops or {"multiply", "expand", "dims"} <= ops:
+    if "avg_pool3d" in name or "channel_window" in name or "power" in ops or {"multiply", "expand", "dims"} <= ops:
         return "LRN"
     if "pool" in name or ops & {"mean", "max"}:  # max/avg pools, global average pool
         return "pooling"
@@ -43,11 +46,13 @@ def time_by_layer_type(runner, x, runs: int = 5) -> dict:
     plus ``total_ms`` (the kernels' sum) and ``kernels`` ({symbol: ms})."""
     import tvm
 
-    per_run, started = [], {}
+    per_run, started, calls = [], {}, {}
     current: dict = {}
 
     def instrument(func, symbol, before_run, ret_value, *args):
         if before_run:
+            if not per_run:
+                calls[symbol] = calls.get(symbol, 0) + 1
             started[symbol] = time.perf_counter()
         elif symbol in started:
             current[symbol] = current.get(symbol, 0.0) + time.perf_counter() - started.pop(symbol)
@@ -74,7 +79,73 @@ def time_by_layer_type(runner, x, runs: int = 5) -> dict:
     result["total_ms"] = round(sum(result[t] for t in LAYER_TYPES), 4)
     result["kernels"] = {s: round(ms, 4) for s, ms in sorted(kernels.items())
                          if layer_type(s) is not None}
+    result["calls"] = {s: calls[s] for s in result["kernels"]}
     return result
+
+
+def kernel_macs(mod, target) -> dict:
+    """{PrimFunc name: useful multiply-adds per call} of ``mod``'s fused kernels for
+    ``target``, read from the blocks that accumulate a product (conv, matmul): the product
+    of their iteration extents; a blocked conv counts its NCHW output, not the padded
+    channels and columns it computes."""
+    from tvm import s_tir, tirx
+
+    from ..compile.build import fused_module
+    from ..compile.layouts import CONV_BLOCK, UNPACK_BLOCK
+
+    macs = {}
+    for gv, func in fused_module(mod, target).functions.items():
+        if not isinstance(func, tirx.PrimFunc):
+            continue
+        sch = s_tir.Schedule(func)
+        blocks = {sch.get(rv).name_hint: sch.get(rv)
+                  for rv in sch.get_child_blocks(sch.get_sblock("root"))}
+        total = 0
+        for block in blocks.values():
+            store = block.body
+            if block.init is None or not isinstance(store, tirx.BufferStore) or not (
+                    isinstance(store.value, tirx.Add) and isinstance(store.value.b, tirx.Mul)):
+                continue
+            unpacked = blocks.get(UNPACK_BLOCK) if block.name_hint == CONV_BLOCK else None
+            n = 1
+            for v in block.iter_vars:
+                if unpacked is None or v.iter_type == tirx.IterVar.CommReduce:
+                    n *= int(v.dom.extent)
+            for v in (unpacked.iter_vars if unpacked is not None else []):
+                n *= int(v.dom.extent)
+            total += n
+        macs[gv.name_hint] = total
+    return macs
+
+
+def fp32_peak_gflops(threads: int) -> float:
+    """This CPU's nominal fp32 peak: threads x clock x FLOP per cycle (two FMA units: 64 with
+    AVX-512, else 32), from /proc/cpuinfo; 0.0 where it says nothing."""
+    mhz, per_cycle = 0.0, 32
+    try:
+        with open("/proc/cpuinfo") as info:
+            for line in info:
+                if line.startswith("cpu MHz"):
+                    mhz = max(mhz, float(line.split(":")[1]))
+                if line.startswith("flags") and " avx512f" in line:
+                    per_cycle = 64
+    except OSError:
+        return 0.0
+    return threads * mhz / 1000 * per_cycle
+
+
+def conv_throughput(profile: dict, macs: dict, threads: int, top: int = 8) -> list:
+    """The ``top`` kernels with multiply-adds by time, as [{kernel, ms, gflops,
+    peak_share}] from a ``time_by_layer_type`` result and ``kernel_macs``."""
+    peak = fp32_peak_gflops(threads)
+    rows = []
+    for symbol, ms in sorted(profile["kernels"].items(), key=lambda kv: -kv[1]):
+        flops = 2 * macs.get(symbol, 0) * profile["calls"].get(symbol, 1)
+        if flops and ms > 0:
+            gflops = flops / (ms * 1e6)
+            rows.append({"kernel": symbol, "ms": round(ms, 4), "gflops": round(gflops, 1),
+                         "peak_share": round(gflops / peak, 3) if peak else None})
+    return rows[:top]
 
 
 def layer_time_rows(profiles: dict) -> list:
