@@ -140,7 +140,17 @@ EMULATED_ENGINES = {"onnxruntime_original": "ONNX Runtime 1.32 (original)",
                     "ncnn_original": "ncnn 20261020, fp32 (original)",
                     "mnn_original": "MNN 3.6.1 (original)",
                     "tvm_original": "tvm-rebirth original (our schedules, untuned)",
-                    "tvm_rebirth": "tvm-rebirth rebirth, default plan"}
+                    "tvm_rebirth": "tvm-rebirth rebirth"}
+
+
+def rebirth_plan_label(data) -> str:
+    """Which plan a peers result's rebirth model is: the default, or the site kinds its
+    command asked for (``--kinds``), with the number of sites."""
+    words = data.get("command", "").split()
+    kinds = words[words.index("--kinds") + 1] if "--kinds" in words[:-1] else None
+    count = len(data.get("sites", []))
+    return (f"{count} {kinds.replace(',', ' + ')} sites" if kinds
+            else f"the default plan, {count} sites")
 
 
 def _peers(suffix, key) -> dict:
@@ -177,6 +187,9 @@ def emulated_peers_section(peers):
     header = ["engine (aarch64)"] + [f"{m} instructions (x floor)" for m in peers]
     rows = []
     for name, label in EMULATED_ENGINES.items():
+        if name == "tvm_rebirth":
+            label += " (" + "; ".join(f"{m}: {rebirth_plan_label(d)}"
+                                       for m, d in peers.items()) + ")"
         rows.append([label] + [
             f"{d[f'{name}_instructions']:.3g} ({d[f'{name}_instructions'] / d['mac_floor_instructions']:.2f}x)"
             for d in peers.values()])
