@@ -6,10 +6,15 @@ setup(
     description="DeepRebirth layer slimming as Apache TVM Relax passes",
     python_requires=">=3.10",
     packages=["tvm_rebirth", "tvm_rebirth.passes", "tvm_rebirth.frontend", "tvm_rebirth.learn",
-              "tvm_rebirth.compile", "tvm_rebirth.deploy", "tvm_rebirth.report"],
+              "tvm_rebirth.compile", "tvm_rebirth.deploy", "tvm_rebirth.report",
+              # data only: the committed tuning_logs/ installed as tvm_rebirth/tuning_logs
+              # (compile.database.packaged_tuning_logs); `tune` writes to the user cache
+              "tvm_rebirth.tuning_logs"],
     package_data={"tvm_rebirth.frontend": ["zoo_data/*.onnx"],
-                  "tvm_rebirth.deploy": ["qemu_plugin/*.c"]},
-    package_dir={"tvm_rebirth": "tvm_rebirth", "tvm_rebirth.passes": "passes"},
+                  "tvm_rebirth.deploy": ["qemu_plugin/*.c"],
+                  "tvm_rebirth.tuning_logs": ["*/*/*.json"]},
+    package_dir={"tvm_rebirth": "tvm_rebirth", "tvm_rebirth.passes": "passes",
+                 "tvm_rebirth.tuning_logs": "tuning_logs"},
     install_requires=[
         "apache-tvm[rpc]==0.27.0.post1",
         # 0.1.15.x segfaults in tvm.ir.save_json (MetaSchedule databases).

@@ -71,7 +71,7 @@ def cmd_plan(args) -> None:
         model=args.model, output=args.output, check=args.check,
         policy=args.policy or "keep-kernel", kinds=_parse_kinds(args.kinds or
                                                                  ",".join(SITE_KINDS)),
-        branch_widths=args.branch_widths or "carry"))
+        branch_widths=args.branch_widths or "carry", input=args.input, input_shape=args.input_shape))
     out = args.check or args.output or os.path.basename(payload["plan"])
     text = table(_site_rows(plan.sites), ["site", "kind", "ops", "old -> new conv", "exact"])
     counts = ", ".join(f"{v} {k}" for k, v in payload["counts"].items())
@@ -79,6 +79,8 @@ def cmd_plan(args) -> None:
     text += f"\n\n{payload['model']}: {counts} site(s); plan {done} {out}"
     for r in plan.rejected:
         text += f"\nrejected {r['id']}: {r['reason']}"
+    if payload["nothing_to_slim"]:
+        text += f"\nnothing to slim: {payload['nothing_to_slim']}"
     _emit(args, payload, text)
 
 
@@ -94,7 +96,7 @@ def _rebirth_options(args) -> flow.RebirthOptions:
 
 def cmd_finetune(args) -> None:
     payload = flow.finetune_command(flow.FinetuneArgs(
-        model=args.model, rebirth=_rebirth_options(args), output=args.output))
+        model=args.model, rebirth=_rebirth_options(args), output=args.output, input=args.input, input_shape=args.input_shape))
     out = args.output or os.path.basename(payload["weights"])
     rows = [[r["id"], "exact" if r["exact"] else "learned",
              "-" if r["rel_error"] is None else f"{r['rel_error']:.4f}", f"{r['seconds']:.1f}"]
@@ -116,13 +118,13 @@ def cmd_bench(args) -> None:
     payload = flow.bench(flow.BenchArgs(
         model=args.model, rebirth=_rebirth_options(args), tracker=args.tracker, key=args.key,
         target=args.target, session_timeout=args.session_timeout, rounds=args.rounds,
-        profile=args.profile, output=args.output))
+        profile=args.profile, output=args.output, input=args.input, input_shape=args.input_shape))
     o, r = payload["original"], payload["rebirth"]
     latency = "latency (ms, median)" if not payload.get("latency_is_emulated") else \
         "latency (ms, EMULATED: not phone speed)"
     rows = [[latency, o["latency_ms"], r["latency_ms"], f"{payload['speedup']}x"],
             ["planned memory (MB)", o["memory_mb"], r["memory_mb"],
-             f"{payload['memory_ratio']}x"],
+             "n/a" if payload["memory_ratio"] is None else f"{payload['memory_ratio']}x"],
             ["GFLOPs", o["gflops"], r["gflops"], f"{payload['gflops_ratio']}x"]]
     if "instructions" in o:
         rows.append(["instructions/inference (qemu cortex-a72, 1 thread)", o["instructions"],
@@ -151,7 +153,7 @@ def cmd_bench(args) -> None:
 
 def cmd_eval(args) -> None:
     payload = flow.evaluate(flow.EvalArgs(model=args.model, rebirth=_rebirth_options(args),
-                                          limit=args.limit))
+                                          limit=args.limit, input=args.input, input_shape=args.input_shape))
     rows = [[name, f"{payload[name]['top1'] * 100:.2f}", f"{payload[name]['top5'] * 100:.2f}"]
             for name in ("original", "rebirth")]
     text = table(rows, ["model", "top-1 %", "top-5 %"]) + (
@@ -162,7 +164,7 @@ def cmd_eval(args) -> None:
 def cmd_build(args) -> None:
     payload = flow.build(flow.BuildArgs(model=args.model, rebirth=_rebirth_options(args),
                                         target=args.target, output=args.output,
-                                        tuning_logs=not args.no_tuning_logs))
+                                        tuning_logs=not args.no_tuning_logs, input=args.input, input_shape=args.input_shape))
     out = args.output or os.path.basename(payload["path"])
     _emit(args, payload, f"{payload['variant']} {payload['model']} for {args.target} -> {out} "
                          f"({payload['bytes'] / 2 ** 20:.1f} MiB, planned activations "
@@ -175,7 +177,8 @@ def cmd_tune(args) -> None:
     payload = flow.tune(flow.TuneArgs(
         model=args.model, trials=args.trials, rebirth=_rebirth_options(args),
         target=args.target, max_tasks=args.max_tasks, build_timeout=args.build_timeout,
-        measure=not args.no_measure, log_dir=args.log_dir, tracker=args.tracker, key=args.key))
+        measure=not args.no_measure, log_dir=args.log_dir, tracker=args.tracker, key=args.key,
+        input=args.input, input_shape=args.input_shape))
     tasks = payload["tasks"]
     rows = sorted(([n, t["calls"], t["default_ms"], t["best_ms"],
                     f"{(t.get('time_share') or 0) * 100:.1f}%"] for n, t in tasks.items()),
@@ -256,6 +259,27 @@ def positive_float(text: str) -> float:
     return value
 
 
+def input_shape(text: str) -> list:
+    """argparse type: N,C,H,W as four positive integers (--input-shape 1,3,224,224)."""
+    try:
+        dims = [int(d) for d in text.replace("x", ",").split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected N,C,H,W, got '{text}'") from None
+    if len(dims) != 4 or min(dims) < 1:
+        raise argparse.ArgumentTypeError(f"expected four positive dims N,C,H,W, got '{text}'")
+    return dims
+
+
+def add_input_options(p) -> None:
+    """--input and --input-shape: which model input takes the images, and its shape."""
+    p.add_argument("--input", metavar="NAME",
+                   help="the image input of a model with several inputs (default: its only "
+                        "float32 4-D input)")
+    p.add_argument("--input-shape", type=input_shape, metavar="N,C,H,W",
+                   help="fixed shape of the image input (needed when its height/width are "
+                        "dynamic)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tvm-rebirth", description="DeepRebirth layer slimming for Apache TVM Relax")
@@ -281,6 +305,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="branch sites' reducer widths: carry (the pool branch's receiver's "
                         "reducer grows by the pool projection's width; default) or paper "
                         "(3x3 reducer halved: fewer FLOPs, more error)")
+    add_input_options(p)
     def add_flow(p, weights=True):
         p.add_argument("model", help="zoo name or path to an .onnx file")
         p.add_argument("--plan", help="plan file (default: plan every site, keep-kernel)")
@@ -291,6 +316,7 @@ def build_parser() -> argparse.ArgumentParser:
                                        ".npy array (default: the zoo model's own source)")
         p.add_argument("--images", type=positive_int, default=256,
                        help="calibration images (256)")
+        add_input_options(p)
 
     def add_variant(p, verb):
         """MODEL, the original or (with --plan/--weights) rebirth variant, and --target."""
@@ -303,6 +329,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--target", default="host",
                        help="host, cortex-a53, cortex-a55, cortex-a72 or cortex-a76 "
                             "(default host)")
+        add_input_options(p)
 
     p = add("finetune", cmd_finetune, "learn the rebirth convs of a plan from unlabeled images")
     add_flow(p, weights=False)
@@ -353,8 +380,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds before a candidate's compilation is killed (60)")
     p.add_argument("--no-measure", action="store_true",
                    help="skip timing the whole model before/after at the end")
-    p.add_argument("--log-dir", help="database folder (default: "
-                                     "tuning_logs/<target>/<model>[-rebirth]/)")
+    p.add_argument("--log-dir", help="database folder (default: <cache>/tuning_logs/<target>/"
+                                     "<model>[-rebirth]/ in the user cache, $TVM_REBIRTH_CACHE "
+                                     "or ~/.cache/tvm-rebirth; builds read the user cache "
+                                     "first, then the tuning_logs installed with the package)")
     p.add_argument("--tracker", help="RPC tracker host:port (device tuning)")
     p.add_argument("--key", help="device key on the tracker")
     p = add("device", cmd_device, "RPC tracker + emulated Cortex-A72 (and this host) on "

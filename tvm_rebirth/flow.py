@@ -97,6 +97,8 @@ class ModelArgs:
 
     model: str
     rebirth: RebirthOptions = field(default_factory=RebirthOptions)
+    input: str | None = None  # --input: the image input's name (several inputs)
+    input_shape: list | None = None  # --input-shape: fixes its dynamic dims
 
 
 @dataclass
@@ -109,6 +111,8 @@ class PlanArgs:
     policy: str = "keep-kernel"
     kinds: tuple = SITE_KINDS
     branch_widths: str = "carry"
+    input: str | None = None  # as ModelArgs
+    input_shape: list | None = None
 
 
 @dataclass(kw_only=True)
@@ -197,8 +201,10 @@ def checked_output(path, inputs: dict) -> str:
 
 
 # -- the flow, step by step -----------------------------------------------------------------
-def load(model: str, tag: str | None = None):
-    """The LoadedModel of a zoo name or an .onnx path (logs '[tag] loading MODEL')."""
+def load(model: str, tag: str | None = None, input: str | None = None,
+         input_shape: list | None = None):
+    """The LoadedModel of a zoo name or an .onnx path (logs '[tag] loading MODEL');
+    ``input``/``input_shape``: its image input and that input's shape (loader.load_model)."""
     import dataclasses
 
     from .frontend import zoo
@@ -212,11 +218,38 @@ def load(model: str, tag: str | None = None):
             raise RebirthError(f"{model}: is a directory, not an .onnx model file")
         logger.info(f"note: ./{model} is a folder, not a model file; using the zoo model "
                     f"'{model}'")
-        loaded = load_model(str(zoo.zoo_path(model)))
+        loaded = load_model(str(zoo.zoo_path(model)), input, input_shape)
         return dataclasses.replace(loaded, name=model, zoo_entry=zoo.ZOO[model])
     if model in zoo.ZOO and os.path.isfile(model):
         logger.info(f"note: loading the file ./{model}, not the zoo model '{model}'")
-    return load_model(model)
+    return load_model(model, input, input_shape)
+
+
+def require_one_input(model, command: str) -> None:
+    """RebirthError when ``command`` would run ``model`` (it feeds images to the image input
+    alone) but the model has other inputs too."""
+    if model.other_inputs:
+        others = ", ".join(f"'{k}' {v}" for k, v in model.other_inputs.items())
+        raise RebirthError(f"{model.path}: {command} runs the model on its image input "
+                           f"'{model.input_name}' alone, but it has other inputs too "
+                           f"({others}); plan, build and tune --no-measure work on it")
+
+
+def has_conv(model) -> bool:
+    """True when ``model``'s main function has a conv2d (a model without one has no site)."""
+    from tvm import relax
+
+    found = []
+    relax.analysis.post_order_visit(model.mod["main"], lambda e: found.append(1) if isinstance(
+        e, relax.Call) and getattr(e.op, "name", None) == "relax.nn.conv2d" else None)
+    return bool(found)
+
+
+def require_conv(model, command: str) -> None:
+    """RebirthError when ``model`` has no conv2d: nothing to slim, nothing to compare."""
+    if not has_conv(model):
+        raise RebirthError(f"{model.path}: the model has no conv2d, so there is nothing to "
+                           f"slim: its rebirth is the original ({command} compares the two)")
 
 
 def site_counts(plan) -> dict:
@@ -317,6 +350,7 @@ def weights_for(model, plan, options: RebirthOptions, tag: str | None = None,
     if options.weights:
         return RebirthWeights.load(options.weights, plan), None
     _log(tag, "no --weights: fine-tuning the plan first")
+    require_one_input(model, "fine-tuning")
     return fine_tune(model, plan, options, tag, images)
 
 
@@ -431,7 +465,7 @@ def plan_command(args: PlanArgs) -> tuple:
     inputs = {**model_inputs(args.model), "--check plan": args.check}
     output = checked_output(args.output, inputs) if args.output else None
     start = time.time()
-    model = load(args.model, "plan")
+    model = load(args.model, "plan", args.input, args.input_shape)
     if args.check:
         plan = RebirthPlan.load(args.check)
         logger.info(f"[plan] validating {args.check} against {model.name}")
@@ -442,7 +476,12 @@ def plan_command(args: PlanArgs) -> tuple:
         plan = find_plan(model, args.policy, args.kinds, args.branch_widths)
         out = args.output or f"{model.name}.plan.yaml"
         plan.save(output or checked_output(out, inputs))
+    nothing = None if plan.sites else (
+        "no site found" if has_conv(model) else "the model has no conv2d")
+    if nothing:
+        logger.info(f"[plan] nothing to slim: {nothing}")
     payload = {"model": model.name, "sha256": model.sha256, "plan": os.path.abspath(out),
+               "image_input": model.input_name, "nothing_to_slim": nothing,
                "plan_sha256": plan.sha256, "valid": True,
                "policy": plan.policy, "input_shapes": plan.input_shapes,
                "sites": [site_json(s) for s in plan.sites], "rejected": plan.rejected,
@@ -458,7 +497,8 @@ def finetune_command(args: FinetuneArgs) -> dict:
     inputs = model_inputs(args.model, options)
     output = checked_output(args.output, inputs) if args.output else None
     start = time.time()
-    model = load(args.model)
+    model = load(args.model, None, args.input, args.input_shape)
+    require_one_input(model, "finetune")
     out = args.output or f"{model.name}.weights.npz"
     output = output or checked_output(out, inputs)
     plan = plan_for(model, options, "finetune")
@@ -481,7 +521,9 @@ def bench(args: BenchArgs) -> dict:
     require_positive(args.rounds, "--rounds")
     output = checked_output(args.output, model_inputs(args.model, args.rebirth)) \
         if args.output else None
-    model = load(args.model)
+    model = load(args.model, None, args.input, args.input_shape)
+    require_one_input(model, "bench")
+    require_conv(model, "bench")
     rebirth = rebirth_model(model, args.rebirth, "bench")
     from .learn.calib import bench_input
 
@@ -513,7 +555,8 @@ def evaluate(args: EvalArgs) -> dict:
 
     require_positive(args.limit, "--limit")
     args.rebirth.check()
-    model = load(args.model)
+    model = load(args.model, None, args.input, args.input_shape)
+    require_one_input(model, "eval")
     images, labels, description = labeled_set(model, args.limit)
     rebirth = rebirth_model(model, args.rebirth, "eval")
     logger.info(f"[eval] building original and rebirth models; evaluating on {description}")
@@ -534,7 +577,7 @@ def build(args: BuildArgs) -> dict:
     inputs = model_inputs(args.model, args.rebirth)
     output = checked_output(args.output, inputs) if args.output else None
     start = time.time()
-    model = load(args.model)
+    model = load(args.model, None, args.input, args.input_shape)
     what = "rebirth" if args.rebirth.given else "original"
     out = args.output or f"{model.name}-{what}-{target_label(args.target)}.so"
     output = output or checked_output(out, inputs)
@@ -555,7 +598,8 @@ def build(args: BuildArgs) -> dict:
 
 def tune(args: TuneArgs) -> dict:
     """`tune`: MetaSchedule-tune the original (or rebirth) model into ``log_dir`` (default
-    tuning_logs/<target>/<model>[-rebirth]/), on this CPU or a tracker device."""
+    the user cache, ~/.cache/tvm-rebirth/tuning_logs/<target>/<model>[-rebirth]/: see
+    compile.database.default_log_dir), on this CPU or a tracker device."""
     from .compile.database import default_log_dir
     from .compile.targets import resolve_target
     from .compile.tune import tune as run_tune
@@ -565,7 +609,7 @@ def tune(args: TuneArgs) -> dict:
     if args.trials < 1:
         raise RebirthError(f"--trials must be positive, got {args.trials}")
     args.rebirth.check()
-    model = load(args.model)
+    model = load(args.model, None, args.input, args.input_shape)
     mod, what = variant(model, args.rebirth, "tune")
     log_dir = args.log_dir or default_log_dir(model.name, target, what == "rebirth")
     logger.info(f"[tune] {what} {model.name} for {args.target}: up to {args.trials} trials "

@@ -1,7 +1,12 @@
 """The tuning_logs databases every build applies (MetaSchedule JSON, one folder per target
 and model), found by target key and cached per process.
 
-Layout: ``tuning_logs/<target key>/<model>[-rebirth]/`` holds MetaSchedule's JSON database
+Roots: the packaged logs (``tvm_rebirth/tuning_logs`` installed as package data, the
+checkout's ``tuning_logs/`` in a source tree) and the user cache ``tune`` writes to
+(``~/.cache/tvm-rebirth/tuning_logs``, see ``user_tuning_logs``); builds read both, the user
+cache first. $TVM_REBIRTH_TUNING_LOGS replaces both (tests, or tuning into the checkout).
+
+Layout: ``<root>/<target key>/<model>[-rebirth]/`` holds MetaSchedule's JSON database
 (``database_workload.json``, ``database_tuning_record.json``, appended record by record) and
 ``tuning.json`` (trials, wall time, per-task default vs best time, whole-model before/after).
 The target key is the preset's core (``cortex-a72``) or the host CPU (``znver3``). A build
@@ -28,10 +33,32 @@ logger = logging.getLogger(__name__)
 DB_FILES = ("database_workload.json", "database_tuning_record.json")
 
 
+def packaged_tuning_logs() -> Path:
+    """The tuning_logs shipped with the package: ``tvm_rebirth/tuning_logs`` of an install
+    (package data), or the ``tuning_logs/`` folder of a source checkout."""
+    installed = Path(__file__).resolve().parents[1] / "tuning_logs"
+    return installed if installed.is_dir() else Path(__file__).resolve().parents[2] / "tuning_logs"
+
+
+def user_tuning_logs() -> Path:
+    """Where ``tune`` writes by default: ``<cache>/tuning_logs`` of the user cache directory
+    ($TVM_REBIRTH_CACHE, else $XDG_CACHE_HOME/tvm-rebirth, else ~/.cache/tvm-rebirth)."""
+    from ..frontend.zoo import cache_dir
+
+    return cache_dir() / "tuning_logs"
+
+
 def tuning_logs_root() -> Path:
-    """The committed tuning_logs folder of this checkout (or $TVM_REBIRTH_TUNING_LOGS)."""
+    """The committed tuning_logs (``packaged_tuning_logs``), or $TVM_REBIRTH_TUNING_LOGS."""
     env = os.environ.get("TVM_REBIRTH_TUNING_LOGS")
-    return Path(env) if env else Path(__file__).resolve().parents[2] / "tuning_logs"
+    return Path(env) if env else packaged_tuning_logs()
+
+
+def tuning_logs_roots() -> list:
+    """The roots builds read, in order of preference: the user cache, then the packaged logs;
+    $TVM_REBIRTH_TUNING_LOGS alone when it is set (it also receives ``tune``'s output)."""
+    env = os.environ.get("TVM_REBIRTH_TUNING_LOGS")
+    return [Path(env)] if env else [user_tuning_logs(), packaged_tuning_logs()]
 
 
 def target_key(target) -> str:
@@ -39,7 +66,11 @@ def target_key(target) -> str:
 
 
 def default_log_dir(model_name: str, target, rebirth: bool) -> Path:
-    return tuning_logs_root() / target_key(target) / (model_name + ("-rebirth" if rebirth else ""))
+    """``tune``'s default folder: ``<user cache>/tuning_logs/<target key>/<model>[-rebirth]``
+    (never inside the installed package), or under $TVM_REBIRTH_TUNING_LOGS when set."""
+    env = os.environ.get("TVM_REBIRTH_TUNING_LOGS")
+    root = Path(env) if env else user_tuning_logs()
+    return root / target_key(target) / (model_name + ("-rebirth" if rebirth else ""))
 
 
 def _valid_workload(value) -> bool:
@@ -157,21 +188,34 @@ def open_json_database(folder):
 _LOADED: dict = {}  # (folder, files' sizes and mtimes) -> database
 
 
-def load_database(target, root=None):
-    """Union of every MetaSchedule database under the target's tuning_logs folder, or None.
-    Parsing the committed JSON takes seconds (fine-tuning compiles a dozen modules), so a
-    process keeps what it loaded until a file under the folder changes."""
+def _union(dbs):
     from tvm.s_tir import meta_schedule as ms
 
-    folder = Path(root or tuning_logs_root()) / target_key(target)
-    dirs = sorted(p.parent for p in folder.glob(f"*/{DB_FILES[0]}")) if folder.is_dir() else []
-    if not dirs:
+    return dbs[0] if len(dbs) == 1 else ms.database.UnionDatabase(*dbs)
+
+
+def load_database(target, root=None):
+    """The MetaSchedule databases under the target's folder of every tuning_logs root
+    (``tuning_logs_roots()``, or ``root`` alone), or None. Within a root the union of its
+    model folders (the best record wins); across roots the first root holding a record wins
+    (the user's own tuning before the packaged logs). Parsing the committed JSON takes
+    seconds (fine-tuning compiles a dozen modules), so a process keeps what it loaded until
+    a file under the folders changes."""
+    from tvm.s_tir import meta_schedule as ms
+
+    roots = [Path(root)] if root else tuning_logs_roots()
+    groups = []
+    for folder in (r / target_key(target) for r in roots):
+        dirs = sorted(p.parent for p in folder.glob(f"*/{DB_FILES[0]}")) if folder.is_dir() else []
+        if dirs:
+            groups.append(dirs)
+    if not groups:
         return None
-    files = [d / name for d in dirs for name in DB_FILES]
-    key = (str(folder), tuple((str(f), f.stat().st_size, f.stat().st_mtime_ns)
-                              for f in files if f.exists()))
+    files = [d / name for dirs in groups for d in dirs for name in DB_FILES]
+    key = tuple((str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files if f.exists())
     if key not in _LOADED:
-        dbs = [open_json_database(d) for d in dirs]
-        _LOADED.clear()  # one folder's worth at a time
-        _LOADED[key] = dbs[0] if len(dbs) == 1 else ms.database.UnionDatabase(*dbs)
+        unions = [_union([open_json_database(d) for d in dirs]) for dirs in groups]
+        _LOADED.clear()  # one target's worth at a time
+        _LOADED[key] = (unions[0] if len(unions) == 1
+                        else ms.database.OrderedUnionDatabase(*unions))
     return _LOADED[key]
