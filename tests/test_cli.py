@@ -109,3 +109,38 @@ def test_a_plan_for_a_different_model(tmp_path):
 def test_bad_kinds():
     assert_one_line_error(*run("plan", "alexnet", "--kinds", "streamline,diagonal"),
                           "--kinds", "diagonal")
+
+
+def test_bench_table_shows_rel_err_on_logits_and_tuned_functions(tmp_path):
+    """bench's text table: the relative error of the logits (the input of the final softmax,
+    whose saturated outputs say nothing) and how many functions came from tuning_logs."""
+    import onnx
+    from onnx import helper
+
+    from onnx_models import chain_model
+
+    path = chain_model(tmp_path / "net.onnx", ["batch_norm", "avg_pool2d"])  # exact: no fit
+    model = onnx.load(path)
+    tail = model.graph.output[0].name
+    model.graph.node.append(helper.make_node("Softmax", [tail], ["prob"], name="prob", axis=1))
+    model.graph.output[0].name = "prob"
+    onnx.save(model, path)
+    assert run("plan", path, "-o", str(tmp_path / "p.yaml"))[0] == 0
+    code, out, err = run("bench", path, "--plan", str(tmp_path / "p.yaml"), "--rounds", "1")
+    assert code == 0, err
+    rows = {line.split("  ")[0].strip(): line for line in out.splitlines()}
+    assert "tuned_functions (from tuning_logs)" in rows
+    tuned = rows["tuned_functions (from tuning_logs)"].split()[-2:]
+    assert all(t.count("/") == 1 and t.split("/")[1].isdigit() for t in tuned), tuned
+    assert "rel_err (logits, vs original)" in rows
+    assert float(rows["rel_err (logits, vs original)"].split()[-1]) < 1e-4  # an exact site
+
+
+def test_target_help_lists_presets_tags_and_dicts():
+    for command in ("build", "tune", "bench"):
+        code, out, _ = run(command, "--help")
+        text = " ".join(out.split())
+        assert code == 0 and "cortex-a72" in text and "arm/rk3399" in text, command
+        assert "tvm.target.list_tags()" in text and '{"kind": "llvm"' in text, command
+    code, out, _ = run("plan", "--help")
+    assert "not on a target" in " ".join(out.split()) and "--target TARGET" not in out

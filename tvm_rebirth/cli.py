@@ -15,6 +15,7 @@ import traceback
 
 from . import flow
 from .errors import RebirthError
+from .compile.targets import preset_names
 from .report.output import table
 from .passes.site import BRANCH_WIDTHS, KERNEL_POLICIES, SITE_KINDS
 
@@ -129,6 +130,13 @@ def cmd_bench(args) -> None:
     if "instructions" in o:
         rows.append(["instructions/inference (qemu cortex-a72, 1 thread)", o["instructions"],
                      r["instructions"], f"{payload['instructions_ratio']}x"])
+    if "tuned_functions" in o:
+        rows.append(["tuned_functions (from tuning_logs)",
+                     f"{o['tuned_functions']}/{o['functions']}",
+                     f"{r['tuned_functions']}/{r['functions']}", ""])
+    if "rel_err" in payload:
+        rows.append([f"rel_err ({payload.get('compared', 'output')}, vs original)", "",
+                     f"{payload['rel_err']:.4g}", ""])
     text = table(rows, ["", "original", "rebirth", "ratio"]) + (
         f"\n\nmax |original - rebirth| = {payload['max_abs_err']:.4g} "
         f"(outputs up to {payload['max_abs_output']:.4g}); {payload['device']}")
@@ -280,6 +288,12 @@ def add_input_options(p) -> None:
                         "dynamic)")
 
 
+TARGET_HELP = ("a preset (" + ", ".join(preset_names()) + "), a TVM target tag (e.g. "
+               "arm/rk3399, raspberry-pi/4b-aarch64; tvm.target.list_tags()), a target kind "
+               "(llvm) or a target dict as JSON, e.g. '{\"kind\": \"llvm\", \"mtriple\": "
+               "\"aarch64-linux-gnu\", \"mcpu\": \"cortex-a55\"}'")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tvm-rebirth", description="DeepRebirth layer slimming for Apache TVM Relax")
@@ -293,6 +307,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     add("models", cmd_models, "list the built-in model zoo")
     p = add("plan", cmd_plan, "find every rebirth site and write an editable plan")
+    p.description += (" (sites depend on the graph alone, not on a target: the plan takes no "
+                      "--target; give it to build, bench and tune)")
     p.add_argument("model", help="zoo name (see `tvm-rebirth models`) or path to an .onnx file")
     p.add_argument("-o", "--output", help="plan file to write (default: <model>.plan.yaml)")
     p.add_argument("--kinds", help="site kinds to look for (default: streamline,branch)")
@@ -327,8 +343,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--images", type=positive_int, default=256,
                        help="calibration images (256)")
         p.add_argument("--target", default="host",
-                       help="host, cortex-a53, cortex-a55, cortex-a72 or cortex-a76 "
-                            "(default host)")
+                       help=f"what to compile for: {TARGET_HELP} (default host)")
         add_input_options(p)
 
     p = add("finetune", cmd_finetune, "learn the rebirth convs of a plan from unlabeled images")
@@ -350,8 +365,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_flow(p)
     p.add_argument("--tracker", help="RPC tracker HOST:PORT: run both on a device from it")
     p.add_argument("--key", help="device key on the tracker (with --tracker)")
-    p.add_argument("--target", help="target preset for the device (default: the key when it "
-                                    "names a preset, host for 'local')")
+    p.add_argument("--target", help=f"the device's target (with --tracker): {TARGET_HELP} "
+                                    "(default: the key when it names a preset, host for "
+                                    "'local')")
     p.add_argument("--session-timeout", type=positive_float, default=3600.0,
                    help="seconds the device session may last (3600)")
     p.add_argument("--rounds", type=positive_int, default=7,
