@@ -10,6 +10,11 @@ whoever needs it (the slimming passes, plan validation, the fine-tune stage).
                           # rewrite or run with the traces' vars)
 
 Site ids come from source layer names (``AttachLayerNames``) or, without them, positions.
+
+The slimming passes record the ids of the sites they rewrote in the module attribute
+``rebirth_slimmed_sites`` (``slimmed_sites``, ``mark_slimmed``): a site listed there is
+already applied, so slimming a slimmed module again is a no-op, while a site that is neither
+in the module nor recorded still raises RebirthError naming it.
 """
 
 from __future__ import annotations
@@ -26,6 +31,21 @@ from .layers import LrnMatcher, attached_names, layer_names
 from .prepare import PrepareForSites
 from .site import BRANCH_WIDTHS, KERNEL_POLICIES, SITE_KINDS, ConvSpec, RebirthSite
 from .traces import ConvBlock, conv_block_weights
+
+
+SLIMMED_SITES_ATTR = "rebirth_slimmed_sites"  # module attribute: ids of the sites applied
+
+
+def slimmed_sites(mod: tvm.IRModule) -> set:
+    """Ids of the sites the slimming passes already applied to ``mod``."""
+    if mod.attrs is None or SLIMMED_SITES_ATTR not in mod.attrs:
+        return set()
+    return {str(s) for s in mod.attrs[SLIMMED_SITES_ATTR]}
+
+
+def mark_slimmed(mod: tvm.IRModule, site_ids) -> tvm.IRModule:
+    """``mod`` with ``site_ids`` added to its record of applied sites."""
+    return mod.with_attr(SLIMMED_SITES_ATTR, sorted(slimmed_sites(mod) | set(site_ids)))
 
 
 @dataclasses.dataclass
@@ -139,8 +159,9 @@ def match_site(analysis: SiteAnalysis, site: RebirthSite) -> RebirthSite:
     module does not hold that block."""
     ref = analysis.site(site.id)
     if ref is None:
-        raise RebirthError(f"site '{site.id}': not in the module (already slimmed, or a plan "
-                           "for another model?)")
+        raise RebirthError(f"site '{site.id}': not in the module (a plan for another model, "
+                           f"or a module changed since it was planned; sites already slimmed "
+                           f"are listed in its '{SLIMMED_SITES_ATTR}' attribute)")
     difference = block_difference(site, ref)
     if difference:
         raise RebirthError(f"site '{site.id}': the module's block differs from the plan: "

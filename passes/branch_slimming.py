@@ -22,7 +22,8 @@ adjacent in the concat the receiver's output is split and the pieces concatenate
 original order. Convs keep their kernel, stride and padding as they are in the module the
 pass runs on (StreamlineSlimming may have strided them first); only widths change. Plan,
 weights and module are all checked before anything is rewritten: a mismatch raises
-RebirthError naming the site and key.
+RebirthError naming the site and key. Rewritten sites are recorded in the module attribute
+``rebirth_slimmed_sites``: running the pass again on its output is a no-op.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from __future__ import annotations
 import tvm
 from tvm import relax
 
-from .analysis import analyze_sites, match_site
+from .analysis import analyze_sites, mark_slimmed, match_site, slimmed_sites
 from .dataflow import emit, shape_of
 from .errors import RebirthError
 from .site import branch_conv_layout, branch_groups, site_conv_weights
@@ -110,7 +111,9 @@ class BranchSlimming:
         self.func_name = func_name
 
     def transform_module(self, mod: tvm.IRModule, _ctx=None) -> tvm.IRModule:
-        sites = [s for s in self.plan.sites if s.enabled and s.kind == "branch"]
+        done = slimmed_sites(mod)  # applied by an earlier run: slimming again is a no-op
+        sites = [s for s in self.plan.sites
+                 if s.enabled and s.kind == "branch" and s.id not in done]
         if not sites:
             return mod
         analysis = analyze_sites(mod, self.plan.policy, ["branch"], self.func_name)
@@ -124,7 +127,7 @@ class BranchSlimming:
         func = relax.analysis.remove_all_unused(func)
         updated = tvm.IRModule(dict(mod.functions), attrs=mod.attrs)
         updated[self.func_name] = func
-        return updated
+        return mark_slimmed(updated, [s.id for s in sites])
 
 
 def _emission(site, trace, analysis, weights):

@@ -16,7 +16,8 @@ After (weights from the fine-tune stage, or closed form for exact sites)::
 
 A pool after an inception concat becomes strided branch convs feeding the concat. Every
 site and every weight shape is checked before anything is rewritten; a mismatch raises
-RebirthError naming the site and key.
+RebirthError naming the site and key. The ids of the rewritten sites are added to the module
+attribute ``rebirth_slimmed_sites``: running the pass again on its output is a no-op.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import numpy as np
 import tvm
 from tvm import relax
 
-from .analysis import analyze_sites, match_site
+from .analysis import analyze_sites, mark_slimmed, match_site, slimmed_sites
 from .dataflow import emit, shape_of
 from .errors import RebirthError
 from .exact_merge import exact_site_weights
@@ -117,10 +118,13 @@ class StreamlineSlimming:
         self.func_name = func_name
 
     def transform_module(self, mod: tvm.IRModule, _ctx=None) -> tvm.IRModule:
-        sites = [s for s in self.plan.sites if s.enabled and s.kind == "streamline"]
+        done = slimmed_sites(mod)  # applied by an earlier run: slimming again is a no-op
+        sites = [s for s in self.plan.sites
+                 if s.enabled and s.kind == "streamline" and s.id not in done]
         if not sites:
             return mod
-        return _Streamline(mod, self.plan.policy, self.weights, self.func_name).run(sites)
+        updated = _Streamline(mod, self.plan.policy, self.weights, self.func_name).run(sites)
+        return mark_slimmed(updated, [s.id for s in sites])
 
 
 class _Streamline:

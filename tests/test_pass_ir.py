@@ -7,6 +7,8 @@ pass and compares the result with ``Expected`` by ``tvm.ir.assert_structural_equ
 public API of ``tvm_rebirth.passes`` is used.
 """
 
+import re
+
 import numpy as np
 import pytest
 import tvm
@@ -15,10 +17,10 @@ from tvm.script import ir as I
 from tvm.script import relax as R
 from tvm.script import tirx as T
 
-from tvm_rebirth import RebirthPlan
+from tvm_rebirth import RebirthError, RebirthPlan
 from tvm_rebirth.passes import (AbsorbPads, AttachLayerNames, BranchSlimming, LiftClips,
                                  MergeParallelConvs, PrepareForSites,
-                                 StreamlineSlimming, weight_keys)
+                                 StreamlineSlimming, rebirth_pipeline, weight_keys)
 
 
 
@@ -44,6 +46,11 @@ def verify(pass_, before, expected):
     after = apply(pass_, before)
     tvm.ir.assert_structural_equal(after, expected)
     return after
+
+
+def slimmed(expected, *site_ids):
+    """``expected`` with the record the slimming passes add: the ids of the sites applied."""
+    return expected.with_attr("rebirth_slimmed_sites", sorted(site_ids))
 
 
 def verify_noop(pass_, before):
@@ -503,7 +510,7 @@ class TestStreamlineSlimming:
         weights = {wkey: new_params["w"], bkey: new_params["b"]}
         expected = bind(ConvReluPoolLRNSlimmed,
                         {"w": new_params["w"], "b": new_params["b"].reshape(1, 8, 1, 1)})
-        verify(StreamlineSlimming(plan, weights), before, expected)
+        verify(StreamlineSlimming(plan, weights), before, slimmed(expected, site.id))
 
     @I.ir_module
     class ConvBN:
@@ -575,7 +582,8 @@ class TestStreamlineSlimming:
         weight = (f64["w"] * scale[:, None, None, None]).astype("float32")
         bias = ((f64["b"].reshape(-1) - f64["mean"]) * scale + f64["beta"]).astype("float32")
         expected = bind(self.ConvBNFolded, {"w": weight, "b": bias.reshape(1, 6, 1, 1)})
-        after = verify(StreamlineSlimming(plan, {}), before, expected)  # no weights: exact
+        after = verify(StreamlineSlimming(plan, {}), before,
+                       slimmed(expected, site.id))  # no weights: exact
         x = np.random.default_rng(6).standard_normal((1, 3, 10, 10)).astype("float32")
         assert_close(run(after, x), run(before, x))
 
@@ -624,7 +632,7 @@ class TestStreamlineSlimming:
                 merged[:, :, dy:dy + 3, dx:dx + 3] += w
         expected = bind(self.ConvAvgPoolMerged, {"w": (merged / 4).astype("float32"),
                                                  "b": p["b"]})
-        after = verify(StreamlineSlimming(plan, {}), before, expected)
+        after = verify(StreamlineSlimming(plan, {}), before, slimmed(expected, site.id))
         x = np.random.default_rng(9).standard_normal((1, 2, 8, 8)).astype("float32")
         assert_close(run(after, x), run(before, x))
 
@@ -766,7 +774,8 @@ class TestBranchSlimming:
                               "conv2d_3": ("w5r", "b5r"), "conv2d_4": ("w5", "b5")}.items():
             wkey, bkey = keys[layer]
             expected[w], expected[b] = arrays[wkey], arrays[bkey].reshape(1, -1, 1, 1)
-        verify(BranchSlimming(plan, arrays), before, bind(BranchModuleSlimmed, expected))
+        verify(BranchSlimming(plan, arrays), before,
+               slimmed(bind(BranchModuleSlimmed, expected), site.id))
 
     def test_noop_when_the_site_is_disabled(self):
         before = bind(BranchModule, random_params(BRANCH_SHAPES))
@@ -780,6 +789,68 @@ class TestBranchSlimming:
         plan = plan_for(before)
         assert [s.kind for s in plan.sites] == ["streamline"]
         verify_noop(BranchSlimming(plan, {}), before)
+
+
+# -- idempotence (issue 19 item 5) ----------------------------------------------------------
+class TestIdempotence:
+    """Slimming a slimmed module is a no-op (the passes record the sites they applied in the
+    module attribute ``rebirth_slimmed_sites``); a site that is neither in the module nor
+    recorded still raises RebirthError naming it, without command-line advice."""
+
+    def test_streamline_slimming_twice_is_a_noop(self):
+        before = bind(ConvReluPoolLRN, random_params(LRN_SHAPES))
+        plan = plan_for(before)
+        once = apply(StreamlineSlimming(plan, None), before)
+        assert list(once.attrs["rebirth_slimmed_sites"]) == [plan.sites[0].id]
+        assert not names_of(once, ["relax.nn.max_pool2d"])
+        verify_noop(StreamlineSlimming(plan, None), once)
+        verify_noop(StreamlineSlimming(plan_for(before), None), once)  # the same plan, reread
+
+    def test_branch_slimming_twice_is_a_noop(self):
+        before = bind(BranchModule, random_params(BRANCH_SHAPES))
+        plan = plan_for(before)
+        once = apply(BranchSlimming(plan, None), before)
+        assert list(once.attrs["rebirth_slimmed_sites"]) == [plan.sites[0].id]
+        verify_noop(BranchSlimming(plan, None), once)
+
+    @pytest.mark.parametrize("module, shapes", [(ConvReluPoolLRN, LRN_SHAPES),
+                                                (BranchModule, BRANCH_SHAPES)])
+    def test_the_pipeline_twice_is_a_noop(self, module, shapes):
+        before = bind(module, random_params(shapes))
+        plan = plan_for(before)
+        once = apply(rebirth_pipeline(plan, None), before)
+        verify_noop(rebirth_pipeline(plan, None), once)
+        twice = tvm.transform.Sequential([rebirth_pipeline(plan, None)] * 2)(before)
+        tvm.ir.assert_structural_equal(twice, once)
+
+    def test_a_site_the_module_never_had_still_raises(self):
+        plan = plan_for(bind(ConvReluPoolLRN, random_params(LRN_SHAPES)))
+        other = bind(TestStreamlineSlimming.ConvRelu, random_params(LRN_SHAPES))
+        with pytest.raises(RebirthError, match=f"site '{re.escape(plan.sites[0].id)}': not "
+                                               "in the module") as err:
+            apply(StreamlineSlimming(plan, None), other)
+        assert "tvm-rebirth" not in str(err.value)
+
+    def test_a_site_not_recorded_on_a_slimmed_module_still_raises(self):
+        before = bind(ConvReluPoolLRN, random_params(LRN_SHAPES))
+        once = apply(StreamlineSlimming(plan_for(before), None), before)
+        plan = plan_for(before)
+        plan.sites[0].id = "conv9+pool9"  # a plan site this module never held
+        with pytest.raises(RebirthError, match=r"site 'conv9\+pool9': not in the module"):
+            apply(StreamlineSlimming(plan, None), once)
+
+
+def test_pass_errors_carry_no_command_line_advice():
+    """passes/ are TVM passes: their errors name the site, never a tvm-rebirth command."""
+    import ast
+    from pathlib import Path
+
+    for path in sorted((Path(__file__).resolve().parents[1] / "passes").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Raise):
+                texts = [c.value for c in ast.walk(node)
+                         if isinstance(c, ast.Constant) and isinstance(c.value, str)]
+                assert not [t for t in texts if "tvm-rebirth" in t or "--" in t], path.name
 
 
 # -- AbsorbPads / PrepareForSites (issue 19) --------------------------------------------------
@@ -917,7 +988,8 @@ class TestActivations:
         new_b = np.arange(4, dtype="float32")
         expected = bind(self.PreluSlimmed, {"w": new_w, "b": new_b.reshape(1, 4, 1, 1),
                                             "alpha": p["alpha"]})
-        verify(StreamlineSlimming(plan, {wkey: new_w, bkey: new_b}), before, expected)
+        verify(StreamlineSlimming(plan, {wkey: new_w, bkey: new_b}), before,
+               slimmed(expected, site.id))
 
 
 class TestNonDataflowBindings:
