@@ -1,9 +1,11 @@
 """Conv kernels on the emulated Cortex-A72: guest instructions per multiply-add of single
-conv (+bias+ReLU) modules with GoogLeNet's and AlexNet's heaviest shapes, generic schedule vs
-our channel-blocked kernels (layouts + conv_rules); optionally whole models (instructions per
-inference on the emulated A72, and latency on this host).
+conv (+bias+ReLU) modules with GoogLeNet's and AlexNet's heaviest shapes: the generic schedule,
+our channel-blocked kernels with every conv direct (layouts + conv_rules), and the default
+build (Winograd for the 3x3s where it pays; its instructions still per direct multiply-add);
+optionally whole models (instructions per inference on the emulated A72, and latency on this
+host).
 
-Usage: python benchmarks/conv_kernels.py [--shapes NAME,...] [--variants generic,blocked]
+Usage: python benchmarks/conv_kernels.py [--shapes NAME,...] [--variants generic,direct,blocked]
                                          [--models googlenet,alexnet] [--host-rounds N]
 """
 
@@ -35,7 +37,11 @@ SHAPES = {
     "alexnet conv3 3x3 192->384 @13": (192, 384, 13, 3, 1, 1),
     "alexnet conv4 3x3 384->256 @13": (384, 256, 13, 3, 1, 1),
 }
-VARIANTS = {"generic": "0", "blocked": "1"}  # TVM_REBIRTH_CONV_KERNELS
+# the environment of each variant: the generic schedule only, our kernels with 3x3 convs kept
+# direct, our kernels with Winograd where it pays (the default build)
+VARIANTS = {"generic": {"TVM_REBIRTH_CONV_KERNELS": "0"},
+            "direct": {"TVM_REBIRTH_CONV_KERNELS": "1", "TVM_REBIRTH_WINOGRAD": "0"},
+            "blocked": {"TVM_REBIRTH_CONV_KERNELS": "1", "TVM_REBIRTH_WINOGRAD": "1"}}
 
 
 def conv_module(cin, cout, size, k, stride, pad, seed=0):
@@ -57,17 +63,18 @@ def conv_module(cin, cout, size, k, stride, pad, seed=0):
     return bb.get(), cout * out * out * cin * k * k
 
 
-def with_kernels(flag):
+def with_kernels(env: dict):
     class _Env:
         def __enter__(self):
-            self.old = os.environ.get("TVM_REBIRTH_CONV_KERNELS")
-            os.environ["TVM_REBIRTH_CONV_KERNELS"] = flag
+            self.old = {k: os.environ.get(k) for k in env}
+            os.environ.update(env)
 
         def __exit__(self, *exc):
-            if self.old is None:
-                os.environ.pop("TVM_REBIRTH_CONV_KERNELS", None)
-            else:
-                os.environ["TVM_REBIRTH_CONV_KERNELS"] = self.old
+            for key, value in self.old.items():
+                if value is None:
+                    os.environ.pop(key, None)
+                else:
+                    os.environ[key] = value
     return _Env()
 
 
@@ -147,7 +154,7 @@ def main():
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shapes", default=",".join(SHAPES))
-    parser.add_argument("--variants", default="generic,blocked")
+    parser.add_argument("--variants", default="generic,direct,blocked")
     parser.add_argument("--models", default="")
     parser.add_argument("--host-rounds", type=int, default=0)
     parser.add_argument("--name", default="conv_kernels")
