@@ -21,15 +21,18 @@ LLVM = host_target()
 FOUR_LANES = tvm.target.Target({"kind": "llvm", "mcpu": "x86-64"})  # NEON's 4 fp32 lanes
 
 
-def _conv_module(cin, cout, hw, pad=1, epilogue="bias_relu", seed=0, stride=1, k=3):
+def _conv_module(cin, cout, hw, pad=1, epilogue="bias_relu", seed=0, stride=1, k=3,
+                 groups=1):
     rng = np.random.default_rng(seed)
-    weight = (rng.standard_normal((cout, cin, k, k)) / np.sqrt(9 * cin)).astype("float32")
+    weight = (rng.standard_normal((cout, cin // groups, k, k)) / np.sqrt(9 * cin)
+              ).astype("float32")
     bias = rng.standard_normal((1, cout, 1, 1)).astype("float32")
     x = relax.Var("x", relax.TensorType((1, cin, *hw), "float32"))
     bb = relax.BlockBuilder()
     with bb.function("main", [x]):
         with bb.dataflow():
-            y = bb.emit(R.nn.conv2d(x, relax.const(weight), strides=stride, padding=pad))
+            y = bb.emit(R.nn.conv2d(x, relax.const(weight), strides=stride, padding=pad,
+                                    groups=groups))
             if epilogue == "bias_relu":
                 y = bb.emit(R.nn.relu(R.add(y, relax.const(bias))))
             if epilogue == "concat":  # a concat after the conv (an inception output)
@@ -58,12 +61,13 @@ def test_transformed_weights_compute_the_conv():
     np.testing.assert_allclose(y, want, rtol=1e-5, atol=1e-5)
 
 
-SHAPES = {  # name: (cin, cout, (h, w), pad)
+SHAPES = {  # name: (cin, cout, (h, w), pad[, groups])
     "64_to_64_w13": (64, 64, (13, 13), 1),
     "128_to_128_w7_nopad": (128, 128, (9, 9), 0),
     "16_to_16_w1": (16, 16, (5, 1), 1),
     "8_to_32_h1_w7": (8, 32, (1, 7), 1),
     "96_to_32_w6": (96, 32, (6, 6), 1),
+    "groups2_64_to_64_w13": (64, 64, (13, 13), 1, 2),  # AlexNet's grouped 3x3s
 }
 
 
@@ -73,8 +77,8 @@ def test_transform_schedules_match_unscheduled(name, target, monkeypatch):
     from tvm_rebirth.compile import winograd
 
     monkeypatch.setattr(winograd, "winograd_pays", lambda *shape: True)  # odd shapes too
-    cin, cout, hw, pad = SHAPES[name]
-    funcs = _funcs(_conv_module(cin, cout, hw, pad), target)
+    cin, cout, hw, pad, *groups = SHAPES[name]
+    funcs = _funcs(_conv_module(cin, cout, hw, pad, groups=groups[0] if groups else 1), target)
     kinds = sorted(n.split("rebirth_winograd_")[1].split("_")[0] for n in funcs)
     assert kinds == ["gemm", "input", "output"], list(funcs)
     for name_hint, func in funcs.items():
@@ -82,10 +86,11 @@ def test_transform_schedules_match_unscheduled(name, target, monkeypatch):
         assert_schedule_matches(func, rule, target, atol=1e-3)
 
 
-@pytest.mark.parametrize("epilogue", ["bias_relu", "none", "concat"])
-def test_winograd_module_matches_direct_build(epilogue, monkeypatch):
-    mod = _conv_module(64, 64, (13, 13), epilogue=epilogue)
-    x = np.random.default_rng(1).standard_normal((1, 64, 13, 13)).astype("float32")
+@pytest.mark.parametrize("epilogue,groups,channels", [
+    ("bias_relu", 1, 64), ("none", 1, 64), ("concat", 1, 64), ("bias_relu", 2, 128)])
+def test_winograd_module_matches_direct_build(epilogue, groups, channels, monkeypatch):
+    mod = _conv_module(channels, channels, (13, 13), epilogue=epilogue, groups=groups)
+    x = np.random.default_rng(1).standard_normal((1, channels, 13, 13)).astype("float32")
     got = Runner(mod, tuned=False)(x)[0]
     monkeypatch.setenv("TVM_REBIRTH_WINOGRAD", "0")
     assert not any("winograd" in n for n in _funcs(mod))
@@ -99,10 +104,11 @@ def test_winograd_module_matches_direct_build(epilogue, monkeypatch):
 
 
 def test_where_winograd_is_not_used():
-    """Stride 2, 5x5 and narrow convs stay direct; the rule leaves other functions alone."""
+    """Stride 2, 5x5, depthwise and narrow convs stay direct; the rule leaves other functions
+    alone."""
     for mod in (_conv_module(64, 64, (13, 13), stride=2), _conv_module(64, 64, (13, 13), k=5,
                                                                         pad=2),
-                _conv_module(8, 8, (13, 13))):
+                _conv_module(8, 8, (13, 13)), _conv_module(64, 64, (13, 13), groups=64)):
         names = list(_funcs(mod))
         assert not any("winograd" in n for n in names), names
         for func in _funcs(mod).values():

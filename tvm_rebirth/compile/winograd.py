@@ -56,8 +56,9 @@ def winograd_enabled() -> bool:
 
 
 def transform_weight(weight: np.ndarray) -> np.ndarray:
-    """OIHW 3x3 weights -> the 16 GEMMs' weights as a grouped 1x1 conv's OIHW:
-    [16 x K, C, 1, 1], row g*K + k holding U[g][k, :] with U = G g G^T."""
+    """OIHW 3x3 weights [K, C/groups, 3, 3] -> the 16 GEMMs' weights as a grouped 1x1 conv's
+    OIHW: [16 x K, C/groups, 1, 1], row g*K + k holding U[g][k, :] with U = G g G^T (a
+    grouped conv's group r of the 16 GEMM g is then group g x groups + r of the 1x1 conv)."""
     k, c = weight.shape[:2]
     u = np.einsum("ai,kcij,bj->abkc", G, weight.astype("float64"), G)  # [4, 4, K, C]
     return np.ascontiguousarray(u.reshape(ALPHA * ALPHA * k, c, 1, 1).astype("float32"))
@@ -136,19 +137,21 @@ def output_transform_te(m, out_channels, out_h, out_w, tiles_w):
 
 
 def winograd_applies(call) -> bool:
-    """A plain 3x3 conv of stride 1 (one group, no dilation); layouts.conv_rewrite_applies
-    has checked layouts, dtypes and constant weights."""
+    """A 3x3 conv of stride 1 without dilation (grouped too, not depthwise);
+    layouts.conv_rewrite_applies has checked layouts, dtypes and constant weights."""
     attrs = call.attrs
     shape = [int(d) for d in call.args[1].value.shape]
-    return shape[2:] == [3, 3] and int(attrs.groups) == 1 and \
+    return shape[2:] == [3, 3] and shape[1] > 1 and \
         all(int(s) == 1 for s in attrs.strides) and all(int(d) == 1 for d in attrs.dilation)
 
 
-def winograd_pays(in_channels: int, out_channels: int, tiles: int, out_pixels: int) -> bool:
+def winograd_pays(in_channels: int, out_channels: int, tiles: int, out_pixels: int,
+                  groups: int = 1) -> bool:
     """Whether the estimated instructions of Winograd are REQUIRED_SAVING of the direct
     conv's (see the constants)."""
-    direct = DIRECT_PER_MAC * 9 * in_channels * out_channels * out_pixels
-    winograd = tiles * (GEMM_PER_MAC * ALPHA * ALPHA * in_channels * out_channels
+    macs_per_pixel = in_channels // groups * out_channels
+    direct = DIRECT_PER_MAC * 9 * macs_per_pixel * out_pixels
+    winograd = tiles * (GEMM_PER_MAC * ALPHA * ALPHA * macs_per_pixel
                         + INPUT_PER_TILE_CHANNEL * in_channels
                         + OUTPUT_PER_TILE_CHANNEL * out_channels)
     return winograd <= REQUIRED_SAVING * direct
@@ -164,17 +167,19 @@ def winograd_conv(builder, call, plan_gemm, pack, conv_te):
     if not winograd_enabled() or not winograd_applies(call):
         return None
     x, weight = call.args
-    out_channels, in_channels = (int(d) for d in weight.value.shape[:2])
+    conv_groups = int(call.attrs.groups)
+    out_channels = int(weight.value.shape[0])
+    in_channels = int(x.ty.shape[1])
     out_h, out_w = int(call.ty.shape[2]), int(call.ty.shape[3])
     tiles_h, tiles_w = -(-out_h // TILE), -(-out_w // TILE)
     tiles = tiles_h * tiles_w
-    if not winograd_pays(in_channels, out_channels, tiles, out_h * out_w):
+    if not winograd_pays(in_channels, out_channels, tiles, out_h * out_w, conv_groups):
         return None
-    plan = plan_gemm(out_channels, tiles)
+    plan = plan_gemm(out_channels // conv_groups, tiles)
     if plan is None:
         return None
     padding = [int(p) for p in call.attrs.padding]
-    groups = ALPHA * ALPHA
+    groups = ALPHA * ALPHA * conv_groups
     columns = -(-tiles // plan.tile) * plan.tile  # whole register tiles: the GEMM pads nothing
     packed = relax.const(pack(transform_weight(weight.value.numpy()), plan.block, groups),
                          "float32")
@@ -183,8 +188,8 @@ def winograd_conv(builder, call, plan_gemm, pack, conv_te):
         primfunc_name_hint="rebirth_winograd_input",
         primfunc_attrs={"op_pattern": 8}))  # opaque: never fused into the GEMM
     m = builder.emit(builder.call_te(
-        lambda data, kernel: conv_te(data, kernel, groups * out_channels, [1, 1], [0, 0, 0, 0],
-                                     [1, 1], plan, groups),
+        lambda data, kernel: conv_te(data, kernel, ALPHA * ALPHA * out_channels, [1, 1],
+                                     [0, 0, 0, 0], [1, 1], plan, groups),
         v, packed, primfunc_name_hint="rebirth_winograd_gemm"))
     return builder.call_te(
         lambda data: output_transform_te(data, out_channels, out_h, out_w, tiles_w), m,
