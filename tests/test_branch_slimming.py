@@ -190,8 +190,9 @@ def test_slimmed_module_is_not_slimmed_twice(inception):
     model, plan = inception
     arrays = _random_weights(plan.sites[0], np.random.default_rng(4))
     slim = BranchSlimming(plan, arrays)(model.mod)
+    assert BranchSlimming(plan, arrays)(slim).same_as(slim)  # a no-op, not a second slimming
     with pytest.raises(RebirthError, match="site 'inc/output': not in the module"):
-        BranchSlimming(plan, arrays)(slim)
+        BranchSlimming(plan, arrays)(slim.without_attr("rebirth_slimmed_sites"))
 
 
 def test_finetune_learns_a_module_that_tracks_the_original(inception):

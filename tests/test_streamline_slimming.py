@@ -166,10 +166,13 @@ def test_missing_weights_name_the_key(chain):
 
 
 def test_plan_site_missing_from_the_module(chain, tmp_path):
+    """Slimming twice is a no-op (the module records its slimmed sites); a site that is
+    neither in the module nor recorded as slimmed is an error naming it."""
     model, plan, site, arrays = chain
     slim = StreamlineSlimming(plan, arrays)(model.mod)
+    assert StreamlineSlimming(plan, arrays)(slim).same_as(slim)
     with pytest.raises(RebirthError, match=r"site 'conv1\+pool2': not in the module"):
-        StreamlineSlimming(plan, arrays)(slim)
+        StreamlineSlimming(plan, arrays)(slim.without_attr("rebirth_slimmed_sites"))
 
 
 def test_corrupt_weights_file(tmp_path, chain):
