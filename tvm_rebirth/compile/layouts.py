@@ -254,6 +254,7 @@ def PackConvWeights(target):  # noqa: N802 -- a pass, named like TVM's
     import tvm
     from tvm import relax
 
+    from .dense import dense_as_conv
     from .winograd import winograd_conv
 
     unit = vector_unit(target)
@@ -266,6 +267,13 @@ def PackConvWeights(target):  # noqa: N802 -- a pass, named like TVM's
 
         def visit_call_(self, call):  # noqa: N802 -- ExprMutator's hook
             call = self.visit_expr_post_order(call)
+            if getattr(call.op, "name", "") == "relax.matmul":
+                dense = dense_as_conv(
+                    self.builder_, call, self.lookup_binding,
+                    lambda channels: plan_conv(unit, channels, 1, 1, 1, pointwise=True),
+                    pack_weight, blocked_conv_te)
+                self.rewritten += dense is not None
+                return call if dense is None else dense
             if not conv_rewrite_applies(call):
                 return call
             winograd = winograd_conv(
@@ -309,6 +317,7 @@ def PackConvWeights(target):  # noqa: N802 -- a pass, named like TVM's
                 rewriter.builder_.update_func(gvar, rewriter.visit_expr(func))
         if rewriter.rewritten:
             logger.debug(f"[layouts] {rewriter.rewritten} convs use packed weights")
-        return rewriter.builder_.finalize()
+        # the transposes of dense weights the convs replaced would still be folded
+        return relax.transform.DeadCodeElimination()(rewriter.builder_.finalize())
 
     return _pass
