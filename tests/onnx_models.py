@@ -286,3 +286,62 @@ def constant_pads_model(path, shape=(1, 3, 16, 16)):
     g.channels["padded"] = g.channels["data"]
     x = g.maxpool(g.relu(g.conv("padded", "conv1", 8, k=3, p=0), "relu1"), "pool1", k=3, s=2)
     return g.save(path, [g.conv(x, "tail", 4, k=1)])
+
+
+# --------------------------------------------------------------------------- input variants
+
+def _save_with_inputs(g, path, outputs, inputs):
+    """Save ``g``'s model with ``inputs`` (ValueInfoProtos, in order) as its graph inputs."""
+    model = g.model(outputs)
+    del model.graph.input[:]
+    model.graph.input.extend(inputs)
+    onnx.save(model, str(path))
+    return str(path)
+
+
+def two_input_model(path, image_first=True, shape=(1, 3, 16, 16), extra_shape=(1, 8, 1, 1)):
+    """Two float inputs: ``image`` (NCHW) -> conv1 -> relu -> pool1 -> + ``offset``
+    (``extra_shape``, broadcast) -> tail; ``image_first=False`` lists ``offset`` first."""
+    g = GraphMaker(shape)
+    g.channels["image"] = shape[1]
+    x = g.maxpool(g.relu(g.conv("image", "conv1", 8, k=3), "relu1"), "pool1", k=3, s=2)
+    x = g.add(x, "offset", "add_offset")
+    image = helper.make_tensor_value_info("image", TensorProto.FLOAT, list(shape))
+    offset = helper.make_tensor_value_info("offset", TensorProto.FLOAT, list(extra_shape))
+    inputs = [image, offset] if image_first else [offset, image]
+    return _save_with_inputs(g, path, [g.conv(x, "tail", 4, k=1)], inputs)
+
+
+def typed_input_model(path, elem_type, shape=(1, 3, 16, 16)):
+    """An input of ONNX type ``elem_type`` (TensorProto.UINT8, FLOAT16, ...), Cast to float,
+    then conv1 -> relu -> pool1 -> tail."""
+    g = GraphMaker(shape)
+    g.nodes.append(helper.make_node("Cast", ["data"], ["data_f"], name="to_float",
+                                    to=TensorProto.FLOAT))
+    g.channels["data_f"] = shape[1]
+    x = g.maxpool(g.relu(g.conv("data_f", "conv1", 8, k=3), "relu1"), "pool1", k=3, s=2)
+    inputs = [helper.make_tensor_value_info("data", elem_type, list(shape))]
+    return _save_with_inputs(g, path, [g.conv(x, "tail", 4, k=1)], inputs)
+
+
+def dynamic_input_model(path, dims=("N", 3, "H", "W")):
+    """Fully convolutional conv1 -> relu -> pool1 -> tail whose input dims are ``dims``
+    (ints are fixed, strings symbolic dim_params, as exporters write dynamic axes)."""
+    g = GraphMaker((1, dims[1], 16, 16))
+    x = g.maxpool(g.relu(g.conv("data", "conv1", 8, k=3), "relu1"), "pool1", k=3, s=2)
+    inputs = [helper.make_tensor_value_info("data", TensorProto.FLOAT, list(dims))]
+    return _save_with_inputs(g, path, [g.conv(x, "tail", 4, k=1)], inputs)
+
+
+def no_conv_model(path, shape=(1, 3, 16, 16)):
+    """No conv2d at all: relu -> max pool -> global average pool -> flatten."""
+    g = GraphMaker(shape)
+    x = g.maxpool(g.relu("data", "relu1"), "pool1", k=3, s=2)
+    x = g._unary("Flatten", g._unary("GlobalAveragePool", x, "gap"), "flatten", axis=1)
+    return g.save(path, [x])
+
+
+def one_conv_model(path, shape=(1, 3, 16, 16)):
+    """A single conv: nothing to slim (its rebirth is the original)."""
+    g = GraphMaker(shape)
+    return g.save(path, [g.conv("data", "conv1", 8, k=3)])

@@ -311,6 +311,139 @@ def test_plan_typos_and_shape_errors(exact, tmp_path, edit, fragments):
                  command="plan")
 
 
+# -- 7. models outside one float NCHW input ---------------------------------------------------
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    """Models whose input is not one float32 NCHW tensor of fixed shape, and calibration
+    arrays for 16x16 and 32x32 images."""
+    from onnx import TensorProto
+    from onnx_models import (
+        dynamic_input_model,
+        no_conv_model,
+        one_conv_model,
+        two_input_model,
+        typed_input_model,
+    )
+
+    root = tmp_path_factory.mktemp("inputs")
+    rng = np.random.default_rng(0)
+    for size in (16, 32):
+        np.save(root / f"calib{size}.npy",
+                rng.standard_normal((16, 3, size, size)).astype("f"))
+    return {"root": root,
+            "two": two_input_model(root / "two.onnx"),  # image and a 4-D offset
+            "image_second": two_input_model(root / "second.onnx", image_first=False,
+                                            extra_shape=(8, 1, 1)),
+            "uint8": typed_input_model(root / "u8.onnx", TensorProto.UINT8),
+            "float16": typed_input_model(root / "f16.onnx", TensorProto.FLOAT16),
+            "dynamic": dynamic_input_model(root / "dynamic.onnx"),
+            "dynamic_batch": dynamic_input_model(root / "batch.onnx", ("N", 3, 16, 16)),
+            "no_conv": no_conv_model(root / "noconv.onnx"),
+            "one_conv": one_conv_model(root / "one.onnx", shape=(1, 3, 32, 32))}
+
+
+def test_two_image_like_inputs_need_input_name(inputs, tmp_path):
+    model = inputs["two"]
+    assert_error(run("plan", model, "-o", str(tmp_path / "p.yaml")), "two.onnx", "2 inputs",
+                 "'image' (float32 [1, 3, 16, 16])", "'offset' (float32 [1, 8, 1, 1])",
+                 "--input NAME", command="plan")
+    assert_error(run("plan", model, "--input", "img"), "--input img", "no input 'img'",
+                 "'image'", command="plan")
+    code, out, err = run("plan", model, "--input", "image", "-o", str(tmp_path / "p.yaml"),
+                         "--json")
+    assert code == 0, err
+    data = json.loads(out)
+    assert data["image_input"] == "image" and data["counts"]["streamline"] == 1
+    assert data["input_shapes"] == {"image": [1, 3, 16, 16], "offset": [1, 8, 1, 1]}
+
+
+def test_the_image_need_not_be_the_first_input(inputs, tmp_path):
+    model, calib = inputs["image_second"], str(inputs["root"] / "calib16.npy")
+    code, out, err = run("plan", model, "-o", str(tmp_path / "p.yaml"), "--json")
+    assert code == 0, err
+    data = json.loads(out)  # the one float32 4-D input, though listed second
+    assert data["image_input"] == "image" and data["input_shapes"]["image"] == [1, 3, 16, 16]
+    code, out, err = run("build", model, "--input", "image", "-o", str(tmp_path / "lib.so"),
+                         "--json")
+    assert code == 0, err
+    assert json.loads(out)["variant"] == "original" and (tmp_path / "lib.so").is_file()
+    for command in ("finetune", "bench"):  # they feed images alone: named, not crashed
+        result = run(command, model, "--plan", str(tmp_path / "p.yaml"), "--calib", calib,
+                     "-o", str(tmp_path / f"{command}.out"))
+        assert_error(result, "second.onnx", f"{command} runs the model on its image input "
+                     "'image' alone", "other inputs too ('offset' [8, 1, 1])", command=command)
+        assert not (tmp_path / f"{command}.out").exists()
+
+
+@pytest.mark.parametrize("dtype", ["uint8", "float16"])
+def test_non_float32_inputs_are_named(inputs, tmp_path, dtype):
+    model = inputs[dtype]
+    for command in ("plan", "bench"):
+        assert_error(run(command, model, "-o", str(tmp_path / "out")),
+                     f"input 'data' ({dtype} [1, 3, 16, 16])", "float32", command=command)
+    assert os.listdir(tmp_path) == []
+
+
+def test_dynamic_height_and_width_need_an_input_shape(inputs, tmp_path):
+    model, calib = inputs["dynamic"], str(inputs["root"] / "calib32.npy")
+    assert_error(run("plan", model, "-o", str(tmp_path / "p.yaml")),
+                 "input 'data' (float32 [N, 3, H, W])", "dynamic height and width",
+                 "--input-shape", command="plan")
+    assert_error(run("plan", model, "--input-shape", "1,4,32,32"), "--input-shape 1,4,32,32",
+                 "fixed dim C from 3 to 4", command="plan")
+    assert_error(run("plan", model, "--input-shape", "1,3,32"), "--input-shape",
+                 "N,C,H,W", command="plan")
+    assert not (tmp_path / "p.yaml").exists()
+    code, out, err = run("plan", model, "--input-shape", "1,3,32,32", "-o",
+                         str(tmp_path / "p.yaml"), "--json")
+    assert code == 0, err
+    data = json.loads(out)
+    assert data["input_shapes"] == {"data": [1, 3, 32, 32]}
+    site = yaml.safe_load((tmp_path / "p.yaml").read_text())["sites"][0]
+    assert site["output_hw"] == [15, 15]  # not [0, 0] of a 1x1 guess
+    code, out, err = run("bench", model, "--input-shape", "1,3,32,32", "--plan",
+                         str(tmp_path / "p.yaml"), "--calib", calib, "--rounds", "1", "--json")
+    assert code == 0, err
+    assert json.loads(out)["sites"] == [site["id"]]
+    code, out, err = run("plan", inputs["dynamic_batch"], "--json")  # a dynamic batch is 1
+    assert code == 0, err
+    assert json.loads(out)["input_shapes"] == {"data": [1, 3, 16, 16]}
+
+
+def test_a_model_without_conv2d_has_nothing_to_slim(inputs, tmp_path):
+    model = inputs["no_conv"]
+    code, out, err = run("plan", model, "-o", str(tmp_path / "p.yaml"))
+    assert code == 0, err
+    assert "nothing to slim: the model has no conv2d" in out
+    assert_error(run("bench", model, "--rounds", "1"), "noconv.onnx", "no conv2d",
+                 "nothing to slim", command="bench")
+
+
+def test_bench_of_a_model_with_no_planned_memory(inputs, tmp_path):
+    code, out, err = run("plan", inputs["one_conv"], "-o", str(tmp_path / "p.yaml"))
+    assert code == 0, err
+    assert "nothing to slim: no site found" in out
+    code, out, err = run("bench", inputs["one_conv"], "--rounds", "1", "--json")
+    assert code == 0, err
+    data = json.loads(out)
+    assert data["rebirth"]["memory_mb"] == 0 and data["memory_ratio"] == 1.0
+    code, out, err = run("bench", inputs["one_conv"], "--rounds", "1")
+    assert code == 0, err
+    assert "planned memory (MB)" in out and "1.0x" in out
+
+
+def test_tune_checks_the_input_before_searching(inputs, tmp_path):
+    for model, extra, fragments in (
+            (inputs["image_second"], ["--input", "image"],
+             ["2 inputs", "'offset' (float32 [8, 1, 1])", "--no-measure"]),
+            (inputs["uint8"], [], ["input 'data' (uint8 [1, 3, 16, 16])", "float32"]),
+            (inputs["dynamic"], [], ["dynamic height and width", "--input-shape"])):
+        result = run("tune", model, "--trials", "8", "--log-dir", str(tmp_path / "db"),
+                     *extra)
+        assert_error(result, *fragments, command="tune")
+        assert "[tune] measuring" not in result[2] and not (tmp_path / "db").exists()
+
+
 # -- 10. numeric flags -------------------------------------------------------------------------
 @pytest.mark.parametrize("args", [
     ("finetune", "M", "--images", "0"), ("finetune", "M", "--images", "-1"),

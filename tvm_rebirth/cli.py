@@ -72,7 +72,7 @@ def cmd_plan(args) -> None:
         model=args.model, output=args.output, check=args.check,
         policy=args.policy or "keep-kernel", kinds=_parse_kinds(args.kinds or
                                                                  ",".join(SITE_KINDS)),
-        branch_widths=args.branch_widths or "carry", input=args.input, input_shape=args.input_shape))
+        branch_widths=args.branch_widths or "carry", **_input_args(args)))
     out = args.check or args.output or os.path.basename(payload["plan"])
     text = table(_site_rows(plan.sites), ["site", "kind", "ops", "old -> new conv", "exact"])
     counts = ", ".join(f"{v} {k}" for k, v in payload["counts"].items())
@@ -83,6 +83,11 @@ def cmd_plan(args) -> None:
     if payload["nothing_to_slim"]:
         text += f"\nnothing to slim: {payload['nothing_to_slim']}"
     _emit(args, payload, text)
+
+
+def _input_args(args) -> dict:
+    """--input/--input-shape as flow's ModelArgs/PlanArgs fields."""
+    return {"input": args.input, "input_shape": args.input_shape}
 
 
 def _rebirth_options(args) -> flow.RebirthOptions:
@@ -97,7 +102,8 @@ def _rebirth_options(args) -> flow.RebirthOptions:
 
 def cmd_finetune(args) -> None:
     payload = flow.finetune_command(flow.FinetuneArgs(
-        model=args.model, rebirth=_rebirth_options(args), output=args.output, input=args.input, input_shape=args.input_shape))
+        model=args.model, rebirth=_rebirth_options(args), output=args.output,
+        **_input_args(args)))
     out = args.output or os.path.basename(payload["weights"])
     rows = [[r["id"], "exact" if r["exact"] else "learned",
              "-" if r["rel_error"] is None else f"{r['rel_error']:.4f}", f"{r['seconds']:.1f}"]
@@ -119,7 +125,7 @@ def cmd_bench(args) -> None:
     payload = flow.bench(flow.BenchArgs(
         model=args.model, rebirth=_rebirth_options(args), tracker=args.tracker, key=args.key,
         target=args.target, session_timeout=args.session_timeout, rounds=args.rounds,
-        profile=args.profile, output=args.output, input=args.input, input_shape=args.input_shape))
+        profile=args.profile, output=args.output, **_input_args(args)))
     o, r = payload["original"], payload["rebirth"]
     latency = "latency (ms, median)" if not payload.get("latency_is_emulated") else \
         "latency (ms, EMULATED: not phone speed)"
@@ -161,7 +167,7 @@ def cmd_bench(args) -> None:
 
 def cmd_eval(args) -> None:
     payload = flow.evaluate(flow.EvalArgs(model=args.model, rebirth=_rebirth_options(args),
-                                          limit=args.limit, input=args.input, input_shape=args.input_shape))
+                                          limit=args.limit, **_input_args(args)))
     rows = [[name, f"{payload[name]['top1'] * 100:.2f}", f"{payload[name]['top5'] * 100:.2f}"]
             for name in ("original", "rebirth")]
     text = table(rows, ["model", "top-1 %", "top-5 %"]) + (
@@ -172,7 +178,8 @@ def cmd_eval(args) -> None:
 def cmd_build(args) -> None:
     payload = flow.build(flow.BuildArgs(model=args.model, rebirth=_rebirth_options(args),
                                         target=args.target, output=args.output,
-                                        tuning_logs=not args.no_tuning_logs, input=args.input, input_shape=args.input_shape))
+                                        tuning_logs=not args.no_tuning_logs,
+                                        **_input_args(args)))
     out = args.output or os.path.basename(payload["path"])
     _emit(args, payload, f"{payload['variant']} {payload['model']} for {args.target} -> {out} "
                          f"({payload['bytes'] / 2 ** 20:.1f} MiB, planned activations "
@@ -186,7 +193,7 @@ def cmd_tune(args) -> None:
         model=args.model, trials=args.trials, rebirth=_rebirth_options(args),
         target=args.target, max_tasks=args.max_tasks, build_timeout=args.build_timeout,
         measure=not args.no_measure, log_dir=args.log_dir, tracker=args.tracker, key=args.key,
-        input=args.input, input_shape=args.input_shape))
+        **_input_args(args)))
     tasks = payload["tasks"]
     rows = sorted(([n, t["calls"], t["default_ms"], t["best_ms"],
                     f"{(t.get('time_share') or 0) * 100:.1f}%"] for n, t in tasks.items()),

@@ -77,6 +77,8 @@ def tune(mod, target, log_dir, trials: int, *, model_name="model", max_tasks=Non
         raise RebirthError(f"target {target_key(target)} does not run on this host: tune it on "
                            "a device with --tracker HOST:PORT --key KEY (`tvm-rebirth device "
                            "start` gives an emulated one)")
+    if measure and not tracker and not is_cross(target):
+        require_measurable(mod)  # before any search, not after it
     interrupted, write_errors = [], []
 
     def on_sigint(signum, frame):
@@ -107,6 +109,30 @@ def tune(mod, target, log_dir, trials: int, *, model_name="model", max_tasks=Non
         if interrupted:
             logger.warning(f"[tune] interrupted; what was measured stays in {log_dir}: rerun "
                            "the same command to continue")
+
+
+def require_measurable(mod) -> None:
+    """RebirthError unless ``mod``'s main takes the one static float32 tensor the whole-model
+    measurement at the end of ``tune`` feeds it (checked before searching)."""
+    import tvm
+
+    params = list(mod["main"].params)
+    described = []
+    for p in params:
+        shape = getattr(getattr(p.ty, "shape", None), "values", None)
+        dims = "?" if shape is None else ", ".join(
+            str(int(v)) if isinstance(v, tvm.tirx.IntImm) else str(v) for v in shape)
+        described.append(f"'{p.name}' ({getattr(p.ty, 'dtype', '?')} [{dims}])")
+    if len(params) != 1:
+        raise RebirthError(f"the model takes {len(params)} inputs ({', '.join(described)}); "
+                           "measuring the whole model after tuning feeds one image: pass "
+                           "--no-measure")
+    ty = params[0].ty
+    shape = getattr(getattr(ty, "shape", None), "values", None)
+    if getattr(ty, "dtype", None) != "float32" or shape is None or \
+            not all(isinstance(v, tvm.tirx.IntImm) for v in shape):
+        raise RebirthError(f"input {described[0]}: measuring the whole model after tuning "
+                           "needs a float32 input of static shape: pass --no-measure")
 
 
 def _tune(mod, target, log_dir, trials, model_name, max_tasks, trials_per_iter, build_timeout,

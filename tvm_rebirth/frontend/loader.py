@@ -36,10 +36,16 @@ class LoadedModel:
     input_shapes: dict
     mod: object  # tvm.IRModule with params bound as constants and layer names attached
     zoo_entry: zoo.ZooModel | None = None
+    image_input: str | None = None  # the input images are fed to (None: the first input)
 
     @property
     def input_name(self) -> str:
-        return next(iter(self.input_shapes))
+        return self.image_input or next(iter(self.input_shapes))
+
+    @property
+    def other_inputs(self) -> dict:
+        """{name: shape} of the inputs besides the image input."""
+        return {k: v for k, v in self.input_shapes.items() if k != self.input_name}
 
 
 def resolve_model_path(model: str) -> tuple[str, Path, zoo.ZooModel | None]:
@@ -63,8 +69,12 @@ def onnx_layer_names(onnx_model) -> dict:
     return names
 
 
-def load_model(model: str) -> LoadedModel:
-    """Load a zoo model or an ONNX file and import it into Relax (params bound)."""
+def load_model(model: str, input: str | None = None,
+               input_shape: list | tuple | None = None) -> LoadedModel:
+    """Load a zoo model or an ONNX file and import it into Relax (params bound). The image
+    input (``image_input``, what images are fed to) is the model's only input, the one
+    named ``input``, or the single float32 4-D input among several (``image_input_of``);
+    ``input_shape`` fixes its dims (dynamic ones must be fixed; a dynamic batch is 1)."""
     import onnx
 
     name, path, entry = resolve_model_path(model)
@@ -75,20 +85,96 @@ def load_model(model: str) -> LoadedModel:
     if not onnx_model.graph.node:
         raise RebirthError(f"{path}: not a readable ONNX model (the graph has no nodes)")
     init_names = {t.name for t in onnx_model.graph.initializer}
-    input_shapes = {}
-    for value in onnx_model.graph.input:
-        if value.name in init_names:
-            continue
-        dims = value.type.tensor_type.shape.dim
-        input_shapes[value.name] = [d.dim_value if d.dim_value > 0 else 1 for d in dims]
-    if not input_shapes:
+    inputs = {v.name: v for v in onnx_model.graph.input if v.name not in init_names}
+    if not inputs:
         raise RebirthError(f"{path}: the model has no data input")
+    image = image_input_of(inputs, path, input)
+    input_shapes = {image: image_shape(inputs[image], path, input_shape)}
+    for other, value in inputs.items():  # the image input first, the others as they come
+        if other != image:
+            input_shapes[other] = [d.dim_value if d.dim_value > 0 else 1
+                                   for d in value.type.tensor_type.shape.dim]
     folded = fold_constant_subgraphs(onnx_model)
     mod = import_onnx(folded, input_shapes, str(path))
     mod = AttachLayerNames(onnx_layer_names(folded))(mod)
     return LoadedModel(name=name, path=path, sha256=zoo.file_sha256(path),
                        onnx_model=onnx_model, input_shapes=input_shapes, mod=mod,
-                       zoo_entry=entry)
+                       zoo_entry=entry, image_input=image)
+
+
+def _dtype(value) -> str:
+    import onnx
+
+    if not value.type.HasField("tensor_type"):
+        return "a non-tensor"
+    elem = value.type.tensor_type.elem_type
+    try:
+        return str(onnx.helper.tensor_dtype_to_np_dtype(elem))
+    except (KeyError, ValueError, TypeError):  # UNDEFINED, strings, ...
+        return onnx.TensorProto.DataType.Name(elem).lower()
+
+
+def _dims(value) -> list:
+    """The declared dims of an ONNX input: ints, dim_param names, '?' when unnamed."""
+    return [d.dim_value if d.HasField("dim_value") else (d.dim_param or "?")
+            for d in value.type.tensor_type.shape.dim]
+
+
+def describe_input(value) -> str:
+    """'name (float32 [N, 3, H, W])': an ONNX input as error messages name it."""
+    return f"'{value.name}' ({_dtype(value)} [{', '.join(map(str, _dims(value)))}])"
+
+
+def image_input_of(inputs: dict, path, wanted: str | None = None) -> str:
+    """The name of the image input among ``inputs`` ({name: ValueInfoProto}, initializers
+    left out): ``wanted`` (--input), the only input, or the single float32 4-D one among
+    several. Every other case is a RebirthError naming the inputs."""
+    listed = ", ".join(describe_input(v) for v in inputs.values())
+    if wanted is not None:
+        if wanted not in inputs:
+            raise RebirthError(f"{path}: --input {wanted}: the model has no input "
+                               f"'{wanted}'; its inputs: {listed}")
+        return wanted
+    if len(inputs) == 1:
+        return next(iter(inputs))
+    images = [n for n, v in inputs.items() if _dtype(v) == "float32" and len(_dims(v)) == 4]
+    if len(images) == 1:
+        return images[0]
+    raise RebirthError(f"{path}: the model has {len(inputs)} inputs ({listed}); name the "
+                       "image input with --input NAME")
+
+
+def image_shape(value, path, override=None) -> list:
+    """The static NCHW shape of the image input ``value``: its declared dims with
+    ``override`` (--input-shape) applied. It must be float32 and 4-D; a dynamic batch is 1,
+    any other dynamic dim needs ``override``; an override must keep the fixed dims."""
+    label = f"{path}: input {describe_input(value)}"
+    dtype, dims = _dtype(value), _dims(value)
+    if dtype != "float32":
+        raise RebirthError(f"{label}: images are fed as float32; export the model with a "
+                           f"float32 input (a {dtype} input is not supported)")
+    if len(dims) != 4:
+        raise RebirthError(f"{label}: the image input must be NCHW (4 dims), it has "
+                           f"{len(dims)}" + ("" if len(dims) else
+                                             " (no shape declared: give --input-shape N,C,H,W)"))
+    if override is not None:
+        override = [int(d) for d in override]
+        if len(override) != 4 or min(override) < 1:
+            raise RebirthError(f"{label}: --input-shape "
+                               f"{','.join(map(str, override))} must be 4 positive dims N,C,H,W")
+        fixed = [(i, d, o) for i, (d, o) in enumerate(zip(dims, override))
+                 if isinstance(d, int) and d > 0 and d != o]
+        if fixed:
+            i, d, o = fixed[0]
+            raise RebirthError(f"{label}: --input-shape {','.join(map(str, override))} "
+                               f"changes its fixed dim {'NCHW'[i]} from {d} to {o}")
+        return override
+    dynamic = [i for i, d in enumerate(dims[1:], start=1) if not (isinstance(d, int) and d > 0)]
+    if dynamic:
+        what = " and ".join({1: "channel count", 2: "height", 3: "width"}[i] for i in dynamic)
+        raise RebirthError(f"{label} has a dynamic {what}: give a fixed shape with "
+                           "--input-shape N,C,H,W (e.g. 1,3,224,224)")
+    return [d if isinstance(d, int) and d > 0 else 1 for d in dims]
 
 
 def fold_constant_subgraphs(onnx_model, max_elements: int = 1 << 16):

@@ -130,12 +130,22 @@ def bench_variants(mods, x, rounds=7, number=5, profile=False) -> dict:
     for name in list(mods)[1:]:
         o, r = result[base], result[name]
         r["speedup"] = round(o["latency_ms"] / r["latency_ms"], 3)
-        r["memory_ratio"] = round(o["memory_mb"] / r["memory_mb"], 3)
+        r["memory_ratio"] = memory_ratio(runners[base].planned_bytes,
+                                         runners[name].planned_bytes)
         r["gflops_ratio"] = round(o["gflops"] / r["gflops"], 3)
     result["max_abs_output"] = float(np.abs(outputs[base]).max())
     result["compared"] = "logits" if logits else "output"
     result["rounds"], result["number"] = rounds, number
     return result
+
+
+def memory_ratio(original_bytes, rebirth_bytes):
+    """original / rebirth planned memory (from bytes, not rounded MB): 1.0 when neither plans
+    any (a model whose only tensors are its input and output), None ("n/a") when only the
+    rebirth plans none."""
+    if not rebirth_bytes:
+        return 1.0 if not original_bytes else None
+    return round(original_bytes / rebirth_bytes, 3)
 
 
 def bench_pair(original_mod, rebirth_mod, x, rounds=7, number=5,
