@@ -177,8 +177,9 @@ def peers_section(peers):
               "other engine's threads stole its cores); untuned = our schedule rules only"
               + ("" if first["tuning_logs"] else
                  " (no tuning_logs for this CPU, so no tuned builds)")
-              + f"; nominal fp32 peak {first['peak_gflops_per_s']} GFLOP/s; rebirth = the "
-              f"default plan. {' '.join(_reproduce(d) for d in peers.values())}\n")
+              + f"; nominal fp32 peak {first['peak_gflops_per_s']} GFLOP/s; rebirth = "
+              + "; ".join(f"{m}: {rebirth_plan_label(d)}" for m, d in peers.items())
+              + f". {' '.join(_reproduce(d) for d in peers.values())}\n")
 
 
 def emulated_peers_section(peers):
