@@ -213,7 +213,8 @@ def blocked_conv_te(x, packed, out_channels, strides, padding, dilation, plan: C
                       name=UNPACK_BLOCK)
 
 
-def _static_shape(sinfo):
+def static_shape(sinfo) -> list | None:
+    """The dims of a tensor type when all are known integers, else None."""
     from tvm import relax, tirx
 
     if not isinstance(sinfo, relax.TensorType) or sinfo.shape is None:
@@ -244,8 +245,18 @@ def conv_rewrite_applies(call) -> bool:
     groups = int(attrs.groups)
     if groups > 1 and (weight.value.shape[0] // groups < 2 or weight.value.shape[1] < 2):
         return False
-    return _static_shape(x.ty) is not None and str(x.ty.dtype) == "float32" and \
-        _static_shape(weight.ty) is not None
+    return static_shape(x.ty) is not None and str(x.ty.dtype) == "float32" and \
+        static_shape(weight.ty) is not None
+
+
+def rewrite_relax_functions(mod, rewriter):
+    """Every Relax function of ``mod`` through ``rewriter`` (a PyExprMutator built on it)."""
+    from tvm import relax
+
+    for gvar, func in list(mod.functions.items()):
+        if isinstance(func, relax.Function):
+            rewriter.builder_.update_func(gvar, rewriter.visit_expr(func))
+    return rewriter.builder_.finalize()
 
 
 def PackConvWeights(target):  # noqa: N802 -- a pass, named like TVM's
@@ -312,12 +323,10 @@ def PackConvWeights(target):  # noqa: N802 -- a pass, named like TVM's
         if unit is None:
             return mod
         rewriter = _Rewriter(mod)
-        for gvar, func in list(mod.functions.items()):
-            if isinstance(func, relax.Function):
-                rewriter.builder_.update_func(gvar, rewriter.visit_expr(func))
+        mod = rewrite_relax_functions(mod, rewriter)
         if rewriter.rewritten:
             logger.debug(f"[layouts] {rewriter.rewritten} convs use packed weights")
         # the transposes of dense weights the convs replaced would still be folded
-        return relax.transform.DeadCodeElimination()(rewriter.builder_.finalize())
+        return relax.transform.DeadCodeElimination()(mod)
 
     return _pass

@@ -24,7 +24,7 @@ import logging
 
 from tvm.s_tir.dlight.base import ScheduleRule
 
-from .layouts import vector_unit
+from .layouts import rewrite_relax_functions, static_shape, vector_unit
 
 logger = logging.getLogger(__name__)
 
@@ -84,21 +84,10 @@ def channel_window_te(x, window: int, before: int, divisor: int):
     return te.compute(summed.shape, lambda *i: summed(*i) * scale, name=CHANNEL_SCALE)
 
 
-def _static_shape(sinfo):
-    from tvm import relax, tirx
-
-    if not isinstance(sinfo, relax.TensorType) or sinfo.shape is None:
-        return None
-    dims = getattr(sinfo.shape, "values", None)
-    if dims is None or not all(isinstance(d, tirx.IntImm) for d in dims):
-        return None
-    return [int(d) for d in dims]
-
-
 def _float32_static(call) -> bool:
     x = call.args[0]
-    return str(x.ty.dtype) == "float32" and _static_shape(x.ty) is not None and \
-        _static_shape(call.ty) is not None
+    return str(x.ty.dtype) == "float32" and static_shape(x.ty) is not None and \
+        static_shape(call.ty) is not None
 
 
 def max_pool_rewrite_applies(call) -> bool:
@@ -114,13 +103,13 @@ def channel_window_applies(call) -> bool:
     attrs = call.attrs
     if (attrs.layout, attrs.out_layout) != ("NCDHW", "NCDHW") or not _float32_static(call):
         return False
-    shape = _static_shape(call.args[0].ty)
+    shape = static_shape(call.args[0].ty)
     pool = [int(p) for p in attrs.pool_size]
     pad = [int(p) for p in attrs.padding]
     return shape[1] == 1 and pool[1:] == [1, 1] and \
         all(int(s) == 1 for s in attrs.strides) and all(int(d) == 1 for d in attrs.dilation) \
         and pad[1:3] == [0, 0] and pad[4:] == [0, 0] and pad[0] + pad[3] == pool[0] - 1 \
-        and _static_shape(call.ty) == shape
+        and static_shape(call.ty) == shape
 
 
 def SeparablePools(target):  # noqa: N802 -- a pass, named like TVM's
@@ -144,7 +133,7 @@ def SeparablePools(target):  # noqa: N802 -- a pass, named like TVM's
                 pool = [int(p) for p in attrs.pool_size]
                 strides = [int(s) for s in attrs.strides]
                 padding = [int(p) for p in attrs.padding]
-                out_hw = _static_shape(call.ty)[2:]
+                out_hw = static_shape(call.ty)[2:]
                 self.rewritten += 1
                 return self.builder_.call_te(
                     lambda x: separable_max_pool_te(x, pool, strides, padding, out_hw),
@@ -168,12 +157,10 @@ def SeparablePools(target):  # noqa: N802 -- a pass, named like TVM's
         if unit is None:
             return mod
         rewriter = _Rewriter(mod)
-        for gvar, func in list(mod.functions.items()):
-            if isinstance(func, relax.Function):
-                rewriter.builder_.update_func(gvar, rewriter.visit_expr(func))
+        mod = rewrite_relax_functions(mod, rewriter)
         if rewriter.rewritten:
             logger.debug(f"[pools] {rewriter.rewritten} pools rewritten")
-        return rewriter.builder_.finalize()
+        return mod
 
     return _pass
 
