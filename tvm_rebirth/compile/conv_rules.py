@@ -199,12 +199,7 @@ def _vector_rows(sch, conv, ic):
     reduce_at = step = ic
     if factor:
         reduce_at, step = sch.split(ic, factors=[None, factor])
-    row = sch.cache_read(conv, _data_read(sch.get(conv)), "local")
-    sch.compute_at(row, step)
-    loops = sch.get_loops(row)
-    at = [i for i, loop in enumerate(loops) if sch.get(loop).same_as(sch.get(step))][0]
-    if len(loops) > at + 1:  # a row of one column has no loop left
-        sch.vectorize(loops[-1])
+    _cache_row(sch, conv, step)
     if factor:
         sch.unroll(step)
     return reduce_at
@@ -215,11 +210,16 @@ def _tap_rows(sch, conv, kh):
     (tile - 1) x stride + kw of them, loaded once as whole vectors into a local row; the
     unrolled taps take their scalars as lanes (FMLA by element), so a few registers hold
     what took one register per column."""
+    _cache_row(sch, conv, kh)
+
+
+def _cache_row(sch, conv, loop):
+    """The conv's input read under ``loop`` cached in a local row, loaded as vectors."""
     row = sch.cache_read(conv, _data_read(sch.get(conv)), "local")
-    sch.compute_at(row, kh)
+    sch.compute_at(row, loop)
     loops = sch.get_loops(row)
-    at = [i for i, loop in enumerate(loops) if sch.get(loop).same_as(sch.get(kh))][0]
-    if len(loops) > at + 1:
+    at = [i for i, rv in enumerate(loops) if sch.get(rv).same_as(sch.get(loop))][0]
+    if len(loops) > at + 1:  # a row of one column has no loop left
         sch.vectorize(loops[-1])
 
 
