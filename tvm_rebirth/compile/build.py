@@ -133,9 +133,11 @@ class Compiled:
     static planning), ``functions`` (fused PrimFuncs) and ``tuned`` (how many of them took
     their schedule from tuning_logs)."""
 
-    def __init__(self, executable, planned_bytes, functions, tuned):
+    def __init__(self, executable, planned_bytes, functions, tuned, planned_by_function=None):
         self.executable, self.planned_bytes = executable, planned_bytes
         self.functions, self.tuned = functions, tuned
+        # {Relax function: its planned activation bytes} (modules with several entries)
+        self.planned_by_function = planned_by_function or {}
 
 
 def compile_module(mod, target=None, tuned=True) -> Compiled:
@@ -158,10 +160,11 @@ def compile_module(mod, target=None, tuned=True) -> Compiled:
                 mod = tvm.transform.Sequential(scheduled)(mod)
         else:
             mod = tvm.transform.Sequential(scheduled)(mod)
-        memory = planned_activation_bytes(mod)
+        planned = {gv.name_hint: planned_activation_bytes(mod, gv.name_hint)
+                   for gv, f in mod.functions.items() if isinstance(f, relax.Function)}
         lowered = tvm.transform.Sequential(after)(mod)
         executable = relax.build(lowered, target=target, relax_pipeline=None)
-    return Compiled(executable, memory, functions, n_tuned)
+    return Compiled(executable, planned.get("main", 0), functions, n_tuned, planned)
 
 
 class Runner:

@@ -238,3 +238,84 @@ def count_instructions_per_inference(lib: Path, x, workdir: Path, runs: int = 2)
     np.save(data, x)
     return count_guest_run([script, lib, data, runs], workdir / f"count-{lib.stem}.txt", runs,
                            f"instruction count of {lib.name}")
+
+
+# runs in the emulated device's Python: every function once (allocations), then each once
+# more between the plugin's markers, so each writes one segment, in the order of argv[3]
+_GUEST_FUNCTIONS = """import os
+import sys
+import numpy as np
+import tvm
+from tvm.runtime import vm as runtime_vm
+
+
+def mark(code):
+    try:
+        os.lseek(-1, code, 0)
+    except OSError:
+        pass
+
+
+vm = runtime_vm.VirtualMachine(tvm.runtime.load_module(sys.argv[1]), tvm.cpu())
+data = np.load(sys.argv[2])
+names = sys.argv[3].split(",")
+args = {n: [tvm.runtime.tensor(data[f"{n}/{i}"], tvm.cpu())
+            for i in range(sum(k.startswith(n + "/") for k in data.files))] for n in names}
+for name in names:
+    vm[name](*args[name])
+for name in names:
+    mark(0x5EB1)
+    vm[name](*args[name])
+    mark(0x5EB2)
+"""
+
+
+def count_instructions_per_function(lib: Path, calls: dict, workdir: Path) -> dict:
+    """{function: guest aarch64 instructions of one call} of the Relax functions of ``lib``
+    ({function name: [input arrays]}), one qemu run as a Cortex-A72 with one TVM thread,
+    each call counted in its steady state (after one call that allocates)."""
+    script, data = workdir / "guest_functions.py", workdir / "inputs.npz"
+    script.write_text(_GUEST_FUNCTIONS)
+    np.savez(data, **{f"{name}/{i}": x for name, xs in calls.items() for i, x in enumerate(xs)})
+    segments = workdir / f"segments-{lib.stem}.txt"
+    count_guest_run([script, lib, data, ",".join(calls)], workdir / f"count-{lib.stem}.txt", 1,
+                    f"instruction counts of {lib.name}",
+                    plugin=f"{plugin_path()},segments={segments}")
+    counts = [int(v) for v in segments.read_text().split()]
+    if len(counts) != len(calls):
+        raise RebirthError(f"instruction counts of {lib.name}: {len(counts)} segments for "
+                           f"{len(calls)} functions")
+    return dict(zip(calls, counts))
+
+
+def time_functions_on_device(lib: Path, calls: dict, tracker: str, key: str, rounds: int = 5,
+                             session_timeout: float = 3600.0) -> dict:
+    """{function: median ms of one call} of the Relax functions of ``lib`` on a tracker
+    device, every function once per round (interleaved)."""
+    import tvm
+    from tvm import relax
+
+    from ..report.measure import interleaved_rounds
+    from .rpc import parse_tracker, request_session, require_key
+
+    host, port = parse_tracker(tracker)
+    require_key(host, port, key)
+    try:
+        session = request_session(host, port, key, timeout=session_timeout)
+        device = session.cpu()
+        session.upload(str(lib), lib.name)
+        vm = relax.VirtualMachine(session.load_module(lib.name), device)
+
+        def timer(name):
+            args = [tvm.runtime.tensor(x, device) for x in calls[name]]
+            evaluator = vm.time_evaluator(name, device, number=3, repeat=1)
+            return lambda: evaluator(*args).mean * 1000
+
+        samples = interleaved_rounds({n: timer(n) for n in calls}, rounds, f"cost on {key}")
+    except RebirthError:
+        raise
+    except Exception as exc:  # noqa: BLE001 -- the device died or the session broke
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        raise RebirthError(f"device '{key}' on tracker {host}:{port} failed while measuring "
+                           f"costs: {first}") from None
+    return {n: statistics.median(v) for n, v in samples.items()}
