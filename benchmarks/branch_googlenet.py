@@ -29,9 +29,9 @@ def main():
     calib = flow.calibration(model, flow.RebirthOptions(images=args.images))
     images, description = calib
     variants = {
-        "streamline": flow.RebirthOptions(kinds=("streamline",)),
-        "all sites (carry widths, default)": flow.RebirthOptions(),
-        "all sites (paper widths)": flow.RebirthOptions(branch_widths="paper"),
+        "streamline": flow.RebirthOptions(kinds=("streamline",), select="all"),
+        "all sites (carry widths)": flow.RebirthOptions(select="all"),
+        "all sites (paper widths)": flow.RebirthOptions(branch_widths="paper", select="all"),
     }
     mods, fits = {"original": model.mod}, {}
     for name, options in variants.items():

@@ -57,7 +57,7 @@ def main():
         rebirth(f"+ {full.sites[k - 1].id}", plan=full.with_enabled(lambda s: s.id in ids))
     for widths in ("carry", "paper"):
         rebirth(f"branch sites only ({widths} widths)",
-                flow.RebirthOptions(kinds=("branch",), branch_widths=widths))
+                flow.RebirthOptions(kinds=("branch",), branch_widths=widths, select="all"))
     e2e = {}
     try:
         import torch  # noqa: F401  (the optional extra)
@@ -66,11 +66,11 @@ def main():
     else:
         e2e["distillation"] = rebirth(
             "all sites + end-to-end distillation (unlabeled)",
-            flow.RebirthOptions(e2e=flow.E2EOptions(True, args.e2e_images, args.e2e_epochs)),
+            flow.RebirthOptions(select="all", e2e=flow.E2EOptions(True, args.e2e_images, args.e2e_epochs)),
             plan=full).fit["end_to_end"]
         e2e["retraining"] = rebirth(
             "all sites + retraining with labels",
-            flow.RebirthOptions(e2e=flow.E2EOptions(True, args.retrain_images,
+            flow.RebirthOptions(select="all", e2e=flow.E2EOptions(True, args.retrain_images,
                                                     args.retrain_epochs, "source", flip=True)),
             plan=full).fit["end_to_end"]
     result = top_k(runners, test_x, test_y)

@@ -130,6 +130,9 @@ def main():
     ap.add_argument("--plan")
     ap.add_argument("--weights")
     ap.add_argument("--kinds", default="streamline,branch", help="site kinds without --plan")
+    ap.add_argument("--select", choices=("paying", "all"), default="paying",
+                    help="without --plan: the sites measured to pay on the device (paying) or "
+                         "every site found (all)")
     ap.add_argument("--branch-widths", default="carry", help="branch widths without --plan")
     ap.add_argument("--images", type=int, default=64,
                     help="calibration images without --weights (speed does not depend on them)")
@@ -141,9 +144,9 @@ def main():
     model = flow.load(args.model)
     options = flow.RebirthOptions(plan=args.plan, weights=args.weights, images=args.images,
                                   kinds=tuple(args.kinds.split(",")),
-                                  branch_widths=args.branch_widths)
+                                  branch_widths=args.branch_widths, select=args.select)
     calib = flow.calibration(model, options)  # always: its first image is the input
-    result = flow.rebirth_model(model, options, images=calib)
+    result = flow.rebirth_model(model, options, images=calib, target=args.device)
     x = calib[0][:1]
     run = emulated if args.device else host
     payload, md = run(args, model, result.plan, result.mod, x)

@@ -32,7 +32,7 @@ def test_host_library_runs_like_the_in_process_build(tmp_path):
 
 def test_rebirth_library_with_a_plan(tmp_path):
     model_path = chain_model(tmp_path / "net.onnx", ["batch_norm", "avg_pool2d"])
-    assert run("plan", model_path, "-o", str(tmp_path / "p.yaml"))[0] == 0
+    assert run("plan", model_path, "--select", "all", "-o", str(tmp_path / "p.yaml"))[0] == 0
     code, stdout, err = run("build", model_path, "--plan", str(tmp_path / "p.yaml"), "-o",
                             str(tmp_path / "slim.so"), "--json")
     assert code == 0, err

@@ -36,7 +36,7 @@ def test_models_json():
 
 def test_plan_alexnet_json_and_file(tmp_path):
     out_file = tmp_path / "alexnet.yaml"
-    code, out, err = run("plan", "alexnet", "--json", "-o", str(out_file))
+    code, out, err = run("plan", "alexnet", "--select", "all", "--json", "-o", str(out_file))
     assert code == 0, err
     data = json.loads(out)
     assert [s["id"] for s in data["sites"]] == ["conv1+norm1+pool1", "conv2+norm2+pool2",
@@ -50,7 +50,7 @@ def test_plan_alexnet_json_and_file(tmp_path):
 
 
 def test_plan_googlenet_table_and_kinds(tmp_path):
-    code, out, err = run("plan", "googlenet", "--kinds", "branch", cwd=tmp_path)
+    code, out, err = run("plan", "googlenet", "--select", "all", "--kinds", "branch", cwd=tmp_path)
     assert code == 0, err
     assert "inception_3a/output" in out and "9 branch" in out and "0 streamline" in out
     assert (tmp_path / "googlenet.plan.yaml").exists()
@@ -59,7 +59,7 @@ def test_plan_googlenet_table_and_kinds(tmp_path):
 
 def test_plan_of_a_user_onnx_file(tmp_path):
     path = inception_model(tmp_path / "inception.onnx")
-    code, out, err = run("plan", path, "--json", "-o", str(tmp_path / "p.yaml"),
+    code, out, err = run("plan", path, "--select", "all", "--json", "-o", str(tmp_path / "p.yaml"),
                          "--policy", "keep-receptive-field")
     assert code == 0, err
     data = json.loads(out)
@@ -68,13 +68,13 @@ def test_plan_of_a_user_onnx_file(tmp_path):
 
 
 def test_missing_model_file(tmp_path):
-    result = run("plan", str(tmp_path / "nope.onnx"), "-o", str(tmp_path / "p.yaml"))
+    result = run("plan", str(tmp_path / "nope.onnx"), "--select", "all", "-o", str(tmp_path / "p.yaml"))
     assert_one_line_error(*result, "nope.onnx", "no such file")
     assert not (tmp_path / "p.yaml").exists()
 
 
 def test_unknown_zoo_name(tmp_path):
-    assert_one_line_error(*run("plan", "googlenett", "-o", str(tmp_path / "p.yaml")),
+    assert_one_line_error(*run("plan", "googlenett", "--select", "all", "-o", str(tmp_path / "p.yaml")),
                           "unknown model 'googlenett'", "googlenet")
 
 
@@ -83,7 +83,7 @@ def test_corrupt_onnx_keeps_an_existing_plan_intact(tmp_path):
     bad.write_bytes(b"\x08\x07not a protobuf at all" * 50)
     existing = tmp_path / "p.yaml"
     existing.write_text("precious: true\n")
-    assert_one_line_error(*run("plan", str(bad), "-o", str(existing)), "broken.onnx",
+    assert_one_line_error(*run("plan", str(bad), "--select", "all", "-o", str(existing)), "broken.onnx",
                           "not a readable ONNX model")
     assert existing.read_text() == "precious: true\n"
 
@@ -94,20 +94,20 @@ def test_an_op_the_importer_rejects(tmp_path):
     from onnx import helper
     g.nodes.append(helper.make_node("MyCustomOp", [x], ["y"], name="custom"))
     path = g.save(tmp_path / "custom.onnx", ["y"])
-    assert_one_line_error(*run("plan", path, "-o", str(tmp_path / "p.yaml")), "custom.onnx",
+    assert_one_line_error(*run("plan", path, "--select", "all", "-o", str(tmp_path / "p.yaml")), "custom.onnx",
                           "MyCustomOp")
 
 
 def test_a_plan_for_a_different_model(tmp_path):
     plan = tmp_path / "alexnet.yaml"
-    assert run("plan", "alexnet", "-o", str(plan))[0] == 0
+    assert run("plan", "alexnet", "--select", "all", "-o", str(plan))[0] == 0
     other = inception_model(tmp_path / "inception.onnx")
     assert_one_line_error(*run("plan", other, "--check", str(plan)), "alexnet.yaml",
                           "made for model 'alexnet'")
 
 
 def test_bad_kinds():
-    assert_one_line_error(*run("plan", "alexnet", "--kinds", "streamline,diagonal"),
+    assert_one_line_error(*run("plan", "alexnet", "--select", "all", "--kinds", "streamline,diagonal"),
                           "--kinds", "diagonal")
 
 
@@ -125,7 +125,7 @@ def test_bench_table_shows_rel_err_on_logits_and_tuned_functions(tmp_path):
     model.graph.node.append(helper.make_node("Softmax", [tail], ["prob"], name="prob", axis=1))
     model.graph.output[0].name = "prob"
     onnx.save(model, path)
-    assert run("plan", path, "-o", str(tmp_path / "p.yaml"))[0] == 0
+    assert run("plan", path, "--select", "all", "-o", str(tmp_path / "p.yaml"))[0] == 0
     code, out, err = run("bench", path, "--plan", str(tmp_path / "p.yaml"), "--rounds", "1")
     assert code == 0, err
     rows = {line.split("  ")[0].strip(): line for line in out.splitlines()}
@@ -137,10 +137,11 @@ def test_bench_table_shows_rel_err_on_logits_and_tuned_functions(tmp_path):
 
 
 def test_target_help_lists_presets_tags_and_dicts():
-    for command in ("build", "tune", "bench"):
+    for command in ("build", "tune", "bench", "plan"):
         code, out, _ = run(command, "--help")
         text = " ".join(out.split())
         assert code == 0 and "cortex-a72" in text and "arm/rk3399" in text, command
         assert "tvm.target.list_tags()" in text and '{"kind": "llvm"' in text, command
     code, out, _ = run("plan", "--help")
-    assert "not on a target" in " ".join(out.split()) and "--target TARGET" not in out
+    text = " ".join(out.split())
+    assert "--select {all,paying}" in text and "measure on this target" in text

@@ -70,7 +70,7 @@ def test_start_and_status_everything_on_loopback(devices):
 
 def test_small_model_on_the_emulated_device_matches_the_host(devices, tmp_path):
     model_path = chain_model(tmp_path / "net.onnx", ["batch_norm", "avg_pool2d"])  # exact
-    assert run("plan", model_path, "-o", str(tmp_path / "p.yaml"))[0] == 0
+    assert run("plan", model_path, "--select", "all", "-o", str(tmp_path / "p.yaml"))[0] == 0
     report = tmp_path / "report.json"
     code, stdout, err = run("bench", model_path, "--plan", str(tmp_path / "p.yaml"),
                             "--tracker", devices["tracker"], "--key", EMULATED_KEY,
@@ -109,7 +109,7 @@ def test_private_emulated_device_for_the_demo(devices, tmp_path, caplog):
 
 
 def test_alexnet_rebirth_executes_fewer_instructions(devices, tmp_path):
-    code, stdout, err = run("bench", "alexnet", "--tracker", devices["tracker"], "--key",
+    code, stdout, err = run("bench", "--select", "all", "alexnet", "--tracker", devices["tracker"], "--key",
                             EMULATED_KEY, "--rounds", "1", "--images", "64", "--json")
     assert code == 0, err
     data = json.loads(stdout)
@@ -211,7 +211,7 @@ def test_farm_tune_survives_a_killed_server(devices, tmp_path):
 
 def test_device_errors(devices, tmp_path):
     model_path = chain_model(tmp_path / "net.onnx", ["batch_norm"])
-    assert run("plan", model_path, "-o", str(tmp_path / "p.yaml"))[0] == 0
+    assert run("plan", model_path, "--select", "all", "-o", str(tmp_path / "p.yaml"))[0] == 0
     report = tmp_path / "r.json"
     base = ["bench", model_path, "--plan", str(tmp_path / "p.yaml"), "-o", str(report)]
     assert_error(run(*base, "--tracker", devices["tracker"], "--key", "pixel7"),
@@ -239,7 +239,7 @@ def test_a_device_killed_mid_run_is_a_one_line_error_and_no_report(devices, tmp_
 
         _wait_for_key(port, "doomed", 120)
         model_path = chain_model(tmp_path / "net.onnx", ["batch_norm"])
-        assert run("plan", model_path, "-o", str(tmp_path / "p.yaml"))[0] == 0
+        assert run("plan", model_path, "--select", "all", "-o", str(tmp_path / "p.yaml"))[0] == 0
         report = tmp_path / "r.json"
         bench = subprocess.Popen(
             [sys.executable, "-m", "tvm_rebirth.cli", "bench", str(model_path), "--plan",

@@ -47,7 +47,7 @@ def learned(tmp_path_factory):
     model = chain_model(root / "net.onnx", ["relu", "lrn", "max_pool2d"], shape=(1, 3, 32, 32))
     np.save(root / "calib.npy",
             np.random.default_rng(0).standard_normal((16, 3, 32, 32)).astype("f"))
-    code, _, err = run("plan", model, "-o", str(root / "plan.yaml"))
+    code, _, err = run("plan", model, "--select", "all", "-o", str(root / "plan.yaml"))
     assert code == 0, err
     code, out, err = run("finetune", model, "--plan", str(root / "plan.yaml"), "--calib",
                          str(root / "calib.npy"), "-o", str(root / "w.npz"), "--json")
@@ -62,7 +62,7 @@ def exact(tmp_path_factory):
     """A conv->BN->avg-pool model: its one site is exact, fine-tuning needs no images."""
     root = tmp_path_factory.mktemp("exact")
     model = chain_model(root / "bn.onnx", ["batch_norm", "avg_pool2d"])
-    code, _, err = run("plan", model, "-o", str(root / "plan.yaml"))
+    code, _, err = run("plan", model, "--select", "all", "-o", str(root / "plan.yaml"))
     assert code == 0, err
     return {"root": root, "model": model, "plan": root / "plan.yaml"}
 
@@ -99,7 +99,7 @@ def fill(folder):
 def test_plan_refuses_to_overwrite_its_own_model(exact):
     model = exact["model"]
     before = snapshot(model)
-    assert_error(run("plan", model, "-o", model), "bn.onnx", "this command's model",
+    assert_error(run("plan", model, "--select", "all", "-o", model), "bn.onnx", "this command's model",
                  "refusing to overwrite an input", command="plan")
     assert snapshot(model) == before and no_temporary_files(exact["root"])
 
@@ -119,7 +119,7 @@ def test_an_input_reached_through_a_symlink_is_still_an_input(exact, tmp_path):
     link = tmp_path / "alias.onnx"
     link.symlink_to(exact["model"])
     before = snapshot(exact["model"])
-    assert_error(run("plan", exact["model"], "-o", str(link)), "alias.onnx",
+    assert_error(run("plan", exact["model"], "--select", "all", "-o", str(link)), "alias.onnx",
                  "this command's model", command="plan")
     assert snapshot(exact["model"]) == before and link.is_symlink()
 
@@ -130,7 +130,7 @@ def test_outputs_are_written_through_symlinks(exact, tmp_path):
     real.write_text("old\n")
     link = tmp_path / "latest.yaml"
     link.symlink_to(real)
-    code, _, err = run("plan", exact["model"], "-o", str(link))
+    code, _, err = run("plan", exact["model"], "--select", "all", "-o", str(link))
     assert code == 0, err
     assert link.is_symlink() and os.readlink(link) == str(real)
     assert yaml.safe_load(real.read_text())["format"] == "rebirth-plan/1"
@@ -156,7 +156,7 @@ def test_non_regular_files_are_never_replaced(exact, tmp_path):
         os.mknod(full, stat.S_IFCHR | 0o666, os.makedev(1, 7))
         targets.append((full, "not a regular file"))
     for target, reason in targets:
-        assert_error(run("plan", exact["model"], "-o", str(target)), str(target), reason,
+        assert_error(run("plan", exact["model"], "--select", "all", "-o", str(target)), str(target), reason,
                      command="plan")
     assert stat.S_ISFIFO(os.lstat(fifo).st_mode)
     if os.geteuid() == 0:
@@ -167,7 +167,7 @@ def test_non_regular_files_are_never_replaced(exact, tmp_path):
 def test_dev_null_and_dev_full_are_refused(exact):
     for device in ("/dev/null", "/dev/full"):
         before = os.lstat(device)
-        assert_error(run("plan", exact["model"], "-o", device), device, "not a regular file",
+        assert_error(run("plan", exact["model"], "--select", "all", "-o", device), device, "not a regular file",
                      command="plan")
         after = os.lstat(device)
         assert stat.S_ISCHR(after.st_mode) and after.st_rdev == before.st_rdev
@@ -205,7 +205,7 @@ def test_full_filesystem_leaves_the_old_file_and_no_temporary(exact, learned, tm
         (full / "p.yaml").write_text("precious: true\n")
         (full / "w.npz").write_bytes(b"precious")
         fill(full)
-        assert_error(run("plan", exact["model"], "-o", str(full / "p.yaml")), "p.yaml",
+        assert_error(run("plan", exact["model"], "--select", "all", "-o", str(full / "p.yaml")), "p.yaml",
                      "No space left on device", command="plan")
         assert_error(run("finetune", learned["model"], "--plan", str(learned["plan"]),
                          "--calib", str(learned["calib"]), "-o", str(full / "w.npz")),
@@ -344,12 +344,12 @@ def inputs(tmp_path_factory):
 
 def test_two_image_like_inputs_need_input_name(inputs, tmp_path):
     model = inputs["two"]
-    assert_error(run("plan", model, "-o", str(tmp_path / "p.yaml")), "two.onnx", "2 inputs",
+    assert_error(run("plan", model, "--select", "all", "-o", str(tmp_path / "p.yaml")), "two.onnx", "2 inputs",
                  "'image' (float32 [1, 3, 16, 16])", "'offset' (float32 [1, 8, 1, 1])",
                  "--input NAME", command="plan")
-    assert_error(run("plan", model, "--input", "img"), "--input img", "no input 'img'",
+    assert_error(run("plan", model, "--select", "all", "--input", "img"), "--input img", "no input 'img'",
                  "'image'", command="plan")
-    code, out, err = run("plan", model, "--input", "image", "-o", str(tmp_path / "p.yaml"),
+    code, out, err = run("plan", model, "--select", "all", "--input", "image", "-o", str(tmp_path / "p.yaml"),
                          "--json")
     assert code == 0, err
     data = json.loads(out)
@@ -359,7 +359,7 @@ def test_two_image_like_inputs_need_input_name(inputs, tmp_path):
 
 def test_the_image_need_not_be_the_first_input(inputs, tmp_path):
     model, calib = inputs["image_second"], str(inputs["root"] / "calib16.npy")
-    code, out, err = run("plan", model, "-o", str(tmp_path / "p.yaml"), "--json")
+    code, out, err = run("plan", model, "--select", "all", "-o", str(tmp_path / "p.yaml"), "--json")
     assert code == 0, err
     data = json.loads(out)  # the one float32 4-D input, though listed second
     assert data["image_input"] == "image" and data["input_shapes"]["image"] == [1, 3, 16, 16]
@@ -386,15 +386,15 @@ def test_non_float32_inputs_are_named(inputs, tmp_path, dtype):
 
 def test_dynamic_height_and_width_need_an_input_shape(inputs, tmp_path):
     model, calib = inputs["dynamic"], str(inputs["root"] / "calib32.npy")
-    assert_error(run("plan", model, "-o", str(tmp_path / "p.yaml")),
+    assert_error(run("plan", model, "--select", "all", "-o", str(tmp_path / "p.yaml")),
                  "input 'data' (float32 [N, 3, H, W])", "dynamic height and width",
                  "--input-shape", command="plan")
-    assert_error(run("plan", model, "--input-shape", "1,4,32,32"), "--input-shape 1,4,32,32",
+    assert_error(run("plan", model, "--select", "all", "--input-shape", "1,4,32,32"), "--input-shape 1,4,32,32",
                  "fixed dim C from 3 to 4", command="plan")
-    assert_error(run("plan", model, "--input-shape", "1,3,32"), "--input-shape",
+    assert_error(run("plan", model, "--select", "all", "--input-shape", "1,3,32"), "--input-shape",
                  "N,C,H,W", command="plan")
     assert not (tmp_path / "p.yaml").exists()
-    code, out, err = run("plan", model, "--input-shape", "1,3,32,32", "-o",
+    code, out, err = run("plan", model, "--select", "all", "--input-shape", "1,3,32,32", "-o",
                          str(tmp_path / "p.yaml"), "--json")
     assert code == 0, err
     data = json.loads(out)
@@ -405,29 +405,29 @@ def test_dynamic_height_and_width_need_an_input_shape(inputs, tmp_path):
                          str(tmp_path / "p.yaml"), "--calib", calib, "--rounds", "1", "--json")
     assert code == 0, err
     assert json.loads(out)["sites"] == [site["id"]]
-    code, out, err = run("plan", inputs["dynamic_batch"], "--json")  # a dynamic batch is 1
+    code, out, err = run("plan", inputs["dynamic_batch"], "--select", "all", "--json")  # a dynamic batch is 1
     assert code == 0, err
     assert json.loads(out)["input_shapes"] == {"data": [1, 3, 16, 16]}
 
 
 def test_a_model_without_conv2d_has_nothing_to_slim(inputs, tmp_path):
     model = inputs["no_conv"]
-    code, out, err = run("plan", model, "-o", str(tmp_path / "p.yaml"))
+    code, out, err = run("plan", model, "--select", "all", "-o", str(tmp_path / "p.yaml"))
     assert code == 0, err
     assert "nothing to slim: the model has no conv2d" in out
-    assert_error(run("bench", model, "--rounds", "1"), "noconv.onnx", "no conv2d",
+    assert_error(run("bench", "--select", "all", model, "--rounds", "1"), "noconv.onnx", "no conv2d",
                  "nothing to slim", command="bench")
 
 
 def test_bench_of_a_model_with_no_planned_memory(inputs, tmp_path):
-    code, out, err = run("plan", inputs["one_conv"], "-o", str(tmp_path / "p.yaml"))
+    code, out, err = run("plan", inputs["one_conv"], "--select", "all", "-o", str(tmp_path / "p.yaml"))
     assert code == 0, err
     assert "nothing to slim: no site found" in out
-    code, out, err = run("bench", inputs["one_conv"], "--rounds", "1", "--json")
+    code, out, err = run("bench", "--select", "all", inputs["one_conv"], "--rounds", "1", "--json")
     assert code == 0, err
     data = json.loads(out)
     assert data["rebirth"]["memory_mb"] == 0 and data["memory_ratio"] == 1.0
-    code, out, err = run("bench", inputs["one_conv"], "--rounds", "1")
+    code, out, err = run("bench", "--select", "all", inputs["one_conv"], "--rounds", "1")
     assert code == 0, err
     assert "planned memory (MB)" in out and "1.0x" in out
 
@@ -524,14 +524,14 @@ def test_plan_check_refuses_options_it_would_ignore(exact, tmp_path, extra):
 
 def test_a_folder_named_like_a_zoo_model_does_not_shadow_it(tmp_path):
     (tmp_path / "fmnist-inception").mkdir()
-    code, out, err = run("plan", "fmnist-inception", "--json", "-o",
+    code, out, err = run("plan", "fmnist-inception", "--select", "all", "--json", "-o",
                          "fmnist-inception/p.yaml", cwd=tmp_path)
     assert code == 0, err
     assert json.loads(out)["model"] == "fmnist-inception"
     assert "folder, not a model file; using the zoo model 'fmnist-inception'" in err
     assert (tmp_path / "fmnist-inception" / "p.yaml").is_file()
     (tmp_path / "mine").mkdir()
-    assert_error(run("plan", "mine", cwd=tmp_path), "mine: is a directory", command="plan")
+    assert_error(run("plan", "mine", "--select", "all", cwd=tmp_path), "mine: is a directory", command="plan")
 
 
 def test_bench_of_a_user_model_compares_on_its_calibration_images(learned, tmp_path):

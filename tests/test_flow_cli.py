@@ -4,6 +4,7 @@ import json
 
 import numpy as np
 import pytest
+import yaml
 from PIL import Image
 
 from tvm_rebirth.frontend.datasets import fashion_mnist
@@ -33,7 +34,7 @@ def workdir(tmp_path_factory):
     calib.mkdir()
     for i in range(40):
         Image.fromarray(images[i]).save(calib / f"img{i:02d}.png")
-    code, _, err = run("plan", model, "-o", str(root / "plan.yaml"))
+    code, _, err = run("plan", model, "--select", "all", "-o", str(root / "plan.yaml"))
     assert code == 0, err
     code, out, err = run("finetune", model, "--plan", str(root / "plan.yaml"), "--calib",
                          str(calib), "-o", str(root / "w.npz"), "--json")
@@ -66,14 +67,14 @@ def test_bench_side_by_side(workdir):
 
 
 def test_user_onnx_with_learned_sites_needs_calibration(workdir, tmp_path):
-    assert_error(run("finetune", workdir["model"], "-o", str(tmp_path / "w.npz")),
+    assert_error(run("finetune", "--select", "all", workdir["model"], "-o", str(tmp_path / "w.npz")),
                  "net.onnx", "--calib", command="finetune")
     assert not (tmp_path / "w.npz").exists()
 
 
 def test_exact_only_plan_needs_no_calibration(tmp_path):
     model = chain_model(tmp_path / "bn.onnx", ["batch_norm", "avg_pool2d"])
-    code, out, err = run("finetune", model, "-o", str(tmp_path / "w.npz"), "--json")
+    code, out, err = run("finetune", "--select", "all", model, "-o", str(tmp_path / "w.npz"), "--json")
     assert code == 0, err
     (site,) = json.loads(out)["sites"]
     assert site["exact"] and site["method"] == "closed form"
@@ -84,7 +85,7 @@ def test_exact_only_plan_needs_no_calibration(tmp_path):
 def test_weights_for_another_plan(workdir, tmp_path):
     root = workdir["root"]
     other = tmp_path / "plan.yaml"
-    code, _, err = run("plan", workdir["model"], "--policy", "keep-receptive-field", "-o",
+    code, _, err = run("plan", workdir["model"], "--select", "all", "--policy", "keep-receptive-field", "-o",
                        str(other))
     assert code == 0, err
     assert_error(run("bench", workdir["model"], "--plan", str(other), "--weights",
@@ -106,7 +107,7 @@ def test_branch_sites_through_the_cli(tmp_path):
     calib = tmp_path / "calib.npy"
     np.save(calib, np.random.default_rng(0).standard_normal((32, 16, 28, 28)).astype("f"))
     plan = tmp_path / "plan.yaml"
-    code, out, err = run("plan", model, "--branch-widths", "paper", "-o", str(plan), "--json")
+    code, out, err = run("plan", model, "--select", "all", "--branch-widths", "paper", "-o", str(plan), "--json")
     assert code == 0, err
     (site,) = json.loads(out)["sites"]
     widths = {c["replaces"]: c["out_channels"] for c in site["new_conv"]}
@@ -124,7 +125,7 @@ def test_branch_sites_through_the_cli(tmp_path):
 
 
 def test_eval_fmnist_inception_on_a_slice_of_the_test_set(tmp_path):
-    code, out, err = run("plan", "fmnist-inception", "--kinds", "streamline", "-o",
+    code, out, err = run("plan", "fmnist-inception", "--select", "all", "--kinds", "streamline", "-o",
                          str(tmp_path / "p.yaml"))
     assert code == 0, err
     code, out, err = run("eval", "fmnist-inception", "--plan", str(tmp_path / "p.yaml"),
@@ -148,7 +149,11 @@ def test_demo_runs_the_whole_flow(tmp_path):
     assert code == 0, err
     data = json.loads(out)
     assert data["sites"] == {"streamline": 4, "branch": 9}
-    assert len(data["sites_applied"]) == 13
+    # the default plan: what its cost table measured to pay here, the prediction recorded
+    plan = yaml.safe_load((report / "googlenet.plan.yaml").read_text())
+    assert data["sites_applied"] == [s["id"] for s in plan["sites"] if s["enabled"]]
+    assert 0 < len(data["sites_applied"]) <= 13
+    assert data["predicted_speedup"] == plan["selection"]["predicted_speedup"] > 1
     assert data["bench"]["rebirth"]["gflops"] < data["bench"]["original"]["gflops"]
     assert data["memory_ratio"] > 1
     assert data["accuracy"]["n"] == 200
@@ -172,7 +177,7 @@ def test_demo_runs_the_whole_flow(tmp_path):
 
 def test_end_to_end_refinement_lowers_the_output_error(tmp_path):
     pytest.importorskip("torch")
-    code, out, err = run("finetune", "fmnist-inception", "--images", "128", "--e2e",
+    code, out, err = run("finetune", "--select", "all", "fmnist-inception", "--images", "128", "--e2e",
                          "--e2e-images", "1024", "--e2e-epochs", "3", "-o",
                          str(tmp_path / "w.npz"), "--json")
     assert code == 0, err
@@ -199,7 +204,7 @@ def labeled_npy(tmp_path_factory):
 def test_retraining_with_labels_improves_held_out_top1(tmp_path, labeled_npy):
     """The paper's recipe: layer-wise start, then labels + the original as teacher."""
     pytest.importorskip("torch")
-    code, _, err = run("plan", "fmnist-inception", "--kinds", "streamline",
+    code, _, err = run("plan", "fmnist-inception", "--select", "all", "--kinds", "streamline",
                        "-o", str(tmp_path / "p.yaml"))
     assert code == 0, err
     code, out, err = run("finetune", "fmnist-inception", "--plan", str(tmp_path / "p.yaml"),
@@ -221,15 +226,15 @@ def test_bad_labels_fail_before_fitting(tmp_path, labeled_npy):
     y = np.load(labeled_npy / "y.npy")
     y[7] = 10
     np.save(tmp_path / "bad.npy", y)
-    result = run("finetune", "fmnist-inception", "--calib", str(labeled_npy / "x.npy"), "--e2e",
+    result = run("finetune", "--select", "all", "fmnist-inception", "--calib", str(labeled_npy / "x.npy"), "--e2e",
                  "--e2e-labels", str(tmp_path / "bad.npy"), "--e2e-images", "1024",
                  "-o", str(tmp_path / "w.npz"))
     assert_error(result, str(tmp_path / "bad.npy"), "labels must lie in 0..9", "got 0..10",
                  command="finetune")
     assert "[finetune] capturing" not in result[2] and not (tmp_path / "w.npz").exists()
-    result = run("finetune", "fmnist-inception", "--e2e", "--e2e-labels",
+    result = run("finetune", "--select", "all", "fmnist-inception", "--e2e", "--e2e-labels",
                  str(tmp_path / "bad.npy"), "-o", str(tmp_path / "w.npz"))
     assert_error(result, "--e2e-labels labels the rows of a --calib FILE.npy",
                  command="finetune")
-    result = run("finetune", "fmnist-inception", "--e2e-flip", "-o", str(tmp_path / "w.npz"))
+    result = run("finetune", "--select", "all", "fmnist-inception", "--e2e-flip", "-o", str(tmp_path / "w.npz"))
     assert_error(result, "add --e2e", command="finetune")

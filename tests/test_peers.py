@@ -85,7 +85,7 @@ def test_every_engine_on_the_emulated_cortex_a72(tmp_path):
             pytest.skip(f"the emulated device cannot be provisioned offline: {err}")
         raise
     model = flow.load(chain_model(tmp_path / "net.onnx", ["batch_norm", "avg_pool2d"]))
-    rebirth = flow.rebirth_model(model)  # exact sites: no calibration needed
+    rebirth = flow.rebirth_model(model, flow.RebirthOptions(select="all"))  # exact sites: no calibration needed
     x = np.random.default_rng(0).standard_normal((1, 4, 32, 32)).astype("float32")
     result = peers.count_on_emulated_device(
         model, {"tvm_original": model.mod, "tvm_rebirth": rebirth.mod}, x, tmp_path / "work")

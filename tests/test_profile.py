@@ -70,7 +70,7 @@ def test_plots_are_png(tmp_path):
 
 def test_bench_profile_prints_time_per_layer_type(tmp_path):
     path = chain_model(tmp_path / "net.onnx", ["batch_norm", "avg_pool2d"])  # exact site
-    assert run("plan", path, "-o", str(tmp_path / "p.yaml"))[0] == 0
+    assert run("plan", path, "--select", "all", "-o", str(tmp_path / "p.yaml"))[0] == 0
     code, out, err = run("bench", path, "--plan", str(tmp_path / "p.yaml"), "--rounds", "2",
                          "--profile", "--json")
     assert code == 0, err

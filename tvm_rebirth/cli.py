@@ -60,11 +60,52 @@ def _site_rows(sites) -> list:
     return rows
 
 
+def _selection(args) -> flow.SelectOptions | None:
+    """plan's --select/--target/--tracker/--key/--budget/--calib/--images as SelectOptions;
+    None for --select all (and for --check, which validates a plan as it is)."""
+    select = args.select or ("all" if args.check else "paying")
+    if select == "all":
+        given = [f for f, v in (("--target", args.target), ("--tracker", args.tracker),
+                                ("--key", args.key), ("--budget", args.budget),
+                                ("--calib", args.calib), ("--images", args.images)) if v]
+        if given:
+            raise RebirthError(f"--select all enables every site found: {'/'.join(given)} "
+                               "only apply to --select paying")
+        return None
+    given = [f for f, v in (("--policy", args.policy), ("--branch-widths", args.branch_widths))
+             if v]
+    if given:
+        raise RebirthError(f"--select paying chooses each site's variant itself: drop "
+                           f"{'/'.join(given)}")
+    return flow.SelectOptions(target=args.target, tracker=args.tracker, key=args.key,
+                              budget=args.budget, calib=args.calib,
+                              images=args.images or 32)
+
+
+def _selection_text(selection: dict) -> str:
+    """The per-site choice table of a selected plan, and the prediction."""
+    unit = selection["unit"]
+    rows = []
+    for site_id, entry in selection["sites"].items():
+        gains = ", ".join(f"{v['variant']} {v['saving']:+.3g}"
+                          + (f" (err {v['accuracy_cost']:.2f})" if v["accuracy_cost"] else "")
+                          for v in entry["variants"])
+        rows.append([site_id, entry["variant"], gains, entry["reason"]])
+    text = table(rows, ["site", "chosen", f"saving per variant ({unit})", "why"])
+    return (text + f"\n\npredicted on {selection['target']}: {selection['model_cost']:.4g} -> "
+            f"{selection['predicted_cost']:.4g} {unit} ({selection['predicted_speedup']:.2f}x); "
+            f"accuracy cost {selection['accuracy_cost']:.2f} of budget {selection['budget']}")
+
+
 def cmd_plan(args) -> None:
     if args.check:
         given = [flag for flag, value in (("-o", args.output), ("--policy", args.policy),
                                           ("--kinds", args.kinds),
-                                          ("--branch-widths", args.branch_widths)) if value]
+                                          ("--branch-widths", args.branch_widths),
+                                          ("--select", args.select), ("--target", args.target),
+                                          ("--tracker", args.tracker), ("--key", args.key),
+                                          ("--budget", args.budget), ("--calib", args.calib),
+                                          ("--images", args.images)) if value]
         if given:
             raise RebirthError(f"--check validates an existing plan as it is: "
                                f"{'/'.join(given)} would be ignored; drop {'/'.join(given)}")
@@ -72,9 +113,12 @@ def cmd_plan(args) -> None:
         model=args.model, output=args.output, check=args.check,
         policy=args.policy or "keep-kernel", kinds=_parse_kinds(args.kinds or
                                                                  ",".join(SITE_KINDS)),
-        branch_widths=args.branch_widths or "carry", **_input_args(args)))
+        branch_widths=args.branch_widths or "carry", selection=_selection(args),
+        **_input_args(args)))
     out = args.check or args.output or os.path.basename(payload["plan"])
     text = table(_site_rows(plan.sites), ["site", "kind", "ops", "old -> new conv", "exact"])
+    if plan.selection:
+        text += "\n\n" + _selection_text(plan.selection)
     counts = ", ".join(f"{v} {k}" for k, v in payload["counts"].items())
     done = "is valid" if args.check else "written to"
     text += f"\n\n{payload['model']}: {counts} site(s); plan {done} {out}"
@@ -97,7 +141,9 @@ def _rebirth_options(args) -> flow.RebirthOptions:
         e2e = flow.E2EOptions(enabled=args.e2e, images=args.e2e_images, epochs=args.e2e_epochs,
                               labels=args.e2e_labels, flip=args.e2e_flip)
     return flow.RebirthOptions(plan=args.plan, weights=getattr(args, "weights", None),
-                               calib=args.calib, images=args.images, e2e=e2e)
+                               calib=args.calib, images=args.images, e2e=e2e,
+                               select=getattr(args, "select", None) or "paying",
+                               budget=getattr(args, "budget", None))
 
 
 def cmd_finetune(args) -> None:
@@ -159,6 +205,10 @@ def cmd_bench(args) -> None:
                     for c in payload[variant]["conv_throughput"]]
             text += f"\n\nheaviest conv kernels, {variant}:\n" + table(
                 rows, ["kernel", "ms", "GFLOP/s", "of fp32 peak"])
+    if "predicted" in payload:
+        p = payload["predicted"]
+        text += (f"\nthe plan predicted {p['speedup']}x ({p['unit']} on {p['target']}); "
+                 f"measured {payload['speedup']}x here")
     if "device_vs_host_max_abs_err" in payload:
         text += ("\ndevice vs host build: max abs difference "
                  f"{payload['device_vs_host_max_abs_err']:.3g}")
@@ -314,8 +364,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     add("models", cmd_models, "list the built-in model zoo")
     p = add("plan", cmd_plan, "find every rebirth site and write an editable plan")
-    p.description += (" (sites depend on the graph alone, not on a target: the plan takes no "
-                      "--target; give it to build, bench and tune)")
+    p.description += (" (--select all: every site found, whatever the target; --select "
+                      "paying --target T: only the variants measured to pay on T)")
     p.add_argument("model", help="zoo name (see `tvm-rebirth models`) or path to an .onnx file")
     p.add_argument("-o", "--output", help="plan file to write (default: <model>.plan.yaml)")
     p.add_argument("--kinds", help="site kinds to look for (default: streamline,branch)")
@@ -328,6 +378,20 @@ def build_parser() -> argparse.ArgumentParser:
                    help="branch sites' reducer widths: carry (the pool branch's receiver's "
                         "reducer grows by the pool projection's width; default) or paper "
                         "(3x3 reducer halved: fewer FLOPs, more error)")
+    p.add_argument("--select", choices=("all", "paying"),
+                   help="paying (default): measure every site variant on the target and "
+                        "keep what is predicted faster and no bigger, within --budget; all: "
+                        "every site found, default variants (for studies and tests)")
+    p.add_argument("--target", help="--select paying: measure on this target (default: this "
+                   f"CPU; a Cortex-A preset counts instructions on the emulated core): "
+                   f"{TARGET_HELP}")
+    p.add_argument("--tracker", help="--select paying: measure on a device, HOST:PORT")
+    p.add_argument("--key", help="the device key on --tracker")
+    p.add_argument("--budget", type=float, help="--select paying: accuracy budget, the summed "
+                   "held-out relative errors of the learned variants chosen (default 8)")
+    p.add_argument("--calib", help="--select paying: images for the accuracy estimates "
+                   "(folder or .npy; default: the model's calibration source)")
+    p.add_argument("--images", type=int, help="--select paying: how many (default 32)")
     add_input_options(p)
     def add_flow(p, weights=True):
         p.add_argument("model", help="zoo name or path to an .onnx file")
@@ -339,6 +403,11 @@ def build_parser() -> argparse.ArgumentParser:
                                        ".npy array (default: the zoo model's own source)")
         p.add_argument("--images", type=positive_int, default=256,
                        help="calibration images (256)")
+        p.add_argument("--select", choices=("paying", "all"),
+                       help="without --plan: plan the sites measured to pay on the device "
+                            "(paying, default) or every site found (all)")
+        p.add_argument("--budget", type=float,
+                       help="without --plan: accuracy budget of --select paying (default 8)")
         add_input_options(p)
 
     def add_variant(p, verb):

@@ -53,7 +53,8 @@ def run_demo(report_dir, images=None, rounds=7, eval_limit=None, device=True) ->
         f"{zoo.cache_dir()})")
     model = flow.load(zoo.DEFAULT_MODEL)
     stages.done("load")
-    logger.info(f"[demo] 2/{STEPS} finding rebirth sites")
+    logger.info(f"[demo] 2/{STEPS} planning the rebirth sites that pay on this CPU (every "
+                "variant's block measured once, then cached)")
     options = flow.RebirthOptions(images=images or DEMO_IMAGES)
     plan = flow.plan_for(model, options)
     plan.save(os.path.join(report, f"{model.name}.plan.yaml"))
@@ -90,6 +91,7 @@ def run_demo(report_dir, images=None, rounds=7, eval_limit=None, device=True) ->
     summary = {
         "model": model.name, "sites": counts,
         "sites_applied": [s.id for s in plan.enabled_sites()],
+        "predicted_speedup": (plan.selection or {}).get("predicted_speedup"),
         "fit": fit["sites"], "bench": bench, "device": on_device,
         "speedup": bench["speedup"], "memory_ratio": bench["memory_ratio"],
         "instructions_ratio": on_device.get("instructions_ratio"),

@@ -58,6 +58,10 @@ class RebirthOptions:
     policy: str = "keep-kernel"
     kinds: tuple = SITE_KINDS
     branch_widths: str = "carry"
+    # without a plan file: "paying" plans what is measured to pay on the command's device
+    # (select_plan), "all" every site found with default variants
+    select: str = "paying"
+    budget: float | None = None  # accuracy budget of "paying" (None: the default)
     e2e: E2EOptions = field(default_factory=E2EOptions)
 
     def inputs(self) -> dict:
@@ -74,6 +78,11 @@ class RebirthOptions:
     def check(self) -> None:
         """Option combinations that cannot work, refused before any work."""
         require_positive(self.images, "--images")
+        if self.select not in ("paying", "all"):
+            raise RebirthError(f"--select {self.select}: use paying or all")
+        if self.plan and (self.select != "paying" or self.budget is not None):
+            raise RebirthError("--select/--budget choose the sites of an implicit plan: "
+                               "drop them with --plan")
         if self.weights and not self.plan:
             raise RebirthError("--weights needs the --plan it was learned for")
         self.e2e.check()
@@ -113,6 +122,20 @@ class PlanArgs:
     branch_widths: str = "carry"
     input: str | None = None  # as ModelArgs
     input_shape: list | None = None
+    selection: SelectOptions | None = None  # None: every site found (--select all)
+
+
+@dataclass
+class SelectOptions:
+    """`plan --select paying`: measure every site variant on a target and choose what pays."""
+
+    target: str | None = None  # None: this CPU; a Cortex-A preset: the emulated core
+    tracker: str | None = None  # HOST:PORT with ``key``: latency on that device
+    key: str | None = None
+    budget: float | None = None  # accuracy budget; None: planning.selection.DEFAULT_BUDGET
+    calib: str | None = None  # images for the accuracy estimates (default: the zoo's source)
+    images: int = 32  # how many
+    tuned: bool = True  # apply the target's tuning records, as the model build does
 
 
 @dataclass(kw_only=True)
@@ -273,12 +296,54 @@ def find_plan(model, policy="keep-kernel", kinds=SITE_KINDS, branch_widths="carr
     return RebirthPlan.from_model(model, policy=policy, kinds=kinds, branch_widths=branch_widths)
 
 
-def plan_for(model, options: RebirthOptions, tag: str | None = None):
-    """The plan of ``options``: its plan file, validated, or every site found."""
+def select_plan(model, options: SelectOptions, kinds=SITE_KINDS, tag: str | None = "plan"):
+    """The plan that pays on ``options``' target: every site's variants measured there (cost
+    table, cached), their accuracy cost estimated on a few calibration images, the best
+    saving chosen under the budget (see tvm_rebirth.planning)."""
+    from .learn.calib import calibration_images
+    from .learn.finetune import variant_errors
+    from .planning.costs import measure_costs, measurement_for
+    from .planning.selection import DEFAULT_BUDGET, select_variants, selected_plan
+    from .planning.variants import site_choices
+
+    require_positive(options.images, "--images")
+    if options.budget is not None and options.budget < 0:
+        raise RebirthError(f"--budget {options.budget}: must be >= 0")
+    how = measurement_for(options.target, options.tracker, options.key)
+    choices = site_choices(model.mod, kinds)
+    n = sum(len(g.combos) for g in choices.groups)
+    _log(tag, f"{len(choices.variants)} site(s), {n} block variant(s) to cost on {how.label}")
+    table = measure_costs(model, choices, how, options.tuned) if choices.groups else None
+    learned = any(not s.exact for v in choices.variants.values() for s in v.values())
+    errors = {}
+    if learned:
+        _log(tag, f"estimating accuracy costs on {options.images} calibration images")
+        images, _ = calibration_images(model, options.calib, count=options.images)
+        errors = variant_errors(model, choices, images)
+    budget = DEFAULT_BUDGET if options.budget is None else options.budget
+    if table is None:
+        return find_plan(model, kinds=kinds)
+    selection = select_variants(choices, table, errors, budget)
+    _log(tag, f"predicted {selection.predicted_speedup:.2f}x on {how.label} "
+              f"(accuracy cost {selection.accuracy_cost:.2f} of {budget})")
+    return selected_plan(model, choices, selection)
+
+
+def plan_for(model, options: RebirthOptions, tag: str | None = None, tracker=None, key=None,
+             target=None):
+    """The plan of ``options``: its plan file, validated; else (``select`` "paying") the
+    sites measured to pay on this CPU, on ``target`` or on the ``tracker``/``key`` device, or
+    ("all") every site found."""
     if options.plan:
         return load_plan(options.plan, model)
-    _log(tag, f"no --plan: planning every site of {model.name} ({options.policy})")
-    return find_plan(model, options.policy, options.kinds, options.branch_widths)
+    if options.select == "all":
+        _log(tag, f"no --plan: planning every site of {model.name} ({options.policy})")
+        return find_plan(model, options.policy, options.kinds, options.branch_widths)
+    where = f"device '{key}'" if key else (target or "this CPU")
+    _log(tag, f"no --plan: planning the sites of {model.name} that pay on {where}")
+    return select_plan(model, SelectOptions(target=target, tracker=tracker, key=key,
+                                            budget=options.budget, calib=options.calib),
+                       options.kinds, tag)
 
 
 def calibration(model, options: RebirthOptions, plan=None, tag: str | None = None) -> tuple:
@@ -363,7 +428,8 @@ def slim(model, plan, weights):
 
 
 def rebirth_model(model, options: RebirthOptions | None = None, tag: str | None = None, *,
-                  plan=None, images: tuple | None = None) -> Rebirth:
+                  plan=None, images: tuple | None = None, tracker=None, key=None,
+                  target=None) -> Rebirth:
     """The rebirth model of ``model`` (a LoadedModel or a MODEL string) with the plan and
     weights files of ``options`` where given, defaults otherwise (every site planned,
     fine-tuned on the calibration images). ``plan``: a plan object to use instead of
@@ -371,7 +437,7 @@ def rebirth_model(model, options: RebirthOptions | None = None, tag: str | None 
     options = options or RebirthOptions()
     if isinstance(model, str):
         model = load(model)
-    plan = plan if plan is not None else plan_for(model, options, tag)
+    plan = plan if plan is not None else plan_for(model, options, tag, tracker, key, target)
     start = time.time()
     weights, fit = weights_for(model, plan, options, tag, images)
     seconds = time.time() - start if fit is not None else 0.0
@@ -472,8 +538,11 @@ def plan_command(args: PlanArgs) -> tuple:
         plan.validate(model, label=args.check)
         out = args.check
     else:
-        logger.info(f"[plan] finding rebirth sites ({args.policy})")
-        plan = find_plan(model, args.policy, args.kinds, args.branch_widths)
+        if args.selection is not None:
+            plan = select_plan(model, args.selection, args.kinds)
+        else:
+            logger.info(f"[plan] finding rebirth sites ({args.policy})")
+            plan = find_plan(model, args.policy, args.kinds, args.branch_widths)
         out = args.output or f"{model.name}.plan.yaml"
         plan.save(output or checked_output(out, inputs))
     nothing = None if plan.sites else (
@@ -485,7 +554,8 @@ def plan_command(args: PlanArgs) -> tuple:
                "plan_sha256": plan.sha256, "valid": True,
                "policy": plan.policy, "input_shapes": plan.input_shapes,
                "sites": [site_json(s) for s in plan.sites], "rejected": plan.rejected,
-               "counts": site_counts(plan), "seconds": round(time.time() - start, 2)}
+               "counts": site_counts(plan), "seconds": round(time.time() - start, 2),
+               **({"selection": plan.selection} if plan.selection else {})}
     return plan, payload
 
 
@@ -524,7 +594,7 @@ def bench(args: BenchArgs) -> dict:
     model = load(args.model, None, args.input, args.input_shape)
     require_one_input(model, "bench")
     require_conv(model, "bench")
-    rebirth = rebirth_model(model, args.rebirth, "bench")
+    rebirth = rebirth_model(model, args.rebirth, "bench", tracker=args.tracker, key=args.key)
     from .learn.calib import bench_input
 
     x, input_desc = bench_input(model, args.rebirth.calib)
@@ -541,6 +611,10 @@ def bench(args: BenchArgs) -> dict:
         result, device = bench_host(model, rebirth.mod, args.rounds, args.profile, x)
     payload = {"model": model.name, "device": device, "input": input_desc,
                "sites": [s.id for s in rebirth.plan.enabled_sites()], **result}
+    selection = rebirth.plan.selection
+    if selection:  # the plan's prediction, next to what was measured
+        payload["predicted"] = {"speedup": selection["predicted_speedup"],
+                                "target": selection["target"], "unit": selection["unit"]}
     if output:
         from .report.output import write_json
 

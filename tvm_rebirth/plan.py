@@ -30,6 +30,10 @@ class RebirthPlan:
     rejected: list = dataclasses.field(default_factory=list)  # [{"id", "reason"}]
     source: str = ""
     path: str = ""  # the file it was loaded from, for messages
+    # how the enabled variants were chosen (planning.selection.Selection.to_dict): target,
+    # unit, budget, predicted costs, per site the variant, reason and every variant's costs;
+    # empty for a plan that enables every site found
+    selection: dict = dataclasses.field(default_factory=dict)
 
     # -- construction --------------------------------------------------------------------
     @classmethod
@@ -63,6 +67,7 @@ class RebirthPlan:
             "kinds": list(self.kinds),
             "sites": [s.to_dict() for s in self.sites],
             "rejected": list(self.rejected),
+            **({"selection": self.selection} if self.selection else {}),
         }
 
     @property
@@ -139,9 +144,14 @@ class RebirthPlan:
         kinds = _list_of(data, "kinds", label) or list(SITE_KINDS)
         rejected = _list_of(data, "rejected", label)
         sites = [_site_from_dict(raw, i, label) for i, raw in enumerate(raw_sites)]
+        selection = data.get("selection") or {}
+        if not isinstance(selection, dict):
+            raise RebirthError(f"{label}: 'selection' must be a mapping, got "
+                               f"{_shape(selection)}")
         return cls(model_name=model["name"], model_sha256=model["sha256"],
                    input_shapes=dict(input_shapes), policy=policy, kinds=kinds, sites=sites,
-                   rejected=rejected, source=str(model.get("source", "")))
+                   rejected=rejected, source=str(model.get("source", "")),
+                   selection=selection)
 
     # -- validation ----------------------------------------------------------------------
     def validate(self, model, label=None) -> None:
@@ -181,7 +191,8 @@ class RebirthPlan:
 
 
 # the keys a plan file may hold (RebirthPlan.to_dict and RebirthSite.to_dict write them)
-PLAN_KEYS = ("format", "model", "input_shapes", "policy", "kinds", "sites", "rejected")
+PLAN_KEYS = ("format", "model", "input_shapes", "policy", "kinds", "sites", "rejected",
+             "selection")
 MODEL_KEYS = ("name", "sha256", "source")
 SITE_KEYS = ("id", "kind", "enabled", "exact", "ops", "layers", "input_hw", "output_hw",
              "old_conv", "new_conv", "branches", "absorb", "note")

@@ -386,3 +386,55 @@ def finetune(model, plan, images=None, calibration="",
     if e2e is not None:
         meta["end_to_end"] = e2e
     return RebirthWeights(arrays=arrays, plan_sha256=plan.sha256, meta=meta), meta
+
+
+def variant_errors(model, choices, images) -> dict:
+    """{site id: {variant: held-out relative error}}: each learned variant of ``choices``
+    (planning.variants.SiteChoices) fitted alone on ``images`` from the original network's
+    own inputs and outputs (one capture run; every 8th image held out), the way the
+    fine-tune stage starts. Exact variants cost 0. The planner's accuracy cost: cheap,
+    comparable across variants, not the final fine-tuned error."""
+    from ..frontend.loader import as_model
+
+    model = as_model(model)
+    images = _check_images(model, images)
+    learned = {(site_id, name): site for site_id, options in choices.variants.items()
+               for name, site in options.items() if not site.exact}
+    errors = {site_id: {name: 0.0 for name, site in options.items() if site.exact}
+              for site_id, options in choices.variants.items()}
+    if not learned:
+        return errors
+    ids = sorted({site_id for site_id, _ in learned})
+
+    def ends(analysis):
+        outs = {}
+        for site_id in ids:
+            trace = analysis.trace(site_id)
+            if analysis.site(site_id).kind == "branch":
+                outs[("in", site_id, 0)], outs[("out", site_id)] = trace.fork, trace.concat
+            else:
+                outs.update({("in", site_id, i): v for i, v in enumerate(trace.inputs)})
+                outs[("out", site_id)] = trace.end
+        return outs
+
+    logger.info(f"[plan] capturing the inputs and outputs of {len(ids)} site(s) on "
+                f"{len(images)} images")
+    captured, analysis = capture(model.mod, ends, images, "site inputs and outputs")
+    held = np.arange(len(images)) % 8 == 7
+    for (site_id, name), site in learned.items():
+        arrays, target = {}, captured[("out", site_id)]
+        if site.kind == "branch":
+            entry = _fit_branch(site, analysis, captured[("in", site_id, 0)], target, held,
+                                arrays)
+        else:
+            relus, offset, pieces = analysis.trace(site_id).relu, 0, []
+            for i, ((_, wkey, bkey), spec) in enumerate(zip(weight_keys(site), site.new_conv)):
+                y = target[:, offset:offset + spec.out_channels]
+                offset += spec.out_channels
+                pieces.append(_fit_one(captured[("in", site_id, i)], y, spec, relus[i], held,
+                                       arrays, wkey, bkey))
+            entry = _combine(pieces)
+        errors[site_id][name] = entry["rel_error"]
+        logger.info(f"[plan] {site_id} ({name}): held-out relative error "
+                    f"{entry['rel_error']:.3f}")
+    return errors

@@ -70,7 +70,8 @@ def site_choices(mod, kinds=("streamline", "branch")) -> SiteChoices:
             convs = [c.to_dict() for c in site.new_conv]
             if any([c.to_dict() for c in other.new_conv] == convs for other in options.values()):
                 continue
-            options[_variant_name(site, policy, widths)] = site
+            # a finder may leave a site off by default; every variant is costed enabled
+            options[_variant_name(site, policy, widths)] = dataclasses.replace(site, enabled=True)
     base = analyses[0]
     groups = []
     for ids in site_groups(base):

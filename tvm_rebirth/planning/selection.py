@@ -1,0 +1,153 @@
+"""Selection: one variant per site group, the largest predicted saving under an accuracy
+budget, by dynamic programming over the groups (a multiple-choice knapsack).
+
+    selection = select_variants(choices, table, errors, budget=DEFAULT_BUDGET)
+    plan = selected_plan(model, choices, selection)
+
+A group's combo is a candidate only when it is predicted to pay: it saves more than
+``MIN_GAIN`` of its block's measured cost (latency is noisy; instruction counts are exact,
+so any saving counts there) and its block plans no more activation memory than the
+original's. The accuracy cost of a combo is the sum of its learned variants' held-out
+relative errors (``learn.finetune.variant_errors``); the chosen combos' costs sum to at most
+``budget``. Every site's reason (chosen, slower, bigger, over budget) is kept for the plan.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from .variants import OFF
+
+# a latency saving below this share of the block's cost is not predicted to pay (noise)
+MIN_GAIN = 0.03
+# default accuracy budget: sum of held-out relative errors of the learned variants chosen
+DEFAULT_BUDGET = 8.0
+_STEP = 0.01  # accuracy costs are summed in steps of this size
+
+
+@dataclasses.dataclass
+class Selection:
+    """What ``select_variants`` chose and why."""
+
+    combos: dict  # group key -> chosen combo {site id: variant}
+    sites: dict  # site id -> {"variant", "reason", "variants": [{name, saving, ...}]}
+    target: str
+    unit: str
+    budget: float | None
+    accuracy_cost: float  # of the chosen variants
+    model_cost: float  # the original model, measured
+    predicted_cost: float  # model_cost minus the chosen savings
+
+    @property
+    def predicted_speedup(self) -> float:
+        return self.model_cost / self.predicted_cost if self.predicted_cost > 0 else 0.0
+
+    def to_dict(self) -> dict:
+        return {"target": self.target, "unit": self.unit, "budget": self.budget,
+                "accuracy_cost": round(self.accuracy_cost, 4),
+                "model_cost": _round(self.model_cost),
+                "predicted_cost": _round(self.predicted_cost),
+                "predicted_speedup": round(self.predicted_speedup, 3),
+                "sites": self.sites}
+
+
+def _round(value: float) -> float:
+    return float(f"{value:.5g}")
+
+
+def _accuracy(combo: dict, errors: dict) -> float:
+    return sum(errors.get(s, {}).get(v, 0.0) for s, v in combo.items() if v != OFF)
+
+
+def _why_not(group, combo, table, errors) -> str | None:
+    """Why ``combo`` is not predicted to pay, or None when it is."""
+    base = table.cost(group, group.combos[0])
+    saving = table.saving(group, combo)
+    margin = MIN_GAIN * base if table.unit == "ms" else 0.0
+    if saving <= margin:
+        return "slower" if saving < 0 else "no measurable gain"
+    if table.memory(group, combo) > table.memory(group, group.combos[0]):
+        return "needs more memory"
+    if any(errors.get(s, {}).get(v) is None for s, v in combo.items() if v != OFF):
+        return "no accuracy estimate"
+    return None
+
+
+def select_variants(choices, table, errors, budget=DEFAULT_BUDGET) -> Selection:
+    """The combo per group that maximises the summed saving with the summed accuracy cost
+    at most ``budget`` (None: no limit); ties go to the lower accuracy cost."""
+    candidates = []
+    for group in choices.groups:
+        options = [(0.0, 0, group.combos[0])]  # (saving, accuracy steps, combo)
+        for combo in group.combos[1:]:
+            if _why_not(group, combo, table, errors) is None:
+                steps = int(round(_accuracy(combo, errors) / _STEP))
+                options.append((table.saving(group, combo), steps, combo))
+        candidates.append(options)
+    limit = None if budget is None else int(budget / _STEP + 1e-9)
+    # best[steps used] = (saving, -accuracy, picks); one layer per group
+    best = {0: (0.0, 0, [])}
+    for options in candidates:
+        layer = {}
+        for used, (saving, neg_acc, picks) in best.items():
+            for gain, steps, combo in options:
+                total = used + steps
+                if limit is not None and total > limit:
+                    continue
+                value = (saving + gain, neg_acc - steps, picks + [combo])
+                if total not in layer or value[:2] > layer[total][:2]:
+                    layer[total] = value
+        best = layer
+    _, _, picks = max(best.values(), key=lambda v: v[:2])
+    chosen = {g.key: combo for g, combo in zip(choices.groups, picks)}
+    sites = _site_report(choices, table, errors, chosen, budget)
+    saving = sum(table.saving(g, chosen[g.key]) for g in choices.groups)
+    return Selection(combos=chosen, sites=sites, target=table.target, unit=table.unit,
+                     budget=budget, accuracy_cost=sum(_accuracy(c, errors) for c in picks),
+                     model_cost=table.model_cost, predicted_cost=table.model_cost - saving)
+
+
+def _site_report(choices, table, errors, chosen, budget) -> dict:
+    """Per site: the chosen variant, why, and every variant's saving (with the group's other
+    sites as chosen... off) and accuracy cost."""
+    report = {}
+    for group in choices.groups:
+        pick = chosen[group.key]
+        for site_id in group.sites:
+            variants = []
+            for name in choices.names(site_id):
+                if name == OFF:
+                    continue
+                alone = {s: (name if s == site_id else OFF) for s in group.sites}
+                variants.append({"variant": name, "saving": _round(table.saving(group, alone)),
+                                 "accuracy_cost": errors.get(site_id, {}).get(name),
+                                 "pays": _why_not(group, alone, table, errors) or "yes"})
+            variant = pick[site_id]
+            if variant != OFF:
+                share = table.saving(group, pick) / max(table.cost(group, group.combos[0]),
+                                                        1e-12)
+                reason = f"saves {share:.0%} of its block" + (
+                    f" (with {', '.join(s for s in group.sites if s != site_id)})"
+                    if len(group.sites) > 1 else "")
+            elif all(v["pays"] != "yes" for v in variants):
+                reason = "; ".join(f"{v['variant']}: {v['pays']}" for v in variants)
+            else:
+                reason = f"over the accuracy budget ({budget})"
+            report[site_id] = {"variant": variant, "reason": reason, "variants": variants}
+    return report
+
+
+def selected_plan(model, choices, selection, policy="keep-kernel"):
+    """The RebirthPlan of ``selection``: every site found, the chosen variant's convs
+    enabled, the others off (keep-kernel convs), and the selection recorded."""
+    from ..plan import RebirthPlan
+
+    base = RebirthPlan.from_model(model, policy=policy)
+    sites = []
+    for site in base.sites:
+        variant = selection.sites.get(site.id, {}).get("variant", OFF)
+        if variant == OFF:
+            sites.append(dataclasses.replace(site, enabled=False))
+        else:
+            sites.append(dataclasses.replace(choices.site(site.id, variant), enabled=True))
+    return dataclasses.replace(base, sites=sites, selection=selection.to_dict())
