@@ -87,6 +87,48 @@ def test_small_model_on_the_emulated_device_matches_the_host(devices, tmp_path):
     assert data["instructions_ratio"] == round(o["instructions"] / r["instructions"], 3)
 
 
+def test_plan_pays_on_the_emulated_device_and_on_a_tracker_device(devices, tmp_path):
+    """plan --select paying measures every site variant where the model will run: exact
+    instruction counts on the emulated Cortex-A72 (through its tracker or as --target),
+    latency on any other tracker device."""
+    from tvm_rebirth.compile.targets import resolve_target
+    from tvm_rebirth.deploy.remote import count_instructions_per_inference
+
+    model_path = chain_model(tmp_path / "net.onnx", ["relu", "max_pool2d", "lrn"])
+    calib = tmp_path / "calib.npy"
+    np.save(calib, np.random.default_rng(0).random((16, 4, 32, 32), dtype=np.float32))
+    common = ["--calib", str(calib), "--images", "16", "--json"]
+    code, out, err = run("plan", model_path, "--tracker", devices["tracker"], "--key",
+                         EMULATED_KEY, "-o", str(tmp_path / "a72.yaml"), *common)
+    assert code == 0, err
+    emulated = json.loads(out)["selection"]
+    assert emulated["unit"] == "instructions" and emulated["target"] == "emulated-cortex-a72"
+    (site,) = emulated["sites"].values()
+    assert site["variant"] == "keep-kernel", site  # conv+relu+pool+LRN -> one conv pays
+    # the whole model's count is the count of one inference (up to the guest Python's own
+    # call overhead, ~1e4 instructions: visible only on a model this small)
+    x = np.random.default_rng(0).random((1, 4, 32, 32), dtype=np.float32)
+    target = resolve_target("cortex-a72")
+    lib = tmp_path / "net.so"
+    export_library(compile_module(load_model(model_path).mod, target).executable, str(lib),
+                   target)
+    whole = count_instructions_per_inference(lib, x, tmp_path)
+    assert abs(emulated["model_cost"] - whole) <= 0.02 * whole + 2e4, (emulated["model_cost"],
+                                                                       whole)
+    # the same core as --target: the cached table, the same choice
+    code, out, err = run("plan", model_path, "--target", "cortex-a72", "-o",
+                         str(tmp_path / "t.yaml"), *common)
+    assert code == 0 and "is cached" in err, err
+    assert json.loads(out)["selection"]["sites"] == emulated["sites"]
+    # a tracker device that is not the emulated core: latency measured on it
+    code, out, err = run("plan", model_path, "--tracker", devices["tracker"], "--key", "local",
+                         "-o", str(tmp_path / "local.yaml"), *common)
+    assert code == 0, err
+    local = json.loads(out)["selection"]
+    assert local["unit"] == "ms" and local["target"].startswith("tracker-local-")
+    assert local["model_cost"] > 0
+
+
 def test_private_emulated_device_for_the_demo(devices, tmp_path, caplog):
     """demo and benchmarks start their own tracker + emulated A72 beside the user's devices,
     bench through it, and stop exactly what they started."""

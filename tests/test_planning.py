@@ -1,0 +1,206 @@
+"""Plans that pay: site blocks as modules of their own, the selection under a budget, and
+`plan --select paying` end to end on real builds (this CPU and the emulated Cortex-A72)."""
+
+import itertools
+import json
+import random
+
+import numpy as np
+import pytest
+import yaml
+
+from tvm_rebirth import flow
+from tvm_rebirth.compile.build import Runner
+from tvm_rebirth.learn.finetune import capture
+from tvm_rebirth.passes import analyze_sites, block_difference
+from tvm_rebirth.passes.blocks import site_block, site_groups
+from tvm_rebirth.passes.dataflow import op_name
+from tvm_rebirth.planning.costs import CostTable, entry_key
+from tvm_rebirth.planning.selection import select_variants
+from tvm_rebirth.planning.variants import OFF, Group, SiteChoices, site_choices
+
+from onnx_models import chain_model, inception_model
+from test_cli import run
+
+POOLED, BRANCH = "inc/output+pool3/3x3_s2", "inc/output"
+
+
+@pytest.fixture(scope="module")
+def inception(tmp_path_factory):
+    """An inception module with a stride-2 pool after it, and calibration images."""
+    root = tmp_path_factory.mktemp("planning")
+    path = inception_model(root / "inc.onnx")
+    images = np.random.default_rng(0).random((16, 16, 28, 28), dtype=np.float32)
+    np.save(root / "calib.npy", images)
+    return {"root": root, "model": str(path), "calib": str(root / "calib.npy"),
+            "images": images}
+
+
+# ------------------------------------------------------------------------------ site blocks
+def test_sites_sharing_a_conv_are_one_group_and_one_block(inception):
+    model = flow.load(inception["model"])
+    analysis = analyze_sites(model.mod)
+    assert site_groups(analysis) == [[POOLED, BRANCH]]
+    block = site_block(analysis, [POOLED, BRANCH])
+    # the block holds the same sites (ids, ops, convs): the model's plan applies to it as is
+    again = analyze_sites(block)
+    assert [s.id for s in again.sites] == [POOLED, BRANCH]
+    for site in again.sites:
+        assert block_difference(analysis.site(site.id), site) is None
+    params = block["main"].params
+    assert len(params) == 1 and [int(d) for d in params[0].ty.shape.values] == [1, 24, 28, 28]
+    # numerically the model's own slice: the fork's value in, the pooled concat's value out
+    x = inception["images"][:2]
+    values, _ = capture(model.mod, lambda a: {"fork": a.trace(BRANCH).fork,
+                                              "out": a.trace(POOLED).end}, x, "slice")
+    runner = Runner(block)
+    for i in range(len(x)):
+        np.testing.assert_allclose(runner(values["fork"][i:i + 1])[0], values["out"][i:i + 1],
+                                   rtol=1e-5, atol=1e-5)
+
+
+def test_a_streamline_block_is_exactly_its_chain(tmp_path):
+    model = flow.load(str(chain_model(tmp_path / "c.onnx", ["relu", "max_pool2d", "lrn"])))
+    analysis = analyze_sites(model.mod)
+    (site,) = analysis.sites
+    block = site_block(analysis, [site.id])
+    ops = [op_name(b.value) for blk in block["main"].body.blocks for b in blk.bindings]
+    layers = [o for o in ops if o in ("relax.nn.conv2d", "relax.nn.relu", "relax.nn.max_pool2d",
+                                      "relax.nn.avg_pool3d")]
+    # conv1, its ReLU, the pool, the LRN's window sum; not the model's tail conv
+    assert layers == ["relax.nn.conv2d", "relax.nn.relu", "relax.nn.max_pool2d",
+                      "relax.nn.avg_pool3d"]
+    assert ops[-1] == "relax.divide"  # the LRN ends it
+    assert [s.id for s in analyze_sites(block).sites] == [site.id]
+
+
+def test_variants_are_distinct_and_costed_enabled(inception):
+    choices = site_choices(flow.load(inception["model"]).mod)
+    assert list(choices.variants[BRANCH]) == ["carry", "paper"]
+    assert list(choices.variants[POOLED]) == ["keep-kernel", "keep-receptive-field"]
+    assert all(s.enabled for v in choices.variants.values() for s in v.values())
+    (group,) = choices.groups
+    assert group.combos[0] == {POOLED: OFF, BRANCH: OFF} and len(group.combos) == 9
+
+
+# ------------------------------------------------------------------------------- selection
+def _fake(groups, costs, memory=None, errors=None):
+    """SiteChoices and CostTable from {group: [cost per combo]} (site variants named v1..)."""
+    built, entries = [], {}
+    for sites, combos in groups:
+        group = Group(sites=sites, combos=combos)
+        built.append(group)
+        for i, combo in enumerate(combos):
+            entries[entry_key(group, combo)] = {
+                "cost": costs[group.key][i],
+                "memory": (memory or {}).get(group.key, [0] * len(combos))[i]}
+    variants = {s: {v: None for g in built for c in g.combos for s2, v in c.items()
+                    if s2 == s and v != OFF} for g in built for s in g.sites}
+    choices = SiteChoices(analysis=None, variants=variants, groups=built)
+    table = CostTable(target="fake", unit="instructions", model_cost=100.0, model_memory=0,
+                      entries=entries)
+    zero = {s: {v: 0.0 for v in names} for s, names in variants.items()}
+    return choices, table, errors or zero
+
+
+def test_selection_never_picks_a_slower_or_bigger_variant():
+    choices, table, errors = _fake(
+        [(["a"], [{"a": OFF}, {"a": "v1"}, {"a": "v2"}]),
+         (["b"], [{"b": OFF}, {"b": "v1"}]),
+         (["c"], [{"c": OFF}, {"c": "v1"}])],
+        {"a": [10, 12, 7], "b": [10, 11], "c": [10, 5]},
+        memory={"c": [100, 101]})
+    sel = select_variants(choices, table, errors, budget=None)
+    assert sel.combos == {"a": {"a": "v2"}, "b": {"b": OFF}, "c": {"c": OFF}}
+    assert sel.sites["b"]["reason"] == "v1: slower"
+    assert sel.sites["c"]["reason"] == "v1: needs more memory"
+    assert sel.sites["a"]["reason"].startswith("saves 30%")
+    assert sel.predicted_cost == 97.0 and sel.predicted_speedup == pytest.approx(100 / 97)
+
+
+def test_selection_spends_the_accuracy_budget_where_it_saves_most():
+    choices, table, _ = _fake(
+        [(["a"], [{"a": OFF}, {"a": "v1"}]), (["b"], [{"b": OFF}, {"b": "v1"}])],
+        {"a": [10, 4], "b": [10, 6]})
+    errors = {"a": {"v1": 0.5}, "b": {"v1": 0.2}}
+    assert select_variants(choices, table, errors, budget=0.6).combos == {
+        "a": {"a": "v1"}, "b": {"b": OFF}}
+    sel = select_variants(choices, table, errors, budget=0.3)
+    assert sel.combos == {"a": {"a": OFF}, "b": {"b": "v1"}}
+    assert sel.sites["a"]["reason"] == "over the accuracy budget (0.3)"
+    assert select_variants(choices, table, errors, budget=0.0).predicted_cost == 100.0
+
+
+def test_selection_is_the_exact_optimum():
+    rng = random.Random(7)
+    for _ in range(25):
+        groups, costs, errors = [], {}, {}
+        for g in range(rng.randint(1, 5)):
+            name = f"s{g}"
+            combos = [{name: OFF}] + [{name: f"v{i}"} for i in range(rng.randint(1, 3))]
+            groups.append(([name], combos))
+            costs[name] = [10.0] + [round(rng.uniform(4, 13), 2) for _ in combos[1:]]
+            errors[name] = {c[name]: round(rng.uniform(0, 1), 2) for c in combos[1:]}
+        budget = round(rng.uniform(0, 2), 2)
+        choices, table, _ = _fake(groups, costs)
+        sel = select_variants(choices, table, errors, budget=budget)
+        best = 0.0
+        names = [sites[0] for sites, _ in groups]
+        for pick in itertools.product(*[range(len(c)) for _, c in groups]):
+            picked = [(n, i, combos[i][n]) for n, (_, combos), i in zip(names, groups, pick)]
+            if any(i and costs[n][i] >= 10 for n, i, _ in picked):
+                continue  # slower (or no gain): never a candidate
+            if sum(errors[n][v] for n, i, v in picked if i) > budget + 1e-9:
+                continue
+            best = max(best, sum(10 - costs[n][i] for n, i, _ in picked))
+        assert 100 - sel.predicted_cost == pytest.approx(best)
+
+
+# ------------------------------------------------------------------------------ end to end
+def test_plan_select_paying_on_this_cpu(inception, tmp_path):
+    plan_file = tmp_path / "p.yaml"
+    code, out, err = run("plan", inception["model"], "--calib", inception["calib"],
+                         "--images", "16", "-o", str(plan_file), "--json")
+    assert code == 0, err
+    selection = json.loads(out)["selection"]
+    assert selection["unit"] == "ms" and selection["target"].startswith("host-")
+    for site_id, entry in selection["sites"].items():
+        assert {v["variant"] for v in entry["variants"]} == (
+            {"carry", "paper"} if site_id == BRANCH else {"keep-kernel",
+                                                          "keep-receptive-field"})
+        if entry["variant"] != OFF:
+            assert entry["reason"].startswith("saves")
+        for v in entry["variants"]:
+            assert v["accuracy_cost"] is not None and v["accuracy_cost"] >= 0
+    saved = sum(1 for e in selection["sites"].values() if e["variant"] != OFF)
+    assert (selection["predicted_speedup"] > 1) == (saved > 0)
+    # the file holds the chosen variants and validates against the model
+    data = yaml.safe_load(plan_file.read_text())
+    enabled = {s["id"] for s in data["sites"] if s["enabled"]}
+    assert enabled == {s for s, e in selection["sites"].items() if e["variant"] != OFF}
+    assert run("plan", inception["model"], "--check", str(plan_file))[0] == 0
+    # planning again reads the cost table from the cache
+    code, _, err = run("plan", inception["model"], "--calib", inception["calib"],
+                       "--images", "16", "-o", str(tmp_path / "again.yaml"))
+    assert code == 0 and "is cached" in err, err
+    # flags of the other selection mode are refused in one line
+    code, _, err = run("plan", inception["model"], "--select", "all", "--target", "host")
+    assert code == 2 and "only apply to --select paying" in err
+
+
+def test_bench_reports_the_predicted_speedup(inception, tmp_path):
+    plan_file, weights = tmp_path / "p.yaml", tmp_path / "w.npz"
+    assert run("plan", inception["model"], "--calib", inception["calib"], "--images", "16",
+               "-o", str(plan_file))[0] == 0
+    selection = yaml.safe_load(plan_file.read_text())["selection"]
+    if not any(e["variant"] != OFF for e in selection["sites"].values()):
+        pytest.skip("no site pays on this CPU for this small module")
+    code, _, err = run("finetune", inception["model"], "--plan", str(plan_file), "--calib",
+                       inception["calib"], "-o", str(weights))
+    assert code == 0, err
+    code, out, err = run("bench", inception["model"], "--plan", str(plan_file), "--weights",
+                         str(weights), "--calib", inception["calib"], "--rounds", "1", "--json")
+    assert code == 0, err
+    payload = json.loads(out)
+    assert payload["predicted"] == {"speedup": selection["predicted_speedup"],
+                                    "target": selection["target"], "unit": "ms"}
