@@ -113,7 +113,10 @@ def summary_rows(summary) -> list:
     counts = summary["sites"]
     rows = [
         ["sites found", " + ".join(f"{counts[k]} {k}" for k in SITE_KINDS), "", ""],
-        ["latency on this CPU (ms)", o["latency_ms"], r["latency_ms"], f"{bench['speedup']}x"],
+        ["sites that pay here (slimmed)", "", len(summary["sites_applied"]), ""],
+        ["latency on this CPU (ms)", o["latency_ms"], r["latency_ms"], f"{bench['speedup']}x"
+         + (f" (predicted {summary['predicted_speedup']}x)"
+            if summary.get("predicted_speedup") else "")],
         ["planned memory (MB)", o["memory_mb"], r["memory_mb"], f"{bench['memory_ratio']}x"],
         ["GFLOPs", o["gflops"], r["gflops"], f"{bench['gflops_ratio']}x"],
     ]

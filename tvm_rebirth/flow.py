@@ -323,7 +323,14 @@ def select_plan(model, options: SelectOptions, kinds=SITE_KINDS, tag: str | None
     budget = DEFAULT_BUDGET if options.budget is None else options.budget
     if table is None:
         return find_plan(model, kinds=kinds)
-    selection = select_variants(choices, table, errors, budget)
+    from .compile.build import planned_memory
+    from .passes import rebirth_pipeline
+
+    def model_memory(combos):
+        return planned_memory(rebirth_pipeline(choices.slimming_plan(combos), None)(model.mod),
+                              how.target)
+
+    selection = select_variants(choices, table, errors, budget, model_memory)
     _log(tag, f"predicted {selection.predicted_speedup:.2f}x on {how.label} "
               f"(accuracy cost {selection.accuracy_cost:.2f} of {budget})")
     return selected_plan(model, choices, selection)

@@ -90,6 +90,20 @@ def build_passes(target, tuned=True):
     return tvm.transform.Sequential(fused + [scheduling] + after, name="rebirth_build")
 
 
+def planned_memory(mod, target=None) -> int:
+    """The activation bytes a build of ``mod`` would plan (``Compiled.planned_bytes``),
+    without scheduling or code generation: fusion, lowering and static memory planning only
+    (schedules do not change what the Relax VM allocates)."""
+    import tvm
+    from tvm.relax.backend.cpu_generic import pipeline as cpu_generic
+
+    target = target or host_target()
+    with tvm.transform.PassContext(opt_level=3), target:
+        passes = _fusion_passes(target) + cpu_generic.dataflow_lower_passes(target) \
+            + cpu_generic.finalize_passes(target)[:1]
+        return planned_activation_bytes(tvm.transform.Sequential(passes)(mod))
+
+
 def _count_tuned(fused_mod, database, target) -> int:
     """How many of the fused PrimFuncs the database has a record for."""
     import tvm

@@ -33,7 +33,6 @@ import numpy as np
 from ..errors import RebirthError
 from ..passes import rebirth_pipeline
 from ..passes.blocks import site_block
-from .variants import OFF
 
 logger = logging.getLogger(__name__)
 
@@ -142,14 +141,6 @@ def _write_cache(path: Path, entries: dict) -> None:
         logger.warning(f"[plan] cannot cache the cost table at {path}: {err}")
 
 
-@dataclasses.dataclass
-class _SubPlan:
-    """The slimming passes' view of a plan: some sites, the kernel policy."""
-
-    sites: list
-    policy: str = "keep-kernel"
-
-
 def _block_functions(model, choices, missing) -> tuple:
     """({function name: Relax function}, {function name: entry key}) of the missing entries."""
     import tvm
@@ -165,8 +156,8 @@ def _block_functions(model, choices, missing) -> tuple:
             continue
         block = site_block(choices.analysis, group.sites)
         for c, combo in todo:
-            sites = [choices.site(s, v) for s, v in combo.items() if v != OFF]
-            mod = rebirth_pipeline(_SubPlan(sites), None)(block) if sites else block
+            plan = choices.slimming_plan([combo])
+            mod = rebirth_pipeline(plan, None)(block) if plan.sites else block
             name = f"block{g}_{c}"
             # fresh vars: functions of one module must not share a var (FuseOps)
             functions[name] = copy_with_new_vars(mod["main"]).with_attr("global_symbol", name)

@@ -6,10 +6,13 @@ budget, by dynamic programming over the groups (a multiple-choice knapsack).
 
 A group's combo is a candidate only when it is predicted to pay: it saves more than
 ``MIN_GAIN`` of its block's measured cost (latency is noisy; instruction counts are exact,
-so any saving counts there) and its block plans no more activation memory than the
-original's. The accuracy cost of a combo is the sum of its learned variants' held-out
-relative errors (``learn.finetune.variant_errors``); the chosen combos' costs sum to at most
-``budget``. Every site's reason (chosen, slower, bigger, over budget) is kept for the plan.
+so any saving counts there). The accuracy cost of a combo is the sum of its learned
+variants' held-out relative errors (``learn.finetune.variant_errors``); the chosen combos'
+costs sum to at most ``budget``. Memory is not additive (the static planner reuses storage
+across blocks), so it is checked on the whole model: with ``model_memory`` (chosen combos
+-> the slimmed model's planned activation bytes), chosen groups are dropped, the one whose
+block grew most first, until the model plans no more than the original. Every site's reason
+(chosen, slower, bigger, over budget) is kept for the plan.
 """
 
 from __future__ import annotations
@@ -66,16 +69,16 @@ def _why_not(group, combo, table, errors) -> str | None:
     margin = MIN_GAIN * base if table.unit == "ms" else 0.0
     if saving <= margin:
         return "slower" if saving < 0 else "no measurable gain"
-    if table.memory(group, combo) > table.memory(group, group.combos[0]):
-        return "needs more memory"
     if any(errors.get(s, {}).get(v) is None for s, v in combo.items() if v != OFF):
         return "no accuracy estimate"
     return None
 
 
-def select_variants(choices, table, errors, budget=DEFAULT_BUDGET) -> Selection:
+def select_variants(choices, table, errors, budget=DEFAULT_BUDGET,
+                    model_memory=None) -> Selection:
     """The combo per group that maximises the summed saving with the summed accuracy cost
-    at most ``budget`` (None: no limit); ties go to the lower accuracy cost."""
+    at most ``budget`` (None: no limit); ties go to the lower accuracy cost; then groups
+    dropped until ``model_memory(chosen combos)`` is no more than the original's."""
     candidates = []
     for group in choices.groups:
         options = [(0.0, 0, group.combos[0])]  # (saving, accuracy steps, combo)
@@ -100,14 +103,33 @@ def select_variants(choices, table, errors, budget=DEFAULT_BUDGET) -> Selection:
         best = layer
     _, _, picks = max(best.values(), key=lambda v: v[:2])
     chosen = {g.key: combo for g, combo in zip(choices.groups, picks)}
-    sites = _site_report(choices, table, errors, chosen, budget)
+    bigger = _fit_memory(choices, table, chosen, model_memory) if model_memory else set()
+    picks = [chosen[g.key] for g in choices.groups]
+    sites = _site_report(choices, table, errors, chosen, budget, bigger)
     saving = sum(table.saving(g, chosen[g.key]) for g in choices.groups)
     return Selection(combos=chosen, sites=sites, target=table.target, unit=table.unit,
                      budget=budget, accuracy_cost=sum(_accuracy(c, errors) for c in picks),
                      model_cost=table.model_cost, predicted_cost=table.model_cost - saving)
 
 
-def _site_report(choices, table, errors, chosen, budget) -> dict:
+def _fit_memory(choices, table, chosen, model_memory) -> set:
+    """Turn chosen groups off (``chosen`` is updated), the one whose block plans the most
+    extra memory first, until the slimmed model plans no more than the original. Returns
+    the keys of the groups turned off."""
+    dropped = set()
+    while model_memory(list(chosen.values())) > table.model_memory:
+        on = [g for g in choices.groups if any(v != OFF for v in chosen[g.key].values())]
+        if not on:
+            break
+        worst = max(on, key=lambda g: (table.memory(g, chosen[g.key])
+                                       - table.memory(g, g.combos[0]),
+                                       -table.saving(g, chosen[g.key])))
+        chosen[worst.key] = worst.combos[0]
+        dropped.add(worst.key)
+    return dropped
+
+
+def _site_report(choices, table, errors, chosen, budget, bigger=()) -> dict:
     """Per site: the chosen variant, why, and every variant's saving (with the group's other
     sites as chosen... off) and accuracy cost."""
     report = {}
@@ -129,6 +151,8 @@ def _site_report(choices, table, errors, chosen, budget) -> dict:
                 reason = f"saves {share:.0%} of its block" + (
                     f" (with {', '.join(s for s in group.sites if s != site_id)})"
                     if len(group.sites) > 1 else "")
+            elif group.key in bigger:
+                reason = "the slimmed model would plan more memory than the original"
             elif all(v["pays"] != "yes" for v in variants):
                 reason = "; ".join(f"{v['variant']}: {v['pays']}" for v in variants)
             else:

@@ -52,6 +52,21 @@ class SiteChoices:
     def names(self, site_id: str) -> list:
         return list(self.variants[site_id]) + [OFF]
 
+    def slimming_plan(self, combos) -> "SlimmingPlan":
+        """What the slimming passes need to apply ``combos`` ({group key or any key:
+        {site id: variant}}): the chosen variants' sites."""
+        return SlimmingPlan([self.site(s, v) for combo in combos for s, v in combo.items()
+                             if v != OFF])
+
+
+@dataclasses.dataclass
+class SlimmingPlan:
+    """The slimming passes' view of a plan (``rebirth_pipeline(plan, weights)``): some
+    sites, enabled, and the kernel policy their module is analysed with."""
+
+    sites: list
+    policy: str = "keep-kernel"
+
 
 def _variant_name(site, policy: str, widths: str) -> str:
     if site.exact:
