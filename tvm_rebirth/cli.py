@@ -388,7 +388,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tracker", help="--select paying: measure on a device, HOST:PORT")
     p.add_argument("--key", help="the device key on --tracker")
     p.add_argument("--budget", type=float, help="--select paying: accuracy budget, the summed "
-                   "held-out relative errors of the learned variants chosen (default 8)")
+                   "held-out relative errors of the learned variants chosen (default 2.5)")
     p.add_argument("--calib", help="--select paying: images for the accuracy estimates "
                    "(folder or .npy; default: the model's calibration source)")
     p.add_argument("--images", type=int, help="--select paying: how many (default 32)")
@@ -407,7 +407,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="without --plan: plan the sites measured to pay on the device "
                             "(paying, default) or every site found (all)")
         p.add_argument("--budget", type=float,
-                       help="without --plan: accuracy budget of --select paying (default 8)")
+                       help="without --plan: accuracy budget of --select paying (default 2.5)")
         add_input_options(p)
 
     def add_variant(p, verb):

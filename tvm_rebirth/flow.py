@@ -301,7 +301,7 @@ def select_plan(model, options: SelectOptions, kinds=SITE_KINDS, tag: str | None
     table, cached), their accuracy cost estimated on a few calibration images, the best
     saving chosen under the budget (see tvm_rebirth.planning)."""
     from .learn.calib import calibration_images
-    from .learn.finetune import variant_errors
+    from .planning.accuracy import accuracy_costs
     from .planning.costs import measure_costs, measurement_for
     from .planning.selection import DEFAULT_BUDGET, select_variants, selected_plan
     from .planning.variants import site_choices
@@ -319,7 +319,7 @@ def select_plan(model, options: SelectOptions, kinds=SITE_KINDS, tag: str | None
     if learned:
         _log(tag, f"estimating accuracy costs on {options.images} calibration images")
         images, _ = calibration_images(model, options.calib, count=options.images)
-        errors = variant_errors(model, choices, images)
+        errors = accuracy_costs(model, choices, images)
     budget = DEFAULT_BUDGET if options.budget is None else options.budget
     if table is None:
         return find_plan(model, kinds=kinds)

@@ -123,7 +123,7 @@ def _cache_path(model, how: Measurement, tuned: bool) -> Path:
     return cache_dir() / "costs" / f"{model.name.replace('/', '_')}-{how.label}-{tag}.json"
 
 
-def _read_cache(path: Path) -> dict:
+def read_cache(path: Path) -> dict:
     try:
         data = json.loads(path.read_text())
         return data["entries"] if data.get("version") == COSTS_VERSION else {}
@@ -131,14 +131,14 @@ def _read_cache(path: Path) -> dict:
         return {}  # no cache, or a broken one: measure again
 
 
-def _write_cache(path: Path, entries: dict) -> None:
+def write_cache(path: Path, entries: dict) -> None:
     from ..report.output import write_atomic
 
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         write_atomic(path, json.dumps({"version": COSTS_VERSION, "entries": entries}, indent=1))
     except (OSError, RebirthError) as err:  # a read-only cache only costs a re-measurement
-        logger.warning(f"[plan] cannot cache the cost table at {path}: {err}")
+        logger.warning(f"[plan] cannot write the cache {path}: {err}")
 
 
 def _block_functions(model, choices, missing) -> tuple:
@@ -213,7 +213,7 @@ def measure_costs(model, choices, how: Measurement, tuned=True) -> CostTable:
     from ..compile.build import compile_module, export_library
 
     path = _cache_path(model, how, tuned)
-    entries = _read_cache(path)
+    entries = read_cache(path)
     wanted = [MODEL_KEY] + [entry_key(g, c) for g in choices.groups for c in g.combos]
     missing = [k for k in wanted if k not in entries]
     start = time.time()
@@ -241,7 +241,7 @@ def measure_costs(model, choices, how: Measurement, tuned=True) -> CostTable:
         for name, key in keys.items():
             entries[key] = {"cost": float(costs[name]),
                             "memory": int(compiled.planned_by_function.get(name, 0))}
-        _write_cache(path, entries)
+        write_cache(path, entries)
     else:
         logger.info(f"[plan] every block cost of {model.name} on {how.label} is cached "
                     f"({path})")

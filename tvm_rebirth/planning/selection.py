@@ -24,7 +24,7 @@ from .variants import OFF
 # a latency saving below this share of the block's cost is not predicted to pay (noise)
 MIN_GAIN = 0.03
 # default accuracy budget: sum of held-out relative errors of the learned variants chosen
-DEFAULT_BUDGET = 8.0
+DEFAULT_BUDGET = 2.5
 _STEP = 0.01  # accuracy costs are summed in steps of this size
 
 
