@@ -1,0 +1,44 @@
+"""Accuracy costs of site variants (``learn.finetune.variant_errors``), cached beside the cost
+table per model, calibration images and variant, so planning a model again costs seconds."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+
+from .costs import COSTS_VERSION, read_cache, write_cache
+
+logger = logging.getLogger(__name__)
+
+
+def _variant_key(site_id: str, name: str, site) -> str:
+    convs = json.dumps([c.to_dict() for c in site.new_conv], sort_keys=True)
+    return f"{site_id}={name}:{hashlib.sha256(convs.encode()).hexdigest()[:12]}"
+
+
+def accuracy_costs(model, choices, images) -> dict:
+    """{site id: {variant: held-out relative error}} of every variant of ``choices`` on
+    ``images`` (their bytes key the cache)."""
+    import numpy as np
+
+    from ..frontend.zoo import cache_dir
+    from ..learn.finetune import variant_errors
+
+    digest = hashlib.sha256(np.ascontiguousarray(images, dtype=np.float32).tobytes())
+    tag = hashlib.sha256(json.dumps([COSTS_VERSION, model.sha256, digest.hexdigest()])
+                         .encode()).hexdigest()[:16]
+    path = cache_dir() / "costs" / f"{model.name.replace('/', '_')}-accuracy-{tag}.json"
+    keys = {(s, n): _variant_key(s, n, site) for s, options in choices.variants.items()
+            for n, site in options.items()}
+    cached = read_cache(path)
+    if all(k in cached for k in keys.values()):
+        logger.info(f"[plan] every accuracy cost of {model.name} is cached ({path})")
+        errors = {}
+        for (site_id, name), key in keys.items():
+            errors.setdefault(site_id, {})[name] = cached[key]
+        return errors
+    errors = variant_errors(model, choices, images)
+    cached.update({keys[(s, n)]: e for s, by_name in errors.items() for n, e in by_name.items()})
+    write_cache(path, cached)
+    return errors
