@@ -29,27 +29,12 @@ from tvm_rebirth import flow
 from tvm_rebirth.compile.build import compile_module, export_library
 from tvm_rebirth.compile.targets import resolve_target
 from tvm_rebirth.deploy.peers import logits_module
-from tvm_rebirth.deploy.remote import count_guest_run, plugin_path
+from tvm_rebirth.deploy.remote import GUEST_PRELUDE, count_guest_run, plugin_path
 from tvm_rebirth.report.profile import kernel_macs
 
 # runs in the emulated device's Python: each VM call between two lseek markers, its symbol
 # appended to argv[3] in the order the plugin writes the segments
-GUEST_PROFILE = """import os
-import sys
-import numpy as np
-import tvm
-from tvm.runtime import vm as runtime_vm
-
-
-def mark(code):
-    try:
-        os.lseek(-1, code, 0)
-    except OSError:
-        pass
-
-
-vm = runtime_vm.VirtualMachine(tvm.runtime.load_module(sys.argv[1]), tvm.cpu())
-x = tvm.runtime.tensor(np.load(sys.argv[2]), tvm.cpu())
+GUEST_PROFILE = GUEST_PRELUDE + """x = tvm.runtime.tensor(np.load(sys.argv[2]), tvm.cpu())
 vm["main"](x)  # the first run allocates
 names = []
 

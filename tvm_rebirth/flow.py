@@ -1,7 +1,8 @@
 """The one orchestrator of tvm-rebirth: the CLI, the demo and every benchmark run the flow here.
 
     MODEL (zoo name | .onnx)   load()
-      -> RebirthPlan            plan_for(): a plan file, validated | every site found
+      -> RebirthPlan            plan_for(): a plan file, validated | select_plan(): what is
+                                measured to pay on the target | every site found (--select all)
       -> calibration images     calibration(): none needed when every enabled site is exact
       -> RebirthWeights         weights_for(): a weights file, checked | fine_tune() (+ e2e)
       -> rebirth IRModule       slim() = passes.rebirth_pipeline(plan, weights)(model.mod)
@@ -300,7 +301,9 @@ def select_plan(model, options: SelectOptions, kinds=SITE_KINDS, tag: str | None
     """The plan that pays on ``options``' target: every site's variants measured there (cost
     table, cached), their accuracy cost estimated on a few calibration images, the best
     saving chosen under the budget (see tvm_rebirth.planning)."""
+    from .compile.build import planned_memory
     from .learn.calib import calibration_images
+    from .passes import rebirth_pipeline
     from .planning.accuracy import accuracy_costs
     from .planning.costs import measure_costs, measurement_for
     from .planning.selection import DEFAULT_BUDGET, select_variants, selected_plan
@@ -309,22 +312,19 @@ def select_plan(model, options: SelectOptions, kinds=SITE_KINDS, tag: str | None
     require_positive(options.images, "--images")
     if options.budget is not None and options.budget < 0:
         raise RebirthError(f"--budget {options.budget}: must be >= 0")
+    budget = DEFAULT_BUDGET if options.budget is None else options.budget
     how = measurement_for(options.target, options.tracker, options.key)
     choices = site_choices(model.mod, kinds)
+    if not choices.groups:  # nothing to choose from: the plan lists what was rejected
+        return find_plan(model, kinds=kinds)
     n = sum(len(g.combos) for g in choices.groups)
     _log(tag, f"{len(choices.variants)} site(s), {n} block variant(s) to cost on {how.label}")
-    table = measure_costs(model, choices, how, options.tuned) if choices.groups else None
-    learned = any(not s.exact for v in choices.variants.values() for s in v.values())
+    table = measure_costs(model, choices, how, options.tuned)
     errors = {}
-    if learned:
+    if any(not s.exact for v in choices.variants.values() for s in v.values()):
         _log(tag, f"estimating accuracy costs on {options.images} calibration images")
         images, _ = calibration_images(model, options.calib, count=options.images)
         errors = accuracy_costs(model, choices, images)
-    budget = DEFAULT_BUDGET if options.budget is None else options.budget
-    if table is None:
-        return find_plan(model, kinds=kinds)
-    from .compile.build import planned_memory
-    from .passes import rebirth_pipeline
 
     def model_memory(combos):
         return planned_memory(rebirth_pipeline(choices.slimming_plan(combos), None)(model.mod),

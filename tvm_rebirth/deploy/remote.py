@@ -157,13 +157,14 @@ def bench_on_emulated_device(mods, x, state_dir) -> dict:
 
 # --------------------------------------------------------------------------- instructions
 
-# runs in the emulated device's Python; the lseek markers delimit what the plugin counts
-_GUEST_RUN = """import os
+# the start of every script run in the emulated device's Python: ``vm`` is the Relax VM of
+# the library argv[1]; mark(0x5EB1) ... mark(0x5EB2) delimit what the counting plugin counts
+# (harmless failing lseek calls it recognises)
+GUEST_PRELUDE = """import os
 import sys
 import numpy as np
 import tvm
 from tvm.runtime import vm as runtime_vm
-
 
 
 def mark(code):
@@ -173,7 +174,11 @@ def mark(code):
         pass
 
 
-main = runtime_vm.VirtualMachine(tvm.runtime.load_module(sys.argv[1]), tvm.cpu())["main"]
+vm = runtime_vm.VirtualMachine(tvm.runtime.load_module(sys.argv[1]), tvm.cpu())
+"""
+
+# argv: library, input .npy, inferences to count
+_GUEST_RUN = GUEST_PRELUDE + """main = vm["main"]
 x = tvm.runtime.tensor(np.load(sys.argv[2]), tvm.cpu())
 main(x)  # the first run allocates; count the steady state
 mark(0x5EB1)
@@ -240,24 +245,9 @@ def count_instructions_per_inference(lib: Path, x, workdir: Path, runs: int = 2)
                            f"instruction count of {lib.name}")
 
 
-# runs in the emulated device's Python: every function once (allocations), then each once
-# more between the plugin's markers, so each writes one segment, in the order of argv[3]
-_GUEST_FUNCTIONS = """import os
-import sys
-import numpy as np
-import tvm
-from tvm.runtime import vm as runtime_vm
-
-
-def mark(code):
-    try:
-        os.lseek(-1, code, 0)
-    except OSError:
-        pass
-
-
-vm = runtime_vm.VirtualMachine(tvm.runtime.load_module(sys.argv[1]), tvm.cpu())
-data = np.load(sys.argv[2])
+# argv: library, inputs .npz, function names: every function once (allocations), then each
+# once more between the markers, so each writes one segment, in the order of argv[3]
+_GUEST_FUNCTIONS = GUEST_PRELUDE + """data = np.load(sys.argv[2])
 names = sys.argv[3].split(",")
 args = {n: [tvm.runtime.tensor(data[f"{n}/{i}"], tvm.cpu())
             for i in range(sum(k.startswith(n + "/") for k in data.files))] for n in names}
