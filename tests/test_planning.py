@@ -211,3 +211,16 @@ def test_bench_reports_the_predicted_speedup(inception, tmp_path):
     payload = json.loads(out)
     assert payload["predicted"] == {"speedup": selection["predicted_speedup"],
                                     "target": selection["target"], "unit": "ms"}
+
+
+def test_exact_sites_are_planned_without_images_and_cost_no_accuracy(tmp_path):
+    model = chain_model(tmp_path / "bn.onnx", ["batch_norm", "avg_pool2d"])  # exact folds
+    code, out, err = run("plan", model, "--budget", "0", "-o", str(tmp_path / "p.yaml"),
+                         "--json")
+    assert code == 0, err  # no --calib needed: nothing is learned
+    ((site_id, entry),) = json.loads(out)["selection"]["sites"].items()
+    assert entry["variants"] == [{**entry["variants"][0], "variant": "exact",
+                                  "accuracy_cost": 0.0}]
+    pays = entry["variants"][0]["pays"]
+    assert (entry["variant"] == "exact") == (pays == "yes"), entry  # budget 0 admits exact
+    assert "accuracy" not in entry["reason"], entry

@@ -67,7 +67,8 @@ def _selection(args) -> flow.SelectOptions | None:
     if select == "all":
         given = [f for f, v in (("--target", args.target), ("--tracker", args.tracker),
                                 ("--key", args.key), ("--budget", args.budget),
-                                ("--calib", args.calib), ("--images", args.images)) if v]
+                                ("--calib", args.calib), ("--images", args.images))
+                 if v is not None]
         if given:
             raise RebirthError(f"--select all enables every site found: {'/'.join(given)} "
                                "only apply to --select paying")
@@ -79,22 +80,26 @@ def _selection(args) -> flow.SelectOptions | None:
                            f"{'/'.join(given)}")
     return flow.SelectOptions(target=args.target, tracker=args.tracker, key=args.key,
                               budget=args.budget, calib=args.calib,
-                              images=args.images or 32)
+                              images=32 if args.images is None else args.images)
 
 
 def _selection_text(selection: dict) -> str:
     """The per-site choice table of a selected plan, and the prediction."""
-    unit = selection["unit"]
-    rows = []
-    for site_id, entry in selection["sites"].items():
-        gains = ", ".join(f"{v['variant']} {v['saving']:+.3g}"
-                          + (f" (err {v['accuracy_cost']:.2f})" if v["accuracy_cost"] else "")
-                          for v in entry["variants"])
-        rows.append([site_id, entry["variant"], gains, entry["reason"]])
-    text = table(rows, ["site", "chosen", f"saving per variant ({unit})", "why"])
-    return (text + f"\n\npredicted on {selection['target']}: {selection['model_cost']:.4g} -> "
-            f"{selection['predicted_cost']:.4g} {unit} ({selection['predicted_speedup']:.2f}x); "
-            f"accuracy cost {selection['accuracy_cost']:.2f} of budget {selection['budget']}")
+    try:
+        unit = selection["unit"]
+        rows = []
+        for site_id, entry in selection["sites"].items():
+            gains = ", ".join(f"{v['variant']} {v['saving']:+.3g}" + (
+                f" (err {v['accuracy_cost']:.2f})" if v["accuracy_cost"] else "")
+                for v in entry["variants"])
+            rows.append([site_id, entry["variant"], gains, entry["reason"]])
+        text = table(rows, ["site", "chosen", f"saving per variant ({unit})", "why"])
+        return (text + f"\n\npredicted on {selection['target']}: {selection['model_cost']:.4g}"
+                f" -> {selection['predicted_cost']:.4g} {unit} "
+                f"({selection['predicted_speedup']:.2f}x); accuracy cost "
+                f"{selection['accuracy_cost']:.2f} of budget {selection['budget']}")
+    except (KeyError, TypeError, ValueError, AttributeError):  # an edited plan file's record
+        return "(the plan's selection record is incomplete: run `plan` again to renew it)"
 
 
 def cmd_plan(args) -> None:
@@ -105,7 +110,7 @@ def cmd_plan(args) -> None:
                                           ("--select", args.select), ("--target", args.target),
                                           ("--tracker", args.tracker), ("--key", args.key),
                                           ("--budget", args.budget), ("--calib", args.calib),
-                                          ("--images", args.images)) if value]
+                                          ("--images", args.images)) if value is not None]
         if given:
             raise RebirthError(f"--check validates an existing plan as it is: "
                                f"{'/'.join(given)} would be ignored; drop {'/'.join(given)}")
@@ -363,7 +368,8 @@ def build_parser() -> argparse.ArgumentParser:
         return p
 
     add("models", cmd_models, "list the built-in model zoo")
-    p = add("plan", cmd_plan, "find every rebirth site and write an editable plan")
+    p = add("plan", cmd_plan, "find the rebirth sites that pay on the target and write an "
+                              "editable plan")
     p.description += (" (--select all: every site found, whatever the target; --select "
                       "paying --target T: only the variants measured to pay on T)")
     p.add_argument("model", help="zoo name (see `tvm-rebirth models`) or path to an .onnx file")
@@ -391,11 +397,13 @@ def build_parser() -> argparse.ArgumentParser:
                    "held-out relative errors of the learned variants chosen (default 2.5)")
     p.add_argument("--calib", help="--select paying: images for the accuracy estimates "
                    "(folder or .npy; default: the model's calibration source)")
-    p.add_argument("--images", type=int, help="--select paying: how many (default 32)")
+    p.add_argument("--images", type=positive_int,
+                   help="--select paying: how many (default 32)")
     add_input_options(p)
     def add_flow(p, weights=True):
         p.add_argument("model", help="zoo name or path to an .onnx file")
-        p.add_argument("--plan", help="plan file (default: plan every site, keep-kernel)")
+        p.add_argument("--plan", help="plan file (default: plan the sites that pay on this CPU; "
+                                          "--select all: every site)")
         if weights:
             p.add_argument("--weights", help="weights from `tvm-rebirth finetune` "
                                              "(default: fine-tune first)")

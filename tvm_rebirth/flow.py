@@ -52,7 +52,7 @@ class E2EOptions:
 class RebirthOptions:
     """Where a rebirth model's plan and weights come from; None means the default."""
 
-    plan: str | None = None  # plan file; None: find every site (policy, kinds, branch_widths)
+    plan: str | None = None  # plan file; None: plan per ``select``
     weights: str | None = None  # weights file learned for ``plan``; None: fine-tune
     calib: str | None = None  # calibration folder or .npy; None: the zoo model's own source
     images: int = 256  # calibration images
@@ -317,14 +317,18 @@ def select_plan(model, options: SelectOptions, kinds=SITE_KINDS, tag: str | None
     choices = site_choices(model.mod, kinds)
     if not choices.groups:  # nothing to choose from: the plan lists what was rejected
         return find_plan(model, kinds=kinds)
+    learned = any(not s.exact for v in choices.variants.values() for s in v.values())
+    # images first: a missing --calib fails before minutes of building and measuring
+    images = calibration_images(model, options.calib, count=options.images)[0] \
+        if learned else None
     n = sum(len(g.combos) for g in choices.groups)
     _log(tag, f"{len(choices.variants)} site(s), {n} block variant(s) to cost on {how.label}")
     table = measure_costs(model, choices, how, options.tuned)
-    errors = {}
-    if any(not s.exact for v in choices.variants.values() for s in v.values()):
+    errors = {s: {name: 0.0 for name, site in v.items() if site.exact}
+              for s, v in choices.variants.items()}  # exact variants cost no accuracy
+    if learned:
         _log(tag, f"estimating accuracy costs on {options.images} calibration images")
-        images, _ = calibration_images(model, options.calib, count=options.images)
-        errors = accuracy_costs(model, choices, images)
+        errors = accuracy_costs(model, choices, images, kinds)
 
     def model_memory(combos):
         return planned_memory(rebirth_pipeline(choices.slimming_plan(combos), None)(model.mod),
@@ -333,7 +337,7 @@ def select_plan(model, options: SelectOptions, kinds=SITE_KINDS, tag: str | None
     selection = select_variants(choices, table, errors, budget, model_memory)
     _log(tag, f"predicted {selection.predicted_speedup:.2f}x on {how.label} "
               f"(accuracy cost {selection.accuracy_cost:.2f} of {budget})")
-    return selected_plan(model, choices, selection)
+    return selected_plan(model, choices, selection, kinds)
 
 
 def plan_for(model, options: RebirthOptions, tag: str | None = None, tracker=None, key=None,
@@ -438,9 +442,10 @@ def rebirth_model(model, options: RebirthOptions | None = None, tag: str | None 
                   plan=None, images: tuple | None = None, tracker=None, key=None,
                   target=None) -> Rebirth:
     """The rebirth model of ``model`` (a LoadedModel or a MODEL string) with the plan and
-    weights files of ``options`` where given, defaults otherwise (every site planned,
-    fine-tuned on the calibration images). ``plan``: a plan object to use instead of
-    ``options.plan``; ``images``: preloaded calibration (array, description)."""
+    weights files of ``options`` where given, defaults otherwise (``plan_for``: the sites that
+    pay on this CPU, on ``target`` or on the ``tracker``/``key`` device; fine-tuned on the
+    calibration images). ``plan``: a plan object to use instead of ``options.plan``;
+    ``images``: preloaded calibration (array, description)."""
     options = options or RebirthOptions()
     if isinstance(model, str):
         model = load(model)
@@ -588,6 +593,18 @@ def finetune_command(args: FinetuneArgs) -> dict:
             **({"end_to_end": report["end_to_end"]} if "end_to_end" in report else {})}
 
 
+def predicted_speedup(plan) -> dict | None:
+    """{speedup, target, unit} the plan's selection predicted, or None: no selection, or
+    one whose chosen sites are no longer the enabled ones (the plan was edited since)."""
+    selection = plan.selection or {}
+    chosen = {s for s, e in (selection.get("sites") or {}).items()
+              if isinstance(e, dict) and e.get("variant", "off") != "off"}
+    if "predicted_speedup" not in selection or chosen != {s.id for s in plan.enabled_sites()}:
+        return None
+    return {"speedup": selection["predicted_speedup"], "target": selection.get("target"),
+            "unit": selection.get("unit")}
+
+
 def bench(args: BenchArgs) -> dict:
     """`bench`: original vs rebirth side by side on this CPU (``profile``: per layer type)
     or on the tracker device ``key``; the device is checked before any fine-tuning."""
@@ -601,7 +618,8 @@ def bench(args: BenchArgs) -> dict:
     model = load(args.model, None, args.input, args.input_shape)
     require_one_input(model, "bench")
     require_conv(model, "bench")
-    rebirth = rebirth_model(model, args.rebirth, "bench", tracker=args.tracker, key=args.key)
+    rebirth = rebirth_model(model, args.rebirth, "bench", tracker=args.tracker, key=args.key,
+                            target=args.target if args.tracker else None)
     from .learn.calib import bench_input
 
     x, input_desc = bench_input(model, args.rebirth.calib)
@@ -618,10 +636,9 @@ def bench(args: BenchArgs) -> dict:
         result, device = bench_host(model, rebirth.mod, args.rounds, args.profile, x)
     payload = {"model": model.name, "device": device, "input": input_desc,
                "sites": [s.id for s in rebirth.plan.enabled_sites()], **result}
-    selection = rebirth.plan.selection
-    if selection:  # the plan's prediction, next to what was measured
-        payload["predicted"] = {"speedup": selection["predicted_speedup"],
-                                "target": selection["target"], "unit": selection["unit"]}
+    predicted = predicted_speedup(rebirth.plan)
+    if predicted:  # the plan's prediction, next to what was measured
+        payload["predicted"] = predicted
     if output:
         from .report.output import write_json
 

@@ -75,6 +75,7 @@ class RebirthPlan:
         """Hash of the plan's content (not its formatting): weights files record it."""
         content = self.to_dict()
         content["model"] = {k: v for k, v in content["model"].items() if k != "source"}
+        content.pop("selection", None)  # how the sites were chosen: not what weights fit
         canonical = json.dumps(content, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(canonical.encode()).hexdigest()
 

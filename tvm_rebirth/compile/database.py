@@ -194,6 +194,25 @@ def _union(dbs):
     return dbs[0] if len(dbs) == 1 else ms.database.UnionDatabase(*dbs)
 
 
+def _database_groups(target, root=None) -> list:
+    """Per tuning_logs root holding records for ``target``: its model folders."""
+    roots = [Path(root)] if root else tuning_logs_roots()
+    groups = []
+    for folder in (r / target_key(target) for r in roots):
+        dirs = sorted(p.parent for p in folder.glob(f"*/{DB_FILES[0]}")) if folder.is_dir() else []
+        if dirs:
+            groups.append(dirs)
+    return groups
+
+
+def database_signature(target, root=None) -> tuple:
+    """(path, size, mtime) of every database file a build for ``target`` reads: what changes
+    when records are added (empty when there are none)."""
+    files = [d / name for dirs in _database_groups(target, root) for d in dirs
+             for name in DB_FILES]
+    return tuple((str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files if f.exists())
+
+
 def load_database(target, root=None):
     """The MetaSchedule databases under the target's folder of every tuning_logs root
     (``tuning_logs_roots()``, or ``root`` alone), or None. Within a root the union of its
@@ -203,16 +222,10 @@ def load_database(target, root=None):
     a file under the folders changes."""
     from tvm.s_tir import meta_schedule as ms
 
-    roots = [Path(root)] if root else tuning_logs_roots()
-    groups = []
-    for folder in (r / target_key(target) for r in roots):
-        dirs = sorted(p.parent for p in folder.glob(f"*/{DB_FILES[0]}")) if folder.is_dir() else []
-        if dirs:
-            groups.append(dirs)
+    groups = _database_groups(target, root)
     if not groups:
         return None
-    files = [d / name for dirs in groups for d in dirs for name in DB_FILES]
-    key = tuple((str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files if f.exists())
+    key = database_signature(target, root)
     if key not in _LOADED:
         unions = [_union([open_json_database(d) for d in dirs]) for dirs in groups]
         _LOADED.clear()  # one target's worth at a time

@@ -29,7 +29,8 @@ from .weights import RebirthWeights
 logger = logging.getLogger(__name__)
 
 
-def capture(mod, select, images, label, policy="keep-kernel", func_name="main") -> tuple:
+def capture(mod, select, images, label, policy="keep-kernel", func_name="main",
+            kinds=SITE_KINDS) -> tuple:
     """Run ``images`` through a module computing only the vars ``select(analysis)`` names
     ({key: var}, from the site analysis of ``mod``). Returns ({key: stacked array}, that
     analysis)."""
@@ -38,7 +39,7 @@ def capture(mod, select, images, label, policy="keep-kernel", func_name="main") 
 
     plain = relax.transform.ToNonDataflow()(mod)
     plain = tvm.IRModule(dict(plain.functions), attrs=mod.attrs)
-    analysis = analyze_sites(plain, policy, SITE_KINDS, func_name)
+    analysis = analyze_sites(plain, policy, kinds, func_name)
     outputs = select(analysis)
     keys = list(outputs)
     func = analysis.mod[func_name]  # the analysed (prepared) module the vars belong to
@@ -388,7 +389,7 @@ def finetune(model, plan, images=None, calibration="",
     return RebirthWeights(arrays=arrays, plan_sha256=plan.sha256, meta=meta), meta
 
 
-def variant_errors(model, choices, images) -> dict:
+def variant_errors(model, choices, images, kinds=SITE_KINDS) -> dict:
     """{site id: {variant: held-out relative error}}: each learned variant of ``choices``
     (planning.variants.SiteChoices) fitted alone on ``images`` from the original network's
     own inputs and outputs (one capture run; every 8th image held out), the way the
@@ -419,7 +420,8 @@ def variant_errors(model, choices, images) -> dict:
 
     logger.info(f"[plan] capturing the inputs and outputs of {len(ids)} site(s) on "
                 f"{len(images)} images")
-    captured, analysis = capture(model.mod, ends, images, "site inputs and outputs")
+    captured, analysis = capture(model.mod, ends, images, "site inputs and outputs",
+                                 kinds=kinds)
     held = np.arange(len(images)) % 8 == 7
     for (site_id, name), site in learned.items():
         arrays, target = {}, captured[("out", site_id)]

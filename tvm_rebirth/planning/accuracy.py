@@ -8,16 +8,16 @@ import json
 import logging
 
 from .costs import COSTS_VERSION, read_cache, write_cache
+from .variants import conv_hash
 
 logger = logging.getLogger(__name__)
 
 
 def _variant_key(site_id: str, name: str, site) -> str:
-    convs = json.dumps([c.to_dict() for c in site.new_conv], sort_keys=True)
-    return f"{site_id}={name}:{hashlib.sha256(convs.encode()).hexdigest()[:12]}"
+    return f"{site_id}={name}:{conv_hash(site)}"
 
 
-def accuracy_costs(model, choices, images) -> dict:
+def accuracy_costs(model, choices, images, kinds) -> dict:
     """{site id: {variant: held-out relative error}} of every variant of ``choices`` on
     ``images`` (their bytes key the cache)."""
     import numpy as np
@@ -38,7 +38,7 @@ def accuracy_costs(model, choices, images) -> dict:
         for (site_id, name), key in keys.items():
             errors.setdefault(site_id, {})[name] = cached[key]
         return errors
-    errors = variant_errors(model, choices, images)
+    errors = variant_errors(model, choices, images, kinds)
     cached.update({keys[(s, n)]: e for s, by_name in errors.items() for n, e in by_name.items()})
     write_cache(path, cached)
     return errors

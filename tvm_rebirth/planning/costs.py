@@ -109,7 +109,9 @@ class CostTable:
 
 
 def entry_key(group, combo) -> str:
-    return group.key + "::" + ",".join(f"{s}={combo[s]}" for s in group.sites)
+    """The cache key of ``combo``'s block: each site's variant and the hash of its convs."""
+    return group.key + "::" + ",".join(
+        f"{s}={combo[s]}@{group.conv_hashes.get(s, {}).get(combo[s], '')}" for s in group.sites)
 
 
 MODEL_KEY = "<model>"
@@ -118,8 +120,15 @@ MODEL_KEY = "<model>"
 def _cache_path(model, how: Measurement, tuned: bool) -> Path:
     from ..frontend.zoo import cache_dir
 
-    tag = hashlib.sha256(json.dumps([COSTS_VERSION, model.sha256, str(how.target), tuned])
-                         .encode()).hexdigest()[:16]
+    from ..compile.build import conv_kernels_enabled
+    from ..compile.database import database_signature
+    from ..compile.winograd import winograd_enabled
+
+    # what changes the kernels a block builds with: shapes, target, tuning records, switches
+    facts = [COSTS_VERSION, model.sha256, {k: list(v) for k, v in model.input_shapes.items()},
+             str(how.target), database_signature(how.target) if tuned else None,
+             conv_kernels_enabled(), winograd_enabled()]
+    tag = hashlib.sha256(json.dumps(facts).encode()).hexdigest()[:16]
     return cache_dir() / "costs" / f"{model.name.replace('/', '_')}-{how.label}-{tag}.json"
 
 

@@ -18,6 +18,7 @@ block grew most first, until the model plans no more than the original. Every si
 from __future__ import annotations
 
 import dataclasses
+import math
 
 from .variants import OFF
 
@@ -78,55 +79,65 @@ def select_variants(choices, table, errors, budget=DEFAULT_BUDGET,
                     model_memory=None) -> Selection:
     """The combo per group that maximises the summed saving with the summed accuracy cost
     at most ``budget`` (None: no limit); ties go to the lower accuracy cost; then groups
-    dropped until ``model_memory(chosen combos)`` is no more than the original's."""
+    turned off until ``model_memory(chosen combos)`` is no more than with none chosen."""
     candidates = []
     for group in choices.groups:
         options = [(0.0, 0, group.combos[0])]  # (saving, accuracy steps, combo)
         for combo in group.combos[1:]:
             if _why_not(group, combo, table, errors) is None:
-                steps = int(round(_accuracy(combo, errors) / _STEP))
+                # rounded up: the chosen costs never sum past the budget
+                steps = math.ceil(_accuracy(combo, errors) / _STEP - 1e-9)
                 options.append((table.saving(group, combo), steps, combo))
         candidates.append(options)
-    limit = None if budget is None else int(budget / _STEP + 1e-9)
-    # best[steps used] = (saving, -accuracy, picks); one layer per group
-    best = {0: (0.0, 0, [])}
+    limit = None if budget is None else math.floor(budget / _STEP + 1e-9)
+    picks = _knapsack(candidates, limit)
+    chosen = {g.key: combo for g, combo in zip(choices.groups, picks)}
+    bigger = set()
+    if model_memory is not None:
+        chosen, bigger = _fit_memory(choices, table, chosen, model_memory)
+    sites = _site_report(choices, table, errors, chosen, budget, bigger)
+    saving = sum(table.saving(g, chosen[g.key]) for g in choices.groups)
+    return Selection(combos=chosen, sites=sites, target=table.target, unit=table.unit,
+                     budget=budget, accuracy_cost=sum(_accuracy(c, errors)
+                                                      for c in chosen.values()),
+                     model_cost=table.model_cost, predicted_cost=table.model_cost - saving)
+
+
+def _knapsack(candidates, limit) -> list:
+    """One option per group, [(saving, steps, combo), ...] each, maximising the summed
+    saving with the summed steps at most ``limit`` (None: any); ties: fewer steps. Dynamic
+    programming over the groups, keyed by the steps used."""
+    best = {0: (0.0, 0, [])}  # steps used -> (saving, -steps, picks)
     for options in candidates:
         layer = {}
-        for used, (saving, neg_acc, picks) in best.items():
+        for used, (saving, neg_steps, picks) in best.items():
             for gain, steps, combo in options:
                 total = used + steps
                 if limit is not None and total > limit:
                     continue
-                value = (saving + gain, neg_acc - steps, picks + [combo])
+                value = (saving + gain, neg_steps - steps, picks + [combo])
                 if total not in layer or value[:2] > layer[total][:2]:
                     layer[total] = value
         best = layer
-    _, _, picks = max(best.values(), key=lambda v: v[:2])
-    chosen = {g.key: combo for g, combo in zip(choices.groups, picks)}
-    bigger = _fit_memory(choices, table, chosen, model_memory) if model_memory else set()
-    picks = [chosen[g.key] for g in choices.groups]
-    sites = _site_report(choices, table, errors, chosen, budget, bigger)
-    saving = sum(table.saving(g, chosen[g.key]) for g in choices.groups)
-    return Selection(combos=chosen, sites=sites, target=table.target, unit=table.unit,
-                     budget=budget, accuracy_cost=sum(_accuracy(c, errors) for c in picks),
-                     model_cost=table.model_cost, predicted_cost=table.model_cost - saving)
+    return max(best.values(), key=lambda v: v[:2])[2]
 
 
-def _fit_memory(choices, table, chosen, model_memory) -> set:
-    """Turn chosen groups off (``chosen`` is updated), the one whose block plans the most
-    extra memory first, until the slimmed model plans no more than the original. Returns
-    the keys of the groups turned off."""
-    dropped = set()
-    while model_memory(list(chosen.values())) > table.model_memory:
+def _fit_memory(choices, table, chosen, model_memory) -> tuple:
+    """(chosen with groups turned off, their keys): the group whose block plans the most
+    extra memory first, until the slimmed model plans no more than with no group chosen
+    (the same measurement on both sides)."""
+    chosen, dropped = dict(chosen), set()
+    if all(v == OFF for combo in chosen.values() for v in combo.values()):
+        return chosen, dropped
+    original = model_memory([])
+    while model_memory(list(chosen.values())) > original:
         on = [g for g in choices.groups if any(v != OFF for v in chosen[g.key].values())]
-        if not on:
-            break
         worst = max(on, key=lambda g: (table.memory(g, chosen[g.key])
                                        - table.memory(g, g.combos[0]),
                                        -table.saving(g, chosen[g.key])))
         chosen[worst.key] = worst.combos[0]
         dropped.add(worst.key)
-    return dropped
+    return chosen, dropped
 
 
 def _site_report(choices, table, errors, chosen, budget, bigger=()) -> dict:
@@ -145,28 +156,30 @@ def _site_report(choices, table, errors, chosen, budget, bigger=()) -> dict:
                                  "accuracy_cost": errors.get(site_id, {}).get(name),
                                  "pays": _why_not(group, alone, table, errors) or "yes"})
             variant = pick[site_id]
+            partners = [s for s in group.sites if s != site_id and pick[s] != OFF]
             if variant != OFF:
                 share = table.saving(group, pick) / max(table.cost(group, group.combos[0]),
                                                         1e-12)
                 reason = f"saves {share:.0%} of its block" + (
-                    f" (with {', '.join(s for s in group.sites if s != site_id)})"
-                    if len(group.sites) > 1 else "")
+                    f" (with {', '.join(partners)})" if partners else "")
             elif group.key in bigger:
                 reason = "the slimmed model would plan more memory than the original"
             elif all(v["pays"] != "yes" for v in variants):
                 reason = "; ".join(f"{v['variant']}: {v['pays']}" for v in variants)
+            elif partners:
+                reason = f"its group saves more with {', '.join(partners)} alone"
             else:
                 reason = f"over the accuracy budget ({budget})"
             report[site_id] = {"variant": variant, "reason": reason, "variants": variants}
     return report
 
 
-def selected_plan(model, choices, selection, policy="keep-kernel"):
-    """The RebirthPlan of ``selection``: every site found, the chosen variant's convs
-    enabled, the others off (keep-kernel convs), and the selection recorded."""
+def selected_plan(model, choices, selection, kinds, policy="keep-kernel"):
+    """The RebirthPlan of ``selection``: every site of ``kinds`` found, the chosen variant's
+    convs enabled, the others off (keep-kernel convs), and the selection recorded."""
     from ..plan import RebirthPlan
 
-    base = RebirthPlan.from_model(model, policy=policy)
+    base = RebirthPlan.from_model(model, policy=policy, kinds=kinds)
     sites = []
     for site in base.sites:
         variant = selection.sites.get(site.id, {}).get("variant", OFF)

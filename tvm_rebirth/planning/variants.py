@@ -15,7 +15,9 @@ reducers carry the merged branches' widths), ``paper`` (DeepRebirth's GoogLeNet 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import itertools
+import json
 
 from ..passes import analyze_sites
 from ..passes.blocks import site_groups
@@ -31,6 +33,8 @@ class Group:
 
     sites: list  # site ids, binding order
     combos: list  # [{site id: variant name}], the all-"off" combo first
+    # {site id: {variant: hash of its new convs}}: cached costs follow the convs, not names
+    conv_hashes: dict = dataclasses.field(default_factory=dict)
 
     @property
     def key(self) -> str:
@@ -68,6 +72,12 @@ class SlimmingPlan:
     policy: str = "keep-kernel"
 
 
+def conv_hash(site) -> str:
+    """A short hash of a site variant's new convs (what its cost and accuracy depend on)."""
+    convs = json.dumps([c.to_dict() for c in site.new_conv], sort_keys=True)
+    return hashlib.sha256(convs.encode()).hexdigest()[:12]
+
+
 def _variant_name(site, policy: str, widths: str) -> str:
     if site.exact:
         return "exact"
@@ -93,5 +103,6 @@ def site_choices(mod, kinds=("streamline", "branch")) -> SiteChoices:
         names = [list(variants[i]) + [OFF] for i in ids]
         combos = [dict(zip(ids, pick)) for pick in itertools.product(*names)]
         combos.sort(key=lambda c: sum(v != OFF for v in c.values()))  # all-off first
-        groups.append(Group(sites=ids, combos=combos))
+        hashes = {i: {name: conv_hash(site) for name, site in variants[i].items()} for i in ids}
+        groups.append(Group(sites=ids, combos=combos, conv_hashes=hashes))
     return SiteChoices(analysis=base, variants=variants, groups=groups)
