@@ -29,6 +29,9 @@ BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
 BENCHMARKS = {
     "tuning_logs": (["tuning_summary.py"], ["tuning_logs"]),
     "zoo_models": (["zoo_models.py"], ["zoo_models"]),
+    "plans_host": (["plans.py", "--models", "googlenet,alexnet"], ["plans_host"]),
+    "plans_cortex_a72": (["plans.py", "--models", "googlenet,alexnet", "--target",
+                          "cortex-a72"], ["plans_cortex-a72"]),
     "peers": (["peers.py", "--model", "googlenet"], ["peers_googlenet"]),
     "peers_alexnet": (["peers.py", "--model", "alexnet"], ["peers_alexnet"]),
     "peers_cortex_a72": (["peers.py", "--model", "googlenet", "--device", "cortex-a72"],
@@ -77,10 +80,13 @@ def zoo_section(zoo):
         if "latency_ms" not in e:
             continue
         ms, mem, g, ins = e["latency_ms"], e["memory_mb"], e["gflops"], e.get("instructions", {})
+        enabled = e.get("sites_enabled")
         rows.append([
-            f"`{e['model']}`", f"{e['sites']['streamline']} + {e['sites']['branch']}",
+            f"`{e['model']}`", (f"{enabled} of " if enabled is not None else "")
+            + f"{e['sites']['streamline']} + {e['sites']['branch']}",
             f"{g['original']:.2f} / {g['rebirth']:.2f}",
             f"{ms['original']:.1f} / {ms['rebirth']:.1f}", f"**{e['speedup']}x**",
+            f"{e['predicted_speedup']}x" if e.get("predicted_speedup") else "-",
             f"{mem['original']:.2f} / {mem['rebirth']:.2f}", f"**{e['memory_ratio']}x**",
             f"{ms['onnxruntime']:.1f}",
             f"{ins['original'] / 1e9:.3g} / {ins['rebirth'] / 1e9:.3g} ({ins['ratio']}x)"
@@ -88,22 +94,46 @@ def zoo_section(zoo):
             ", ".join(f"{t}/{n}" for t, n in (e["tuned_functions"]["original"],
                                                 e["tuned_functions"]["rebirth"]))])
     none = [e["model"] for e in zoo["models"] if "latency_ms" not in e]
+    selected = any("sites_enabled" in e for e in zoo["models"])
+    plan = ("Default plan: the site variants its cost table, measured on this CPU, predicts "
+            "faster, within the default accuracy budget ('predicted': its whole-model "
+            "speedup)" if selected else "Default plan (every site, keep-kernel, carry widths)")
     return ("### Every zoo model the passes apply to\n\n"
             + table(rows, ["model", "sites (streamline + branch)", "GFLOPs orig / rebirth",
-                            "TVM ms orig / rebirth", "speedup", "memory MB orig / rebirth",
-                            "memory ratio", "ONNX Runtime ms (orig)",
-                            "emulated A72 instructions 1e9 (ratio)",
-                            "tuned functions orig, rebirth"])
-            + f"\n\nDefault plan (every site, keep-kernel, carry widths); {_machine(zoo)}; "
+                           "TVM ms orig / rebirth", "speedup", "predicted",
+                           "memory MB orig / rebirth", "memory ratio", "ONNX Runtime ms (orig)",
+                           "emulated A72 instructions 1e9 (ratio)",
+                           "tuned functions orig, rebirth"])
+            + f"\n\n{plan}; {_machine(zoo)}; "
               f"medians of {zoo['rounds']} interleaved rounds, both TVM builds with the committed "
               "tuning_logs where they hold records; memory is TVM's planned activation memory; "
               "instructions are exact guest counts per inference under qemu-user cortex-a72 "
-              "(1 thread, generic schedule). Tuned functions: how many kernels of each build came "
-              "from the committed tuning_logs; the rest run our generic schedule, which is "
-              "what most of these latencies measure (and why `fmnist-inception`'s rebirth, "
-              "with no database of its own, is slower than its tuned original)."
-            + (f" No rebirth site found in: {', '.join(none)}." if none else "")
+              "(1 thread). Tuned functions: how many kernels of each build came "
+              "from the committed tuning_logs; the rest run our kernels and generic schedule."
+            + (f" No site found, or none pays (the default plan is the original model): "
+               f"{', '.join(none)}." if none else "")
             + f" {_reproduce(zoo)}\n")
+
+
+def plans_section(host, emulated):
+    """Predicted vs measured speedup of the default plans, on this CPU and the A72."""
+    rows = []
+    for data, where in ((host, "this CPU (latency)"), (emulated, "emulated A72 (instructions)")):
+        for e in (data or {}).get("models", []):
+            rows.append([f"`{e['model']}`", where,
+                         f"{len(e['sites_enabled'])} of {e['sites_found']}",
+                         f"**{e['speedup']}x**",
+                         f"{e['predicted_speedup']}x" if e.get("predicted_speedup") else "-",
+                         f"{e['prediction_error']:+.1%}" if "prediction_error" in e else "-",
+                         f"{e['memory_ratio']}x"])
+    notes = " ".join(f"{label}: {_machine(d)}. {_reproduce(d)}" for d, label in
+                     ((host, "This CPU"), (emulated, "Emulated A72")) if d)
+    return ("### Plans that pay: predicted vs measured (GoogLeNet, AlexNet)\n\n"
+            + table(rows, ["model", "measured on", "sites enabled", "measured speedup",
+                           "predicted", "prediction error", "planned memory ratio"])
+            + "\n\nThe default plan of each model for that target (`plan --target ...`), "
+              "untuned builds on both sides, the rebirth with seeded placeholder weights (same "
+              f"graph and kernels as fine-tuned ones). {notes}\n")
 
 
 def paper_section(zoo, accuracy):
@@ -281,6 +311,9 @@ def render() -> str:
     if zoo:
         parts.append(zoo_section(zoo))
     parts.append(paper_section(zoo, accuracy))
+    plans = _load("plans_host"), _load("plans_cortex-a72")
+    if any(plans):
+        parts.append(plans_section(*plans))
     for data, section in ((_peers("", "onnxruntime_alone_ms"), peers_section),
                           (_peers("_cortex-a72", "mac_floor_instructions"),
                            emulated_peers_section)):
