@@ -16,12 +16,13 @@ Exact cases only: a zero pad into conv2d (any) or avg_pool2d with ``count_includ
 
 from __future__ import annotations
 
+import functools
 import math
 
 import tvm
 from tvm import relax, tirx
 
-from .dataflow import RETURN, Dataflow, ints, op_name, shape_of
+from .dataflow import RETURN, Dataflow, RebindValues, ints, op_name, shape_of, with_function
 
 _LOWEST = -3.0e38  # a pad value at or below this acts as -inf for a max pool
 
@@ -122,23 +123,8 @@ def _with_padding(value, data, pads):
                 bool(a.count_include_pad), a.layout, a.out_layout)
 
 
-@relax.expr_functor.mutator
-class _Absorber(relax.PyExprMutator):
-    def __init__(self, mod, absorbed):
-        super().__init__(mod)
-        self.absorbed = absorbed  # reader var -> (pad input, pads)
-
-    def visit_var_binding_(self, binding):
-        entry = self.absorbed.get(binding.var)
-        if entry is None:
-            super().visit_var_binding_(binding)
-            return
-        data, pads = entry
-        new = self.builder_.normalize(_with_padding(binding.value, self.visit_expr(data), pads))
-        var = relax.DataflowVar(binding.var.name, binding.var.ty) if isinstance(
-            binding.var, relax.DataflowVar) else relax.Var(binding.var.name, binding.var.ty)
-        self.builder_.emit_normalized(relax.VarBinding(var, new))
-        self.set_var_remap(binding.var, var)
+def _absorbed(reader, data, pads, visit):
+    return _with_padding(reader, visit(data), pads)
 
 
 @tvm.transform.module_pass(opt_level=0, name="AbsorbPads")
@@ -172,11 +158,9 @@ class AbsorbPads:
                 continue
             data = binding.value.args[0] if op_name(binding.value) == "relax.nn.pad" else \
                 (graph.tuple_fields(binding.value.args[1]) or [binding.value.args[1]])[0]
-            for reader in readers:
-                absorbed[reader] = (data, pads)
+            for reader in readers:  # the reader, re-emitted on the pad's input
+                absorbed[reader] = functools.partial(_absorbed, graph.value[reader], data,
+                                                     pads)
         if not absorbed:
             return mod
-        new = relax.analysis.remove_all_unused(_Absorber(mod, absorbed).visit_expr(func))
-        updated = tvm.IRModule(dict(mod.functions), attrs=mod.attrs)
-        updated[self.func_name] = new
-        return relax.transform.DeadCodeElimination()(updated)  # the pads' PrimFuncs
+        return with_function(mod, self.func_name, RebindValues(mod, absorbed).visit_expr(func))

@@ -211,3 +211,33 @@ class Dataflow:
         return ConvSpec(replaces=name, in_channels=wshape[1] * int(attrs.groups),
                         out_channels=wshape[0], kernel=wshape[2:4], stride=ints(attrs.strides),
                         padding=ints(attrs.padding), groups=int(attrs.groups))
+
+
+@relax.expr_functor.mutator
+class RebindValues(relax.PyExprMutator):
+    """Re-emits each binding of ``rebind`` ({var: make}) with the value ``make(visit)``
+    returns (``visit``: this mutator's ``visit_expr``, for the operands), under the same
+    name and kind of var; every other binding as it is, its readers following."""
+
+    def __init__(self, mod, rebind: dict):
+        super().__init__(mod)
+        self.rebind = rebind
+
+    def visit_var_binding_(self, binding):
+        make = self.rebind.get(binding.var)
+        if make is None:
+            super().visit_var_binding_(binding)
+            return
+        new = self.builder_.normalize(make(self.visit_expr))
+        kind = relax.DataflowVar if isinstance(binding.var, relax.DataflowVar) else relax.Var
+        var = kind(binding.var.name, new.ty)
+        self.builder_.emit_normalized(relax.VarBinding(var, new))
+        self.set_var_remap(binding.var, var)
+
+
+def with_function(mod: tvm.IRModule, func_name: str, func: relax.Function) -> tvm.IRModule:
+    """``mod`` with ``func`` (its unused bindings removed) as ``func_name``, and the
+    PrimFuncs nothing calls any more removed."""
+    updated = tvm.IRModule(dict(mod.functions), attrs=mod.attrs)
+    updated[func_name] = relax.analysis.remove_all_unused(func)
+    return relax.transform.DeadCodeElimination()(updated)

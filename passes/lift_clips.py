@@ -15,12 +15,13 @@ store is ``max(A[i], c[()])`` or ``min``); a max directly followed by a min beco
 
 from __future__ import annotations
 
+import functools
 import math
 
 import tvm
 from tvm import relax, tirx
 
-from .dataflow import Dataflow, op_name, shape_of
+from .dataflow import Dataflow, RebindValues, op_name, shape_of, with_function
 
 
 def _bound(graph: Dataflow, mod, value):
@@ -61,23 +62,8 @@ def _bound(graph: Dataflow, mod, value):
     return ("max" if type(expr).__name__ == "Max" else "min"), x, scalar
 
 
-@relax.expr_functor.mutator
-class _Lifter(relax.PyExprMutator):
-    def __init__(self, mod, clips):
-        super().__init__(mod)
-        self.clips = clips  # var -> (input var, lo, hi)
-
-    def visit_var_binding_(self, binding):
-        entry = self.clips.get(binding.var)
-        if entry is None:
-            super().visit_var_binding_(binding)
-            return
-        x, lo, hi = entry
-        new = self.builder_.normalize(relax.op.clip(self.visit_expr(x), lo, hi))
-        var = relax.DataflowVar(binding.var.name, new.ty) if isinstance(
-            binding.var, relax.DataflowVar) else relax.Var(binding.var.name, new.ty)
-        self.builder_.emit_normalized(relax.VarBinding(var, new))
-        self.set_var_remap(binding.var, var)
+def _clip(x, lo, hi, visit):
+    return relax.op.clip(visit(x), lo, hi)
 
 
 @tvm.transform.module_pass(opt_level=0, name="LiftClips")
@@ -111,7 +97,5 @@ class LiftClips:
             clips[binding.var] = (x, lo, hi)
         if not clips:
             return mod
-        new = relax.analysis.remove_all_unused(_Lifter(mod, clips).visit_expr(func))
-        updated = tvm.IRModule(dict(mod.functions), attrs=mod.attrs)
-        updated[self.func_name] = new
-        return relax.transform.DeadCodeElimination()(updated)  # the max/min PrimFuncs
+        rebind = {var: functools.partial(_clip, *entry) for var, entry in clips.items()}
+        return with_function(mod, self.func_name, RebindValues(mod, rebind).visit_expr(func))
