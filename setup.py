@@ -6,7 +6,8 @@ setup(
     description="DeepRebirth layer slimming as Apache TVM Relax passes",
     python_requires=">=3.10",
     packages=["tvm_rebirth", "tvm_rebirth.passes", "tvm_rebirth.frontend", "tvm_rebirth.learn",
-              "tvm_rebirth.compile", "tvm_rebirth.deploy", "tvm_rebirth.report",
+              "tvm_rebirth.planning", "tvm_rebirth.compile", "tvm_rebirth.deploy",
+              "tvm_rebirth.report",
               # data only: the committed tuning_logs/ installed as tvm_rebirth/tuning_logs
               # (compile.database.packaged_tuning_logs); `tune` writes to the user cache
               "tvm_rebirth.tuning_logs"],
