@@ -405,7 +405,8 @@ def test_dynamic_height_and_width_need_an_input_shape(inputs, tmp_path):
                          str(tmp_path / "p.yaml"), "--calib", calib, "--rounds", "1", "--json")
     assert code == 0, err
     assert json.loads(out)["sites"] == [site["id"]]
-    code, out, err = run("plan", inputs["dynamic_batch"], "--select", "all", "--json")  # a dynamic batch is 1
+    code, out, err = run("plan", inputs["dynamic_batch"], "--select", "all", "-o",
+                         str(tmp_path / "batch.yaml"), "--json")  # a dynamic batch is 1
     assert code == 0, err
     assert json.loads(out)["input_shapes"] == {"data": [1, 3, 16, 16]}
 
