@@ -152,7 +152,7 @@ def test_private_emulated_device_for_the_demo(devices, tmp_path, caplog):
 
 def test_alexnet_rebirth_executes_fewer_instructions(devices, tmp_path):
     code, stdout, err = run("bench", "--select", "all", "alexnet", "--tracker", devices["tracker"], "--key",
-                            EMULATED_KEY, "--rounds", "1", "--images", "64", "--json")
+                            EMULATED_KEY, "--rounds", "1", "--images", "16", "--json")
     assert code == 0, err
     data = json.loads(stdout)
     assert data["instructions_ratio"] >= 1.3, data
