@@ -213,24 +213,14 @@ def blocked_conv_te(x, packed, out_channels, strides, padding, dilation, plan: C
                       name=UNPACK_BLOCK)
 
 
-def static_shape(sinfo) -> list | None:
-    """The dims of a tensor type when all are known integers, else None."""
-    from tvm import relax, tirx
-
-    if not isinstance(sinfo, relax.TensorType) or sinfo.shape is None:
-        return None
-    dims = getattr(sinfo.shape, "values", None)
-    if dims is None or not all(isinstance(d, tirx.IntImm) for d in dims):
-        return None
-    return [int(d) for d in dims]
-
-
 def conv_rewrite_applies(call) -> bool:
     """Whether a Relax call is a conv this pass rewrites: NCHW/OIHW/NCHW, float32 data,
     output and constant weights, static shapes; grouped only with more than one output
     channel per group (depthwise convs stay with the generic schedule)."""
     import tvm
     from tvm import relax
+
+    from ..passes.dataflow import shape_of
 
     if not isinstance(call, relax.Call) or getattr(call.op, "name", "") != "relax.nn.conv2d":
         return False
@@ -245,8 +235,8 @@ def conv_rewrite_applies(call) -> bool:
     groups = int(attrs.groups)
     if groups > 1 and (weight.value.shape[0] // groups < 2 or weight.value.shape[1] < 2):
         return False
-    return static_shape(x.ty) is not None and str(x.ty.dtype) == "float32" and \
-        static_shape(weight.ty) is not None
+    return shape_of(x) is not None and str(x.ty.dtype) == "float32" and \
+        shape_of(weight) is not None
 
 
 def rewrite_relax_functions(mod, rewriter):

@@ -24,7 +24,8 @@ import logging
 
 from tvm.s_tir.dlight.base import ScheduleRule
 
-from .layouts import rewrite_relax_functions, static_shape, vector_unit
+from ..passes.dataflow import shape_of
+from .layouts import rewrite_relax_functions, vector_unit
 
 logger = logging.getLogger(__name__)
 
@@ -86,8 +87,8 @@ def channel_window_te(x, window: int, before: int, divisor: int):
 
 def _float32_static(call) -> bool:
     x = call.args[0]
-    return str(x.ty.dtype) == "float32" and static_shape(x.ty) is not None and \
-        static_shape(call.ty) is not None
+    return str(x.ty.dtype) == "float32" and shape_of(x) is not None and \
+        shape_of(call) is not None
 
 
 def max_pool_rewrite_applies(call) -> bool:
@@ -103,13 +104,13 @@ def channel_window_applies(call) -> bool:
     attrs = call.attrs
     if (attrs.layout, attrs.out_layout) != ("NCDHW", "NCDHW") or not _float32_static(call):
         return False
-    shape = static_shape(call.args[0].ty)
+    shape = shape_of(call.args[0])
     pool = [int(p) for p in attrs.pool_size]
     pad = [int(p) for p in attrs.padding]
     return shape[1] == 1 and pool[1:] == [1, 1] and \
         all(int(s) == 1 for s in attrs.strides) and all(int(d) == 1 for d in attrs.dilation) \
         and pad[1:3] == [0, 0] and pad[4:] == [0, 0] and pad[0] + pad[3] == pool[0] - 1 \
-        and static_shape(call.ty) == shape
+        and shape_of(call) == shape
 
 
 def SeparablePools(target):  # noqa: N802 -- a pass, named like TVM's
@@ -133,7 +134,7 @@ def SeparablePools(target):  # noqa: N802 -- a pass, named like TVM's
                 pool = [int(p) for p in attrs.pool_size]
                 strides = [int(s) for s in attrs.strides]
                 padding = [int(p) for p in attrs.padding]
-                out_hw = static_shape(call.ty)[2:]
+                out_hw = shape_of(call)[2:]
                 self.rewritten += 1
                 return self.builder_.call_te(
                     lambda x: separable_max_pool_te(x, pool, strides, padding, out_hw),

@@ -116,6 +116,8 @@ def require_measurable(mod) -> None:
     measurement at the end of ``tune`` feeds it (checked before searching)."""
     import tvm
 
+    from ..passes.dataflow import shape_of
+
     params = list(mod["main"].params)
     described = []
     for p in params:
@@ -127,10 +129,7 @@ def require_measurable(mod) -> None:
         raise RebirthError(f"the model takes {len(params)} inputs ({', '.join(described)}); "
                            "measuring the whole model after tuning feeds one image: pass "
                            "--no-measure")
-    ty = params[0].ty
-    shape = getattr(getattr(ty, "shape", None), "values", None)
-    if getattr(ty, "dtype", None) != "float32" or shape is None or \
-            not all(isinstance(v, tvm.tirx.IntImm) for v in shape):
+    if getattr(params[0].ty, "dtype", None) != "float32" or shape_of(params[0]) is None:
         raise RebirthError(f"input {described[0]}: measuring the whole model after tuning "
                            "needs a float32 input of static shape: pass --no-measure")
 
