@@ -97,8 +97,7 @@ def _fake(groups, costs, memory=None, errors=None):
     variants = {s: {v: None for g in built for c in g.combos for s2, v in c.items()
                     if s2 == s and v != OFF} for g in built for s in g.sites}
     choices = SiteChoices(analysis=None, variants=variants, groups=built)
-    table = CostTable(target="fake", unit="instructions", model_cost=100.0, model_memory=0,
-                      entries=entries)
+    table = CostTable(target="fake", unit="instructions", model_cost=100.0, entries=entries)
     zero = {s: {v: 0.0 for v in names} for s, names in variants.items()}
     return choices, table, errors or zero
 
@@ -110,9 +109,9 @@ def test_selection_never_picks_a_slower_or_bigger_variant():
          (["c"], [{"c": OFF}, {"c": "v1"}])],
         {"a": [10, 12, 7], "b": [10, 11], "c": [10, 5]},
         memory={"c": [100, 101]})
-    # the whole model's memory: the original's, plus what each chosen block adds
+    # the whole model's memory: the original's (0 here), plus what each chosen block adds
     def model_memory(combos):
-        return table.model_memory + sum(
+        return sum(
             table.memory(g, c) - table.memory(g, g.combos[0])
             for g in choices.groups for c in combos if set(c) == set(g.sites))
 

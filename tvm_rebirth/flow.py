@@ -313,6 +313,7 @@ def select_plan(model, options: SelectOptions, kinds=SITE_KINDS, tag: str | None
     if options.budget is not None and options.budget < 0:
         raise RebirthError(f"--budget {options.budget}: must be >= 0")
     budget = DEFAULT_BUDGET if options.budget is None else options.budget
+    require_device(options.tracker, options.key)
     how = measurement_for(options.target, options.tracker, options.key)
     choices = site_choices(model.mod, kinds)
     if not choices.groups:  # nothing to choose from: the plan lists what was rejected
@@ -324,11 +325,9 @@ def select_plan(model, options: SelectOptions, kinds=SITE_KINDS, tag: str | None
     n = sum(len(g.combos) for g in choices.groups)
     _log(tag, f"{len(choices.variants)} site(s), {n} block variant(s) to cost on {how.label}")
     table = measure_costs(model, choices, how, options.tuned)
-    errors = {s: {name: 0.0 for name, site in v.items() if site.exact}
-              for s, v in choices.variants.items()}  # exact variants cost no accuracy
     if learned:
         _log(tag, f"estimating accuracy costs on {options.images} calibration images")
-        errors = accuracy_costs(model, choices, images, kinds)
+    errors = accuracy_costs(model, choices, images, kinds)
 
     def model_memory(combos):
         return planned_memory(rebirth_pipeline(choices.slimming_plan(combos), None)(model.mod),

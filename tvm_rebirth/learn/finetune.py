@@ -128,6 +128,30 @@ def _refit_consumers(site, fits, consumers, analysis, targets, held, arrays):
     return report
 
 
+def _streamline_fits(site, inputs, relus) -> list:
+    """(weight key, bias key, spec, input, relu) of each rebirth conv of a streamline site,
+    ``inputs[i]`` the captured input of its i-th conv."""
+    return [(wkey, bkey, spec, inputs[i], relu) for i, ((_, wkey, bkey), spec, relu) in
+            enumerate(zip(weight_keys(site), site.new_conv, relus))]
+
+
+def _fit_streamline_convs(fits, target, held, arrays) -> list:
+    """Fit each conv of ``fits`` to its slice of ``target``'s channels (they are
+    concatenated in conv order); the squared-error sums of each (``_combine`` them)."""
+    offset, pieces = 0, []
+    for wkey, bkey, spec, x, relu in fits:
+        y = target[:, offset:offset + spec.out_channels]
+        offset += spec.out_channels
+        pieces.append(_fit_one(x, y, spec, relu, held, arrays, wkey, bkey))
+    return pieces
+
+
+def _held_out(images) -> np.ndarray:
+    """Every 8th image, held out to measure errors on unseen images (none below 8)."""
+    count = 0 if images is None else len(images)
+    return np.arange(count) % 8 == 7 if count >= 8 else np.zeros(count, bool)
+
+
 def _fit_streamline(site, current, target, policy, images, held, arrays, site_convs,
                     consumer_targets):
     """Learn a streamline site's conv(s) from inputs captured in ``current`` (every site
@@ -135,14 +159,8 @@ def _fit_streamline(site, current, target, policy, images, held, arrays, site_co
     inputs, analysis = capture(
         current, lambda a: dict(enumerate(a.trace(site.id).inputs)), images,
         f"inputs of {site.id}", policy)
-    relus = analysis.trace(site.id).relu
-    fits = [(wkey, bkey, spec, inputs[i], relu) for i, ((_, wkey, bkey), spec, relu) in
-            enumerate(zip(weight_keys(site), site.new_conv, relus))]
-    offset, pieces = 0, []
-    for wkey, bkey, spec, x, relu in fits:
-        y = target[:, offset:offset + spec.out_channels]
-        offset += spec.out_channels
-        pieces.append(_fit_one(x, y, spec, relu, held, arrays, wkey, bkey))
+    fits = _streamline_fits(site, inputs, analysis.trace(site.id).relu)
+    pieces = _fit_streamline_convs(fits, target, held, arrays)
     entry = {"id": site.id, "kind": site.kind, "exact": False, **_combine(pieces),
              "method": "ridge least squares + ReLU-aware refinement",
              "held_out_images": int(held.sum())}
@@ -356,9 +374,7 @@ def finetune(model, plan, images=None, calibration="",
             return outs
         targets, _ = capture(model.mod, original_targets, images, "original model",
                              plan.policy)
-    # every 8th image is held out: reported errors are measured on unseen images
-    held = np.arange(len(images)) % 8 == 7 if images is not None and len(images) >= 8 \
-        else np.zeros(0 if images is None else len(images), bool)
+    held = _held_out(images)
     for site in learned:
         t = time.time()
         current = rebirth_pipeline(plan.with_enabled(lambda s: s.id in done), arrays)(model.mod)
@@ -422,20 +438,16 @@ def variant_errors(model, choices, images, kinds=SITE_KINDS) -> dict:
                 f"{len(images)} images")
     captured, analysis = capture(model.mod, ends, images, "site inputs and outputs",
                                  kinds=kinds)
-    held = np.arange(len(images)) % 8 == 7
+    held = _held_out(images)
     for (site_id, name), site in learned.items():
         arrays, target = {}, captured[("out", site_id)]
         if site.kind == "branch":
             entry = _fit_branch(site, analysis, captured[("in", site_id, 0)], target, held,
                                 arrays)
         else:
-            relus, offset, pieces = analysis.trace(site_id).relu, 0, []
-            for i, ((_, wkey, bkey), spec) in enumerate(zip(weight_keys(site), site.new_conv)):
-                y = target[:, offset:offset + spec.out_channels]
-                offset += spec.out_channels
-                pieces.append(_fit_one(captured[("in", site_id, i)], y, spec, relus[i], held,
-                                       arrays, wkey, bkey))
-            entry = _combine(pieces)
+            inputs = {i: captured[("in", site_id, i)] for i in range(len(site.new_conv))}
+            fits = _streamline_fits(site, inputs, analysis.trace(site_id).relu)
+            entry = _combine(_fit_streamline_convs(fits, target, held, arrays))
         errors[site_id][name] = entry["rel_error"]
         logger.info(f"[plan] {site_id} ({name}): held-out relative error "
                     f"{entry['rel_error']:.3f}")

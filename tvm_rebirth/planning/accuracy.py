@@ -4,10 +4,9 @@ table per model, calibration images and variant, so planning a model again costs
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 
-from .costs import COSTS_VERSION, read_cache, write_cache
+from .costs import cache_path, read_cache, write_cache
 from .variants import conv_hash
 
 logger = logging.getLogger(__name__)
@@ -19,16 +18,16 @@ def _variant_key(site_id: str, name: str, site) -> str:
 
 def accuracy_costs(model, choices, images, kinds) -> dict:
     """{site id: {variant: held-out relative error}} of every variant of ``choices`` on
-    ``images`` (their bytes key the cache)."""
+    ``images`` (their bytes key the cache); ``images`` None when every variant is exact
+    (they all cost 0)."""
     import numpy as np
 
-    from ..frontend.zoo import cache_dir
     from ..learn.finetune import variant_errors
 
+    if images is None:
+        return variant_errors(model, choices, None, kinds)
     digest = hashlib.sha256(np.ascontiguousarray(images, dtype=np.float32).tobytes())
-    tag = hashlib.sha256(json.dumps([COSTS_VERSION, model.sha256, digest.hexdigest()])
-                         .encode()).hexdigest()[:16]
-    path = cache_dir() / "costs" / f"{model.name.replace('/', '_')}-accuracy-{tag}.json"
+    path = cache_path(model, "accuracy", [digest.hexdigest()])
     keys = {(s, n): _variant_key(s, n, site) for s, options in choices.variants.items()
             for n, site in options.items()}
     cached = read_cache(path)

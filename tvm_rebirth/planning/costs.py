@@ -25,7 +25,6 @@ import json
 import logging
 import statistics
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -54,17 +53,14 @@ class Measurement:
 
 def measurement_for(target=None, tracker=None, key=None) -> Measurement:
     """Latency on this CPU (no target, or "host"), on a tracker device (``tracker`` and
-    ``key``; ``target`` defaults to the key's), or exact guest instructions on the emulated
+    ``key``, checked together by ``flow.require_device``; ``target`` defaults to the key's), or exact guest instructions on the emulated
     Cortex-A72 (a Cortex-A target without a tracker: `tvm-rebirth device start` prepares it)."""
     import os
 
     from ..compile.build import host_target
     from ..compile.targets import is_cross, resolve_target, target_label
 
-    if tracker or key:
-        if not (tracker and key):
-            raise RebirthError("--tracker and --key go together (the tracker's address and the "
-                               "device key to measure on)")
+    if tracker and key:
         from ..deploy.remote import default_target_for, is_emulated
         from ..deploy.rpc import parse_tracker
 
@@ -87,15 +83,13 @@ def measurement_for(target=None, tracker=None, key=None) -> Measurement:
 
 @dataclasses.dataclass
 class CostTable:
-    """Measured costs (``unit``) and planned activation bytes of every group's combos and of
-    the original model, on ``target``."""
+    """Measured costs (``unit``) and planned activation bytes of every group's combos, and
+    the original model's cost, on ``target``."""
 
     target: str
     unit: str
     model_cost: float
-    model_memory: int
     entries: dict  # entry key -> {"cost": float, "memory": int}
-    seconds: float = 0.0  # spent measuring (0 when every entry came from the cache)
 
     def cost(self, group, combo) -> float:
         return self.entries[entry_key(group, combo)]["cost"]
@@ -117,19 +111,26 @@ def entry_key(group, combo) -> str:
 MODEL_KEY = "<model>"
 
 
-def _cache_path(model, how: Measurement, tuned: bool) -> Path:
+def cache_path(model, label: str, facts: list) -> Path:
+    """``<cache>/costs/<model>-<label>-<hash of facts>.json``: the planner's cache file for
+    whatever ``facts`` (JSON-able) the entries depend on besides the model's file."""
     from ..frontend.zoo import cache_dir
 
+    tag = hashlib.sha256(json.dumps([COSTS_VERSION, model.sha256, *facts]).encode())
+    return cache_dir() / "costs" / f"{model.name.replace('/', '_')}-{label}-" \
+        f"{tag.hexdigest()[:16]}.json"
+
+
+def _cost_cache_path(model, how: Measurement, tuned: bool) -> Path:
     from ..compile.build import conv_kernels_enabled
     from ..compile.database import database_signature
     from ..compile.winograd import winograd_enabled
 
     # what changes the kernels a block builds with: shapes, target, tuning records, switches
-    facts = [COSTS_VERSION, model.sha256, {k: list(v) for k, v in model.input_shapes.items()},
-             str(how.target), database_signature(how.target) if tuned else None,
-             conv_kernels_enabled(), winograd_enabled()]
-    tag = hashlib.sha256(json.dumps(facts).encode()).hexdigest()[:16]
-    return cache_dir() / "costs" / f"{model.name.replace('/', '_')}-{how.label}-{tag}.json"
+    return cache_path(model, how.label, [
+        {k: list(v) for k, v in model.input_shapes.items()}, str(how.target),
+        database_signature(how.target) if tuned else None, conv_kernels_enabled(),
+        winograd_enabled()])
 
 
 def read_cache(path: Path) -> dict:
@@ -171,10 +172,6 @@ def _block_functions(model, choices, missing) -> tuple:
             # fresh vars: functions of one module must not share a var (FuseOps)
             functions[name] = copy_with_new_vars(mod["main"]).with_attr("global_symbol", name)
             keys[name] = entry_key(group, combo)
-    if "main" not in functions:  # the build pipeline reports main's memory
-        name = next(iter(functions))
-        functions["main"] = functions.pop(name).with_attr("global_symbol", "main")
-        keys["main"] = keys.pop(name)
     mod = tvm.IRModule(functions)
     for key, value in (model.mod.attrs or {}).items():
         mod = mod.with_attr(key, value)
@@ -221,11 +218,10 @@ def measure_costs(model, choices, how: Measurement, tuned=True) -> CostTable:
     cached entries are reused, the rest built and measured in one module."""
     from ..compile.build import compile_module, export_library
 
-    path = _cache_path(model, how, tuned)
+    path = _cost_cache_path(model, how, tuned)
     entries = read_cache(path)
     wanted = [MODEL_KEY] + [entry_key(g, c) for g in choices.groups for c in g.combos]
     missing = [k for k in wanted if k not in entries]
-    start = time.time()
     if missing:
         mod, keys = _block_functions(model, choices, set(missing))
         logger.info(f"[plan] building {len(keys)} block variant(s) of {model.name} for "
@@ -256,8 +252,5 @@ def measure_costs(model, choices, how: Measurement, tuned=True) -> CostTable:
     else:
         logger.info(f"[plan] every block cost of {model.name} on {how.label} is cached "
                     f"({path})")
-    model_entry = entries[MODEL_KEY]
-    return CostTable(target=how.label, unit=how.unit, model_cost=model_entry["cost"],
-                     model_memory=model_entry["memory"],
-                     entries={k: entries[k] for k in wanted if k != MODEL_KEY},
-                     seconds=round(time.time() - start, 1) if missing else 0.0)
+    return CostTable(target=how.label, unit=how.unit, model_cost=entries[MODEL_KEY]["cost"],
+                     entries={k: entries[k] for k in wanted if k != MODEL_KEY})

@@ -180,9 +180,10 @@ def selected_plan(model, choices, selection, kinds, policy="keep-kernel"):
     from ..plan import RebirthPlan
 
     base = RebirthPlan.from_model(model, policy=policy, kinds=kinds)
+    chosen = {s: v for combo in selection.combos.values() for s, v in combo.items()}
     sites = []
     for site in base.sites:
-        variant = selection.sites.get(site.id, {}).get("variant", OFF)
+        variant = chosen.get(site.id, OFF)
         if variant == OFF:
             sites.append(dataclasses.replace(site, enabled=False))
         else:
