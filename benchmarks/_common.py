@@ -78,3 +78,18 @@ def write(name: str, payload: dict, markdown: str) -> None:
     (RESULTS / f"{name}.json").write_text(json.dumps(payload, indent=2) + "\n")
     (RESULTS / f"{name}.md").write_text(markdown + f"\n\nReproduce: `{payload['command']}`\n")
     print(f"wrote {RESULTS / name}.json and .md", file=sys.stderr)
+
+
+def count_emulated(mod, x, workdir, name: str, target_name: str = "cortex-a72") -> tuple:
+    """(guest instructions per inference, planned activation bytes) of ``mod`` cross-built
+    untuned for ``target_name`` and run on the emulated core (qemu-user, 1 thread)."""
+    from tvm_rebirth.compile.build import compile_module, export_library
+    from tvm_rebirth.compile.targets import resolve_target
+    from tvm_rebirth.deploy.remote import count_instructions_per_inference
+
+    target = resolve_target(target_name)
+    compiled = compile_module(mod, target, tuned=False)
+    lib = Path(workdir) / f"{name}.so"
+    export_library(compiled.executable, str(lib), target)
+    return count_instructions_per_inference(lib, x, Path(workdir), runs=1), \
+        compiled.planned_bytes

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import table, write  # noqa: E402
+from _common import count_emulated, table, write  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
@@ -78,18 +78,6 @@ def with_kernels(env: dict):
     return _Env()
 
 
-def count_a72(mod, x, workdir: Path, name: str) -> int:
-    """Guest instructions per inference of ``mod`` cross-built for the Cortex-A72."""
-    from tvm_rebirth.compile.build import compile_module, export_library
-    from tvm_rebirth.compile.targets import resolve_target
-    from tvm_rebirth.deploy.remote import count_instructions_per_inference
-
-    target = resolve_target("cortex-a72")
-    lib = workdir / f"{name}.so"
-    export_library(compile_module(mod, target, tuned=False).executable, str(lib), target)
-    return count_instructions_per_inference(lib, x, workdir, runs=1)
-
-
 def bench_shapes(names, variants, workdir):
     rows = {}
     for name in names:
@@ -99,7 +87,7 @@ def bench_shapes(names, variants, workdir):
         rows[name] = {"macs": macs}
         for variant in variants:
             with with_kernels(VARIANTS[variant]):
-                count = count_a72(mod, x, workdir, f"{variant}-{len(rows)}")
+                count = count_emulated(mod, x, workdir, f"{variant}-{len(rows)}")[0]
             rows[name][variant] = {"instructions": count,
                                    "per_mac": round(count / macs, 4)}
             logger.info(f"{name}: {variant} {count:.3e} instructions, {count / macs:.3f}/MAC")
@@ -119,7 +107,7 @@ def bench_models(models, variants, workdir, host_rounds):
         result[name] = {"macs": macs}
         for variant in variants:
             with with_kernels(VARIANTS[variant]):
-                count = count_a72(model.mod, x, workdir, f"{name}-{variant}")
+                count = count_emulated(model.mod, x, workdir, f"{name}-{variant}")[0]
             result[name][variant] = {"instructions": count, "per_mac": round(count / macs, 4)}
             logger.info(f"{name}: {variant} {count:.3e} instructions/inference")
         if host_rounds:

@@ -23,14 +23,14 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import table, write  # noqa: E402
+from _common import count_emulated, table, write  # noqa: E402
 
 from tvm_rebirth import flow  # noqa: E402
 from tvm_rebirth.compile.build import host_target  # noqa: E402
 from tvm_rebirth.passes import rebirth_pipeline  # noqa: E402
 
 
-def measure_host(model, mods, x, rounds):
+def measure_host(mods, x, rounds):
     from tvm_rebirth.report.measure import bench_variants
 
     result = bench_variants(mods, x, rounds=rounds, number=5)
@@ -38,20 +38,12 @@ def measure_host(model, mods, x, rounds):
             for name in mods}
 
 
-def measure_emulated(model, mods, x, target_name):
-    from tvm_rebirth.compile.build import compile_module, export_library
-    from tvm_rebirth.compile.targets import resolve_target
-    from tvm_rebirth.deploy.remote import count_instructions_per_inference
-
-    target = resolve_target(target_name)
+def measure_emulated(mods, x, target_name):
     out = {}
     with tempfile.TemporaryDirectory(prefix="plans-") as tmp:
         for name, mod in mods.items():
-            compiled = compile_module(mod, target, tuned=False)
-            lib = Path(tmp) / f"{name}.so"
-            export_library(compiled.executable, str(lib), target)
-            out[name] = {"cost": count_instructions_per_inference(lib, x, Path(tmp)),
-                         "memory_mb": round(compiled.planned_bytes / 2 ** 20, 3)}
+            count, planned = count_emulated(mod, x, tmp, name, target_name)
+            out[name] = {"cost": count, "memory_mb": round(planned / 2 ** 20, 3)}
     return out
 
 
@@ -78,8 +70,8 @@ def main():
 
         x = bench_input(model)[0]
         mods = {"original": model.mod, "rebirth": rebirth_pipeline(plan, None)(model.mod)}
-        measured = measure_host(model, mods, x, args.rounds) if args.target == "host" else \
-            measure_emulated(model, mods, x, args.target)
+        measured = measure_host(mods, x, args.rounds) if args.target == "host" else \
+            measure_emulated(mods, x, args.target)
         o, r = measured["original"], measured["rebirth"]
         selection = plan.selection or {}
         entry = {"model": name, "select": args.select, "plan_seconds": plan_seconds,
