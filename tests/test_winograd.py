@@ -22,12 +22,12 @@ FOUR_LANES = tvm.target.Target({"kind": "llvm", "mcpu": "x86-64"})  # NEON's 4 f
 
 
 def _conv_module(cin, cout, hw, pad=1, epilogue="bias_relu", seed=0, stride=1, k=3,
-                 groups=1):
+                 groups=1, batch=1):
     rng = np.random.default_rng(seed)
     weight = (rng.standard_normal((cout, cin // groups, k, k)) / np.sqrt(9 * cin)
               ).astype("float32")
     bias = rng.standard_normal((1, cout, 1, 1)).astype("float32")
-    x = relax.Var("x", relax.TensorType((1, cin, *hw), "float32"))
+    x = relax.Var("x", relax.TensorType((batch, cin, *hw), "float32"))
     bb = relax.BlockBuilder()
     with bb.function("main", [x]):
         with bb.dataflow():
@@ -86,11 +86,13 @@ def test_transform_schedules_match_unscheduled(name, target, monkeypatch):
         assert_schedule_matches(func, rule, target, atol=1e-3)
 
 
-@pytest.mark.parametrize("epilogue,groups,channels", [
-    ("bias_relu", 1, 64), ("none", 1, 64), ("concat", 1, 64), ("bias_relu", 2, 128)])
-def test_winograd_module_matches_direct_build(epilogue, groups, channels, monkeypatch):
-    mod = _conv_module(channels, channels, (13, 13), epilogue=epilogue, groups=groups)
-    x = np.random.default_rng(1).standard_normal((1, channels, 13, 13)).astype("float32")
+@pytest.mark.parametrize("epilogue,groups,channels,batch", [
+    ("bias_relu", 1, 64, 1), ("none", 1, 64, 1), ("concat", 1, 64, 1), ("bias_relu", 2, 128, 1),
+    ("bias_relu", 1, 64, 3)])  # a batch of 3 (training batches, --input-shape)
+def test_winograd_module_matches_direct_build(epilogue, groups, channels, batch, monkeypatch):
+    mod = _conv_module(channels, channels, (13, 13), epilogue=epilogue, groups=groups,
+                       batch=batch)
+    x = np.random.default_rng(1).standard_normal((batch, channels, 13, 13)).astype("float32")
     got = Runner(mod, tuned=False)(x)[0]
     monkeypatch.setenv("TVM_REBIRTH_WINOGRAD", "0")
     assert not any("winograd" in n for n in _funcs(mod))

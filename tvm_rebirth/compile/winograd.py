@@ -93,7 +93,7 @@ def _select(index, cases):
 
 
 def input_transform_te(x, padding, tiles_w, columns):
-    """[1, C, H, W] -> V [1, 16 C, 1, columns]: each tile of the zero-padded input, B^T d B
+    """[N, C, H, W] -> V [N, 16 C, 1, columns]: each tile of the zero-padded input, B^T d B
     (``columns`` >= the tiles: the GEMM's width rounded to its register tile; the tiles past
     the image are zeros)."""
     from tvm import te, tirx
@@ -121,7 +121,7 @@ def input_transform_te(x, padding, tiles_w, columns):
 
 
 def output_transform_te(m, out_channels, out_h, out_w, tiles_w):
-    """M [1, 16 K, 1, P] -> Y [1, K, out_h, out_w]: A^T M A of each tile, cropped."""
+    """M [N, 16 K, 1, P] -> Y [N, K, out_h, out_w]: A^T M A of each tile, cropped."""
     from tvm import te
 
     def transform(b, k, h, w):
@@ -133,7 +133,8 @@ def output_transform_te(m, out_channels, out_h, out_w, tiles_w):
                     (A_T[i, xi] * A_T[j, nu], m[b, (xi * ALPHA + nu) * out_channels + k, 0, p])
                     for xi in range(ALPHA) for nu in range(ALPHA)))
         return _select((h % TILE) * TILE + w % TILE, cases)
-    return te.compute((1, out_channels, out_h, out_w), transform, name=WINO_OUTPUT)
+    return te.compute((int(m.shape[0]), out_channels, out_h, out_w), transform,
+                      name=WINO_OUTPUT)
 
 
 def winograd_applies(call) -> bool:
