@@ -148,7 +148,9 @@ def _rebirth_options(args) -> flow.RebirthOptions:
     return flow.RebirthOptions(plan=args.plan, weights=getattr(args, "weights", None),
                                calib=args.calib, images=args.images, e2e=e2e,
                                select=getattr(args, "select", None) or "paying",
-                               budget=getattr(args, "budget", None))
+                               budget=getattr(args, "budget", None),
+                               reconstruct_epochs=getattr(args, "reconstruct_epochs",
+                                                          flow.RECONSTRUCT_EPOCHS))
 
 
 def cmd_finetune(args) -> None:
@@ -157,9 +159,12 @@ def cmd_finetune(args) -> None:
         **_input_args(args)))
     out = args.output or os.path.basename(payload["weights"])
     rows = [[r["id"], "exact" if r["exact"] else "learned",
-             "-" if r["rel_error"] is None else f"{r['rel_error']:.4f}", f"{r['seconds']:.1f}"]
+             "-" if r["rel_error"] is None else f"{r['rel_error']:.4f}",
+             f"{r['block']['held_out_before']:.4f} -> {r['block']['held_out_after']:.4f} "
+             f"(to {r['block']['ends_at']})" if "block" in r else "-",
+             f"{r['seconds']:.1f}"]
             for r in payload["sites"]]
-    text = table(rows, ["site", "kind", "rel. error", "seconds"]) + (
+    text = table(rows, ["site", "kind", "rel. error", "block loss (held out)", "seconds"]) + (
         f"\n\nweights written to {out} ({payload['calibration']}); {payload['seconds']}s")
     if "end_to_end" in payload:
         e2e = payload["end_to_end"]
@@ -318,6 +323,17 @@ def positive_int(text: str) -> int:
     return value
 
 
+def non_negative_int(text: str) -> int:
+    """argparse type: an integer of at least 0 (epochs that may be switched off)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid int value: '{text}'") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be at least 0, got {value}")
+    return value
+
+
 def positive_float(text: str) -> float:
     """argparse type: a number above 0 (seconds)."""
     try:
@@ -416,6 +432,10 @@ def build_parser() -> argparse.ArgumentParser:
                             "(paying, default) or every site found (all)")
         p.add_argument("--budget", type=float,
                        help="without --plan: accuracy budget of --select paying (default 2.5)")
+        p.add_argument("--reconstruct-epochs", type=non_negative_int,
+                       default=flow.RECONSTRUCT_EPOCHS,
+                       help="epochs of block reconstruction with TVM gradients after each "
+                            f"site's closed-form fit ({flow.RECONSTRUCT_EPOCHS}; 0: off)")
         add_input_options(p)
 
     def add_variant(p, verb):
@@ -435,7 +455,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", help="weights file (default: <model>.weights.npz)")
     p.add_argument("--e2e", action="store_true",
                    help="then refine all learned convs end to end by distilling the original "
-                        "outputs (needs PyTorch: pip install torch==2.13.0)")
+                        "outputs with TVM gradients (with --e2e-labels: retrain in PyTorch, "
+                        "pip install torch==2.13.0)")
     p.add_argument("--e2e-images", type=positive_int, default=4096,
                    help="images for end-to-end refinement (4096)")
     p.add_argument("--e2e-epochs", type=positive_int, default=8, help="epochs of it (8)")

@@ -24,6 +24,7 @@ import time
 from dataclasses import dataclass, field
 
 from .errors import RebirthError
+from .learn.finetune import RECONSTRUCT_EPOCHS
 from .passes.site import SITE_KINDS
 
 logger = logging.getLogger(__name__)
@@ -63,6 +64,8 @@ class RebirthOptions:
     # (select_plan), "all" every site found with default variants
     select: str = "paying"
     budget: float | None = None  # accuracy budget of "paying" (None: the default)
+    # epochs of block reconstruction with TVM gradients after each site's closed form (0: off)
+    reconstruct_epochs: int = RECONSTRUCT_EPOCHS
     e2e: E2EOptions = field(default_factory=E2EOptions)
 
     def inputs(self) -> dict:
@@ -79,6 +82,9 @@ class RebirthOptions:
     def check(self) -> None:
         """Option combinations that cannot work, refused before any work."""
         require_positive(self.images, "--images")
+        if self.reconstruct_epochs < 0:
+            raise RebirthError(f"--reconstruct-epochs {self.reconstruct_epochs}: use 0 (off) "
+                               "or more")
         if self.select not in ("paying", "all"):
             raise RebirthError(f"--select {self.select}: use paying or all")
         if self.plan and (self.select != "paying" or self.budget is not None):
@@ -412,7 +418,7 @@ def fine_tune(model, plan, options: RebirthOptions, tag: str | None = None,
     e2e_images, e2e_labels = e2e_data(model, options, tag)
     return finetune(model, plan, calib, description, e2e_images=e2e_images,
                     e2e_epochs=options.e2e.epochs, e2e_labels=e2e_labels,
-                    e2e_flip=options.e2e.flip)
+                    e2e_flip=options.e2e.flip, reconstruct_epochs=options.reconstruct_epochs)
 
 
 def weights_for(model, plan, options: RebirthOptions, tag: str | None = None,

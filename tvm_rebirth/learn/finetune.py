@@ -257,27 +257,137 @@ def _reducer_weights(site, analysis, trace, covered, receiver, w0, b0, width, x,
 
 def _refine_end_to_end(model, plan, arrays, images, labels, flip, epochs):
     """Train every learned conv (rebirth and refitted) together towards the original model's
-    outputs, and towards ``labels`` when given (see distill)."""
+    outputs: with TVM's gradients on unlabeled images (``distill_with_tvm``), or with
+    ``labels`` by retraining in PyTorch with the original as teacher (see distill)."""
+    if labels is None:
+        return _distill_with_tvm(model, plan, arrays, images, flip, epochs)
     from .distill import distill
 
     trainable = {}
     for site in plan.enabled_sites():
-        if site.exact:
-            continue
-        for replaces, wkey, bkey in weight_keys(site):
-            trainable[replaces] = (wkey, bkey)
-        prefix = f"{site.id}/refit/"
-        for key in list(arrays):
-            if key.startswith(prefix) and key.endswith("/weight"):
-                trainable[key[len(prefix):-len("/weight")]] = (key, key[:-len("weight")] + "bias")
+        if not site.exact:
+            trainable.update(_trainable(site, arrays))
     rebirth = rebirth_pipeline(plan, arrays)(model.mod)
     logger.info(f"[finetune] end-to-end refinement of {len(trainable)} convs on {len(images)} "
-        + ("labeled" if labels is not None else "unlabeled") + " images")
+                "labeled images")
     learned, report = distill(model.mod, rebirth, trainable, images, labels=labels, flip=flip,
                               epochs=epochs)
     for key, value in learned.items():
         arrays[key] = value.reshape(arrays[key].shape)
     return report
+
+
+def _plain_main(mod):
+    """``mod``'s main without dataflow blocks (its vars can be region ends and outputs)."""
+    from tvm import relax
+
+    return relax.transform.ToNonDataflow()(mod)["main"]
+
+
+def _distill_with_tvm(model, plan, arrays, images, flip, epochs) -> dict:
+    """Whole-network distillation with TVM's gradients: every learned conv trained together
+    so the slimmed model's output matches the original's, on ``images`` shifted, blended
+    (and with ``flip`` flipped) at random, the original labelling each augmented batch."""
+    from .train import BatchedForward, RegionTrainer, image_augmentation
+
+    start = time.time()
+    trainable = {}
+    for site in plan.enabled_sites():
+        if not site.exact:
+            trainable.update(_trainable(site, arrays))
+    held = _held_out(images)
+    batch = min(RECONSTRUCT_BATCH, int((~held).sum()))
+    count = len(images) // batch * batch
+    images, held = images[:count], held[:count]
+    logger.info(f"[finetune] end-to-end distillation of {len(trainable)} convs on {count} "
+                f"unlabeled images with TVM gradients")
+    teacher = BatchedForward(_plain_main(model.mod), batch)
+    targets = np.concatenate([teacher(images[i:i + batch]) for i in range(0, count, batch)])
+    func = _plain_main(rebirth_pipeline(plan, arrays)(model.mod))
+    out = func.body.body
+    trainer = RegionTrainer(func, [out], trainable, batch, from_params=True)
+    result = trainer.fit([images], [targets], held, arrays, epochs=epochs, lr=DISTILL_LR,
+                         augment=image_augmentation(teacher, flip=flip), label="distillation")
+    arrays.update(result.arrays)
+    report = {"loss": "output squared error (distillation, TVM gradients)",
+              "output_rel_error_before": round(float(np.sqrt(result.held_out_before)), 6),
+              "output_rel_error_after": round(float(np.sqrt(result.held_out_after)), 6),
+              "epochs": epochs, "kept_epoch": result.kept_epoch, "images": count,
+              "seconds": round(time.time() - start, 2)}
+    logger.info(f"[finetune] distillation: held-out output error "
+                f"{report['output_rel_error_before']:.4f} -> "
+                f"{report['output_rel_error_after']:.4f} (epoch {result.kept_epoch}/{epochs}), "
+                f"{report['seconds']}s")
+    return report
+
+
+RECONSTRUCT_EPOCHS = 12
+RECONSTRUCT_BATCH = 32
+DISTILL_LR = 3e-3
+
+
+def _boundary(analysis, site_id) -> list:
+    """The vars a site reads: where the block of the site before it ends."""
+    trace = analysis.trace(site_id)
+    return [trace.fork] if analysis.site(site_id).kind == "branch" else list(trace.inputs)
+
+
+def _output_var(analysis, func_name="main"):
+    """The model's output var (its first, when it returns a tuple)."""
+    from tvm import relax
+
+    out = analysis.mod[func_name].body.body
+    return out.fields[0] if isinstance(out, relax.Tuple) else out
+
+
+def _trainable(site, arrays) -> dict:
+    """{conv layer name: (weight key, bias key)} of a learned site: its rebirth convs and
+    the consumers refitted for it."""
+    names = {replaces: (wkey, bkey) for replaces, wkey, bkey in weight_keys(site)}
+    prefix = f"{site.id}/refit/"
+    names.update({key[len(prefix):-len("/weight")]: (key, key[:-len("weight")] + "bias")
+                  for key in arrays if key.startswith(prefix) and key.endswith("/weight")})
+    return names
+
+
+def _reconstruct_block(model, plan, done, site, later, arrays, images, held, targets,
+                       epochs) -> dict:
+    """Block reconstruction: train ``site``'s convs (and its refitted consumers) with TVM's
+    gradients, from inputs computed by the network slimmed so far, so that the block they
+    start reproduces the original network where the next learned site begins (or its
+    output after the last site)."""
+    import tvm
+    from tvm import relax
+
+    from .train import RegionTrainer, reaches
+
+    start = time.time()
+    current = rebirth_pipeline(plan.with_enabled(lambda s: s.id in done), arrays)(model.mod)
+    plain = relax.transform.ToNonDataflow()(current)
+    analysis = analyze_sites(tvm.IRModule(dict(plain.functions), attrs=current.attrs),
+                             plan.policy)
+    trainable = _trainable(site, arrays)
+    func = analysis.mod["main"]
+    reached = [s for s in later if reaches(func, trainable, _boundary(analysis, s.id))]
+    if reached:  # the first later site the block reaches
+        ends_at, ends = reached[0].id, _boundary(analysis, reached[0].id)
+        wanted = [targets[("boundary", ends_at, i)] for i in range(len(ends))]
+    else:
+        ends_at, ends, wanted = "output", [_output_var(analysis)], [targets[("output",)]]
+    trainer = RegionTrainer(func, ends, trainable, RECONSTRUCT_BATCH)
+    inputs = trainer.capture(images, f"block inputs of {site.id}")
+    result = trainer.fit(inputs, wanted, held, arrays, epochs=epochs, label=site.id)
+    arrays.update(result.arrays)
+    entry = {"ends_at": ends_at,
+             "held_out_before": round(result.held_out_before, 6),
+             "held_out_after": round(result.held_out_after, 6),
+             "fit_after": round(result.fit_after, 6), "kept_epoch": result.kept_epoch,
+             "epochs": result.epochs, "seconds": round(time.time() - start, 2)}
+    logger.info(f"[finetune] {site.id}: block to {entry['ends_at']} trained with TVM "
+                f"gradients: held-out loss {entry['held_out_before']:.4f} -> "
+                f"{entry['held_out_after']:.4f} (epoch {entry['kept_epoch']}/{epochs}), "
+                f"{entry['seconds']}s")
+    return entry
 
 
 def _branch_target(plan, analysis, site):
@@ -313,6 +423,17 @@ def learn_weights(mod, plan, images=None, calibration="numpy array", **options):
     return weights
 
 
+def _check_trainable(model) -> None:
+    """Refuse, before any fitting, a model with an op TVM's gradients cannot pass through."""
+    from .gradients import untrainable_ops
+
+    problems = untrainable_ops(_plain_main(model.mod))
+    if problems:
+        op, why = next(iter(problems.items()))
+        raise RebirthError(f"{model.path}: cannot train through {op} ({why}); fine-tune "
+                           "without block reconstruction (--reconstruct-epochs 0)")
+
+
 def _check_images(model, images):
     """float32 NCHW images shaped like the model's input, or a RebirthError saying why."""
     if images is None:
@@ -327,15 +448,17 @@ def _check_images(model, images):
 
 def finetune(model, plan, images=None, calibration="",
              refit_consumers=True, e2e_images=None, e2e_epochs=8, e2e_labels=None,
-             e2e_flip=False) -> tuple:
-    """Learn the plan's enabled sites, bottom-up, then (``e2e_images``) refine them end to
-    end, with ``e2e_labels`` when given. ``model``: a LoadedModel or a Relax IRModule with
-    bound weights. Returns (RebirthWeights, report dict)."""
+             e2e_flip=False, reconstruct_epochs=RECONSTRUCT_EPOCHS) -> tuple:
+    """Learn the plan's enabled sites, bottom-up (closed-form start, then each site's block
+    trained with TVM's gradients for ``reconstruct_epochs``; 0: not), then (``e2e_images``)
+    refine them end to end, with ``e2e_labels`` when given. ``model``: a LoadedModel or a
+    Relax IRModule with bound weights. Returns (RebirthWeights, report dict)."""
     from ..frontend.loader import as_model
 
     start = time.time()
     model = as_model(model)
     images = _check_images(model, images)
+    reconstruct = reconstruct_epochs > 0
     if e2e_labels is not None:
         from .distill import check_labels
 
@@ -354,6 +477,8 @@ def finetune(model, plan, images=None, calibration="",
         logger.info(f"[finetune] {site.id}: exact, closed form")
     learned = [s for s in sites if not s.exact]
     site_convs = {c.replaces for s in sites for c in s.old_conv}
+    if learned and (reconstruct or (e2e_images is not None and e2e_labels is None)):
+        _check_trainable(model)
     if learned:
         if images is None or len(images) == 0:
             raise RebirthError("the plan has learned sites but no calibration images were given")
@@ -363,11 +488,19 @@ def finetune(model, plan, images=None, calibration="",
         def original_targets(analysis):
             """{site id: the output it replaces, ("refit", site id, layer): a consumer's}"""
             outs = {}
+            if reconstruct:
+                outs[("output",)] = _output_var(analysis)
             for site in learned:
+                if reconstruct and site.kind == "branch":
+                    outs.update({("boundary", site.id, i): v
+                                 for i, v in enumerate(_boundary(analysis, site.id))})
                 if site.kind == "branch":
                     outs[site.id] = _branch_target(plan, analysis, site)
                     continue
                 outs[site.id] = analysis.trace(site.id).end
+                if reconstruct:
+                    outs.update({("boundary", site.id, i): v
+                                 for i, v in enumerate(_boundary(analysis, site.id))})
                 if refit_consumers:
                     outs.update({("refit", site.id, c.name): c.out
                                  for c in _consumers(analysis, site.id, site_convs)})
@@ -387,11 +520,14 @@ def finetune(model, plan, images=None, calibration="",
             entry = _fit_streamline(site, current, target, plan.policy, images, held, arrays,
                                     site_convs if refit_consumers else None, targets)
         done.append(site.id)
+        logger.info(f"[finetune] {site.id}: relative error {entry['rel_error']:.4f} on "
+            f"{entry['held_out_images']} held-out images (fit {entry['rel_error_fit']:.4f})")
+        if reconstruct:
+            later = learned[learned.index(site) + 1:]
+            entry["block"] = _reconstruct_block(model, plan, done, site, later, arrays, images,
+                                                held, targets, reconstruct_epochs)
         entry["seconds"] = round(time.time() - t, 2)
         report.append(entry)
-        logger.info(f"[finetune] {site.id}: relative error {entry['rel_error']:.4f} on "
-            f"{entry['held_out_images']} held-out images (fit {entry['rel_error_fit']:.4f}), "
-            f"{entry['seconds']}s")
     e2e = None
     if e2e_images is not None and learned:
         e2e = _refine_end_to_end(model, plan, arrays, e2e_images, e2e_labels, e2e_flip,

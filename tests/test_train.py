@@ -1,0 +1,159 @@
+"""Training with TVM (learn/train.py): the compiled gradients of a region equal finite
+differences of its compiled loss, fitting recovers known weights, the region's inputs are
+what the function computes there, the batched forward equals the batch-1 model, and the
+fine-tune's block reconstruction and distillation run end to end on real models."""
+
+import numpy as np
+import pytest
+from tvm import relax
+
+from tvm_rebirth import flow
+from tvm_rebirth.compile.build import Runner
+from tvm_rebirth.errors import RebirthError
+from tvm_rebirth.learn.finetune import finetune
+from tvm_rebirth.learn.train import BatchedForward, RegionTrainer, reaches
+from tvm_rebirth.passes import rebirth_pipeline
+from tvm_rebirth.passes.dataflow import Dataflow
+
+from onnx_models import GraphMaker, chain_model
+
+RNG = np.random.default_rng(0)
+
+
+def _lrn_net(path):
+    """data -> conv1 -> relu -> LRN -> max-pool -> conv2 -> BN -> relu -> conv3: the ops
+    (and gradients) a block between two sites passes through."""
+    g = GraphMaker((1, 3, 12, 12))
+    x = g.relu(g.conv("data", "conv1", 6), "relu1")
+    x = g.maxpool(g.lrn(x, "norm1"), "pool1", k=2, s=2)
+    x = g.relu(g.bn(g.conv(x, "conv2", 8), "bn2"), "relu2")
+    return g.save(path, [g.conv(x, "conv3", 4, k=1)])
+
+
+def _plain(mod):
+    return relax.transform.ToNonDataflow()(mod)["main"]
+
+
+def _named(func, name):
+    return next(b.var for blk in func.body.blocks for b in blk.bindings
+                if str(b.var.name) == name)
+
+
+def test_region_gradients_match_finite_differences(tmp_path):
+    model = flow.load(_lrn_net(tmp_path / "net.onnx"))
+    func = _plain(model.mod)
+    out = func.body.body
+    trainer = RegionTrainer(func, [out], {"conv1": ("w1", "b1"), "conv2": ("w2", "b2")},
+                            batch=2)
+    assert trainer.keys == ["w1", "b1", "w2", "b2"]
+    assert [str(v.name) for v in trainer.inputs] == ["data"]
+    x = RNG.standard_normal((2, 3, 12, 12)).astype(np.float32)
+    target = RNG.standard_normal((2, 4, 6, 6)).astype(np.float32)
+    arrays = {k: v.astype(np.float32) for k, v in trainer.initial.items()}
+    scales = np.ones(1, np.float32)
+    _, grads = trainer.vm["loss_adjoint"](*trainer._args([x], [target], slice(None), arrays,
+                                                         scales))
+    grads = dict(zip(trainer.keys, (g.numpy() for g in grads)))
+    eps = 1e-2
+    for key in ("b1", "w2"):
+        flat = arrays[key].reshape(-1)
+        for index in RNG.choice(flat.size, 4, replace=False):
+            shifted = []
+            for sign in (1, -1):
+                changed = dict(arrays)
+                changed[key] = arrays[key].copy()
+                changed[key].reshape(-1)[index] += sign * eps
+                shifted.append(trainer.loss([x], [target], changed, scales))
+            numeric = (shifted[0] - shifted[1]) / (2 * eps)
+            assert abs(grads[key].reshape(-1)[index] - numeric) <= \
+                2e-2 * abs(numeric) + 1e-3, (key, index)
+
+
+def test_fit_recovers_the_weights_that_made_the_targets(tmp_path):
+    """Targets from the model's own conv2; fitting from perturbed weights brings the loss
+    down by far, and the held-out images pick the epoch kept."""
+    model = flow.load(_lrn_net(tmp_path / "net.onnx"))
+    func = _plain(model.mod)
+    end = Dataflow(func).users_of(_named(func, "conv2"))[0]  # its bias add
+    trainer = RegionTrainer(func, [end], {"conv2": ("w2", "b2")}, batch=8)
+    images = RNG.standard_normal((64, 3, 12, 12)).astype(np.float32)
+    inputs = trainer.capture(images)
+    assert len(inputs) == 1 and inputs[0].shape[1:] == (6, 6, 6)
+    forward = BatchedForward(_prefix(func, end), 8)
+    targets = np.concatenate([forward(images[i:i + 8]) for i in range(0, 64, 8)])
+    start = {"w2": trainer.initial["w2"] + 0.3 * RNG.standard_normal(
+        trainer.initial["w2"].shape).astype(np.float32), "b2": trainer.initial["b2"]}
+    held = np.arange(64) % 8 == 7
+    result = trainer.fit(inputs, [targets], held, start, epochs=30, lr=1e-2)
+    assert result.held_out_after < 0.05 * result.held_out_before
+    assert 1 <= result.kept_epoch <= 30
+    assert result.fit_after < 0.05 * result.fit_before
+
+
+def _prefix(func, out):
+    """``func`` up to ``out``, as a function returning it."""
+    body = relax.BlockBuilder().normalize(relax.SeqExpr(func.body.blocks, out))
+    return relax.analysis.remove_all_unused(relax.Function(func.params, body))
+
+
+def test_batched_forward_equals_the_model(tmp_path):
+    model = flow.load(chain_model(tmp_path / "net.onnx", ["relu", "lrn", "max_pool2d"]))
+    images = RNG.standard_normal((3, 4, 32, 32)).astype(np.float32)
+    want = np.concatenate([Runner(model.mod)(images[i:i + 1])[0] for i in range(3)])
+    got = BatchedForward(_plain(model.mod), 3)(images)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+
+
+def test_region_must_reach_its_outputs(tmp_path):
+    model = flow.load(_lrn_net(tmp_path / "net.onnx"))
+    func = _plain(model.mod)
+    early = _named(func, "conv1")
+    assert not reaches(func, {"conv2": ("w", "b")}, [early])
+    with pytest.raises(RebirthError, match="not computed from its trainable convs"):
+        RegionTrainer(func, [early], {"conv2": ("w", "b")}, batch=2)
+
+
+def test_block_reconstruction_beats_the_closed_form_alone():
+    """fmnist-inception, every site, 128 images: the slimmed model's outputs on images it
+    never saw are closer to the original's with block reconstruction than without."""
+    model = flow.load("fmnist-inception")
+    plan = flow.find_plan(model)
+    images, _ = flow.calibration(model, flow.RebirthOptions(images=192), plan)
+    fit, unseen = images[:128], images[128:]
+    original = Runner(model.mod)
+    want = np.concatenate([original(x[None])[0] for x in unseen])
+    errors = {}
+    for epochs in (0, 3):
+        weights, report = finetune(model, plan, fit, reconstruct_epochs=epochs)
+        blocks = [r["block"] for r in report["sites"] if "block" in r]
+        assert len(blocks) == (len(plan.sites) if epochs else 0)
+        if epochs:
+            assert blocks[-1]["ends_at"] == "output"
+            assert all(b["held_out_after"] <= b["held_out_before"] for b in blocks)
+        slimmed = Runner(rebirth_pipeline(plan, weights.arrays)(model.mod))
+        got = np.concatenate([slimmed(x[None])[0] for x in unseen])
+        errors[epochs] = np.linalg.norm(got - want) / np.linalg.norm(want)
+    assert errors[3] < 0.9 * errors[0], errors
+
+
+def test_finetune_refuses_an_untrainable_model_before_fitting(tmp_path, monkeypatch):
+    """An op without a gradient (here a conv_transpose in the tail) stops the fine-tune
+    with its name before anything is fitted; --reconstruct-epochs 0 still works."""
+    g = GraphMaker((1, 3, 16, 16))
+    x = g.maxpool(g.relu(g.conv("data", "conv1", 8), "relu1"), "pool1", k=2, s=2)
+    x = g.conv(x, "conv2", 8)
+    w = g._const("up_w", RNG.standard_normal((8, 4, 2, 2)))
+    g.nodes.append(__import__("onnx").helper.make_node(
+        "ConvTranspose", [x, w], ["up"], name="up", kernel_shape=[2, 2], strides=[2, 2]))
+    g.channels["up"] = 4
+    model = flow.load(g.save(tmp_path / "net.onnx", ["up"]))
+    plan = flow.find_plan(model)
+    assert any(not s.exact for s in plan.sites)
+    images = RNG.standard_normal((16, 3, 16, 16)).astype(np.float32)
+    fitted = []
+    monkeypatch.setattr("tvm_rebirth.learn.finetune.capture",
+                        lambda *a, **k: fitted.append(1) or (_ for _ in ()).throw(
+                            AssertionError("fitted")))
+    with pytest.raises(RebirthError, match="conv2d_transpose"):
+        finetune(model, plan, images)
+    assert not fitted

@@ -1,0 +1,375 @@
+"""Training with TVM itself: chosen convs of a region of a Relax function fitted by gradient
+descent, the region's loss and its gradients compiled by ``relax.transform.Gradient``.
+
+    trainer = RegionTrainer(func, inputs=[x_var], outputs=[y_var],
+                            trainable={"conv2": ("site/weight", "site/bias")}, batch=32)
+    result = trainer.fit([x], [y_target], held_out, arrays)   # arrays: starting weights
+
+The region is the bindings of ``func`` that compute ``outputs`` from ``inputs``, exactly the
+IR the model build compiles; its batch dimension becomes ``batch`` (flattening reshapes
+follow). Each trainable conv's weight, and the constant bias added right after it, become
+parameters; everything else stays as it is. The loss is the sum over outputs of the mean
+squared error, each divided by its target's mean square, so every output counts alike.
+Adam with a cosine schedule runs on the host; every epoch the held-out loss is measured and
+the best epoch's weights are kept (the starting weights when no epoch beats them).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+
+import numpy as np
+
+from ..errors import RebirthError
+from ..passes.dataflow import Dataflow, evaluate_constant, op_name
+from . import gradients
+
+logger = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class TrainResult:
+    """What ``RegionTrainer.fit`` did: learned ``arrays`` (weight/bias key -> array), the
+    relative squared errors (loss) before and after on held-out and fitted images, the
+    epochs run and the one kept (0: the starting weights)."""
+    arrays: dict
+    held_out_before: float
+    held_out_after: float
+    fit_before: float
+    fit_after: float
+    epochs: int
+    kept_epoch: int
+    seconds: float
+
+
+def _region(graph: Dataflow, starts, outputs) -> tuple:
+    """(bindings in order, input vars): the bindings on a path from a ``starts`` var to an
+    ``outputs`` var, with the constant-only bindings they read; the inputs are the other
+    vars they read (computed before the region, or function parameters)."""
+    from tvm import relax
+
+    below, todo = set(), list(starts)
+    while todo:  # everything computed from the starts
+        var = todo.pop()
+        if var in below:
+            continue
+        below.add(var)
+        todo.extend(u for u in graph.users_of(var) if u in graph.value)
+    region, todo = set(), [v for v in outputs if v in below]
+    while todo:  # ... that an output is computed from
+        var = todo.pop()
+        if var in region or var not in graph.value:  # a parameter
+            continue
+        region.add(var)
+        todo.extend(v for v in relax.analysis.free_vars(graph.value[var]) if v in below)
+    reads = {v for r in region for v in relax.analysis.free_vars(graph.value[r])} - region
+    constants = {v for v in reads if v in graph.value and graph.is_const(v)}
+    while constants - region:
+        region |= constants
+        reads = {v for r in region for v in relax.analysis.free_vars(graph.value[r])} - region
+        constants = {v for v in reads if v in graph.value and graph.is_const(v)}
+    inputs = sorted(reads, key=lambda v: graph.position.get(v, -1))
+    return [b for b in graph.bindings if b.var in region], inputs
+
+
+def _trainable_convs(graph: Dataflow, trainable) -> list:
+    return [b.var for b in graph.bindings if str(b.var.name) in trainable
+            and op_name(b.value) == "relax.nn.conv2d"]
+
+
+def reaches(func, trainable, outputs) -> bool:
+    """True when every var of ``outputs`` is computed from a conv named in ``trainable``."""
+    graph = Dataflow(func)
+    bindings, _ = _region(graph, _trainable_convs(graph, trainable), outputs)
+    inside = {b.var for b in bindings}
+    return all(v in inside for v in outputs)
+
+
+def _make_substitute():
+    """A mutator class (built lazily: tvm imports stay inside functions) that maps vars to
+    the training function's own, gives reshapes the new batch, and swaps trainable weights
+    and biases for parameters."""
+    from tvm import relax
+
+    @relax.expr_functor.mutator
+    class Substitute(relax.PyExprMutator):
+        def __init__(self, mapping, batch, swaps):
+            super().__init__()
+            self.mapping, self.batch, self.swaps = mapping, batch, swaps
+
+        def visit_var_(self, var):
+            return self.mapping.get(var, var)
+
+        def visit_dataflow_var_(self, var):
+            return self.mapping.get(var, var)
+
+        def visit_call_(self, call):
+            if op_name(call) == "relax.reshape" and isinstance(call.args[1], relax.ShapeExpr):
+                data = self.visit_expr(call.args[0])
+                shape = [int(d) for d in call.args[1].values]
+                if int(call.args[0].ty.shape[0]) == 1 and int(data.ty.shape[0]) == self.batch:
+                    shape[0] = self.batch  # the batch dim of a flatten
+                return relax.op.reshape(data, shape)
+            swap = self.swaps.get(call)
+            if swap is None:
+                return super().visit_call_(call)
+            index, replacement = swap
+            args = [replacement if i == index else self.visit_expr(a)
+                    for i, a in enumerate(call.args)]
+            return relax.Call(call.op, args, call.attrs)
+
+    return Substitute
+
+
+class RegionTrainer:
+    """The compiled loss and gradients of a region of ``func`` (see the module docstring).
+
+    ``trainable``: {conv binding name: (weight key, bias key)}. The region runs from those
+    convs (``from_params``: from the function's parameters) to ``outputs`` (vars of
+    ``func``, which must be a function without dataflow blocks); ``inputs`` are the vars it
+    reads, computed before it (``capture`` computes them from images); ``initial`` the
+    starting arrays (the function's constants)."""
+
+    def __init__(self, func, outputs, trainable: dict, batch: int, target=None,
+                 from_params=False):
+        import tvm
+        from tvm import relax
+
+        from ..compile.build import compile_module
+
+        gradients.register()
+        graph = Dataflow(func)
+        starts = list(func.params) if from_params else _trainable_convs(graph, trainable)
+        bindings, inputs = _region(graph, starts, outputs)
+        inside = {b.var for b in bindings}
+        if not all(v in inside for v in outputs):
+            raise RebirthError("the training region's outputs are not computed from its "
+                               f"trainable convs ({', '.join(sorted(trainable))})")
+        self.func, self.inputs, self.target = func, inputs, target
+        self.keys, self.initial, swaps, biases = [], {}, {}, {}
+        params = {}
+        for b in bindings:
+            name = str(b.var.name)
+            if name not in trainable or op_name(b.value) != "relax.nn.conv2d":
+                continue
+            wkey, bkey = trainable[name]
+            weight = b.value.args[1]
+            self.initial[wkey] = evaluate_constant(weight, graph.var2val).astype(np.float32)
+            params[wkey] = relax.Var(wkey, relax.TensorType(self.initial[wkey].shape, "float32"))
+            swaps[b.value] = (1, params[wkey])
+            self.keys.append(wkey)
+            adds = [u for u in graph.users_of(b.var) if u in inside and
+                    op_name(graph.value[u]) == "relax.add"]
+            if bkey is not None and len(adds) == 1:
+                add = graph.value[adds[0]]
+                bias = evaluate_constant(add.args[1], graph.var2val).astype(np.float32)
+                self.initial[bkey] = bias.reshape(-1)
+                params[bkey] = relax.Var(bkey, relax.TensorType([bias.size], "float32"))
+                biases[add] = params[bkey]
+                self.keys.append(bkey)
+        if not self.keys:
+            raise RebirthError("the training region has none of the trainable convs "
+                               f"({', '.join(sorted(trainable))})")
+        self.batch = batch
+        region_inputs = [relax.Var(f"input{i}", relax.TensorType(
+            [batch] + [int(d) for d in list(v.ty.shape)[1:]], v.ty.dtype)) for i, v in enumerate(inputs)]
+        mapping = dict(zip(inputs, region_inputs))
+        substitute = _make_substitute()(mapping, batch, swaps)
+        targets = [relax.Var(f"target{i}", relax.TensorType(
+            [batch] + [int(d) for d in list(v.ty.shape)[1:]], "float32"))
+            for i, v in enumerate(outputs)]
+        scales = relax.Var("scales", relax.TensorType([len(outputs)], "float32"))
+        weights = [params[k] for k in self.keys]
+        builder = relax.BlockBuilder()
+        with builder.function("loss", region_inputs + weights + targets + [scales]):
+            with builder.dataflow():
+                for add, bias in biases.items():  # (C,) -> (1, C, 1, 1), as leaf vars
+                    swaps[add] = (1, builder.emit(relax.op.reshape(
+                        bias, [1, int(bias.ty.shape[0]), 1, 1])))
+                for b in bindings:
+                    mapping[b.var] = builder.emit(substitute.visit_expr(b.value),
+                                                  name_hint=str(b.var.name))
+                terms = []
+                for i, (out, wanted) in enumerate(zip(outputs, targets)):
+                    diff = builder.emit(relax.op.subtract(mapping[out], wanted))
+                    mse = builder.emit(relax.op.mean(relax.op.multiply(diff, diff)))
+                    terms.append(builder.emit(relax.op.multiply(
+                        mse, relax.op.take(scales, relax.const(i, "int64")))))
+                loss = terms[0]
+                for term in terms[1:]:
+                    loss = builder.emit(relax.op.add(loss, term))
+                loss = builder.emit_output(loss)
+            builder.emit_func_output(loss)
+        mod = builder.get()
+        problems = gradients.untrainable_ops(mod["loss"])
+        if problems:
+            op, why = next(iter(problems.items()))
+            raise RebirthError(f"cannot train through {op}: {why}")
+        mod = relax.transform.Gradient("loss", require_grads=weights)(mod)
+        start = time.time()
+        self.vm = relax.VirtualMachine(compile_module(mod, target, tuned=False).executable,
+                                       tvm.cpu())
+        logger.debug(f"[train] compiled a region of {len(bindings)} bindings, "
+                     f"{len(self.keys)} trainable arrays, in {time.time() - start:.1f}s")
+        self._tensor = tvm.runtime.tensor
+
+    def capture(self, images, label="region inputs") -> list:
+        """The region's inputs for each image (one array per input var, batch first): the
+        function up to them, compiled as the model build compiles it."""
+        import tvm
+        from tvm import relax
+
+        from ..compile.build import Runner
+
+        body = relax.BlockBuilder().normalize(relax.SeqExpr(
+            self.func.body.blocks, relax.Tuple(list(self.inputs))))
+        head = relax.analysis.remove_all_unused(relax.Function(
+            self.func.params, body, attrs=self.func.attrs)).with_attr("global_symbol", "main")
+        runner = Runner(tvm.IRModule({"main": head}), self.target)
+        columns = [[] for _ in self.inputs]
+        start = time.time()
+        for i, image in enumerate(images):
+            for column, out in zip(columns, runner(image[None])):
+                column.append(out[0])
+            if (i + 1) % 256 == 0 or i + 1 == len(images):
+                logger.info(f"[finetune]   {label}: {i + 1}/{len(images)} images "
+                            f"({time.time() - start:.1f}s)")
+        return [np.stack(c) for c in columns]
+
+    def _batches(self, count, rng):
+        order = rng.permutation(count) if rng is not None else np.arange(count)
+        for start in range(0, count - self.batch + 1, self.batch):
+            yield order[start:start + self.batch]
+
+    def _args(self, inputs, targets, index, arrays, scales):
+        return ([self._tensor(np.ascontiguousarray(x[index])) for x in inputs]
+                + [self._tensor(arrays[k]) for k in self.keys]
+                + [self._tensor(np.ascontiguousarray(t[index])) for t in targets]
+                + [self._tensor(scales)])
+
+    def loss(self, inputs, targets, arrays, scales) -> float:
+        """Mean loss over whole batches of ``inputs``."""
+        values = [float(self.vm["loss"](*self._args(inputs, targets, index, arrays, scales))
+                        .numpy()) for index in self._batches(len(inputs[0]), None)]
+        return float(np.mean(values)) if values else float("nan")
+
+    def fit(self, inputs, targets, held, arrays=None, epochs=20, lr=1e-3, seed=0,
+            augment=None, label="region") -> TrainResult:
+        """Adam on the non-held images; the held-out images choose the epoch kept.
+        ``arrays``: starting weights (default: the region's constants); ``augment(x, t,
+        rng)`` may transform a batch of inputs and targets alike."""
+        start = time.time()
+        arrays = {k: np.array((arrays or self.initial).get(k, self.initial[k]), np.float32)
+                  for k in self.keys}
+        fit = ~held if held.any() else np.ones(len(held), bool)
+        check = held if held.sum() >= self.batch else fit
+        fit_in, fit_t = [x[fit] for x in inputs], [t[fit] for t in targets]
+        check_in, check_t = [x[check] for x in inputs], [t[check] for t in targets]
+        if len(fit_in[0]) < self.batch:
+            raise RebirthError(f"{label}: {len(fit_in[0])} images to fit, fewer than one "
+                               f"batch of {self.batch}")
+        scales = np.array([1.0 / max(float(np.mean(t.astype(np.float64) ** 2)), 1e-12)
+                           for t in fit_t], np.float32)
+        best = before = self.loss(check_in, check_t, arrays, scales)
+        before_fit = self.loss(fit_in, fit_t, arrays, scales)
+        best_arrays, kept = {k: v.copy() for k, v in arrays.items()}, 0
+        moments = {k: (np.zeros_like(v), np.zeros_like(v)) for k, v in arrays.items()}
+        rng = np.random.default_rng(seed)
+        steps_per_epoch = len(fit_in[0]) // self.batch
+        total, step = epochs * steps_per_epoch, 0
+        beta1, beta2 = 0.9, 0.999
+        for epoch in range(1, epochs + 1):
+            for index in self._batches(len(fit_in[0]), rng):
+                x = [a[index] for a in fit_in]
+                t = [a[index] for a in fit_t]
+                if augment is not None:
+                    x, t = augment(x, t, rng)
+                args = ([self._tensor(np.ascontiguousarray(a)) for a in x]
+                        + [self._tensor(arrays[k]) for k in self.keys]
+                        + [self._tensor(np.ascontiguousarray(a)) for a in t]
+                        + [self._tensor(scales)])
+                _, grads = self.vm["loss_adjoint"](*args)
+                step += 1
+                rate = lr * 0.5 * (1 + np.cos(np.pi * (step - 1) / total))
+                for k, g in zip(self.keys, grads):
+                    g = g.numpy()
+                    m, v = moments[k]
+                    m *= beta1
+                    m += (1 - beta1) * g
+                    v *= beta2
+                    v += (1 - beta2) * g * g
+                    arrays[k] -= rate * (m / (1 - beta1 ** step)) / \
+                        (np.sqrt(v / (1 - beta2 ** step)) + 1e-8)
+            loss = self.loss(check_in, check_t, arrays, scales)
+            if loss < best:
+                best, kept = loss, epoch
+                best_arrays = {k: v.copy() for k, v in arrays.items()}
+            logger.debug(f"[train] {label}: epoch {epoch}/{epochs} held-out loss {loss:.5f}")
+        after_fit = self.loss(fit_in, fit_t, best_arrays, scales)
+        return TrainResult(arrays=best_arrays, held_out_before=before, held_out_after=best,
+                           fit_before=before_fit, fit_after=after_fit, epochs=epochs,
+                           kept_epoch=kept, seconds=round(time.time() - start, 2))
+
+
+class BatchedForward:
+    """``func`` compiled for a batch of ``batch`` (flattening reshapes follow):
+    ``forward(x) -> first output`` as a numpy array."""
+
+    def __init__(self, func, batch: int, target=None):
+        import tvm
+        from tvm import relax
+
+        from ..compile.build import compile_module
+
+        graph = Dataflow(func)
+        params = [relax.Var(p.name, relax.TensorType(
+            [batch] + [int(d) for d in list(p.ty.shape)[1:]], p.ty.dtype)) for p in func.params]
+        mapping = dict(zip(func.params, params))
+        substitute = _make_substitute()(mapping, batch, {})
+        builder = relax.BlockBuilder()
+        with builder.function("main", params):
+            with builder.dataflow():
+                for b in graph.bindings:
+                    mapping[b.var] = builder.emit(substitute.visit_expr(b.value),
+                                                  name_hint=str(b.var.name))
+                out = func.body.body
+                out = out.fields[0] if isinstance(out, relax.Tuple) else out
+                result = builder.emit_output(mapping[out])
+            builder.emit_func_output(result)
+        self.vm = relax.VirtualMachine(compile_module(builder.get(), target, tuned=False)
+                                       .executable, tvm.cpu())
+        self._tensor = tvm.runtime.tensor
+
+    def __call__(self, x):
+        return self.vm["main"](self._tensor(np.ascontiguousarray(x, np.float32))).numpy()
+
+
+def image_augmentation(teacher, flip=True, shift=2, mix=0.5):
+    """An ``augment`` for ``RegionTrainer.fit`` whose only input is the images and whose
+    target is ``teacher``'s output: seeded horizontal flips, shifts by up to ``shift``
+    pixels (zero fill) and, for a ``mix`` share of each batch, a blend of two images
+    (mixup); the teacher labels what the student sees, so every epoch sees new pairs."""
+
+    def augment(x, t, rng):
+        images = x[0].copy()
+        n = len(images)
+        if flip:
+            flipped = rng.random(n) < 0.5
+            images[flipped] = images[flipped][..., ::-1]
+        if shift:
+            for i, (dy, dx) in enumerate(rng.integers(-shift, shift + 1, size=(n, 2))):
+                images[i] = np.roll(images[i], (dy, dx), axis=(-2, -1))
+                if dy:
+                    images[i][..., (slice(0, dy) if dy > 0 else slice(dy, None)), :] = 0
+                if dx:
+                    images[i][..., (slice(0, dx) if dx > 0 else slice(dx, None))] = 0
+        mixed = rng.random(n) < mix
+        if mixed.any():
+            weight = rng.uniform(0.2, 0.8, size=(int(mixed.sum()), 1, 1, 1)).astype(np.float32)
+            partner = images[rng.permutation(n)[:int(mixed.sum())]]
+            images[mixed] = weight * images[mixed] + (1 - weight) * partner
+        return [images], [teacher(images)]
+
+    return augment
