@@ -149,7 +149,7 @@ def test_finetune_refuses_an_untrainable_model_before_fitting(tmp_path, monkeypa
     model = flow.load(g.save(tmp_path / "net.onnx", ["up"]))
     plan = flow.find_plan(model)
     assert any(not s.exact for s in plan.sites)
-    images = RNG.standard_normal((16, 3, 16, 16)).astype(np.float32)
+    images = RNG.standard_normal((160, 3, 16, 16)).astype(np.float32)  # enough for blocks
     fitted = []
     monkeypatch.setattr("tvm_rebirth.learn.finetune.capture",
                         lambda *a, **k: fitted.append(1) or (_ for _ in ()).throw(
@@ -157,3 +157,6 @@ def test_finetune_refuses_an_untrainable_model_before_fitting(tmp_path, monkeypa
     with pytest.raises(RebirthError, match="conv2d_transpose"):
         finetune(model, plan, images)
     assert not fitted
+    monkeypatch.undo()
+    weights, report = finetune(model, plan, images, reconstruct_epochs=0)
+    assert weights.arrays and not any("block" in r for r in report["sites"])

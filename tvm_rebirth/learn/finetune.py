@@ -323,6 +323,8 @@ def _distill_with_tvm(model, plan, arrays, images, flip, epochs) -> dict:
 
 RECONSTRUCT_EPOCHS = 12
 RECONSTRUCT_BATCH = 32
+RECONSTRUCT_LR = 1e-3
+RECONSTRUCT_MIN_BATCHES = 4  # fewer fitted images than this many batches: closed form only
 DISTILL_LR = 3e-3
 
 
@@ -376,7 +378,8 @@ def _reconstruct_block(model, plan, done, site, later, arrays, images, held, tar
         ends_at, ends, wanted = "output", [_output_var(analysis)], [targets[("output",)]]
     trainer = RegionTrainer(func, ends, trainable, RECONSTRUCT_BATCH)
     inputs = trainer.capture(images, f"block inputs of {site.id}")
-    result = trainer.fit(inputs, wanted, held, arrays, epochs=epochs, label=site.id)
+    result = trainer.fit(inputs, wanted, held, arrays, epochs=epochs, lr=RECONSTRUCT_LR,
+                         label=site.id)
     arrays.update(result.arrays)
     entry = {"ends_at": ends_at,
              "held_out_before": round(result.held_out_before, 6),
@@ -423,6 +426,18 @@ def learn_weights(mod, plan, images=None, calibration="numpy array", **options):
     return weights
 
 
+def _enough_for_blocks(images) -> bool:
+    """Whether there are images enough to train blocks (a few batches besides the held-out
+    ones); says so when there are not."""
+    fitted = 0 if images is None else int((~_held_out(images)).sum())
+    if images is not None and fitted < RECONSTRUCT_MIN_BATCHES * RECONSTRUCT_BATCH:
+        logger.info(f"[finetune] {len(images)} images: block reconstruction needs "
+                    f"{RECONSTRUCT_MIN_BATCHES * RECONSTRUCT_BATCH} besides the held-out "
+                    "ones; closed-form fits only")
+        return False
+    return True
+
+
 def _check_trainable(model) -> None:
     """Refuse, before any fitting, a model with an op TVM's gradients cannot pass through."""
     from .gradients import untrainable_ops
@@ -458,7 +473,7 @@ def finetune(model, plan, images=None, calibration="",
     start = time.time()
     model = as_model(model)
     images = _check_images(model, images)
-    reconstruct = reconstruct_epochs > 0
+    reconstruct = reconstruct_epochs > 0 and _enough_for_blocks(images)
     if e2e_labels is not None:
         from .distill import check_labels
 

@@ -180,10 +180,11 @@ class RegionTrainer:
         targets = [relax.Var(f"target{i}", relax.TensorType(
             [batch] + [int(d) for d in list(v.ty.shape)[1:]], "float32"))
             for i, v in enumerate(outputs)]
-        scales = relax.Var("scales", relax.TensorType([len(outputs)], "float32"))
+        scales = [relax.Var(f"scale{i}", relax.TensorType([], "float32"))
+                  for i in range(len(outputs))]
         weights = [params[k] for k in self.keys]
         builder = relax.BlockBuilder()
-        with builder.function("loss", region_inputs + weights + targets + [scales]):
+        with builder.function("loss", region_inputs + weights + targets + scales):
             with builder.dataflow():
                 for add, bias in biases.items():  # (C,) -> (1, C, 1, 1), as leaf vars
                     swaps[add] = (1, builder.emit(relax.op.reshape(
@@ -191,15 +192,12 @@ class RegionTrainer:
                 for b in bindings:
                     mapping[b.var] = builder.emit(substitute.visit_expr(b.value),
                                                   name_hint=str(b.var.name))
-                terms = []
-                for i, (out, wanted) in enumerate(zip(outputs, targets)):
+                loss = None  # the sum over outputs of mean squared error x scale
+                for out, wanted, scale in zip(outputs, targets, scales):
                     diff = builder.emit(relax.op.subtract(mapping[out], wanted))
-                    mse = builder.emit(relax.op.mean(relax.op.multiply(diff, diff)))
-                    terms.append(builder.emit(relax.op.multiply(
-                        mse, relax.op.take(scales, relax.const(i, "int64")))))
-                loss = terms[0]
-                for term in terms[1:]:
-                    loss = builder.emit(relax.op.add(loss, term))
+                    term = builder.emit(relax.op.multiply(
+                        relax.op.mean(relax.op.multiply(diff, diff)), scale))
+                    loss = term if loss is None else builder.emit(relax.op.add(loss, term))
                 loss = builder.emit_output(loss)
             builder.emit_func_output(loss)
         mod = builder.get()
@@ -247,7 +245,7 @@ class RegionTrainer:
         return ([self._tensor(np.ascontiguousarray(x[index])) for x in inputs]
                 + [self._tensor(arrays[k]) for k in self.keys]
                 + [self._tensor(np.ascontiguousarray(t[index])) for t in targets]
-                + [self._tensor(scales)])
+                + [self._tensor(np.array(s, np.float32)) for s in scales])
 
     def loss(self, inputs, targets, arrays, scales) -> float:
         """Mean loss over whole batches of ``inputs``."""
@@ -289,7 +287,7 @@ class RegionTrainer:
                 args = ([self._tensor(np.ascontiguousarray(a)) for a in x]
                         + [self._tensor(arrays[k]) for k in self.keys]
                         + [self._tensor(np.ascontiguousarray(a)) for a in t]
-                        + [self._tensor(scales)])
+                        + [self._tensor(np.array(s, np.float32)) for s in scales])
                 _, grads = self.vm["loss_adjoint"](*args)
                 step += 1
                 rate = lr * 0.5 * (1 + np.cos(np.pi * (step - 1) / total))
