@@ -1,14 +1,16 @@
 """Training with TVM itself: chosen convs of a region of a Relax function fitted by gradient
 descent, the region's loss and its gradients compiled by ``relax.transform.Gradient``.
 
-    trainer = RegionTrainer(func, inputs=[x_var], outputs=[y_var],
+    trainer = RegionTrainer(func, outputs=[y_var],
                             trainable={"conv2": ("site/weight", "site/bias")}, batch=32)
-    result = trainer.fit([x], [y_target], held_out, arrays)   # arrays: starting weights
+    inputs = trainer.capture(images)        # the vars the region reads, per image
+    result = trainer.fit(inputs, [y_target], held_out, arrays)   # arrays: starting weights
 
-The region is the bindings of ``func`` that compute ``outputs`` from ``inputs``, exactly the
-IR the model build compiles; its batch dimension becomes ``batch`` (flattening reshapes
-follow). Each trainable conv's weight, and the constant bias added right after it, become
-parameters; everything else stays as it is. The loss is the sum over outputs of the mean
+The region is the bindings of ``func`` (a function without dataflow blocks) on a path from a
+trainable conv (or, ``from_params``, from the parameters) to ``outputs``: exactly the IR the
+model build compiles, compiled with its kernels. Its batch dimension becomes ``batch``
+(flattening reshapes follow). Each trainable conv's weight, and the constant bias added
+right after it, become parameters; everything else stays as it is. The loss is the sum over outputs of the mean
 squared error, each divided by its target's mean square, so every output counts alike.
 Adam with a cosine schedule runs on the host; every epoch the held-out loss is measured and
 the best epoch's weights are kept (the starting weights when no epoch beats them).
@@ -32,8 +34,9 @@ logger = logging.getLogger(__name__)
 @dataclasses.dataclass
 class TrainResult:
     """What ``RegionTrainer.fit`` did: learned ``arrays`` (weight/bias key -> array), the
-    relative squared errors (loss) before and after on held-out and fitted images, the
-    epochs run and the one kept (0: the starting weights)."""
+    loss (squared error relative to the targets' mean square) before and after on the
+    held-out and the fitted images, the epochs run and the one kept (0: the starting
+    weights)."""
     arrays: dict
     held_out_before: float
     held_out_after: float
@@ -241,16 +244,23 @@ class RegionTrainer:
         for start in range(0, count - self.batch + 1, self.batch):
             yield order[start:start + self.batch]
 
-    def _args(self, inputs, targets, index, arrays, scales):
-        return ([self._tensor(np.ascontiguousarray(x[index])) for x in inputs]
+    def _args(self, inputs, targets, arrays, scales):
+        return ([self._tensor(np.ascontiguousarray(x)) for x in inputs]
                 + [self._tensor(arrays[k]) for k in self.keys]
-                + [self._tensor(np.ascontiguousarray(t[index])) for t in targets]
+                + [self._tensor(np.ascontiguousarray(t)) for t in targets]
                 + [self._tensor(np.array(s, np.float32)) for s in scales])
+
+    def gradients(self, inputs, targets, arrays, scales) -> tuple:
+        """(loss, {key: gradient}) of one batch: ``inputs``/``targets`` hold ``batch`` rows,
+        ``scales`` one factor per output."""
+        loss, grads = self.vm["loss_adjoint"](*self._args(inputs, targets, arrays, scales))
+        return float(loss.numpy()), {k: g.numpy() for k, g in zip(self.keys, grads)}
 
     def loss(self, inputs, targets, arrays, scales) -> float:
         """Mean loss over whole batches of ``inputs``."""
-        values = [float(self.vm["loss"](*self._args(inputs, targets, index, arrays, scales))
-                        .numpy()) for index in self._batches(len(inputs[0]), None)]
+        values = [float(self.vm["loss"](*self._args([x[i] for x in inputs],
+                                                    [t[i] for t in targets], arrays, scales))
+                        .numpy()) for i in self._batches(len(inputs[0]), None)]
         return float(np.mean(values)) if values else float("nan")
 
     def fit(self, inputs, targets, held, arrays=None, epochs=20, lr=1e-3, seed=0,
@@ -284,15 +294,10 @@ class RegionTrainer:
                 t = [a[index] for a in fit_t]
                 if augment is not None:
                     x, t = augment(x, t, rng)
-                args = ([self._tensor(np.ascontiguousarray(a)) for a in x]
-                        + [self._tensor(arrays[k]) for k in self.keys]
-                        + [self._tensor(np.ascontiguousarray(a)) for a in t]
-                        + [self._tensor(np.array(s, np.float32)) for s in scales])
-                _, grads = self.vm["loss_adjoint"](*args)
+                _, grads = self.gradients(x, t, arrays, scales)
                 step += 1
                 rate = lr * 0.5 * (1 + np.cos(np.pi * (step - 1) / total))
-                for k, g in zip(self.keys, grads):
-                    g = g.numpy()
+                for k, g in grads.items():
                     m, v = moments[k]
                     m *= beta1
                     m += (1 - beta1) * g
