@@ -307,12 +307,14 @@ def _distill_with_tvm(model, plan, arrays, images, flip, epochs) -> dict:
     out = func.body.body
     trainer = RegionTrainer(func, [out], trainable, batch, from_params=True)
     result = trainer.fit([images], [targets], held, arrays, epochs=epochs, lr=DISTILL_LR,
-                         augment=image_augmentation(teacher, flip=flip), label="distillation")
+                         augment=image_augmentation(teacher, flip=flip), label="distillation",
+                         progress=True)
     arrays.update(result.arrays)
     report = {"loss": "output squared error (distillation, TVM gradients)",
               "output_rel_error_before": round(float(np.sqrt(result.held_out_before)), 6),
               "output_rel_error_after": round(float(np.sqrt(result.held_out_after)), 6),
               "epochs": epochs, "kept_epoch": result.kept_epoch, "images": count,
+              "parameters": int(sum(result.arrays[k].size for k in trainer.keys)),
               "seconds": round(time.time() - start, 2)}
     logger.info(f"[finetune] distillation: held-out output error "
                 f"{report['output_rel_error_before']:.4f} -> "
@@ -325,7 +327,7 @@ RECONSTRUCT_EPOCHS = 12
 RECONSTRUCT_BATCH = 32
 RECONSTRUCT_LR = 1e-3
 RECONSTRUCT_MIN_BATCHES = 4  # fewer fitted images than this many batches: closed form only
-DISTILL_LR = 3e-3
+DISTILL_LR = 1e-3
 
 
 def _boundary(analysis, site_id) -> list:

@@ -12,7 +12,7 @@ model build compiles, compiled with its kernels. Its batch dimension becomes ``b
 (flattening reshapes follow). Each trainable conv's weight, and the constant bias added
 right after it, become parameters; everything else stays as it is. The loss is the sum over outputs of the mean
 squared error, each divided by its target's mean square, so every output counts alike.
-Adam with a cosine schedule runs on the host; every epoch the held-out loss is measured and
+Adam with a linear warm-up and a cosine decay runs on the host; every epoch the held-out loss is measured and
 the best epoch's weights are kept (the starting weights when no epoch beats them).
 """
 
@@ -264,10 +264,11 @@ class RegionTrainer:
         return float(np.mean(values)) if values else float("nan")
 
     def fit(self, inputs, targets, held, arrays=None, epochs=20, lr=1e-3, seed=0,
-            augment=None, label="region") -> TrainResult:
+            augment=None, label="region", progress=False) -> TrainResult:
         """Adam on the non-held images; the held-out images choose the epoch kept.
         ``arrays``: starting weights (default: the region's constants); ``augment(x, t,
-        rng)`` may transform a batch of inputs and targets alike."""
+        rng)`` may transform a batch of inputs and targets alike; ``progress`` logs every
+        epoch at INFO (else DEBUG)."""
         start = time.time()
         arrays = {k: np.array((arrays or self.initial).get(k, self.initial[k]), np.float32)
                   for k in self.keys}
@@ -287,6 +288,7 @@ class RegionTrainer:
         rng = np.random.default_rng(seed)
         steps_per_epoch = len(fit_in[0]) // self.batch
         total, step = epochs * steps_per_epoch, 0
+        warmup = max(1, total // 5)
         beta1, beta2 = 0.9, 0.999
         for epoch in range(1, epochs + 1):
             for index in self._batches(len(fit_in[0]), rng):
@@ -296,7 +298,10 @@ class RegionTrainer:
                     x, t = augment(x, t, rng)
                 _, grads = self.gradients(x, t, arrays, scales)
                 step += 1
-                rate = lr * 0.5 * (1 + np.cos(np.pi * (step - 1) / total))
+                # a linear warm-up (Adam's first steps would throw the good start away),
+                # then a cosine decay
+                rate = lr * min(1.0, step / warmup) * 0.5 * \
+                    (1 + np.cos(np.pi * (step - 1) / total))
                 for k, g in grads.items():
                     m, v = moments[k]
                     m *= beta1
@@ -309,7 +314,9 @@ class RegionTrainer:
             if loss < best:
                 best, kept = loss, epoch
                 best_arrays = {k: v.copy() for k, v in arrays.items()}
-            logger.debug(f"[train] {label}: epoch {epoch}/{epochs} held-out loss {loss:.5f}")
+            logger.log(logging.INFO if progress else logging.DEBUG,
+                       f"[finetune] {label}: epoch {epoch}/{epochs}, held-out loss {loss:.5f} "
+                       f"({time.time() - start:.0f}s)")
         after_fit = self.loss(fit_in, fit_t, best_arrays, scales)
         return TrainResult(arrays=best_arrays, held_out_before=before, held_out_after=best,
                            fit_before=before_fit, fit_after=after_fit, epochs=epochs,
