@@ -102,6 +102,14 @@ def test_pad():
     check_gradient(lambda x: relax.op.nn.pad(x, [0, 0, 0, 0, 1, 2, 0, 1]), [[1, 2, 3, 3]])
 
 
+def test_dropout_as_inference_runs_it():
+    check_gradient(lambda x: relax.TupleGetItem(relax.op.nn.dropout(x, 0.4), 0), [[2, 3, 2]])
+
+
+def test_stack():
+    check_gradient(lambda a, b: relax.op.stack(relax.Tuple([a, b]), axis=0), [[2, 3], [2, 3]])
+
+
 def _function(make_call, shape):
     x = relax.Var("x", relax.TensorType(shape, "float32"))
     bb = relax.BlockBuilder()
@@ -125,3 +133,13 @@ def test_untrainable_ops_are_named(make_call, why):
 def test_trainable_function_has_no_problems():
     func = _function(lambda x: relax.op.nn.relu(relax.op.squeeze(x, [1])), [1, 1, 4, 4])
     assert gradients.untrainable_ops(func) == {}
+
+
+def test_every_zoo_model_can_be_trained():
+    """Block reconstruction and distillation pass through every op of every zoo model."""
+    from tvm_rebirth import flow
+    from tvm_rebirth.frontend.zoo import ZOO
+
+    for name in ZOO:
+        func = relax.transform.ToNonDataflow()(flow.load(name).mod)["main"]
+        assert gradients.untrainable_ops(func) == {}, name

@@ -3,7 +3,8 @@
 ``relax.transform.Gradient`` needs an ``FPrimalGradient`` for every op between a trainable
 weight and the loss. TVM 0.27 registers none for the LRN subgraph's ``nn.avg_pool3d`` and
 ``squeeze``, for ``nn.batch_norm`` (inference form), ``nn.prelu``, ``nn.leakyrelu``, ``clip``,
-``nn.adaptive_avg_pool2d`` (global), ``flatten`` and ``nn.pad``. ``register()`` adds ours, once,
+``nn.adaptive_avg_pool2d`` (global), ``flatten``, ``nn.pad``, ``nn.dropout`` (as inference
+runs it) and ``stack`` (ONNX ``Sum``). ``register()`` adds ours, once,
 and never replaces a gradient TVM already has. ``untrainable_ops(func)`` names the ops of a
 function that still have none, so a fine-tune can refuse before it fits anything.
 """
@@ -163,6 +164,20 @@ def _pad_supported(call) -> str | None:
     return None
 
 
+def _dropout_grad(orig_var, orig_call, output_grad, ctx):
+    """Dropout as the build runs it (inference: the identity, and a mask of ones)."""
+    return [ctx.normalize(relax.TupleGetItem(output_grad, 0))]
+
+
+def _stack_grad(orig_var, orig_call, output_grad, ctx):
+    """y = stack((x1, ..., xn), axis): each dx_i is slice i of dy along ``axis``."""
+    axis = int(orig_call.attrs.axis)
+    count = len(orig_call.args[0].ty.fields)
+    parts = ctx.normalize(relax.op.split(output_grad, count, axis))
+    return [relax.Tuple([ctx.normalize(relax.op.squeeze(relax.TupleGetItem(parts, i), [axis]))
+                         for i in range(count)])]
+
+
 # op name -> (gradient, None or a check returning why a call cannot be differentiated)
 GRADIENTS = {
     "relax.squeeze": (_squeeze_grad, None),
@@ -174,6 +189,8 @@ GRADIENTS = {
     "relax.nn.adaptive_avg_pool2d": (_adaptive_avg_pool2d_grad, _adaptive_avg_pool2d_supported),
     "relax.flatten": (_flatten_grad, None),
     "relax.nn.pad": (_pad_grad, _pad_supported),
+    "relax.nn.dropout": (_dropout_grad, None),
+    "relax.stack": (_stack_grad, None),
 }
 
 
