@@ -41,6 +41,7 @@ BENCHMARKS = {
     "googlenet_branch": (["branch_googlenet.py"], ["googlenet_branch"]),
     "fmnist_accuracy": (["fmnist_accuracy.py"], ["fmnist_inception_accuracy"]),
     "fmnist_layerwise_limits": (["fmnist_layerwise_limits.py"], ["fmnist_layerwise_limits"]),
+    "fmnist_reconstruction": (["fmnist_reconstruction.py"], ["fmnist_reconstruction"]),
     "reliability": (["reliability.py"], ["reliability"]),  # issue 20's cases (its own block)
 }
 
@@ -293,6 +294,30 @@ def limits_section(limits):
               f"output. {_reproduce(limits)}\n")
 
 
+def reconstruction_table(data):
+    """fmnist_reconstruction.py's rows (its result page uses it too)."""
+    base = data["original_top1"]
+    rows = [[r["images"]] + [cell for key in ("closed_form", "reconstruction") for cell in (
+        f"{r[key]['top1'] * 100:.2f} ({(r[key]['top1'] - base) * 100:+.2f})",
+        f"{r[key]['seconds']:.0f}")] for r in data["rows"]]
+    return table(rows, ["unlabeled images", "closed form: top-1 % (pt)", "seconds",
+                        "+ block reconstruction: top-1 % (pt)", "seconds"])
+
+
+def reconstruction_text(data) -> str:
+    return (f"Original top-1 {data['original_top1'] * 100:.2f} % on {data['labeled_set']}; "
+            f"plan: every site found (`--select all`, {data['sites']} sites); block "
+            f"reconstruction: {data['epochs']} epochs per site (the default), TVM gradients; "
+            "calibration images: Fashion-MNIST train (seed 0), every 8th held out; seconds: "
+            "the whole fine-tune on this machine, 2 threads.")
+
+
+def reconstruction_section(data):
+    return ("### Accuracy against unlabeled images: block reconstruction (fmnist-inception)\n\n"
+            + reconstruction_table(data) + "\n\n" + reconstruction_text(data)
+            + f" {_reproduce(data)}\n")
+
+
 def tuning_section(tuning):
     rows = [[d["target"], d["database"], d["trials"], d["model_ms"]["default_schedule"],
              d["model_ms"]["tuned"], f"{d['model_ms']['speedup']}x"]
@@ -321,6 +346,7 @@ def render() -> str:
             parts.append(section(data))
     for name, section in (("fmnist_inception_accuracy", accuracy_section),
                           ("fmnist_layerwise_limits", limits_section),
+                          ("fmnist_reconstruction", reconstruction_section),
                           ("googlenet_branch", branch_section), ("tuning_logs", tuning_section)):
         data = _load(name)
         if data:

@@ -1,0 +1,65 @@
+"""Accuracy of fmnist-inception with every site slimmed (``plan --select all``) against the
+number of unlabeled calibration images: closed-form fits alone, and the default fine-tune
+(closed form + block reconstruction with TVM gradients), top-1 on the 10k Fashion-MNIST
+test images, with the fine-tune's seconds on this machine (2 threads).
+
+    python benchmarks/fmnist_reconstruction.py [--counts 256,512,1024,2048] [--limit N]
+
+writes benchmarks/results/fmnist_reconstruction.{json,md}
+"""
+
+import argparse
+import os
+import sys
+import time
+
+os.environ.setdefault("TVM_NUM_THREADS", "2")
+
+from _common import write  # noqa: E402
+from run_all import reconstruction_table, reconstruction_text  # noqa: E402
+
+from tvm_rebirth import flow  # noqa: E402
+from tvm_rebirth.compile.build import Runner  # noqa: E402
+from tvm_rebirth.learn.finetune import RECONSTRUCT_EPOCHS  # noqa: E402
+from tvm_rebirth.report.measure import labeled_set, top_k  # noqa: E402
+
+
+def markdown(payload) -> str:
+    return ("# fmnist-inception, every site slimmed: top-1 against unlabeled images\n\n"
+            + reconstruction_table(payload) + "\n\n" + reconstruction_text(payload))
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--counts", default="256,512,1024,2048")
+    ap.add_argument("--limit", type=int, help="evaluate on the first N test images")
+    args = ap.parse_args()
+    model = flow.load("fmnist-inception")
+    plan = flow.find_plan(model)
+    test_x, test_y, test_desc = labeled_set(model, args.limit)
+    rows, runners = [], {"original": Runner(model.mod)}
+    for count in (int(c) for c in args.counts.split(",")):
+        calib = flow.calibration(model, flow.RebirthOptions(images=count), plan)
+        row = {"images": count}
+        for key, epochs in (("closed_form", 0), ("reconstruction", RECONSTRUCT_EPOCHS)):
+            start = time.time()
+            result = flow.rebirth_model(model, flow.RebirthOptions(
+                images=count, reconstruct_epochs=epochs), plan=plan, images=calib)
+            row[key] = {"seconds": round(time.time() - start, 1)}
+            runners[f"{key} {count}"] = Runner(result.mod)
+        rows.append(row)
+        print(f"{count} images done", file=sys.stderr)
+    result = top_k(runners, test_x, test_y)
+    for row in rows:
+        for key in ("closed_form", "reconstruction"):
+            row[key]["top1"] = result[f"{key} {row['images']}"]["top1"]
+    payload = {"model": "fmnist-inception", "labeled_set": test_desc, "sites": len(plan.sites),
+               "epochs": RECONSTRUCT_EPOCHS, "original_top1": result["original"]["top1"],
+               "rows": rows}
+    md = markdown(payload)
+    write("fmnist_reconstruction", payload, md)
+    print(md)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
