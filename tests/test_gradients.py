@@ -35,7 +35,8 @@ def check_gradient(make_call, shapes, atol=1e-6):
     with bb.function("loss", lparams):
         with bb.dataflow():
             y = bb.emit(make_call(*lparams))
-            loss = bb.emit_output(relax.op.sum(relax.op.multiply(y, relax.const(weights, "float64"))))
+            weighted = relax.op.multiply(y, relax.const(weights, "float64"))
+            loss = bb.emit_output(relax.op.sum(weighted))
         bb.emit_func_output(loss)
     grad_mod = relax.transform.Gradient("loss")(bb.get())
     adjoint = _compile(grad_mod, "loss_adjoint")

@@ -327,6 +327,9 @@ RECONSTRUCT_EPOCHS = 12
 RECONSTRUCT_BATCH = 32
 RECONSTRUCT_LR = 1e-3
 RECONSTRUCT_MIN_BATCHES = 4  # fewer fitted images than this many batches: closed form only
+# multiply-adds one site's block may train for (fewer epochs for big blocks: a GoogLeNet
+# inception block gets one or two, a fmnist-inception block all of them)
+RECONSTRUCT_MACS = 3e11
 DISTILL_LR = 1e-3
 
 
@@ -381,7 +384,7 @@ def _reconstruct_block(model, plan, done, site, later, arrays, images, held, tar
     trainer = RegionTrainer(func, ends, trainable, RECONSTRUCT_BATCH)
     inputs = trainer.capture(images, f"block inputs of {site.id}")
     result = trainer.fit(inputs, wanted, held, arrays, epochs=epochs, lr=RECONSTRUCT_LR,
-                         label=site.id)
+                         label=site.id, max_macs=RECONSTRUCT_MACS)
     arrays.update(result.arrays)
     entry = {"ends_at": ends_at,
              "held_out_before": round(result.held_out_before, 6),
@@ -390,8 +393,8 @@ def _reconstruct_block(model, plan, done, site, later, arrays, images, held, tar
              "epochs": result.epochs, "seconds": round(time.time() - start, 2)}
     logger.info(f"[finetune] {site.id}: block to {entry['ends_at']} trained with TVM "
                 f"gradients: held-out loss {entry['held_out_before']:.4f} -> "
-                f"{entry['held_out_after']:.4f} (epoch {entry['kept_epoch']}/{epochs}), "
-                f"{entry['seconds']}s")
+                f"{entry['held_out_after']:.4f} (epoch {entry['kept_epoch']}/"
+                f"{entry['epochs']}), {entry['seconds']}s")
     return entry
 
 

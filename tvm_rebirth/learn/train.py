@@ -10,10 +10,11 @@ The region is the bindings of ``func`` (a function without dataflow blocks) on a
 trainable conv (or, ``from_params``, from the parameters) to ``outputs``: exactly the IR the
 model build compiles, compiled with its kernels. Its batch dimension becomes ``batch``
 (flattening reshapes follow). Each trainable conv's weight, and the constant bias added
-right after it, become parameters; everything else stays as it is. The loss is the sum over outputs of the mean
-squared error, each divided by its target's mean square, so every output counts alike.
-Adam with a linear warm-up and a cosine decay runs on the host; every epoch the held-out loss is measured and
-the best epoch's weights are kept (the starting weights when no epoch beats them).
+right after it, become parameters; everything else stays as it is. The loss is the sum over
+outputs of the mean squared error, each divided by its target's mean square, so every
+output counts alike. Adam with a linear warm-up and a cosine decay runs on the host; every
+epoch the held-out loss is measured and the best epoch's weights are kept (the starting
+weights when no epoch beats them).
 """
 
 from __future__ import annotations
@@ -75,6 +76,21 @@ def _region(graph: Dataflow, starts, outputs) -> tuple:
         constants = {v for v in reads if v in graph.value and graph.is_const(v)}
     inputs = sorted(reads, key=lambda v: graph.position.get(v, -1))
     return [b for b in graph.bindings if b.var in region], inputs
+
+
+def _macs_per_image(bindings) -> int:
+    """Multiply-adds of one image through the region's convs and matmuls (batch-1 shapes)."""
+    total = 0
+    for b in bindings:
+        op = op_name(b.value)
+        if op == "relax.nn.conv2d":
+            out = [int(d) for d in b.var.ty.shape]
+            weight = [int(d) for d in b.value.args[1].ty.shape]
+            total += int(np.prod(out[1:])) * int(np.prod(weight[1:]))
+        elif op == "relax.matmul":
+            a, w = ([int(d) for d in arg.ty.shape] for arg in b.value.args)
+            total += int(np.prod(a[1:])) * w[-1]
+    return total
 
 
 def _trainable_convs(graph: Dataflow, trainable) -> list:
@@ -151,6 +167,7 @@ class RegionTrainer:
             raise RebirthError("the training region's outputs are not computed from its "
                                f"trainable convs ({', '.join(sorted(trainable))})")
         self.func, self.inputs, self.target = func, inputs, target
+        self.macs_per_image = _macs_per_image(bindings)
         self.keys, self.initial, swaps, biases = [], {}, {}, {}
         params = {}
         for b in bindings:
@@ -177,7 +194,8 @@ class RegionTrainer:
                                f"({', '.join(sorted(trainable))})")
         self.batch = batch
         region_inputs = [relax.Var(f"input{i}", relax.TensorType(
-            [batch] + [int(d) for d in list(v.ty.shape)[1:]], v.ty.dtype)) for i, v in enumerate(inputs)]
+            [batch] + [int(d) for d in list(v.ty.shape)[1:]], v.ty.dtype))
+            for i, v in enumerate(inputs)]
         mapping = dict(zip(inputs, region_inputs))
         substitute = _make_substitute()(mapping, batch, swaps)
         targets = [relax.Var(f"target{i}", relax.TensorType(
@@ -264,11 +282,12 @@ class RegionTrainer:
         return float(np.mean(values)) if values else float("nan")
 
     def fit(self, inputs, targets, held, arrays=None, epochs=20, lr=1e-3, seed=0,
-            augment=None, label="region", progress=False) -> TrainResult:
+            augment=None, label="region", progress=False, max_macs=None) -> TrainResult:
         """Adam on the non-held images; the held-out images choose the epoch kept.
         ``arrays``: starting weights (default: the region's constants); ``augment(x, t,
         rng)`` may transform a batch of inputs and targets alike; ``progress`` logs every
-        epoch at INFO (else DEBUG)."""
+        epoch at INFO (else DEBUG); ``max_macs`` caps the training's multiply-adds
+        (forward and backward, ~3x the forward's), fewer epochs for big regions."""
         start = time.time()
         arrays = {k: np.array((arrays or self.initial).get(k, self.initial[k]), np.float32)
                   for k in self.keys}
@@ -287,6 +306,9 @@ class RegionTrainer:
         moments = {k: (np.zeros_like(v), np.zeros_like(v)) for k, v in arrays.items()}
         rng = np.random.default_rng(seed)
         steps_per_epoch = len(fit_in[0]) // self.batch
+        if max_macs is not None:
+            affordable = max_macs // max(3 * self.macs_per_image * self.batch, 1)
+            epochs = int(max(1, min(epochs, affordable // steps_per_epoch)))
         total, step = epochs * steps_per_epoch, 0
         warmup = max(1, total // 5)
         beta1, beta2 = 0.9, 0.999
