@@ -325,7 +325,7 @@ def _distill_with_tvm(model, plan, arrays, images, flip, epochs) -> dict:
 
 RECONSTRUCT_EPOCHS = 12
 RECONSTRUCT_BATCH = 32
-RECONSTRUCT_LR = 1e-3
+RECONSTRUCT_LR = 1e-2
 RECONSTRUCT_MIN_BATCHES = 4  # fewer fitted images than this many batches: closed form only
 # multiply-adds one site's block may train for (fewer epochs for big blocks: a GoogLeNet
 # inception block gets one or two, a fmnist-inception block all of them)
