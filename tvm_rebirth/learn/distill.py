@@ -1,9 +1,11 @@
-"""Optional end-to-end refinement: distil the original model's outputs into the learned
-rebirth (and refitted) convs with PyTorch (CPU), after the layer-wise stage.
+"""Retraining with labels (``finetune --e2e --e2e-labels``): the learned rebirth (and
+refitted) convs trained in PyTorch (CPU) on labels with the original model as teacher, after
+the layer-wise stage. Unlabeled refinement and block reconstruction train with TVM's own
+gradients instead (``train.py``); this path stays until the labeled loss moves there too.
 
-The Relax function itself is interpreted op by op in torch, so what is trained is exactly
-what TVM compiles: the learned convs become parameters, everything else stays constant.
-Install the extra with ``pip install torch==2.13.0``.
+The Relax function is interpreted op by op in torch, so what is trained is what TVM
+compiles: the learned convs become parameters, everything else stays constant. Install the
+extra with ``pip install torch==2.13.0``.
 """
 
 from __future__ import annotations
