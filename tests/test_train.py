@@ -10,7 +10,7 @@ from tvm import relax
 from tvm_rebirth import flow
 from tvm_rebirth.compile.build import Runner
 from tvm_rebirth.errors import RebirthError
-from tvm_rebirth.learn.finetune import finetune
+from tvm_rebirth.learn.finetune import RECONSTRUCT_EPOCHS, finetune
 from tvm_rebirth.learn.train import BatchedForward, RegionTrainer, reaches
 from tvm_rebirth.passes import rebirth_pipeline
 from tvm_rebirth.passes.dataflow import Dataflow
@@ -111,17 +111,19 @@ def test_region_must_reach_its_outputs(tmp_path):
         RegionTrainer(func, [early], {"conv2": ("w", "b")}, batch=2)
 
 
-def test_block_reconstruction_beats_the_closed_form_alone():
-    """fmnist-inception, every site, 128 images: the slimmed model's outputs on images it
-    never saw are closer to the original's with block reconstruction than without."""
+def test_block_reconstruction_beats_the_closed_form_alone(monkeypatch, caplog):
+    """fmnist-inception, every site, 168 images: the slimmed model's outputs on images it
+    never saw are closer to the original's with block reconstruction than without. (The
+    divergence warning's threshold is raised so that every block reports it.)"""
+    monkeypatch.setattr("tvm_rebirth.learn.finetune.DIVERGED", 1e9)
     model = flow.load("fmnist-inception")
     plan = flow.find_plan(model)
     images, _ = flow.calibration(model, flow.RebirthOptions(images=192), plan)
-    fit, unseen = images[:128], images[128:]
+    fit, unseen = images[:168], images[168:]
     original = Runner(model.mod)
     want = np.concatenate([original(x[None])[0] for x in unseen])
     errors = {}
-    for epochs in (0, 3):
+    for epochs in (0, RECONSTRUCT_EPOCHS):
         weights, report = finetune(model, plan, fit, reconstruct_epochs=epochs)
         blocks = [r["block"] for r in report["sites"] if "block" in r]
         assert len(blocks) == (len(plan.sites) if epochs else 0)
@@ -131,7 +133,8 @@ def test_block_reconstruction_beats_the_closed_form_alone():
         slimmed = Runner(rebirth_pipeline(plan, weights.arrays)(model.mod))
         got = np.concatenate([slimmed(x[None])[0] for x in unseen])
         errors[epochs] = np.linalg.norm(got - want) / np.linalg.norm(want)
-    assert errors[3] < 0.9 * errors[0], errors
+    assert errors[RECONSTRUCT_EPOCHS] < 0.9 * errors[0], errors
+    assert "more calibration images would help" in caplog.text
 
 
 def test_finetune_refuses_an_untrainable_model_before_fitting(tmp_path, monkeypatch):

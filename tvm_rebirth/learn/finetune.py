@@ -330,6 +330,7 @@ RECONSTRUCT_MIN_BATCHES = 4  # fewer fitted images than this many batches: close
 # multiply-adds one site's block may train for (fewer epochs for big blocks: a GoogLeNet
 # inception block gets one or two, a fmnist-inception block all of them)
 RECONSTRUCT_MACS = 3e11
+DIVERGED = 0.5  # fitted loss below this share of the held-out loss: too few images
 DISTILL_LR = 1e-3
 
 
@@ -395,6 +396,10 @@ def _reconstruct_block(model, plan, done, site, later, arrays, images, held, tar
                 f"gradients: held-out loss {entry['held_out_before']:.4f} -> "
                 f"{entry['held_out_after']:.4f} (epoch {entry['kept_epoch']}/"
                 f"{entry['epochs']}), {entry['seconds']}s")
+    if result.fit_after < DIVERGED * result.held_out_after:
+        logger.warning(f"[finetune] {site.id}: the block fits its images far better than the "
+                       f"held-out ones (loss {result.fit_after:.4f} vs "
+                       f"{result.held_out_after:.4f}): more calibration images would help")
     return entry
 
 
