@@ -161,3 +161,16 @@ def test_finetune_refuses_an_untrainable_model_before_fitting(tmp_path, monkeypa
     monkeypatch.undo()
     weights, report = finetune(model, plan, images, reconstruct_epochs=0)
     assert weights.arrays and not any("block" in r for r in report["sites"])
+
+
+def test_a_block_too_big_for_the_budget_keeps_its_closed_form(tmp_path, monkeypatch):
+    model = flow.load(_lrn_net(tmp_path / "net.onnx"))
+    plan = flow.find_plan(model)
+    images = RNG.standard_normal((160, 3, 12, 12)).astype(np.float32)
+    monkeypatch.setattr("tvm_rebirth.learn.finetune.RECONSTRUCT_MACS", 1e6)
+    small_budget, report = finetune(model, plan, images)
+    blocks = [r["block"] for r in report["sites"] if not r["exact"]]
+    assert blocks and all("steps" in b["skipped"] for b in blocks)
+    closed_form, _ = finetune(model, plan, images, reconstruct_epochs=0)
+    for key, value in closed_form.arrays.items():
+        np.testing.assert_array_equal(small_budget.arrays[key], value)

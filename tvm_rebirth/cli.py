@@ -153,6 +153,16 @@ def _rebirth_options(args) -> flow.RebirthOptions:
                                                           flow.RECONSTRUCT_EPOCHS))
 
 
+def _block_cell(block) -> str:
+    """The finetune table's block reconstruction cell."""
+    if block is None:
+        return "-"
+    if "skipped" in block:
+        return f"not trained (too big: {block['skipped']})"
+    return (f"{block['held_out_before']:.4f} -> {block['held_out_after']:.4f} "
+            f"(to {block['ends_at']})")
+
+
 def cmd_finetune(args) -> None:
     payload = flow.finetune_command(flow.FinetuneArgs(
         model=args.model, rebirth=_rebirth_options(args), output=args.output,
@@ -160,8 +170,7 @@ def cmd_finetune(args) -> None:
     out = args.output or os.path.basename(payload["weights"])
     rows = [[r["id"], "exact" if r["exact"] else "learned",
              "-" if r["rel_error"] is None else f"{r['rel_error']:.4f}",
-             f"{r['block']['held_out_before']:.4f} -> {r['block']['held_out_after']:.4f} "
-             f"(to {r['block']['ends_at']})" if "block" in r else "-",
+             _block_cell(r.get("block")),
              f"{r['seconds']:.1f}"]
             for r in payload["sites"]]
     text = table(rows, ["site", "kind", "rel. error", "block loss (held out)", "seconds"]) + (

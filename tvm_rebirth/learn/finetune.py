@@ -331,6 +331,9 @@ RECONSTRUCT_MIN_BATCHES = 4  # fewer fitted images than this many batches: close
 # inception block gets one or two, a fmnist-inception block all of them)
 RECONSTRUCT_MACS = 3e11
 DIVERGED = 0.5  # fitted loss below this share of the held-out loss: too few images
+# fewer affordable steps than this and a block is not trained (a few steps at the block
+# learning rate only move away from the closed form: the held-out images keep the start)
+RECONSTRUCT_MIN_STEPS = 48
 DISTILL_LR = 1e-3
 
 
@@ -367,7 +370,7 @@ def _reconstruct_block(model, plan, done, site, later, arrays, images, held, tar
     import tvm
     from tvm import relax
 
-    from .train import RegionTrainer, reaches
+    from .train import RegionTrainer, affordable_steps, reaches
 
     start = time.time()
     current = rebirth_pipeline(plan.with_enabled(lambda s: s.id in done), arrays)(model.mod)
@@ -382,6 +385,12 @@ def _reconstruct_block(model, plan, done, site, later, arrays, images, held, tar
         wanted = [targets[("boundary", ends_at, i)] for i in range(len(ends))]
     else:
         ends_at, ends, wanted = "output", [_output_var(analysis)], [targets[("output",)]]
+    steps = affordable_steps(func, trainable, ends, RECONSTRUCT_BATCH, RECONSTRUCT_MACS)
+    if steps < RECONSTRUCT_MIN_STEPS:
+        logger.info(f"[finetune] {site.id}: the block to {ends_at} is too big to train within "
+                    f"{RECONSTRUCT_MACS:.0e} multiply-adds ({steps} steps; it takes "
+                    f"{RECONSTRUCT_MIN_STEPS}): closed form kept")
+        return {"ends_at": ends_at, "skipped": f"{steps} affordable steps"}
     trainer = RegionTrainer(func, ends, trainable, RECONSTRUCT_BATCH)
     inputs = trainer.capture(images, f"block inputs of {site.id}")
     result = trainer.fit(inputs, wanted, held, arrays, epochs=epochs, lr=RECONSTRUCT_LR,

@@ -106,6 +106,15 @@ def reaches(func, trainable, outputs) -> bool:
     return all(v in inside for v in outputs)
 
 
+def affordable_steps(func, trainable, outputs, batch: int, max_macs: float) -> int:
+    """How many training steps of ``batch`` images the region from the ``trainable`` convs
+    to ``outputs`` can take within ``max_macs`` multiply-adds (forward and backward, ~3x
+    the forward's), without building anything."""
+    graph = Dataflow(func)
+    bindings, _ = _region(graph, _trainable_convs(graph, trainable), outputs)
+    return int(max_macs // max(3 * _macs_per_image(bindings) * batch, 1))
+
+
 def _make_substitute():
     """A mutator class (built lazily: tvm imports stay inside functions) that maps vars to
     the training function's own, gives reshapes the new batch, and swaps trainable weights
