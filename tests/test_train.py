@@ -174,3 +174,19 @@ def test_a_block_too_big_for_the_budget_keeps_its_closed_form(tmp_path, monkeypa
     closed_form, _ = finetune(model, plan, images, reconstruct_epochs=0)
     for key, value in closed_form.arrays.items():
         np.testing.assert_array_equal(small_budget.arrays[key], value)
+
+
+def test_fit_stops_when_the_held_out_loss_stops_improving(tmp_path):
+    """A learning rate that only makes things worse: patience 2 stops after two epochs and
+    keeps the starting weights."""
+    model = flow.load(_lrn_net(tmp_path / "net.onnx"))
+    func = _plain(model.mod)
+    end = Dataflow(func).users_of(_named(func, "conv2"))[0]
+    trainer = RegionTrainer(func, [end], {"conv2": ("w2", "b2")}, batch=8)
+    images = RNG.standard_normal((64, 3, 12, 12)).astype(np.float32)
+    inputs = trainer.capture(images)
+    targets = BatchedForward(_prefix(func, end), 64)(images)
+    result = trainer.fit(inputs, [targets], np.arange(64) % 8 == 7, epochs=50, lr=10.0,
+                         patience=2)
+    assert result.epochs == 2 and result.kept_epoch == 0
+    np.testing.assert_array_equal(result.arrays["w2"], trainer.initial["w2"])

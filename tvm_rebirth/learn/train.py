@@ -291,7 +291,8 @@ class RegionTrainer:
         return float(np.mean(values)) if values else float("nan")
 
     def fit(self, inputs, targets, held, arrays=None, epochs=20, lr=1e-3, seed=0,
-            augment=None, label="region", progress=False, max_macs=None) -> TrainResult:
+            augment=None, label="region", progress=False, max_macs=None,
+            patience=None) -> TrainResult:
         """Adam on the non-held images; the held-out images choose the epoch kept.
         ``arrays``: starting weights (default: the region's constants); ``augment(x, t,
         rng)`` may transform a batch of inputs and targets alike; ``progress`` logs every
@@ -348,6 +349,9 @@ class RegionTrainer:
             logger.log(logging.INFO if progress else logging.DEBUG,
                        f"[finetune] {label}: epoch {epoch}/{epochs}, held-out loss {loss:.5f} "
                        f"({time.time() - start:.0f}s)")
+            if patience is not None and epoch - kept >= patience:
+                epochs = epoch  # what was run
+                break
         after_fit = self.loss(fit_in, fit_t, best_arrays, scales)
         return TrainResult(arrays=best_arrays, held_out_before=before, held_out_after=best,
                            fit_before=before_fit, fit_after=after_fit, epochs=epochs,
