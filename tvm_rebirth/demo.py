@@ -133,6 +133,15 @@ def summary_rows(summary) -> list:
     return rows
 
 
+def fitting_text(accuracy) -> str:
+    """How the accuracy model's rebirth weights were learned (from its fit report)."""
+    trained = sum("held_out_after" in site.get("block", {}) for site in accuracy["fit"])
+    if trained:
+        return (f"closed-form fits, then block reconstruction with TVM gradients ({trained} "
+                "blocks), unlabeled images only")
+    return "closed-form (layer-wise) fits only, unlabeled images"
+
+
 def stage_line(summary) -> str:
     return ", ".join(f"{k} {v:.0f}s" for k, v in summary["stage_seconds"].items())
 
@@ -163,7 +172,8 @@ def write_report(report, summary) -> None:
             + "\n```\n\n![time per layer type](layer_time.png)\n\n"
             + "![latency and memory](latency_memory.png)\n\n"
             + f"Stages: {stage_line(summary)}.\n"
-            + f"\nAccuracy ({summary['accuracy']['model']}): layer-wise fitting only. Retraining "
+            + f"\nAccuracy ({summary['accuracy']['model']}): {fitting_text(summary['accuracy'])}. "
+              "Retraining "
               "the slimmed network with labels and the original as teacher, as the paper does, "
               "recovers most of the loss: `tvm-rebirth plan fmnist-inception -o P`, "
               "`tvm-rebirth finetune fmnist-inception --plan P --e2e --e2e-labels --e2e-flip "

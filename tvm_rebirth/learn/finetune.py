@@ -334,7 +334,6 @@ DIVERGED = 0.5  # fitted loss below this share of the held-out loss: too few ima
 # fewer affordable steps than this and a block is not trained (a few steps at the block
 # learning rate only move away from the closed form: the held-out images keep the start)
 RECONSTRUCT_MIN_STEPS = 48
-RECONSTRUCT_PATIENCE = 3  # epochs without a better held-out loss before a block stops
 DISTILL_LR = 1e-3
 
 
@@ -395,8 +394,7 @@ def _reconstruct_block(model, plan, done, site, later, arrays, images, held, tar
     trainer = RegionTrainer(func, ends, trainable, RECONSTRUCT_BATCH)
     inputs = trainer.capture(images, f"block inputs of {site.id}")
     result = trainer.fit(inputs, wanted, held, arrays, epochs=epochs, lr=RECONSTRUCT_LR,
-                         label=site.id, max_macs=RECONSTRUCT_MACS,
-                         patience=RECONSTRUCT_PATIENCE)
+                         label=site.id, max_macs=RECONSTRUCT_MACS)
     arrays.update(result.arrays)
     entry = {"ends_at": ends_at,
              "held_out_before": round(result.held_out_before, 6),
