@@ -328,8 +328,8 @@ RECONSTRUCT_BATCH = 32
 RECONSTRUCT_LR = 1e-2
 RECONSTRUCT_MIN_BATCHES = 4  # fewer fitted images than this many batches: closed form only
 # multiply-adds one site's block may train for: fewer epochs for big blocks (a
-# fmnist-inception block takes all of them; most GoogLeNet blocks cannot take enough steps,
-# see RECONSTRUCT_MIN_STEPS)
+# fmnist-inception block takes all of them; six of GoogLeNet's thirteen cannot take enough
+# steps at 256 images, see RECONSTRUCT_MIN_STEPS)
 RECONSTRUCT_MACS = 3e11
 DIVERGED = 0.5  # fitted loss below this share of the held-out loss: too few images
 # fewer affordable steps than this and a block is not trained (a few steps at the block
