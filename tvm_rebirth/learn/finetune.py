@@ -18,15 +18,26 @@ import time
 
 import numpy as np
 
-from ..compile.build import Runner
 from ..errors import RebirthError
 from ..passes import (SITE_KINDS, analyze_sites, exact_site_weights, rebirth_pipeline,
                       weight_keys)
 from ..passes.site import branch_conv_layout, branch_groups, refit_keys
 from .fit import conv_forward, fit_rebirth_conv, pool_forward
+from .train import compute_vars
 from .weights import RebirthWeights
 
 logger = logging.getLogger(__name__)
+
+
+def _plain_analysis(mod, policy, kinds=SITE_KINDS, func_name="main"):
+    """The site analysis of ``mod`` without dataflow blocks: its vars can be returned (captured)
+    and be the ends of a training region."""
+    import tvm
+    from tvm import relax
+
+    plain = relax.transform.ToNonDataflow()(mod)
+    return analyze_sites(tvm.IRModule(dict(plain.functions), attrs=mod.attrs), policy, kinds,
+                         func_name)
 
 
 def capture(mod, select, images, label, policy="keep-kernel", func_name="main",
@@ -34,42 +45,16 @@ def capture(mod, select, images, label, policy="keep-kernel", func_name="main",
     """Run ``images`` through a module computing only the vars ``select(analysis)`` names
     ({key: var}, from the site analysis of ``mod``). Returns ({key: stacked array}, that
     analysis)."""
-    import tvm
-    from tvm import relax
-
-    plain = relax.transform.ToNonDataflow()(mod)
-    plain = tvm.IRModule(dict(plain.functions), attrs=mod.attrs)
-    analysis = analyze_sites(plain, policy, kinds, func_name)
+    analysis = _plain_analysis(mod, policy, kinds, func_name)
     outputs = select(analysis)
-    keys = list(outputs)
-    func = analysis.mod[func_name]  # the analysed (prepared) module the vars belong to
-    body = relax.BlockBuilder().normalize(relax.SeqExpr(
-        func.body.blocks, relax.Tuple([outputs[k] for k in keys])))
-    captured = relax.analysis.remove_all_unused(
-        relax.Function(func.params, body, attrs=func.attrs)).with_attr("global_symbol", "main")
-    columns = run_all(Runner(tvm.IRModule({"main": captured})), images, label)
-    return dict(zip(keys, columns)), analysis
+    # the vars belong to the analysed (prepared) module
+    columns = compute_vars(analysis.mod[func_name], list(outputs.values()), images, label)
+    return dict(zip(outputs, columns)), analysis
 
 
 def _consumers(analysis, site_id, site_convs):
     """Consumer convs of a site that are not themselves fitted as part of a site."""
     return [c for c in analysis.trace(site_id).consumers if c.name not in site_convs]
-
-
-def run_all(runner, images, label):
-    """Run every image through ``runner``; returns one stacked array per output."""
-    columns = None
-    start = time.time()
-    for i, image in enumerate(images):
-        outs = runner(image[None])
-        if columns is None:
-            columns = [[] for _ in outs]
-        for column, out in zip(columns, outs):
-            column.append(out[0])
-        if (i + 1) % 64 == 0 or i + 1 == len(images):
-            logger.info(f"[finetune]   {label}: {i + 1}/{len(images)} images "
-                f"({time.time() - start:.1f}s)")
-    return [np.stack(c) for c in columns]
 
 
 def _fit_one(x, y, spec, relu, held, arrays, wkey, bkey, original=None):
@@ -263,10 +248,7 @@ def _refine_end_to_end(model, plan, arrays, images, labels, flip, epochs):
         return _distill_with_tvm(model, plan, arrays, images, flip, epochs)
     from .distill import distill
 
-    trainable = {}
-    for site in plan.enabled_sites():
-        if not site.exact:
-            trainable.update(_trainable(site, arrays))
+    trainable = _plan_trainable(plan, arrays)
     rebirth = rebirth_pipeline(plan, arrays)(model.mod)
     logger.info(f"[finetune] end-to-end refinement of {len(trainable)} convs on {len(images)} "
                 "labeled images")
@@ -291,10 +273,7 @@ def _distill_with_tvm(model, plan, arrays, images, flip, epochs) -> dict:
     from .train import BatchedForward, RegionTrainer, image_augmentation
 
     start = time.time()
-    trainable = {}
-    for site in plan.enabled_sites():
-        if not site.exact:
-            trainable.update(_trainable(site, arrays))
+    trainable = _plan_trainable(plan, arrays)
     held = _held_out(images)
     batch = min(RECONSTRUCT_BATCH, int((~held).sum()))
     count = len(images) // batch * batch
@@ -362,22 +341,26 @@ def _trainable(site, arrays) -> dict:
     return names
 
 
+def _plan_trainable(plan, arrays) -> dict:
+    """``_trainable`` of every learned site of the plan: what end-to-end refinement trains."""
+    trainable = {}
+    for site in plan.enabled_sites():
+        if not site.exact:
+            trainable.update(_trainable(site, arrays))
+    return trainable
+
+
 def _reconstruct_block(model, plan, done, site, later, arrays, images, held, targets,
                        epochs) -> dict:
     """Block reconstruction: train ``site``'s convs (and its refitted consumers) with TVM's
     gradients, from inputs computed by the network slimmed so far, so that the block they
     start reproduces the original network where the next learned site begins (or its
     output after the last site)."""
-    import tvm
-    from tvm import relax
-
     from .train import RegionTrainer, affordable_steps, reaches
 
     start = time.time()
     current = rebirth_pipeline(plan.with_enabled(lambda s: s.id in done), arrays)(model.mod)
-    plain = relax.transform.ToNonDataflow()(current)
-    analysis = analyze_sites(tvm.IRModule(dict(plain.functions), attrs=current.attrs),
-                             plan.policy)
+    analysis = _plain_analysis(current, plan.policy)
     trainable = _trainable(site, arrays)
     func = analysis.mod["main"]
     reached = [s for s in later if reaches(func, trainable, _boundary(analysis, s.id))]
@@ -526,16 +509,13 @@ def finetune(model, plan, images=None, calibration="",
             if reconstruct:
                 outs[("output",)] = _output_var(analysis)
             for site in learned:
-                if reconstruct and site.kind == "branch":
+                if reconstruct:  # where the block of the site before it ends
                     outs.update({("boundary", site.id, i): v
                                  for i, v in enumerate(_boundary(analysis, site.id))})
                 if site.kind == "branch":
                     outs[site.id] = _branch_target(plan, analysis, site)
                     continue
                 outs[site.id] = analysis.trace(site.id).end
-                if reconstruct:
-                    outs.update({("boundary", site.id, i): v
-                                 for i, v in enumerate(_boundary(analysis, site.id))})
                 if refit_consumers:
                     outs.update({("refit", site.id, c.name): c.out
                                  for c in _consumers(analysis, site.id, site_convs)})

@@ -39,7 +39,7 @@ def _squeeze_grad(orig_var, orig_call, output_grad, ctx):
 def _avg_pool3d_grad(orig_var, orig_call, output_grad, ctx):
     """y = avg_pool3d(x) with stride 1, no dilation, padding counted: each x feeds the windows
     that cover it, each with weight 1/K, so dx is the same box filter over dy with the padding
-    mirrored (k-1-p_before before, k-1-p_after after). ``check_trainable`` rejects the rest."""
+    mirrored (k-1-p_before before, k-1-p_after after). ``untrainable_ops`` names the rest."""
     attrs = orig_call.attrs
     kernel = [int(k) for k in attrs.pool_size]
     pad = [int(p) for p in attrs.padding]

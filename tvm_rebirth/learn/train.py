@@ -151,6 +151,31 @@ def _make_substitute():
     return Substitute
 
 
+def compute_vars(func, variables, images, label, target=None) -> list:
+    """``variables`` (vars of ``func``, a function without dataflow blocks) for each image,
+    one stacked array per var: the function up to them, compiled as the model build compiles
+    it, run one image at a time with progress in the log."""
+    import tvm
+    from tvm import relax
+
+    from ..compile.build import Runner
+
+    body = relax.BlockBuilder().normalize(relax.SeqExpr(func.body.blocks,
+                                                        relax.Tuple(list(variables))))
+    head = relax.analysis.remove_all_unused(relax.Function(
+        func.params, body, attrs=func.attrs)).with_attr("global_symbol", "main")
+    runner = Runner(tvm.IRModule({"main": head}), target)
+    columns = [[] for _ in variables]
+    start = time.time()
+    for i, image in enumerate(images):
+        for column, out in zip(columns, runner(image[None])):
+            column.append(out[0])
+        if (i + 1) % 64 == 0 or i + 1 == len(images):
+            logger.info(f"[finetune]   {label}: {i + 1}/{len(images)} images "
+                        f"({time.time() - start:.1f}s)")
+    return [np.stack(c) for c in columns]
+
+
 class RegionTrainer:
     """The compiled loss and gradients of a region of ``func`` (see the module docstring).
 
@@ -244,27 +269,8 @@ class RegionTrainer:
         self._tensor = tvm.runtime.tensor
 
     def capture(self, images, label="region inputs") -> list:
-        """The region's inputs for each image (one array per input var, batch first): the
-        function up to them, compiled as the model build compiles it."""
-        import tvm
-        from tvm import relax
-
-        from ..compile.build import Runner
-
-        body = relax.BlockBuilder().normalize(relax.SeqExpr(
-            self.func.body.blocks, relax.Tuple(list(self.inputs))))
-        head = relax.analysis.remove_all_unused(relax.Function(
-            self.func.params, body, attrs=self.func.attrs)).with_attr("global_symbol", "main")
-        runner = Runner(tvm.IRModule({"main": head}), self.target)
-        columns = [[] for _ in self.inputs]
-        start = time.time()
-        for i, image in enumerate(images):
-            for column, out in zip(columns, runner(image[None])):
-                column.append(out[0])
-            if (i + 1) % 256 == 0 or i + 1 == len(images):
-                logger.info(f"[finetune]   {label}: {i + 1}/{len(images)} images "
-                            f"({time.time() - start:.1f}s)")
-        return [np.stack(c) for c in columns]
+        """The region's inputs for each image (one array per input var, batch first)."""
+        return compute_vars(self.func, list(self.inputs), images, label, self.target)
 
     def _batches(self, count, rng):
         order = rng.permutation(count) if rng is not None else np.arange(count)
