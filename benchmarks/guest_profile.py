@@ -73,7 +73,7 @@ def profile_calls(mod, x, target, what: str) -> tuple:
 
 
 def kind_of(name: str) -> str:
-    for key in ("winograd_input", "winograd_gemm", "winograd_output", "conv2d", "matmul",
+    for key in ("winograd", "conv2d", "matmul",
                 "dense", "max_pool", "avg_pool", "adaptive", "lrn", "channel_window", "power",
                 "concat", "softmax", "pad", "transpose", "reshape", "add", "relu"):
         if key in name:

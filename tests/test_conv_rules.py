@@ -12,8 +12,8 @@ from tvm.relax import op as R
 
 from tvm_rebirth.compile.build import host_target
 from tvm_rebirth.compile.conv_rules import ConvRule
-from tvm_rebirth.compile.layouts import (PackConvWeights, VectorUnit, pack_weight,
-                                         plan_conv)
+from tvm_rebirth.compile.layouts import VectorUnit, pack_weight, plan_conv
+from tvm_rebirth.compile.pack_convs import PackConvWeights
 from tvm_rebirth.compile.schedules import GenericCpuSchedule
 
 from kernel_check import assert_schedule_matches
@@ -131,9 +131,9 @@ def test_zoo_model_matches_build_without_kernels(monkeypatch):
     want = Runner(model.mod, tuned=False)(x)[0]
     monkeypatch.setenv("TVM_REBIRTH_CONV_KERNELS", "1")
     script = PackConvWeights(LLVM)(model.mod).script()
-    # every conv is ours: direct, or Winograd's GEMM (AlexNet's 3x3s at 13x13)
+    # every conv is ours: direct, or Winograd (AlexNet's 3x3s at 13x13)
     assert script.count("call_tir(cls.rebirth_conv2d") + \
-        script.count("call_tir(cls.rebirth_winograd_gemm") == 5
+        script.count("call_tir(cls.rebirth_winograd") == 5
     got = Runner(model.mod, tuned=False)(x)[0]
     assert np.abs(got - want).max() <= 1e-4 * np.abs(want).max()
 
@@ -148,9 +148,9 @@ def test_vector_rows_match_unscheduled(name, monkeypatch):
     """Convs planned as on AArch64 (FMA by element: vector rows; a 1x1 one row per input
     channel with ic unrolled, a kxk one row per (ic, kh) shared by its taps), built and
     run on this host."""
-    from tvm_rebirth.compile import layouts
+    from tvm_rebirth.compile import pack_convs
 
-    monkeypatch.setattr(layouts, "vector_unit",
+    monkeypatch.setattr(pack_convs, "vector_unit",
                         lambda target: VectorUnit(4, 32, fma_by_element=True))
     funcs = _packed_prim_funcs(_module(*CASES[name]), FOUR_LANES)
     assert len(funcs) == 1

@@ -11,7 +11,8 @@ from tvm.relax import op as R
 
 from tvm_rebirth.compile.build import Runner, fused_module, host_target
 from tvm_rebirth.compile.conv_rules import ConvRule
-from tvm_rebirth.compile.layouts import PackConvWeights, VectorUnit
+from tvm_rebirth.compile.layouts import VectorUnit
+from tvm_rebirth.compile.pack_convs import PackConvWeights
 
 from kernel_check import assert_schedule_matches
 
@@ -65,9 +66,9 @@ def test_dense_kernel_matches_unscheduled(target):
 
 def test_dense_kernel_with_vector_rows_matches_unscheduled(monkeypatch):
     """The AArch64 plan (FMA by element, one-column rows) built and run on this host."""
-    from tvm_rebirth.compile import layouts
+    from tvm_rebirth.compile import pack_convs
 
-    monkeypatch.setattr(layouts, "vector_unit",
+    monkeypatch.setattr(pack_convs, "vector_unit",
                         lambda target: VectorUnit(4, 32, fma_by_element=True))
     (func,) = [f for gv, f in fused_module(_dense_module(96, 40), FOUR_LANES).functions.items()
                if isinstance(f, tirx.PrimFunc) and gv.name_hint.startswith("rebirth_dense")]

@@ -27,9 +27,9 @@ def test_kernel_names_map_to_layer_types():
     for lrn_part in ("avg_pool3d1", "fused_multiply2_expand_dims1",
                      "fused_squeeze1_multiply3_add4_power1_divide1"):
         assert layer_type(lrn_part) == "LRN"
-    # our kernels: blocked convs, Winograd's three stages, separable pools, LRN's window
-    for conv_part in ("fused_rebirth_conv2d2_add3_relu2", "rebirth_winograd_input",
-                      "rebirth_winograd_gemm3", "fused_rebirth_winograd_output_add_relu"):
+    # our kernels: blocked convs, Winograd, separable pools, LRN's window
+    for conv_part in ("fused_rebirth_conv2d2_add3_relu2", "rebirth_winograd3",
+                      "fused_rebirth_winograd_add_relu"):
         assert layer_type(conv_part) == "convolution"
     assert layer_type("rebirth_max_pool2d4") == "pooling"
     assert layer_type("rebirth_channel_window1") == "LRN"

@@ -1,8 +1,11 @@
 """Winograd F(2x2, 3x3) (compile/winograd.py): the transformed weights compute the conv
 exactly (numpy), the rewrite replaces exactly the convs where it applies and pays, the
-transform functions' schedules (WinogradRule) compute what their unscheduled PrimFuncs
-compute (NaN-prefilled outputs, run twice), the GEMM is our blocked 1x1 kernel, and whole
-modules built with Winograd match the direct kernels' build."""
+kernel's schedule (WinogradRule: one tile row at a time, the GEMM on our blocked 1x1
+micro-kernel) computes what its unscheduled PrimFunc computes (NaN-prefilled outputs, run
+twice) with a tile row of intermediates, and whole modules built with Winograd match the
+direct kernels' build."""
+
+import re
 
 import numpy as np
 import pytest
@@ -10,10 +13,10 @@ import tvm
 from tvm import relax, tirx
 from tvm.relax import op as R
 
-from tvm_rebirth.compile.build import Runner, fused_module, host_target
-from tvm_rebirth.compile.conv_rules import ConvRule
+from tvm_rebirth.compile.build import Runner, fused_module, host_target, planned_memory
 from tvm_rebirth.compile.winograd import (A_T, B_T, WinogradRule, transform_weight,
                                           winograd_pays)
+from tvm_rebirth.report.profile import kernel_macs
 
 from kernel_check import assert_schedule_matches
 
@@ -68,22 +71,72 @@ SHAPES = {  # name: (cin, cout, (h, w), pad[, groups])
     "8_to_32_h1_w7": (8, 32, (1, 7), 1),
     "96_to_32_w6": (96, 32, (6, 6), 1),
     "groups2_64_to_64_w13": (64, 64, (13, 13), 1, 2),  # AlexNet's grouped 3x3s
+    "48_to_160_w40": (48, 160, (40, 40), 1),  # bands of one row (two would not fit a cache)
 }
 
 
 @pytest.mark.parametrize("name", list(SHAPES))
 @pytest.mark.parametrize("target", [LLVM, FOUR_LANES], ids=["host", "4_lanes"])
-def test_transform_schedules_match_unscheduled(name, target, monkeypatch):
+def test_schedule_matches_unscheduled(name, target, monkeypatch):
     from tvm_rebirth.compile import winograd
 
     monkeypatch.setattr(winograd, "winograd_pays", lambda *shape: True)  # odd shapes too
     cin, cout, hw, pad, *groups = SHAPES[name]
     funcs = _funcs(_conv_module(cin, cout, hw, pad, groups=groups[0] if groups else 1), target)
-    kinds = sorted(n.split("rebirth_winograd_")[1].split("_")[0] for n in funcs)
-    assert kinds == ["gemm", "input", "output"], list(funcs)
-    for name_hint, func in funcs.items():
-        rule = ConvRule() if "gemm" in name_hint else WinogradRule()
-        assert_schedule_matches(func, rule, target, atol=1e-3)
+    assert list(funcs) == ["fused_rebirth_winograd_add_relu"], list(funcs)
+    assert_schedule_matches(funcs["fused_rebirth_winograd_add_relu"], WinogradRule(), target,
+                            atol=1e-3)
+
+
+def _allocations(func, rule) -> dict:
+    """{buffer name: shape} of the buffers ``rule``'s schedule of ``func`` allocates, each
+    placed and compacted as TVM's lowering does."""
+    from tvm import s_tir
+
+    sch = rule.apply(func.with_attr("global_symbol", "main"), LLVM, False)
+    mod = tvm.transform.Sequential([
+        s_tir.transform.LowerInitBlock(), s_tir.transform.PlanAndUpdateBufferAllocationLocation(),
+        s_tir.transform.ConvertBlocksToOpaque(), s_tir.transform.CompactBufferAllocation()
+    ])(sch.mod)
+    found = re.findall(r"(\w+) = T\.sblock_alloc_buffer\(\((.*?)\)\)", mod.script())
+    return {name: [int(d) for d in re.findall(r"int64\((\d+)\)", shape)] for name, shape in found}
+
+
+def test_intermediates_hold_one_tile_row(monkeypatch):
+    """The transformed input and the GEMM's output are a band of tile rows inside the
+    kernel (GoogLeNet conv2: one of its 28 rows of 28 tiles), so a module plans the
+    activations of the direct build: between two Winograd convs, the first one's output and
+    nothing of Winograd's."""
+    (func,) = _funcs(_conv_module(64, 192, (56, 56))).values()
+    shapes = _allocations(func, WinogradRule())
+    assert shapes["rebirth_winograd_input"][2] == 1  # [N, 16 C, 1 tile row, tiles]
+    assert shapes["rebirth_conv"][2] == 1            # [N, 16 K / block, 1 row, tiles, block]
+    assert shapes["rebirth_winograd_pad"][2] == 4    # the 4 input rows of a tile row
+    # a late layer (GoogLeNet 5b, 7x7: 4 tile rows) in two bands of 2 rows
+    (func,) = _funcs(_conv_module(192, 384, (7, 7))).values()
+    shapes = _allocations(func, WinogradRule())
+    assert shapes["rebirth_winograd_input"][2] == shapes["rebirth_conv"][2] == 2
+    rng = np.random.default_rng(0)
+    x = relax.Var("x", relax.TensorType((1, 64, 56, 56), "float32"))
+    bb = relax.BlockBuilder()
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            y = x
+            for cin, cout in ((64, 96), (96, 64)):
+                weight = rng.standard_normal((cout, cin, 3, 3)).astype("float32")
+                y = bb.emit(R.nn.relu(R.nn.conv2d(y, relax.const(weight), padding=1)))
+            out = bb.emit_output(y)
+        bb.emit_func_output(out)
+    mod = bb.get()
+    assert sum("winograd" in n for n in _funcs(mod)) == 2
+    winograd = planned_memory(mod)
+    monkeypatch.setenv("TVM_REBIRTH_WINOGRAD", "0")
+    assert winograd == planned_memory(mod) == 4 * 96 * 56 * 56
+
+
+def test_kernel_macs_count_the_direct_conv():
+    (macs,) = kernel_macs(_conv_module(64, 192, (56, 56), epilogue="none"), LLVM).values()
+    assert macs == 64 * 192 * 9 * 56 * 56
 
 
 @pytest.mark.parametrize("epilogue,groups,channels,batch", [
@@ -100,8 +153,8 @@ def test_winograd_module_matches_direct_build(epilogue, groups, channels, batch,
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
     monkeypatch.setenv("TVM_REBIRTH_WINOGRAD", "1")
     names = list(_funcs(mod))
-    # the output transform takes the elementwise epilogue, never the concat after it
-    assert any(n.startswith("fused_rebirth_winograd_output") or n == "rebirth_winograd_output"
+    # the kernel takes the elementwise epilogue, never the concat after it
+    assert any(n.startswith("fused_rebirth_winograd") or n == "rebirth_winograd"
                for n in names) and not any("winograd" in n and "concat" in n for n in names)
 
 

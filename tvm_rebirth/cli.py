@@ -224,6 +224,9 @@ def cmd_bench(args) -> None:
                     for c in payload[variant]["conv_throughput"]]
             text += f"\n\nheaviest conv kernels, {variant}:\n" + table(
                 rows, ["kernel", "ms", "GFLOP/s", "of fp32 peak"])
+        if any("winograd" in c["kernel"] for v in ("original", "rebirth")
+               for c in payload[v]["conv_throughput"]):
+            text += "\n(Winograd kernels: effective GFLOP/s, the direct 3x3 conv's work)"
     if "predicted" in payload:
         p = payload["predicted"]
         text += (f"\nthe plan predicted {p['speedup']}x ({p['unit']} on {p['target']}); "

@@ -30,7 +30,7 @@ def _fusion_passes(target) -> list:
     from tvm.relax.backend.cpu_generic import pipeline as cpu_generic
 
     from .fast_math import PowerToRoots
-    from .layouts import PackConvWeights
+    from .pack_convs import PackConvWeights
     from .pools import SeparablePools
 
     packing = [PowerToRoots(), PackConvWeights(target), SeparablePools(target)] \

@@ -1,6 +1,6 @@
 """A register-blocked micro-kernel schedule for the channel-blocked convs of ``layouts``.
 
-``ConvRule`` is a dlight rule for the PrimFuncs ``layouts.PackConvWeights`` makes (fused with
+``ConvRule`` is a dlight rule for the PrimFuncs ``pack_convs.PackConvWeights`` makes (fused with
 their epilogue: bias, BatchNorm scale/shift, ReLU, clip, a residual add). The conv block
 ``conv[n, oc_chunk, oh, ow, ob]`` is scheduled as
 
@@ -223,6 +223,29 @@ def _cache_row(sch, conv, loop):
         sch.vectorize(loops[-1])
 
 
+def accumulate_in_registers(sch, conv, inner) -> None:
+    """The tile's reduction on accumulators the conv block already keeps in local scope:
+    the tile unrolled, a channel block vectorised, vector rows where the plan says so, the
+    accumulators zeroed before the reduction, short kw loops unrolled."""
+    ic, kh, kw, wi, ov, ol = inner
+    sch.unroll(wi)
+    sch.unroll(ov)
+    sch.vectorize(ol)
+    reduce_at = ic
+    if _annotation(sch.get(conv), ROWS_KEY) and _pointwise_unit_stride(sch, conv, kh, kw):
+        reduce_at = _vector_rows(sch, conv, ic)
+    elif _annotation(sch.get(conv), ROWS_KEY) and _data_read(sch.get(conv)) is not None:
+        _tap_rows(sch, conv, kh)
+    init = sch.decompose_reduction(conv, reduce_at)
+    init_loops = sch.get_loops(init)
+    sch.unroll(init_loops[-3])
+    sch.unroll(init_loops[-2])
+    sch.vectorize(init_loops[-1])
+    kw_extent = _int(sch.get(kw).extent) or 0
+    if kw_extent <= UNROLL_KW_MAX:
+        sch.unroll(kw)
+
+
 class ConvRule(ScheduleRule):
     """The register-blocked channel-blocked conv (see module doc); None for anything else."""
 
@@ -248,22 +271,7 @@ class ConvRule(ScheduleRule):
         sch.parallel(sch.fuse(b, oc, h))
         sch.reverse_compute_at(out, wo)
         sch.set_scope(conv, 0, "local")
-        sch.unroll(wi)
-        sch.unroll(ov)
-        sch.vectorize(ol)
-        reduce_at = ic
-        if _annotation(sch.get(conv), ROWS_KEY) and _pointwise_unit_stride(sch, conv, kh, kw):
-            reduce_at = _vector_rows(sch, conv, ic)
-        elif _annotation(sch.get(conv), ROWS_KEY) and _data_read(sch.get(conv)) is not None:
-            _tap_rows(sch, conv, kh)
-        init = sch.decompose_reduction(conv, reduce_at)
-        init_loops = sch.get_loops(init)
-        sch.unroll(init_loops[-3])
-        sch.unroll(init_loops[-2])
-        sch.vectorize(init_loops[-1])
-        kw_extent = _int(sch.get(kw).extent) or 0
-        if kw_extent <= UNROLL_KW_MAX:
-            sch.unroll(kw)
+        accumulate_in_registers(sch, conv, (ic, kh, kw, wi, ov, ol))
         out_channels = sch.get(out).iter_vars[1].dom.extent
         _schedule_epilogue(sch, out, wo, min(_int(out_channels), shape.vectors * shape.lanes),
                            shape.lanes)

@@ -1,10 +1,10 @@
-"""Channel-blocked convolutions: a Relax pass that packs constant conv weights at compile time.
+"""Channel-blocked convolutions: the target's vector unit, the register tile of each conv, its
+weights packed at compile time, and the TE convolution that reads them.
 
-``PackConvWeights(target)`` rewrites every ``R.nn.conv2d(x, W)`` with NCHW data, OIHW constant
-weights, one group and float32 into a call of our own TE convolution reading the packed
-constant ``W[O/ob, I, kh, kw, ob]`` (``ob`` output channels = one or a few vector registers of
-the target). It runs before legalization, so bias / BatchNorm / ReLU / clip after the conv
-still fuse into the same PrimFunc. The TE function computes:
+``pack_convs.PackConvWeights(target)`` rewrites every ``R.nn.conv2d(x, W)`` with NCHW data,
+OIHW constant weights and float32 (``conv_rewrite_applies``) into a call of
+``blocked_conv_te`` reading the packed constant ``W[O/ob, I, kh, kw, ob]`` (``ob`` output
+channels = one or a few vector registers of the target). The TE function computes:
 
 * ``rebirth_pad``: the input padded (also on the right, so the last width tile is whole);
 * ``rebirth_conv``: ``conv[n, oc_chunk, oh, ow, ob]`` over a zero-padded channel count and a
@@ -12,8 +12,8 @@ still fuse into the same PrimFunc. The TE function computes:
 * ``rebirth_unpack``: the NCHW result (output shape and layout unchanged for the rest of the
   graph).
 
-The tile plan (``ob``, width tile) is chosen here, per conv and target, and recorded in the
-conv block's annotations, where ``conv_rules.ConvRule`` reads it.
+The tile plan (``ob``, width tile) is chosen by ``plan_conv``, per conv and target, and
+recorded in the conv block's annotations, where ``conv_rules.ConvRule`` reads it.
 """
 
 from __future__ import annotations
@@ -247,76 +247,3 @@ def rewrite_relax_functions(mod, rewriter):
         if isinstance(func, relax.Function):
             rewriter.builder_.update_func(gvar, rewriter.visit_expr(func))
     return rewriter.builder_.finalize()
-
-
-def PackConvWeights(target):  # noqa: N802 -- a pass, named like TVM's
-    """The module pass (see module doc) for ``target``; a no-op where the target has no SIMD
-    unit we know."""
-    import tvm
-    from tvm import relax
-
-    from .dense import dense_as_conv
-    from .winograd import winograd_conv
-
-    unit = vector_unit(target)
-
-    @relax.expr_functor.mutator
-    class _Rewriter(relax.PyExprMutator):
-        def __init__(self, mod):
-            super().__init__(mod)
-            self.rewritten = 0
-
-        def visit_call_(self, call):  # noqa: N802 -- ExprMutator's hook
-            call = self.visit_expr_post_order(call)
-            if getattr(call.op, "name", "") == "relax.matmul":
-                dense = dense_as_conv(
-                    self.builder_, call, self.lookup_binding,
-                    lambda channels: plan_conv(unit, channels, 1, 1, 1, pointwise=True),
-                    pack_weight, blocked_conv_te)
-                self.rewritten += dense is not None
-                return call if dense is None else dense
-            if not conv_rewrite_applies(call):
-                return call
-            winograd = winograd_conv(
-                self.builder_, call,
-                lambda channels, width: plan_conv(unit, channels, width, 1, 1,
-                                                  whole_blocks=True, pointwise=True,
-                                                  max_accumulators=GEMM_ACCUMULATORS),
-                pack_weight, blocked_conv_te)
-            if winograd is not None:
-                self.rewritten += 1
-                return winograd
-            attrs = call.attrs
-            x, weight = call.args
-            out_channels, _, kh, kw = (int(d) for d in weight.value.shape)
-            groups = int(attrs.groups)
-            out_w = int(call.ty.shape[3])
-            stride_w = int(attrs.strides[1])
-            plan = plan_conv(unit, out_channels // groups, out_w, kw, stride_w,
-                             whole_blocks=groups > 1,
-                             pointwise=(kh, kw, stride_w) == (1, 1, 1))
-            if plan is None:
-                return call
-            packed = relax.const(pack_weight(weight.value.numpy(), plan.block, groups),
-                                 "float32")
-            self.rewritten += 1
-            strides = [int(s) for s in attrs.strides]
-            padding = [int(p) for p in attrs.padding]
-            dilation = [int(d) for d in attrs.dilation]
-            return self.builder_.call_te(
-                lambda data, kernel: blocked_conv_te(data, kernel, out_channels, strides,
-                                                     padding, dilation, plan, groups),
-                x, packed, primfunc_name_hint="rebirth_conv2d")
-
-    @tvm.transform.module_pass(opt_level=0, name="PackConvWeights")
-    def _pass(mod, _ctx):
-        if unit is None:
-            return mod
-        rewriter = _Rewriter(mod)
-        mod = rewrite_relax_functions(mod, rewriter)
-        if rewriter.rewritten:
-            logger.debug(f"[layouts] {rewriter.rewritten} convs use packed weights")
-        # the transposes of dense weights the convs replaced would still be folded
-        return relax.transform.DeadCodeElimination()(mod)
-
-    return _pass

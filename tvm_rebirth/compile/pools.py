@@ -3,7 +3,7 @@
 TVM lowers ``R.nn.max_pool2d`` to one block that reads every tap through the padding's
 predicate, and its CPU schedules vectorise that predicate lane by lane: about six guest
 instructions per tap on AArch64. ``SeparablePools(target)`` (a Relax pass, before
-legalization like ``layouts.PackConvWeights``) rewrites
+legalization like ``pack_convs.PackConvWeights``) rewrites
 
 * ``R.nn.max_pool2d`` (NCHW, float32, static shapes, no dilation) into three stages: the input
   padded with -inf once (``rebirth_pool_pad``, only when the pool pads), the max over the

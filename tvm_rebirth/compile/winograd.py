@@ -8,14 +8,16 @@ and of every output tile (adds only). With P tiles, C input and K output channel
     M[g*K + k, p] = sum_c U[g*K + k, c] V[g*C + c, p]   # 16 independent GEMMs
     Y[k, tile p]  = A^T M[., k, p] A             # output transform (+ bias/BN/ReLU fused)
 
-The 16 GEMMs are a grouped 1x1 convolution (16 groups, the tiles as its width), so
-``layouts.blocked_conv_te`` and ``conv_rules.ConvRule`` compute them with the same packed
-weights (``U = G g G^T``, transformed and packed at compile time) and micro-kernel as any
-1x1 conv. ``winograd_conv`` emits the three calls in place of one conv; the transforms are
-TE functions with constant coefficients written out per (xi, nu) (no multiplications by
-0 or 1), scheduled by ``WinogradRule``. The input transform is opaque to fusion (it must
-stay out of the GEMM's function); the output transform fuses like a conv (its elementwise
-epilogue, not a concat that follows).
+The 16 GEMMs are a grouped 1x1 convolution (16 groups, a tile row as its width), so
+``layouts.blocked_conv_te`` and ``conv_rules``' micro-kernel compute them with the same packed
+weights (``U = G g G^T``, transformed and packed at compile time) as any 1x1 conv.
+``winograd_conv`` emits one function in place of the conv, fused like a conv (its
+elementwise epilogue, not a concat that follows); the transforms are TE computations with
+constant coefficients written out per (xi, nu) (no multiplications by 0 or 1).
+``WinogradRule`` computes it a band of tile rows at a time (input transform, GEMM, output
+transform; ``band_rows``: one row, or half the image where that fits a cache), so the
+transformed input and the GEMM's output never exceed a band: the model plans no more memory
+than with direct convs, and a band stays in cache between the three steps.
 
 ``winograd_pays`` decides per conv from an instruction estimate (calibrated on the emulated
 Cortex-A72): the transforms cost per tile and channel, so narrow convs stay direct.
@@ -30,11 +32,15 @@ import numpy as np
 
 from tvm.s_tir.dlight.base import ScheduleRule
 
+from .conv_rules import accumulate_in_registers
+from .layouts import CONV_BLOCK, LANES_KEY, TILE_KEY, UNPACK_BLOCK
+
 logger = logging.getLogger(__name__)
 
 WINO_INPUT = "rebirth_winograd_input"
 WINO_PAD = "rebirth_winograd_pad"
 WINO_OUTPUT = "rebirth_winograd_output"
+BAND_KEY = "rebirth.band_rows"   # WINO_INPUT annotation: tile rows computed together
 TILE = 2                       # outputs per tile side: F(2x2, 3x3)
 ALPHA = TILE + 2               # input tile side
 # F(2x2, 3x3) (Lavin & Gray, 2016)
@@ -48,6 +54,10 @@ GEMM_PER_MAC = 0.33            # the 1x1 micro-kernel over the tiles
 INPUT_PER_TILE_CHANNEL = 100   # padding + 16 loads, 32 adds, 16 stores per input channel
 OUTPUT_PER_TILE_CHANNEL = 60   # 16 loads, 32 adds, 4 stores + epilogue per output channel
 REQUIRED_SAVING = 0.8          # Winograd only where it is estimated 20 % cheaper
+# a band's transformed input and GEMM output at most (about one core's L2; measured on
+# Intel AVX-512, 2 threads: two bands of GoogLeNet's/AlexNet's 7x7-14x14 convs 1.3-1.6x
+# faster than single rows, single rows of conv2 at 56x56 1.1x faster than two bands)
+BAND_BYTES = 2 << 20
 
 
 def winograd_enabled() -> bool:
@@ -92,24 +102,35 @@ def _select(index, cases):
     return expr
 
 
-def input_transform_te(x, padding, tiles_w, columns):
-    """[N, C, H, W] -> V [N, 16 C, 1, columns]: each tile of the zero-padded input, B^T d B
-    (``columns`` >= the tiles: the GEMM's width rounded to its register tile; the tiles past
-    the image are zeros)."""
+def winograd_te(x, packed, out_channels, padding, out_h, out_w, plan, groups, conv_te,
+                band: int = 1):
+    """One function computing the conv ``x`` * 3x3 weights (``packed``: their transform,
+    packed for ``plan``) by Winograd: [N, C, H, W] -> [N, K, out_h, out_w]. Its blocks:
+
+    * ``WINO_PAD``: the input zero-padded to whole tiles;
+    * ``WINO_INPUT``: V [N, 16 C, tiles_h, wide], each tile's B^T d B, one tile row of the
+      image per row of V (``wide``: the tiles of a row rounded up to the GEMM's register
+      tile; the tiles past the image are zeros);
+    * the GEMM: ``conv_te``'s blocked grouped 1x1 conv of V (16 x ``groups`` groups), so a
+      row of M is the GEMM of a row of V;
+    * ``WINO_OUTPUT``: A^T M A of each tile, cropped.
+
+    ``WinogradRule`` computes it a band of ``band`` tile rows at a time (the annotation
+    BAND_KEY of WINO_INPUT), so V and M only ever hold a band."""
     from tvm import te, tirx
 
     n, channels, height, width = (int(d) for d in x.shape)
     top, left = padding[0], padding[1]
-    pad_h, pad_w = -(-columns // tiles_w) * TILE + 2, tiles_w * TILE + 2
+    tiles_h, tiles_w = -(-out_h // TILE), -(-out_w // TILE)
+    wide = -(-tiles_w // plan.tile) * plan.tile
 
     def pad(b, c, h, w):
         inside = tirx.all(h >= top, h < top + height, w >= left, w < left + width)
         return tirx.if_then_else(inside, x[b, c, h - top, w - left], tirx.const(0.0, "float32"))
-    data = te.compute((n, channels, pad_h, pad_w), pad, name=WINO_PAD)
+    data = te.compute((n, channels, tiles_h * TILE + 2, wide * TILE + 2), pad, name=WINO_PAD)
 
-    def transform(b, gc, o, p):
+    def transform(b, gc, th, tw):
         g, c = gc // channels, gc % channels
-        th, tw = p // tiles_w, p % tiles_w
         cases = []
         for xi in range(ALPHA):
             for nu in range(ALPHA):
@@ -117,24 +138,21 @@ def input_transform_te(x, padding, tiles_w, columns):
                     (B_T[xi, i] * B_T[nu, j], data[b, c, th * TILE + i, tw * TILE + j])
                     for i in range(ALPHA) for j in range(ALPHA)))
         return _select(g, cases)
-    return te.compute((n, ALPHA * ALPHA * channels, 1, columns), transform, name=WINO_INPUT)
+    v = te.compute((n, ALPHA * ALPHA * channels, tiles_h, wide), transform, name=WINO_INPUT,
+                   attrs={BAND_KEY: band})
+    m = conv_te(v, packed, ALPHA * ALPHA * out_channels, [1, 1], [0, 0, 0, 0], [1, 1], plan,
+                ALPHA * ALPHA * groups)
 
-
-def output_transform_te(m, out_channels, out_h, out_w, tiles_w):
-    """M [N, 16 K, 1, P] -> Y [N, K, out_h, out_w]: A^T M A of each tile, cropped."""
-    from tvm import te
-
-    def transform(b, k, h, w):
-        p = (h // TILE) * tiles_w + w // TILE
+    def inverse(b, k, h, w):
+        th, tw = h // TILE, w // TILE
         cases = []
         for i in range(TILE):
             for j in range(TILE):
                 cases.append(_linear(
-                    (A_T[i, xi] * A_T[j, nu], m[b, (xi * ALPHA + nu) * out_channels + k, 0, p])
+                    (A_T[i, xi] * A_T[j, nu], m[b, (xi * ALPHA + nu) * out_channels + k, th, tw])
                     for xi in range(ALPHA) for nu in range(ALPHA)))
         return _select((h % TILE) * TILE + w % TILE, cases)
-    return te.compute((int(m.shape[0]), out_channels, out_h, out_w), transform,
-                      name=WINO_OUTPUT)
+    return te.compute((n, out_channels, out_h, out_w), inverse, name=WINO_OUTPUT)
 
 
 def winograd_applies(call) -> bool:
@@ -158,8 +176,18 @@ def winograd_pays(in_channels: int, out_channels: int, tiles: int, out_pixels: i
     return winograd <= REQUIRED_SAVING * direct
 
 
+def band_rows(in_channels: int, out_channels: int, tiles_h: int, wide: int) -> int:
+    """Tile rows ``WinogradRule`` computes together: half the image when such a band's
+    transformed input and GEMM output fit BAND_BYTES (two bands: the GEMM's weights, larger
+    than the tiles in late layers, are read once per band), else one row (early layers:
+    the weights are small, the tiles many)."""
+    row_bytes = 4 * ALPHA * ALPHA * (in_channels + out_channels) * wide
+    half = -(-tiles_h // 2)
+    return half if half * row_bytes <= BAND_BYTES else 1
+
+
 def winograd_conv(builder, call, plan_gemm, pack, conv_te):
-    """The three calls replacing ``call`` (see module doc), emitted with ``builder``; None
+    """The call replacing ``call`` (see module doc), emitted with ``builder``; None
     when Winograd does not apply or pay, or the GEMM has no plan. ``plan_gemm(out_channels,
     width)``, ``pack(weight, block, groups)`` and ``conv_te`` are layouts' planner, packer
     and blocked conv, used for the GEMM."""
@@ -176,25 +204,17 @@ def winograd_conv(builder, call, plan_gemm, pack, conv_te):
     tiles = tiles_h * tiles_w
     if not winograd_pays(in_channels, out_channels, tiles, out_h * out_w, conv_groups):
         return None
-    plan = plan_gemm(out_channels // conv_groups, tiles)
+    plan = plan_gemm(out_channels // conv_groups, tiles_w)
     if plan is None:
         return None
     padding = [int(p) for p in call.attrs.padding]
-    groups = ALPHA * ALPHA * conv_groups
-    columns = -(-tiles // plan.tile) * plan.tile  # whole register tiles: the GEMM pads nothing
-    packed = relax.const(pack(transform_weight(weight.value.numpy()), plan.block, groups),
-                         "float32")
-    v = builder.emit(builder.call_te(
-        lambda data: input_transform_te(data, padding, tiles_w, columns), x,
-        primfunc_name_hint="rebirth_winograd_input",
-        primfunc_attrs={"op_pattern": 8}))  # opaque: never fused into the GEMM
-    m = builder.emit(builder.call_te(
-        lambda data, kernel: conv_te(data, kernel, ALPHA * ALPHA * out_channels, [1, 1],
-                                     [0, 0, 0, 0], [1, 1], plan, groups),
-        v, packed, primfunc_name_hint="rebirth_winograd_gemm"))
+    packed = relax.const(pack(transform_weight(weight.value.numpy()), plan.block,
+                              ALPHA * ALPHA * conv_groups), "float32")
+    band = band_rows(in_channels, out_channels, tiles_h, -(-tiles_w // plan.tile) * plan.tile)
     return builder.call_te(
-        lambda data: output_transform_te(data, out_channels, out_h, out_w, tiles_w), m,
-        primfunc_name_hint="rebirth_winograd_output",
+        lambda data, kernel: winograd_te(data, kernel, out_channels, padding, out_h, out_w,
+                                         plan, conv_groups, conv_te, band),
+        x, packed, primfunc_name_hint="rebirth_winograd",
         primfunc_attrs={"op_pattern": 4})  # like a conv: takes elementwise epilogues only
 
 
@@ -203,11 +223,17 @@ def _blocks(sch) -> dict:
 
 
 class WinogradRule(ScheduleRule):
-    """dlight rule for the two transform functions of ``winograd_conv``: the input transform
-    per channel (after the padded image, the 16 transforms of a tile together, their
-    Selects folded by unrolling), the output transform per output channel and tile row
-    (the 2x2 outputs of a tile together, the epilogue inlined). None for any other
-    function."""
+    """dlight rule for ``winograd_te``'s function, with the elementwise epilogue fused after
+    it; None for any other function. Parallel over bands of tile rows (``band_rows``):
+
+        parallel for (n, band):
+          pad the band's input; V = its tiles' B^T d B     # per channel, 16 unrolled
+          for oc_chunk, tile row, width tile:               # the blocked 1x1 micro-kernel
+            acc = sum over 16 C of V x U;  M[row] = acc
+          Y[band] = epilogue(A^T M A)     # per tile, a vector of output channels at a time
+
+    so the transformed input and the GEMM's output are a band each (cache-sized), never the
+    whole image's (a last, shorter band is predicated, not padded)."""
 
     def is_target_available(self, target) -> bool:
         return target.kind.name == "llvm"
@@ -219,53 +245,80 @@ class WinogradRule(ScheduleRule):
             return None
         sch = s_tir.Schedule(func)
         blocks = _blocks(sch)
-        if set(blocks) == {WINO_PAD, WINO_INPUT}:
-            return self._input(sch, blocks)
-        if WINO_OUTPUT in blocks and self._epilogue_inlinable(sch, blocks):
-            return self._output(sch, blocks)
-        return None
-
-    @staticmethod
-    def _epilogue_inlinable(sch, blocks) -> bool:
-        """The output transform comes first and every block after it is spatial over the
-        same domain (bias, BN, ReLU, clip: elementwise on its result)."""
-        from tvm import tirx
-
         names = list(blocks)
-        if names[0] != WINO_OUTPUT:
-            return False
-        extents = [int(iv.dom.extent) for iv in sch.get(blocks[WINO_OUTPUT]).iter_vars]
-        return all(
-            all(int(iv.iter_type) == tirx.IterVar.DataPar for iv in sch.get(rv).iter_vars)
-            and [int(iv.dom.extent) for iv in sch.get(rv).iter_vars] == extents
-            for rv in blocks.values())
-
-    @staticmethod
-    def _input(sch, blocks):
-        block = blocks[WINO_INPUT]
-        n, gc, o, p = sch.get_loops(block)
-        channels = int(sch.get(gc).extent) // (ALPHA * ALPHA)
-        g, c = sch.split(gc, [ALPHA * ALPHA, channels])
-        sch.reorder(n, c, o, p, g)
-        sch.parallel(sch.fuse(n, c))
-        sch.unroll(g)
-        # the padded image as a whole first: under the channel loop, region analysis would
-        # see every channel (the folded Selects index the channel as gc and gc % C)
-        pad_loops = sch.get_loops(blocks[WINO_PAD])
-        sch.parallel(sch.fuse(*pad_loops[:2]))
-        return sch
-
-    @staticmethod
-    def _output(sch, blocks):
-        out = blocks[WINO_OUTPUT]
-        for name in reversed(list(blocks)[1:]):
+        if names[:5] != [WINO_PAD, WINO_INPUT, CONV_BLOCK, UNPACK_BLOCK, WINO_OUTPUT] or \
+                not self._epilogue_inlinable(sch, names[4:], blocks):
+            return None
+        conv = blocks[CONV_BLOCK]
+        numbers = [sch.get(conv).annotations.get(TILE_KEY),
+                   sch.get(conv).annotations.get(LANES_KEY),
+                   sch.get(blocks[WINO_INPUT]).annotations.get(BAND_KEY)]
+        if any(n is None for n in numbers):
+            return None
+        tile, lanes, band = (int(n) for n in numbers)
+        for name in reversed(names[5:]):
             sch.reverse_compute_inline(blocks[name])
+        sch.compute_inline(blocks[UNPACK_BLOCK])
+        b, oc, h, w, o, ic, kh, kw = sch.get_loops(conv)
+        wo, wi = sch.split(w, factors=[None, tile])
+        ov, ol = sch.split(o, factors=[None, lanes])
+        bands, h = sch.split(h, factors=[None, band])
+        # a channel chunk's weights serve the band's rows before the next chunk's are read
+        sch.reorder(b, bands, oc, h, wo, ic, kh, kw, wi, ov, ol)
+        # the output transform's bands, merged into the GEMM's: a band of M is used up by
+        # the iteration that computes it
+        out = blocks[WINO_OUTPUT]
         n, k, h, w = sch.get_loops(out)
         th, i = sch.split(h, [None, TILE])
         tw, j = sch.split(w, [None, TILE])
-        sch.reorder(th, tw, i, j)
-        channel = sch.fuse(n, k)
-        sch.parallel(channel)
+        out_bands, th = sch.split(th, [None, band])
+        if int(sch.get(k).extent) % lanes == 0:
+            # channels as vectors: the 16 reads of a tile's M are whole vectors of a block
+            ko, ki = sch.split(k, [None, lanes])
+            sch.reorder(n, out_bands, th, ko, tw, i, j, ki)
+            sch.vectorize(ki)
+        else:
+            sch.reorder(n, out_bands, th, k, tw, i, j)
         sch.unroll(i)
         sch.unroll(j)
+        band_loop = sch.merge(sch.fuse(b, bands), sch.fuse(n, out_bands))
+        sch.parallel(band_loop)
+        write_back = sch.cache_write(conv, 0, "local")
+        sch.reverse_compute_at(write_back, wo)
+        accumulate_in_registers(sch, conv, (ic, kh, kw, wi, ov, ol))
+        self._write_back(sch, write_back, lanes)
+        sch.compute_at(blocks[WINO_INPUT], band_loop, preserve_unit_loops=True)
+        sch.compute_at(blocks[WINO_PAD], band_loop, preserve_unit_loops=True)
+        self._input(sch, blocks[WINO_INPUT])
         return sch
+
+    @staticmethod
+    def _epilogue_inlinable(sch, names, blocks) -> bool:
+        """Every block after the output transform is spatial over its domain (bias, BN,
+        ReLU, clip: elementwise on its result)."""
+        from tvm import tirx
+
+        extents = [int(iv.dom.extent) for iv in sch.get(blocks[names[0]]).iter_vars]
+        return all(
+            all(int(iv.iter_type) == tirx.IterVar.DataPar for iv in sch.get(blocks[n]).iter_vars)
+            and [int(iv.dom.extent) for iv in sch.get(blocks[n]).iter_vars] == extents
+            for n in names)
+
+    @staticmethod
+    def _write_back(sch, block, lanes):
+        """A width tile of accumulators to M: columns unrolled, channels as whole vectors."""
+        *_, columns, channels = sch.get_loops(block)
+        sch.unroll(columns)
+        outer, inner = sch.split(channels, factors=[None, lanes])
+        sch.unroll(outer)
+        sch.vectorize(inner)
+
+    @staticmethod
+    def _input(sch, block):
+        """A band's transforms per input channel: the 16 of a tile together, their Selects
+        folded by unrolling."""
+        _, gc, th, tw = sch.get_loops(block)[-4:]
+        channels = int(sch.get(gc).extent) // (ALPHA * ALPHA)
+        g, c = sch.split(gc, [ALPHA * ALPHA, channels])
+        sch.reorder(c, th, tw, g)
+        sch.unroll(g)

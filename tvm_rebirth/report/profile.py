@@ -87,11 +87,13 @@ def kernel_macs(mod, target) -> dict:
     """{PrimFunc name: useful multiply-adds per call} of ``mod``'s fused kernels for
     ``target``, read from the blocks that accumulate a product (conv, matmul): the product
     of their iteration extents; a blocked conv counts its NCHW output, not the padded
-    channels and columns it computes."""
+    channels and columns it computes. A Winograd kernel counts the multiply-adds of the
+    direct 3x3 conv it computes (its GFLOP/s are effective ones: it does fewer)."""
     from tvm import s_tir, tirx
 
     from ..compile.build import fused_module
     from ..compile.layouts import CONV_BLOCK, UNPACK_BLOCK
+    from ..compile.winograd import WINO_OUTPUT
 
     macs = {}
     for gv, func in fused_module(mod, target).functions.items():
@@ -107,7 +109,11 @@ def kernel_macs(mod, target) -> dict:
                     isinstance(store.value, tirx.Add) and isinstance(store.value.b, tirx.Mul)):
                 continue
             unpacked = blocks.get(UNPACK_BLOCK) if block.name_hint == CONV_BLOCK else None
-            n = 1
+            if unpacked is not None and WINO_OUTPUT in blocks:  # [N, K, H, W] x C/groups x 9
+                unpacked = blocks[WINO_OUTPUT]
+                n = 9
+            else:
+                n = 1
             for v in block.iter_vars:
                 if unpacked is None or v.iter_type == tirx.IterVar.CommReduce:
                     n *= int(v.dom.extent)
