@@ -29,7 +29,8 @@ from .find_branch import BranchFinder
 from .find_streamline import Found, Rejection, StreamlineFinder
 from .layers import LrnMatcher, attached_names, layer_names
 from .prepare import PrepareForSites
-from .site import BRANCH_WIDTHS, KERNEL_POLICIES, SITE_KINDS, ConvSpec, RebirthSite
+from .site import (BRANCH_WIDTHS, KERNEL_POLICIES, SITE_KINDS, ConvSpec, RebirthSite,
+                   width_fraction)
 from .traces import ConvBlock, conv_block_weights
 
 
@@ -84,9 +85,9 @@ def check_settings(policy: str, kinds, branch_widths: str) -> None:
     bad = [k for k in kinds if k not in SITE_KINDS]
     if bad:
         raise ValueError(f"unknown site kind(s) {bad} (use {SITE_KINDS})")
-    if branch_widths not in BRANCH_WIDTHS:
+    if branch_widths not in BRANCH_WIDTHS and width_fraction(branch_widths) is None:
         raise ValueError(f"unknown branch widths '{branch_widths}' (use one of "
-                         f"{BRANCH_WIDTHS})")
+                         f"{BRANCH_WIDTHS}, or a fraction of carry between 0 and 1)")
 
 
 def analyze_sites(mod: tvm.IRModule, policy: str = "keep-kernel", kinds=SITE_KINDS,

@@ -4,7 +4,8 @@ wider tensor branches by BranchSlimming.
 A branch site is a channel concat of >= 3 private branches forked from one tensor, one of
 them a pool -> conv branch. The pool branch goes into the tensor branch with the largest
 kernel (it must cover the pool window); a single 1x1 branch, if any, into the deep branch
-with the smallest kernel. Reducer widths follow ``branch_widths`` ("carry" or "paper").
+with the smallest kernel. Reducer widths follow ``branch_widths`` ("carry", "paper", or a
+fraction of carry such as "0.75": see ``site.BRANCH_WIDTHS``).
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ from tvm import relax
 from .dataflow import AFFINE_OPS, Dataflow, ints, op_name, shape_of
 from .find_streamline import Found, Rejection
 from .layers import POOL_OPS
-from .site import Absorb, Branch, RebirthSite, branch_conv_layout, branch_groups
+from .site import (Absorb, Branch, RebirthSite, branch_conv_layout, branch_groups,
+                   width_fraction)
 from .traces import BranchTrace, conv_block
 
 # what a receiving branch may be, re-emitted conv by conv: [1x1 reducer (relu) ->] conv (relu)
@@ -140,11 +142,15 @@ class BranchFinder:
             site.old_conv.append(spec)
             if role == "reducer":
                 pool_into_here = pool_index in groups[receiver]
+                # "carry": the reducer also carries what the pool branch saw
+                carry = spec.out_channels + (branches[pool_index].out_channels
+                                             if pool_into_here else 0)
                 if self.branch_widths == "paper":  # the paper: thin the 3x3 reducer by half
                     width = spec.out_channels if pool_into_here else max(spec.out_channels // 2, 1)
-                else:  # "carry": the reducer also carries what the pool branch saw
-                    width = spec.out_channels + (branches[pool_index].out_channels
-                                                 if pool_into_here else 0)
+                elif width_fraction(self.branch_widths):
+                    width = max(1, round(width_fraction(self.branch_widths) * carry))
+                else:
+                    width = carry
                 new = dataclasses.replace(spec, out_channels=width)
             else:
                 width = sum(branches[i].out_channels for i in groups[receiver])

@@ -127,6 +127,24 @@ def test_structural_rewrite_of_an_inception_module():
     tvm.ir.assert_structural_equal(after["main"], bind(Expected, expected)["main"])
 
 
+@pytest.mark.parametrize("fraction", ["0.5", "0.75"])
+def test_reducer_widths_as_a_fraction_of_carry(fraction):
+    """--branch-widths F: every reducer at round(F x its carry width), at least 1; the
+    receivers' last convs keep the merged branches' widths."""
+    model = _Model(bind(Before, _params(BEFORE_SHAPES)), (1, 4, 8, 8))
+    (carry,) = RebirthPlan.from_model(model).sites
+    (scaled,) = RebirthPlan.from_model(model, branch_widths=fraction).sites
+    for old, new in zip(carry.new_conv, scaled.new_conv):
+        if new.kernel == [1, 1]:  # a reducer
+            assert new.out_channels == max(1, round(float(fraction) * old.out_channels))
+        else:
+            assert new.out_channels == old.out_channels
+    assert scaled.new_conv != carry.new_conv
+    for bad in ("1.5", "0", "wide"):
+        with pytest.raises(RebirthError, match="fraction of carry"):
+            RebirthPlan.from_model(model, branch_widths=bad)
+
+
 def test_channel_order_is_kept_even_when_receivers_are_not_adjacent():
     """1x1 branch (channel 0-1) into the 5x5 conv, pool branch (8-9) into the 3x3 conv: each
     receiver's output is split and the pieces concatenated in the original order, so a

@@ -524,6 +524,14 @@ def test_plan_check_refuses_options_it_would_ignore(exact, tmp_path, extra):
     assert os.listdir(tmp_path) == []
 
 
+def test_branch_widths_must_be_named_or_a_fraction(exact, tmp_path):
+    for bad in ("1.5", "wide"):
+        assert_error(run("plan", exact["model"], "--select", "all", "--branch-widths", bad,
+                         "-o", "p.yaml", cwd=tmp_path), "--branch-widths", bad,
+                     "fraction of carry", command="plan")
+    assert os.listdir(tmp_path) == []
+
+
 def test_a_folder_named_like_a_zoo_model_does_not_shadow_it(tmp_path):
     (tmp_path / "fmnist-inception").mkdir()
     code, out, err = run("plan", "fmnist-inception", "--select", "all", "--json", "-o",

@@ -76,11 +76,11 @@ def test_a_streamline_block_is_exactly_its_chain(tmp_path):
 
 def test_variants_are_distinct_and_costed_enabled(inception):
     choices = site_choices(flow.load(inception["model"]).mod)
-    assert list(choices.variants[BRANCH]) == ["carry", "paper"]
+    assert list(choices.variants[BRANCH]) == ["carry", "paper", "0.75"]
     assert list(choices.variants[POOLED]) == ["keep-kernel", "keep-receptive-field"]
     assert all(s.enabled for v in choices.variants.values() for s in v.values())
     (group,) = choices.groups
-    assert group.combos[0] == {POOLED: OFF, BRANCH: OFF} and len(group.combos) == 9
+    assert group.combos[0] == {POOLED: OFF, BRANCH: OFF} and len(group.combos) == 12
 
 
 # ------------------------------------------------------------------------------- selection
@@ -172,7 +172,7 @@ def test_plan_select_paying_on_this_cpu(inception, tmp_path):
     assert selection["unit"] == "ms" and selection["target"].startswith("host-")
     for site_id, entry in selection["sites"].items():
         assert {v["variant"] for v in entry["variants"]} == (
-            {"carry", "paper"} if site_id == BRANCH else {"keep-kernel",
+            {"carry", "paper", "0.75"} if site_id == BRANCH else {"keep-kernel",
                                                           "keep-receptive-field"})
         if entry["variant"] != OFF:
             assert entry["reason"].startswith("saves")

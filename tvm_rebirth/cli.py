@@ -17,7 +17,7 @@ from . import flow
 from .errors import RebirthError
 from .compile.targets import preset_names
 from .report.output import table
-from .passes.site import BRANCH_WIDTHS, KERNEL_POLICIES, SITE_KINDS
+from .passes.site import BRANCH_WIDTHS, KERNEL_POLICIES, SITE_KINDS, width_fraction
 
 
 logger = logging.getLogger("tvm_rebirth.cli")  # also when run as __main__
@@ -355,6 +355,14 @@ def positive_float(text: str) -> float:
     return value
 
 
+def branch_widths(text: str) -> str:
+    """argparse type: carry, paper, or a fraction of carry between 0 and 1 ("0.75")."""
+    if text in BRANCH_WIDTHS or width_fraction(text) is not None:
+        return text
+    raise argparse.ArgumentTypeError(f"'{text}': use {' or '.join(BRANCH_WIDTHS)}, or a "
+                                     "fraction of carry between 0 and 1 (e.g. 0.75)")
+
+
 def input_shape(text: str) -> list:
     """argparse type: N,C,H,W as four positive integers (--input-shape 1,3,224,224)."""
     try:
@@ -406,10 +414,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--policy", choices=KERNEL_POLICIES,
                    help="rebirth conv kernel: keep-kernel (the paper, default) or "
                         "keep-receptive-field")
-    p.add_argument("--branch-widths", choices=BRANCH_WIDTHS,
+    p.add_argument("--branch-widths", type=branch_widths, metavar="carry|paper|F",
                    help="branch sites' reducer widths: carry (the pool branch's receiver's "
-                        "reducer grows by the pool projection's width; default) or paper "
-                        "(3x3 reducer halved: fewer FLOPs, more error)")
+                        "reducer grows by the pool projection's width; default), paper "
+                        "(3x3 reducer halved: fewer FLOPs, more error), or a fraction F of "
+                        "carry's widths (0 < F < 1, e.g. 0.75)")
     p.add_argument("--select", choices=("all", "paying"),
                    help="paying (default): measure every site variant on the target and "
                         "keep what is predicted faster and no bigger, within --budget; all: "

@@ -8,8 +8,9 @@
 Streamline sites: ``keep-kernel`` (the conv's own kernel, grown only where the output shape
 needs it), ``keep-receptive-field`` (a kernel covering the whole block), ``off``. Exact sites
 (BatchNorm/scale folds, linear pools): ``exact`` or ``off``. Branch sites: ``carry`` (the
-reducers carry the merged branches' widths), ``paper`` (DeepRebirth's GoogLeNet widths),
-``off``. Variants with the same convs are listed once.
+reducers carry the merged branches' widths), ``0.75`` (reducers at 0.75 of those widths),
+``paper`` (DeepRebirth's GoogLeNet widths), ``off``. Variants with the same convs are listed
+once.
 """
 
 from __future__ import annotations
@@ -23,8 +24,9 @@ from ..passes import analyze_sites
 from ..passes.blocks import site_groups
 
 OFF = "off"
-# (kernel policy, branch widths) of each analysis, and the variant names its sites take
-_ANALYSES = (("keep-kernel", "carry"), ("keep-receptive-field", "paper"))
+# (kernel policy, branch widths) of each analysis, and the variant names its sites take;
+# branch reducers at 0.75 of carry's widths sit between carry and paper
+_ANALYSES = (("keep-kernel", "carry"), ("keep-receptive-field", "paper"), ("keep-kernel", "0.75"))
 
 
 @dataclasses.dataclass
@@ -93,10 +95,13 @@ def site_choices(mod, kinds=("streamline", "branch")) -> SiteChoices:
         for site in analysis.sites:
             options = variants.setdefault(site.id, {})
             convs = [c.to_dict() for c in site.new_conv]
-            if any([c.to_dict() for c in other.new_conv] == convs for other in options.values()):
+            name = _variant_name(site, policy, widths)
+            # a streamline site is the same for every branch-widths setting: the first kept
+            if name in options or any([c.to_dict() for c in other.new_conv] == convs
+                                      for other in options.values()):
                 continue
             # a finder may leave a site off by default; every variant is costed enabled
-            options[_variant_name(site, policy, widths)] = dataclasses.replace(site, enabled=True)
+            options[name] = dataclasses.replace(site, enabled=True)
     base = analyses[0]
     groups = []
     for ids in site_groups(base):
