@@ -186,3 +186,54 @@ def test_tracker_errors(tmp_path, logs, tracker):
         assert_error(run("tune", model_path, "--trials", "4", "--log-dir", str(log_dir), *extra),
                      *fragments, command="tune")
         assert not log_dir.exists()  # nothing written before the device is known
+
+
+def _write_default_records(folder, model, target):
+    """A MetaSchedule database in ``folder`` holding, for every task of ``model`` on
+    ``target``, the record of its default schedule (what a tune commits first)."""
+    from tvm.s_tir import meta_schedule as ms
+
+    from tvm_rebirth.compile.tune import _default_schedule
+
+    folder.mkdir(parents=True)
+    db = ms.database.JSONDatabase(str(folder / DB_FILES[0]), str(folder / DB_FILES[1]),
+                                  allow_missing=True)
+    tasks = extract_tasks(model.mod, target)
+    for _, task_mod, _ in tasks:
+        workload = db.commit_workload(task_mod)
+        db.commit_tuning_record(ms.database.TuningRecord(
+            _default_schedule(task_mod, target).trace, workload, [1e-3], target,
+            ms.arg_info.ArgInfo.from_prim_func(task_mod["main"])))
+    return len(tasks)
+
+
+def test_a_cpu_without_records_applies_a_compatible_cpus(tmp_path, logs):
+    """Records of another CPU with this one's vector unit are applied and named as their
+    source; an incompatible CPU's are not; the CPU's own records replace them."""
+    import tvm
+    from tvm.target import codegen
+
+    from tvm_rebirth.compile.database import compatible_keys, target_key
+    from tvm_rebirth.compile.layouts import vector_unit
+
+    model = load_model(chain_model(tmp_path / "net.onnx", ["relu", "max_pool2d"]))
+    host = resolve_target("host")
+    triple = codegen.llvm_get_system_triple()
+    cpus = codegen.llvm_get_cpu_archlist(tvm.target.Target({"kind": "llvm", "mtriple": triple}))
+    compatible = compatible_keys(host, cpus)[0]
+    other = next(k for k in cpus if vector_unit(tvm.target.Target(
+        {"kind": "llvm", "mtriple": triple, "mcpu": k})) not in (vector_unit(host), None))
+    n = _write_default_records(logs / compatible / "net", model, host)
+    _write_default_records(logs / other / "net", model, host)
+    x = np.random.default_rng(0).standard_normal((1, 4, 32, 32)).astype("float32")
+    untuned = Runner(model.mod, tuned=False)(x)[0]
+    runner = Runner(model.mod)
+    assert runner.compiled.tuned_by_source == {compatible: n}
+    np.testing.assert_allclose(runner(x)[0], untuned, rtol=1e-5, atol=1e-5)
+    code, out, err = run("build", str(tmp_path / "net.onnx"), "-o", str(tmp_path / "n.so"),
+                         "--json")
+    assert code == 0, err
+    assert json.loads(out)["tuned_by_source"] == {compatible: n}
+    # the CPU's own database: only its records
+    _write_default_records(logs / target_key(host) / "net", model, host)
+    assert Runner(model.mod).compiled.tuned_by_source == {target_key(host): n}

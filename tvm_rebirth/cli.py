@@ -102,6 +102,12 @@ def _selection_text(selection: dict) -> str:
         return "(the plan's selection record is incomplete: run `plan` again to renew it)"
 
 
+def _sources(measured: dict) -> str:
+    """' (znver3: 12)': which databases the tuned functions' records came from."""
+    by_source = measured.get("tuned_by_source") or {}
+    return f" ({', '.join(f'{k}: {v}' for k, v in by_source.items())})" if by_source else ""
+
+
 def cmd_plan(args) -> None:
     if args.check:
         given = [flag for flag, value in (("-o", args.output), ("--policy", args.policy),
@@ -203,8 +209,8 @@ def cmd_bench(args) -> None:
                      r["instructions"], f"{payload['instructions_ratio']}x"])
     if "tuned_functions" in o:
         rows.append(["tuned_functions (from tuning_logs)",
-                     f"{o['tuned_functions']}/{o['functions']}",
-                     f"{r['tuned_functions']}/{r['functions']}", ""])
+                     f"{o['tuned_functions']}/{o['functions']}{_sources(o)}",
+                     f"{r['tuned_functions']}/{r['functions']}{_sources(r)}", ""])
     if "rel_err" in payload:
         rows.append([f"rel_err ({payload.get('compared', 'output')}, vs original)", "",
                      f"{payload['rel_err']:.4g}", ""])
@@ -256,7 +262,7 @@ def cmd_build(args) -> None:
     _emit(args, payload, f"{payload['variant']} {payload['model']} for {args.target} -> {out} "
                          f"({payload['bytes'] / 2 ** 20:.1f} MiB, planned activations "
                          f"{payload['planned_memory_mb']} MB, {payload['tuned_functions']}/"
-                         f"{payload['functions']} functions from tuning_logs, "
+                         f"{payload['functions']} functions from tuning_logs{_sources(payload)}, "
                          f"{payload['seconds']}s)")
 
 

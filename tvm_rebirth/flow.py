@@ -695,8 +695,8 @@ def build(args: BuildArgs) -> dict:
     return {"model": model.name, "variant": what, "path": os.path.abspath(out),
             "target": args.target, "target_json": str(target),
             "planned_memory_mb": round(compiled.planned_bytes / 2 ** 20, 3),
-            "tuned_functions": compiled.tuned, "functions": compiled.functions,
-            "bytes": os.path.getsize(out), "seconds": round(time.time() - start, 2)}
+            "tuned_functions": compiled.tuned, "tuned_by_source": compiled.tuned_by_source,
+            "functions": compiled.functions, "bytes": os.path.getsize(out), "seconds": round(time.time() - start, 2)}
 
 
 def tune(args: TuneArgs) -> dict:

@@ -144,12 +144,15 @@ def fused_module(mod, target):
 
 class Compiled:
     """A built module: ``executable`` (Relax VM), ``planned_bytes`` (activation memory after
-    static planning), ``functions`` (fused PrimFuncs) and ``tuned`` (how many of them took
-    their schedule from tuning_logs)."""
+    static planning), ``functions`` (fused PrimFuncs), ``tuned`` (how many of them took
+    their schedule from tuning_logs) and ``tuned_by_source`` (that count per database:
+    ``database.tuned_by_source``)."""
 
-    def __init__(self, executable, planned_bytes, functions, tuned, planned_by_function=None):
+    def __init__(self, executable, planned_bytes, functions, tuned_by_source,
+                 planned_by_function=None):
         self.executable, self.planned_bytes = executable, planned_bytes
-        self.functions, self.tuned = functions, tuned
+        self.functions, self.tuned_by_source = functions, tuned_by_source
+        self.tuned = sum(tuned_by_source.values())
         # {Relax function: its planned activation bytes} (modules with several entries)
         self.planned_by_function = planned_by_function or {}
 
@@ -160,7 +163,7 @@ def compile_module(mod, target=None, tuned=True) -> Compiled:
     import tvm
     from tvm import relax, tirx
 
-    from .database import load_database
+    from .database import load_database, tuned_by_source
 
     target = target or host_target()
     database = load_database(target) if tuned is True else (tuned or None)
@@ -168,7 +171,12 @@ def compile_module(mod, target=None, tuned=True) -> Compiled:
         fused, scheduled, after = _stages(target, database)
         mod = tvm.transform.Sequential(fused)(mod)
         functions = sum(isinstance(f, tirx.PrimFunc) for _, f in mod.functions.items())
-        n_tuned = _count_tuned(mod, database, target) if database is not None else 0
+        if database is None:
+            by_source = {}
+        elif tuned is True:
+            by_source = tuned_by_source(mod, target)
+        else:
+            by_source = {"given database": _count_tuned(mod, database, target)}
         if database is not None:
             with database:
                 mod = tvm.transform.Sequential(scheduled)(mod)
@@ -178,7 +186,8 @@ def compile_module(mod, target=None, tuned=True) -> Compiled:
                    for gv, f in mod.functions.items() if isinstance(f, relax.Function)}
         lowered = tvm.transform.Sequential(after)(mod)
         executable = relax.build(lowered, target=target, relax_pipeline=None)
-    return Compiled(executable, planned.get("main", 0), functions, n_tuned, planned)
+    return Compiled(executable, planned.get("main", 0), functions,
+                    {k: v for k, v in by_source.items() if v}, planned)
 
 
 class Runner:

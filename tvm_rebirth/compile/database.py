@@ -11,7 +11,12 @@ Layout: ``<root>/<target key>/<model>[-rebirth]/`` holds MetaSchedule's JSON dat
 ``tuning.json`` (trials, wall time, per-task default vs best time, whole-model before/after).
 The target key is the preset's core (``cortex-a72``) or the host CPU (``znver3``). A build
 applies the union of every database under its target key: records match by PrimFunc
-structure, so a conv tuned for GoogLeNet also serves the rebirth model that shares it.
+structure, so a conv tuned for GoogLeNet also serves the rebirth model that shares it. A
+target with no database of its own applies those of *compatible* keys instead: CPUs of the
+same architecture with the same vector unit (any AVX-512 x86 core for another, any NEON
+Cortex-A for another; ``compatible_keys``). Which source each tuned function's record came
+from is reported (``tuned_by_source``): a record made on another CPU is a schedule found
+there, not a measurement here.
 
 Records are appended line by line, so a write cut short (a full disk, a killed process)
 leaves a torn last line; TVM's reader fails on it (or on a blank line) for every later load.
@@ -194,41 +199,104 @@ def _union(dbs):
     return dbs[0] if len(dbs) == 1 else ms.database.UnionDatabase(*dbs)
 
 
-def _database_groups(target, root=None) -> list:
-    """Per tuning_logs root holding records for ``target``: its model folders."""
+def compatible_keys(target, keys) -> list:
+    """The target keys of ``keys`` (tuning_logs folder names) whose CPU runs ``target``'s
+    code as well: LLVM knows the key as a CPU of the target's triple, and its vector unit
+    (``layouts.vector_unit``: lanes, registers, broadcast and FMA forms) is the target's."""
+    import tvm
+    from tvm.target import codegen
+
+    from .layouts import vector_unit
+
+    own = vector_unit(target)
+    if own is None:
+        return []
+    spec = {"kind": "llvm",
+            "mtriple": str(target.attrs.get("mtriple", "") or codegen.llvm_get_system_triple())}
+    known = set(codegen.llvm_get_cpu_archlist(tvm.target.Target(spec)))
+    return [key for key in keys if key in known and key != target_key(target)
+            and vector_unit(tvm.target.Target({**spec, "mcpu": key})) == own]
+
+
+def _model_dirs(folder: Path) -> list:
+    return sorted(p.parent for p in folder.glob(f"*/{DB_FILES[0]}")) if folder.is_dir() else []
+
+
+def database_sources(target, root=None) -> list:
+    """[(label, model folders)] of the databases a build for ``target`` applies, in order of
+    preference: per tuning_logs root (``tuning_logs_roots()``, or ``root`` alone) the
+    target's own key; when no root has one, every compatible key's (``compatible_keys``).
+    Labels name the key, and the root when it is the user cache."""
     roots = [Path(root)] if root else tuning_logs_roots()
-    groups = []
-    for folder in (r / target_key(target) for r in roots):
-        dirs = sorted(p.parent for p in folder.glob(f"*/{DB_FILES[0]}")) if folder.is_dir() else []
-        if dirs:
-            groups.append(dirs)
-    return groups
+    user = None if root else user_tuning_logs()
+
+    def label(r, key):
+        return f"{key} (user cache)" if user is not None and r == user else key
+
+    own = [(label(r, target_key(target)), dirs) for r in roots
+           if (dirs := _model_dirs(r / target_key(target)))]
+    if own:
+        return own
+    sources = []
+    for r in roots:
+        keys = sorted(p.name for p in r.iterdir() if p.is_dir()) if r.is_dir() else []
+        for key in compatible_keys(target, keys):
+            if dirs := _model_dirs(r / key):
+                sources.append((label(r, key), dirs))
+    return sources
 
 
 def database_signature(target, root=None) -> tuple:
     """(path, size, mtime) of every database file a build for ``target`` reads: what changes
     when records are added (empty when there are none)."""
-    files = [d / name for dirs in _database_groups(target, root) for d in dirs
+    files = [d / name for _, dirs in database_sources(target, root) for d in dirs
              for name in DB_FILES]
     return tuple((str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files if f.exists())
 
 
-def load_database(target, root=None):
-    """The MetaSchedule databases under the target's folder of every tuning_logs root
-    (``tuning_logs_roots()``, or ``root`` alone), or None. Within a root the union of its
-    model folders (the best record wins); across roots the first root holding a record wins
-    (the user's own tuning before the packaged logs). Parsing the committed JSON takes
-    seconds (fine-tuning compiles a dozen modules), so a process keeps what it loaded until
-    a file under the folders changes."""
-    from tvm.s_tir import meta_schedule as ms
-
-    groups = _database_groups(target, root)
-    if not groups:
-        return None
+def _source_databases(target, root=None) -> list:
+    """[(label, database)] of ``database_sources``, loaded once per process until a file
+    under them changes (parsing the committed JSON takes seconds; fine-tuning compiles a
+    dozen modules)."""
+    sources = database_sources(target, root)
+    if not sources:
+        return []
     key = database_signature(target, root)
     if key not in _LOADED:
-        unions = [_union([open_json_database(d) for d in dirs]) for dirs in groups]
         _LOADED.clear()  # one target's worth at a time
-        _LOADED[key] = (unions[0] if len(unions) == 1
-                        else ms.database.OrderedUnionDatabase(*unions))
+        _LOADED[key] = [(label, _union([open_json_database(d) for d in dirs]))
+                        for label, dirs in sources]
     return _LOADED[key]
+
+
+def load_database(target, root=None):
+    """The MetaSchedule database a build for ``target`` applies (``database_sources``), or
+    None. Within a source the union of its model folders (the best record wins); across
+    sources the first holding a record wins (the user's own tuning before the packaged
+    logs, the target's own key before compatible ones)."""
+    from tvm.s_tir import meta_schedule as ms
+
+    databases = [db for _, db in _source_databases(target, root)]
+    if not databases:
+        return None
+    return databases[0] if len(databases) == 1 else ms.database.OrderedUnionDatabase(*databases)
+
+
+def tuned_by_source(fused_mod, target, root=None) -> dict:
+    """{source label: how many of ``fused_mod``'s PrimFuncs take their record from it} for
+    the databases ``load_database`` applies (each function counted once, at the first
+    source holding a record for it)."""
+    import tvm
+    from tvm import tirx
+
+    counts = {}
+    sources = _source_databases(target, root)
+    for _, func in fused_mod.functions.items():
+        if not isinstance(func, tirx.PrimFunc):
+            continue
+        task = tvm.IRModule({"main": func.with_attr("global_symbol", "main")})
+        for label, db in sources:
+            if db.query_tuning_record(task, target, "main") is not None:
+                counts[label] = counts.get(label, 0) + 1
+                break
+    return counts

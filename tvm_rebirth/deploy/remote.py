@@ -110,7 +110,9 @@ def bench_on_device(mods, x, tracker: str, key: str, target_name=None, rounds=5,
                 "latency_ms_rounds": [round(v, 3) for v in samples[name]],
                 "memory_mb": round(compiled[name].planned_bytes / 2 ** 20, 3),
                 "gflops": round(count_gflops(mod), 4),
-                "tuned_functions": compiled[name].tuned, "functions": compiled[name].functions,
+                "tuned_functions": compiled[name].tuned,
+                "tuned_by_source": compiled[name].tuned_by_source,
+                "functions": compiled[name].functions,
                 "max_abs_err": float(np.abs(device_out[name] - device_out[base]).max())}
         if emulated and count_instructions:
             for name, lib in libs.items():

@@ -114,6 +114,7 @@ def bench_variants(mods, x, rounds=7, number=5, profile=False) -> dict:
                         "memory_mb": round(runners[name].planned_bytes / 2 ** 20, 3),
                         "gflops": round(count_gflops(mod), 4),
                         "tuned_functions": runners[name].compiled.tuned,
+                        "tuned_by_source": runners[name].compiled.tuned_by_source,
                         "functions": runners[name].compiled.functions,
                         "max_abs_err": float(np.abs(outputs[name] - outputs[base]).max()),
                         "rel_err": float(np.linalg.norm(compared[name] - compared[base]) /
