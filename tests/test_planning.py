@@ -223,3 +223,19 @@ def test_exact_sites_are_planned_without_images_and_cost_no_accuracy(tmp_path):
     pays = entry["variants"][0]["pays"]
     assert (entry["variant"] == "exact") == (pays == "yes"), entry  # budget 0 admits exact
     assert "accuracy" not in entry["reason"], entry
+
+
+def test_build_rebirth_without_a_plan_plans_for_its_target(tmp_path):
+    """build --rebirth: the sites measured to pay here, slimmed, compiled; the same as
+    building with the plan `plan` writes."""
+    model = chain_model(tmp_path / "bn.onnx", ["batch_norm", "avg_pool2d"])  # exact folds
+    code, out, err = run("build", model, "--rebirth", "-o", str(tmp_path / "r.so"), "--json")
+    assert code == 0, err
+    assert json.loads(out)["variant"] == "rebirth" and "pay on this CPU" in err
+    assert run("plan", model, "-o", str(tmp_path / "p.yaml"))[0] == 0
+    code, out, err = run("build", model, "--plan", str(tmp_path / "p.yaml"), "-o",
+                         str(tmp_path / "p.so"), "--json")
+    assert code == 0, err
+    assert (tmp_path / "r.so").stat().st_size == (tmp_path / "p.so").stat().st_size
+    code, out, err = run("build", model, "--rebirth", "--plan", str(tmp_path / "p.yaml"))
+    assert code == 2 and "--rebirth plans the model itself" in err

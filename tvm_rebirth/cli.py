@@ -156,7 +156,8 @@ def _rebirth_options(args) -> flow.RebirthOptions:
                                select=getattr(args, "select", None) or "paying",
                                budget=getattr(args, "budget", None),
                                reconstruct_epochs=getattr(args, "reconstruct_epochs",
-                                                          flow.RECONSTRUCT_EPOCHS))
+                                                          flow.RECONSTRUCT_EPOCHS),
+                               rebirth=getattr(args, "rebirth", False))
 
 
 def _block_cell(block) -> str:
@@ -467,6 +468,10 @@ def build_parser() -> argparse.ArgumentParser:
         """MODEL, the original or (with --plan/--weights) rebirth variant, and --target."""
         p.add_argument("model", help="zoo name or path to an .onnx file")
         p.add_argument("--plan", help=f"plan file: {verb} the rebirth model")
+        p.add_argument("--rebirth", action="store_true",
+                       help=f"{verb} the rebirth model without a plan file: the sites measured "
+                            "to pay on --target (or the --tracker/--key device), fine-tuned "
+                            "on --images calibration images")
         p.add_argument("--weights", help="weights for --plan (default: fine-tune first)")
         p.add_argument("--calib", help="calibration images when fine-tuning is needed")
         p.add_argument("--images", type=positive_int, default=256,

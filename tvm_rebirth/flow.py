@@ -67,6 +67,8 @@ class RebirthOptions:
     # epochs of block reconstruction with TVM gradients after each site's closed form (0: off)
     reconstruct_epochs: int = RECONSTRUCT_EPOCHS
     e2e: E2EOptions = field(default_factory=E2EOptions)
+    # build/tune: the rebirth model even without a plan file (planned for their device)
+    rebirth: bool = False
 
     def inputs(self) -> dict:
         """{what: path} of the files these options read (outputs must not overwrite them)."""
@@ -76,8 +78,9 @@ class RebirthOptions:
 
     @property
     def given(self) -> bool:
-        """True when a plan or weights file was named (build/tune then make the rebirth)."""
-        return bool(self.plan or self.weights)
+        """True when build/tune make the rebirth model: a plan or weights file was named,
+        or ``rebirth`` asked for it."""
+        return bool(self.plan or self.weights or self.rebirth)
 
     def check(self) -> None:
         """Option combinations that cannot work, refused before any work."""
@@ -92,6 +95,8 @@ class RebirthOptions:
                                "drop them with --plan")
         if self.weights and not self.plan:
             raise RebirthError("--weights needs the --plan it was learned for")
+        if self.rebirth and self.plan:
+            raise RebirthError("--rebirth plans the model itself: drop it with --plan")
         self.e2e.check()
 
 
@@ -461,10 +466,13 @@ def rebirth_model(model, options: RebirthOptions | None = None, tag: str | None 
     return Rebirth(model, plan, weights, slim(model, plan, weights), fit, seconds)
 
 
-def variant(model, options: RebirthOptions, tag: str | None = None) -> tuple:
-    """(module, "original" | "rebirth"): the rebirth module when a plan/weights is given."""
+def variant(model, options: RebirthOptions, tag: str | None = None, tracker=None, key=None,
+            target=None) -> tuple:
+    """(module, "original" | "rebirth"): the rebirth module when ``options.given``; without a
+    plan file planned for ``target`` or the ``tracker``/``key`` device (``plan_for``)."""
     if options.given:
-        return rebirth_model(model, options, tag).mod, "rebirth"
+        return rebirth_model(model, options, tag, tracker=tracker, key=key, target=target).mod, \
+            "rebirth"
     return model.mod, "original"
 
 
@@ -668,6 +676,11 @@ def evaluate(args: EvalArgs) -> dict:
             "sites": [s.id for s in rebirth.plan.enabled_sites()], **result}
 
 
+def _planning_target(target: str):
+    """The target an implicit plan is measured on: None for this CPU ("host")."""
+    return None if target == "host" else target
+
+
 def build(args: BuildArgs) -> dict:
     """`build`: compile the original (or rebirth) model into a library for ``target``, with
     the tuning_logs unless ``tuning_logs`` is false."""
@@ -684,7 +697,7 @@ def build(args: BuildArgs) -> dict:
     what = "rebirth" if args.rebirth.given else "original"
     out = args.output or f"{model.name}-{what}-{target_label(args.target)}.so"
     output = output or checked_output(out, inputs)
-    mod, what = variant(model, args.rebirth, "build")
+    mod, what = variant(model, args.rebirth, "build", target=_planning_target(args.target))
     logger.info(f"[build] compiling the {what} {model.name} for {args.target}")
     compiled = compile_module(mod, target, tuned=args.tuning_logs)
     with tempfile.TemporaryDirectory(prefix="tvm-rebirth-build-") as scratch:
@@ -713,7 +726,8 @@ def tune(args: TuneArgs) -> dict:
         raise RebirthError(f"--trials must be positive, got {args.trials}")
     args.rebirth.check()
     model = load(args.model, None, args.input, args.input_shape)
-    mod, what = variant(model, args.rebirth, "tune")
+    mod, what = variant(model, args.rebirth, "tune", args.tracker, args.key,
+                        _planning_target(args.target))
     log_dir = args.log_dir or default_log_dir(model.name, target, what == "rebirth")
     logger.info(f"[tune] {what} {model.name} for {args.target}: up to {args.trials} trials "
                 f"-> {log_dir}")
