@@ -13,11 +13,13 @@ Writes benchmarks/results/zoo_models.{json,md}.
 """
 
 import argparse
+import json
 import os
 import statistics
 import sys
 import tempfile
 import time
+from pathlib import Path
 
 os.environ.setdefault("TVM_NUM_THREADS", "2")
 
@@ -27,6 +29,8 @@ from tvm_rebirth import flow  # noqa: E402
 from tvm_rebirth.compile.build import Runner  # noqa: E402
 from tvm_rebirth.report.measure import count_gflops  # noqa: E402
 from tvm_rebirth.frontend.zoo import ZOO  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results" / "zoo_models.json"
 
 
 def measure(name, args, threads):
@@ -84,6 +88,9 @@ def main():
     ap.add_argument("--number", type=int, default=3)
     ap.add_argument("--device-models", default="googlenet,alexnet,fmnist-inception",
                     help="models also counted on the emulated Cortex-A72 ('' for none)")
+    ap.add_argument("--update", action="store_true",
+                    help="keep the other models' entries of results/zoo_models.json (re-measure "
+                         "--models only)")
     args = ap.parse_args()
     args.device_models = [m for m in args.device_models.split(",") if m]
     threads = int(os.environ["TVM_NUM_THREADS"])
@@ -92,6 +99,10 @@ def main():
     for i, name in enumerate(names):
         print(f"[zoo] {i + 1}/{len(names)} {name}", file=sys.stderr, flush=True)
         entries.append(measure(name, args, threads))
+    if args.update:
+        kept = {e["model"]: e for e in json.loads(RESULTS.read_text())["models"]}
+        kept.update({e["model"]: e for e in entries})
+        entries = [kept[n] for n in ZOO if n in kept]
     rows, skipped = [], []
     for e in entries:
         if "latency_ms" not in e:
@@ -118,7 +129,7 @@ def main():
                          "A72 instructions 1e9 orig / rebirth", "tuned functions"])
           + f"\n\nThis CPU, {threads} threads, medians of {args.rounds} interleaved rounds; "
             "instructions: exact guest counts per inference under qemu-user cortex-a72 (1 "
-            "thread, generic schedule). 'tuned functions': how many of each build's functions "
+            "thread). 'tuned functions': how many of each build's functions "
             "came from the committed tuning_logs."
           + " The default plan enables only the site variants its cost table (measured on "
             "this CPU) predicts faster and no bigger; 'predicted' is its whole-model speedup."
