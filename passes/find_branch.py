@@ -145,10 +145,11 @@ class BranchFinder:
                 # "carry": the reducer also carries what the pool branch saw
                 carry = spec.out_channels + (branches[pool_index].out_channels
                                              if pool_into_here else 0)
+                fraction = width_fraction(self.branch_widths)
                 if self.branch_widths == "paper":  # the paper: thin the 3x3 reducer by half
                     width = spec.out_channels if pool_into_here else max(spec.out_channels // 2, 1)
-                elif width_fraction(self.branch_widths):
-                    width = max(1, round(width_fraction(self.branch_widths) * carry))
+                elif fraction is not None:
+                    width = max(1, round(fraction * carry))
                 else:
                     width = carry
                 new = dataclasses.replace(spec, out_channels=width)

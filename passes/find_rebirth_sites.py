@@ -46,7 +46,8 @@ class FindRebirthSites:
     func_name : str
         The function to analyse.
     branch_widths : str
-        Reducer widths of branch sites: "carry" or "paper".
+        Reducer widths of branch sites: "carry", "paper", or a fraction of carry's widths
+        between 0 and 1 as text ("0.75"); see ``site.BRANCH_WIDTHS``.
     """
 
     def __init__(self, policy: str = "keep-kernel", kinds=SITE_KINDS, func_name: str = "main",

@@ -18,16 +18,6 @@ SITE_KINDS = ("streamline", "branch")
 # and keeps the 5x5 one (DeepRebirth's GoogLeNet: fewer FLOPs, more error); a number f in
 # (0, 1) (as text, e.g. "0.75") scales every reducer's carry width by f
 BRANCH_WIDTHS = ("carry", "paper")
-
-
-def width_fraction(branch_widths: str) -> float | None:
-    """The fraction of a numeric branch-widths setting ("0.75" -> 0.75); None for a named
-    one or anything else (``analysis.check_settings`` says which settings are valid)."""
-    try:
-        value = float(branch_widths)
-    except (TypeError, ValueError):
-        return None
-    return value if 0 < value < 1 else None
 POOL_KINDS = ("max_pool2d", "avg_pool2d")
 # ops that are not tensor (learned) layers: what a streamline chain absorbs
 NON_TENSOR_OPS = ("max_pool2d", "avg_pool2d", "lrn", "batch_norm", "scale")
@@ -38,6 +28,16 @@ ACTIVATIONS = ("relu", "prelu", "leaky_relu", "clip", "relu6")
 RELU_LIKE = ("relu", "relu6", "clip")
 # ops through which a chain stays a linear function of the conv output
 LINEAR_OPS = ("avg_pool2d", "batch_norm", "scale")
+
+
+def width_fraction(branch_widths: str) -> float | None:
+    """The fraction of a numeric branch-widths setting ("0.75" -> 0.75); None for a named
+    one or anything else (``analysis.check_settings`` says which settings are valid)."""
+    try:
+        value = float(branch_widths)
+    except (TypeError, ValueError):
+        return None
+    return value if 0 < value < 1 else None
 
 
 @dataclasses.dataclass

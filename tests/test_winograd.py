@@ -1,8 +1,8 @@
 """Winograd F(2x2, 3x3) (compile/winograd.py): the transformed weights compute the conv
 exactly (numpy), the rewrite replaces exactly the convs where it applies and pays, the
-kernel's schedule (WinogradRule: one tile row at a time, the GEMM on our blocked 1x1
+kernel's schedule (WinogradRule: a band of tile rows at a time, the GEMM on our blocked 1x1
 micro-kernel) computes what its unscheduled PrimFunc computes (NaN-prefilled outputs, run
-twice) with a tile row of intermediates, and whole modules built with Winograd match the
+twice) with a band of intermediates, and whole modules built with Winograd match the
 direct kernels' build."""
 
 import re
@@ -88,6 +88,23 @@ def test_schedule_matches_unscheduled(name, target, monkeypatch):
                             atol=1e-3)
 
 
+@pytest.mark.parametrize("name", ["64_to_64_w13", "48_to_160_w40", "groups2_64_to_64_w13"])
+def test_schedule_with_vector_rows_matches_unscheduled(name, monkeypatch):
+    """The AArch64 plan (FMA by element: the GEMM reads each input channel's row of tiles as
+    vectors) built and run on this host."""
+    from tvm_rebirth.compile import pack_convs, winograd
+    from tvm_rebirth.compile.layouts import VectorUnit
+
+    monkeypatch.setattr(winograd, "winograd_pays", lambda *shape: True)
+    monkeypatch.setattr(pack_convs, "vector_unit",
+                        lambda target: VectorUnit(4, 32, fma_by_element=True))
+    cin, cout, hw, pad, *groups = SHAPES[name]
+    (func,) = _funcs(_conv_module(cin, cout, hw, pad, groups=groups[0] if groups else 1),
+                     FOUR_LANES).values()
+    assert "rebirth.vector_rows\": 1" in func.script()
+    assert_schedule_matches(func, WinogradRule(), FOUR_LANES, atol=1e-3)
+
+
 def _allocations(func, rule) -> dict:
     """{buffer name: shape} of the buffers ``rule``'s schedule of ``func`` allocates, each
     placed and compacted as TVM's lowering does."""
@@ -102,7 +119,7 @@ def _allocations(func, rule) -> dict:
     return {name: [int(d) for d in re.findall(r"int64\((\d+)\)", shape)] for name, shape in found}
 
 
-def test_intermediates_hold_one_tile_row(monkeypatch):
+def test_intermediates_hold_one_band(monkeypatch):
     """The transformed input and the GEMM's output are a band of tile rows inside the
     kernel (GoogLeNet conv2: one of its 28 rows of 28 tiles), so a module plans the
     activations of the direct build: between two Winograd convs, the first one's output and

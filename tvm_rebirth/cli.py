@@ -157,7 +157,7 @@ def _rebirth_options(args) -> flow.RebirthOptions:
                                budget=getattr(args, "budget", None),
                                reconstruct_epochs=getattr(args, "reconstruct_epochs",
                                                           flow.RECONSTRUCT_EPOCHS),
-                               rebirth=getattr(args, "rebirth", False))
+                               implicit_plan=getattr(args, "rebirth", False))
 
 
 def _block_cell(block) -> str:
@@ -465,13 +465,15 @@ def build_parser() -> argparse.ArgumentParser:
         add_input_options(p)
 
     def add_variant(p, verb):
-        """MODEL, the original or (with --plan/--weights) rebirth variant, and --target."""
+        """MODEL, the original or (with --plan/--weights or --rebirth) rebirth variant, and
+        --target."""
         p.add_argument("model", help="zoo name or path to an .onnx file")
         p.add_argument("--plan", help=f"plan file: {verb} the rebirth model")
         p.add_argument("--rebirth", action="store_true",
                        help=f"{verb} the rebirth model without a plan file: the sites measured "
-                            "to pay on --target (or the --tracker/--key device), fine-tuned "
-                            "on --images calibration images")
+                            "to pay on --target" + (" (or the --tracker/--key device)"
+                                                    if verb == "tune" else "")
+                            + ", fine-tuned on --images calibration images")
         p.add_argument("--weights", help="weights for --plan (default: fine-tune first)")
         p.add_argument("--calib", help="calibration images when fine-tuning is needed")
         p.add_argument("--images", type=positive_int, default=256,
@@ -514,14 +516,15 @@ def build_parser() -> argparse.ArgumentParser:
     add_flow(p)
     p.add_argument("--limit", type=positive_int,
                    help="evaluate only the first N labeled images")
-    p = add("build", cmd_build, "compile the original (or, with --plan/--weights, the "
-                                "rebirth) model into a deployable shared library")
+    p = add("build", cmd_build, "compile the original (or, with --plan/--weights or "
+                                "--rebirth, the rebirth) model into a deployable shared library")
     add_variant(p, "build")
     p.add_argument("-o", "--output", help="library path (default: <model>-<variant>-<target>.so)")
     p.add_argument("--no-tuning-logs", action="store_true",
                    help="ignore tuning_logs: generic schedule everywhere")
-    p = add("tune", cmd_tune, "MetaSchedule-tune the (original, or with --plan/--weights "
-                              "rebirth) model into a tuning_logs database that builds apply")
+    p = add("tune", cmd_tune, "MetaSchedule-tune the (original, or with --plan/--weights or "
+                              "--rebirth the rebirth) model into a tuning_logs database that "
+                              "builds apply")
     add_variant(p, "tune")
     p.add_argument("--trials", type=positive_int, required=True,
                    help="searched trials the database should hold in total (a rerun continues)")

@@ -67,8 +67,9 @@ class RebirthOptions:
     # epochs of block reconstruction with TVM gradients after each site's closed form (0: off)
     reconstruct_epochs: int = RECONSTRUCT_EPOCHS
     e2e: E2EOptions = field(default_factory=E2EOptions)
-    # build/tune: the rebirth model even without a plan file (planned for their device)
-    rebirth: bool = False
+    # build/tune --rebirth: the rebirth model even without a plan file (planned for their
+    # target or device, as bench does)
+    implicit_plan: bool = False
 
     def inputs(self) -> dict:
         """{what: path} of the files these options read (outputs must not overwrite them)."""
@@ -79,8 +80,8 @@ class RebirthOptions:
     @property
     def given(self) -> bool:
         """True when build/tune make the rebirth model: a plan or weights file was named,
-        or ``rebirth`` asked for it."""
-        return bool(self.plan or self.weights or self.rebirth)
+        or ``implicit_plan`` asked for it."""
+        return bool(self.plan or self.weights or self.implicit_plan)
 
     def check(self) -> None:
         """Option combinations that cannot work, refused before any work."""
@@ -95,7 +96,7 @@ class RebirthOptions:
                                "drop them with --plan")
         if self.weights and not self.plan:
             raise RebirthError("--weights needs the --plan it was learned for")
-        if self.rebirth and self.plan:
+        if self.implicit_plan and self.plan:
             raise RebirthError("--rebirth plans the model itself: drop it with --plan")
         self.e2e.check()
 
@@ -351,10 +352,11 @@ def select_plan(model, options: SelectOptions, kinds=SITE_KINDS, tag: str | None
 
 
 def plan_for(model, options: RebirthOptions, tag: str | None = None, tracker=None, key=None,
-             target=None):
+             target=None, tuned: bool = True):
     """The plan of ``options``: its plan file, validated; else (``select`` "paying") the
-    sites measured to pay on this CPU, on ``target`` or on the ``tracker``/``key`` device, or
-    ("all") every site found."""
+    sites measured to pay on this CPU, on ``target`` or on the ``tracker``/``key`` device
+    (with the target's tuning records unless ``tuned`` is false, as the build it is for),
+    or ("all") every site found."""
     if options.plan:
         return load_plan(options.plan, model)
     if options.select == "all":
@@ -363,7 +365,8 @@ def plan_for(model, options: RebirthOptions, tag: str | None = None, tracker=Non
     where = f"device '{key}'" if key else (target or "this CPU")
     _log(tag, f"no --plan: planning the sites of {model.name} that pay on {where}")
     return select_plan(model, SelectOptions(target=target, tracker=tracker, key=key,
-                                            budget=options.budget, calib=options.calib),
+                                            budget=options.budget, calib=options.calib,
+                                            tuned=tuned),
                        options.kinds, tag)
 
 
@@ -450,7 +453,7 @@ def slim(model, plan, weights):
 
 def rebirth_model(model, options: RebirthOptions | None = None, tag: str | None = None, *,
                   plan=None, images: tuple | None = None, tracker=None, key=None,
-                  target=None) -> Rebirth:
+                  target=None, tuned: bool = True) -> Rebirth:
     """The rebirth model of ``model`` (a LoadedModel or a MODEL string) with the plan and
     weights files of ``options`` where given, defaults otherwise (``plan_for``: the sites that
     pay on this CPU, on ``target`` or on the ``tracker``/``key`` device; fine-tuned on the
@@ -459,7 +462,8 @@ def rebirth_model(model, options: RebirthOptions | None = None, tag: str | None 
     options = options or RebirthOptions()
     if isinstance(model, str):
         model = load(model)
-    plan = plan if plan is not None else plan_for(model, options, tag, tracker, key, target)
+    plan = plan if plan is not None else plan_for(model, options, tag, tracker, key, target,
+                                                  tuned)
     start = time.time()
     weights, fit = weights_for(model, plan, options, tag, images)
     seconds = time.time() - start if fit is not None else 0.0
@@ -467,13 +471,14 @@ def rebirth_model(model, options: RebirthOptions | None = None, tag: str | None 
 
 
 def variant(model, options: RebirthOptions, tag: str | None = None, tracker=None, key=None,
-            target=None) -> tuple:
+            target=None, tuned: bool = True) -> tuple:
     """(module, "original" | "rebirth"): the rebirth module when ``options.given``; without a
     plan file planned for ``target`` or the ``tracker``/``key`` device (``plan_for``)."""
-    if options.given:
-        return rebirth_model(model, options, tag, tracker=tracker, key=key, target=target).mod, \
-            "rebirth"
-    return model.mod, "original"
+    if not options.given:
+        return model.mod, "original"
+    rebirth = rebirth_model(model, options, tag, tracker=tracker, key=key, target=target,
+                            tuned=tuned)
+    return rebirth.mod, "rebirth"
 
 
 def accuracy(model, mod, images, labels) -> dict:
@@ -677,7 +682,8 @@ def evaluate(args: EvalArgs) -> dict:
 
 
 def _planning_target(target: str):
-    """The target an implicit plan is measured on: None for this CPU ("host")."""
+    """The target an implicit plan is measured on: None for this CPU ("host"), so that with
+    a tracker (tune) the key's default target is measured, not this CPU's."""
     return None if target == "host" else target
 
 
@@ -697,7 +703,8 @@ def build(args: BuildArgs) -> dict:
     what = "rebirth" if args.rebirth.given else "original"
     out = args.output or f"{model.name}-{what}-{target_label(args.target)}.so"
     output = output or checked_output(out, inputs)
-    mod, what = variant(model, args.rebirth, "build", target=_planning_target(args.target))
+    mod, what = variant(model, args.rebirth, "build", target=_planning_target(args.target),
+                        tuned=args.tuning_logs)
     logger.info(f"[build] compiling the {what} {model.name} for {args.target}")
     compiled = compile_module(mod, target, tuned=args.tuning_logs)
     with tempfile.TemporaryDirectory(prefix="tvm-rebirth-build-") as scratch:

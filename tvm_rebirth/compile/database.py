@@ -190,7 +190,7 @@ def open_json_database(folder):
         shutil.rmtree(copy, ignore_errors=True)
 
 
-_LOADED: dict = {}  # (folder, files' sizes and mtimes) -> database
+_LOADED: dict = {}  # (root, database_signature) -> [(source label, database)]
 
 
 def _union(dbs):
@@ -200,9 +200,11 @@ def _union(dbs):
 
 
 def compatible_keys(target, keys) -> list:
-    """The target keys of ``keys`` (tuning_logs folder names) whose CPU runs ``target``'s
-    code as well: LLVM knows the key as a CPU of the target's triple, and its vector unit
-    (``layouts.vector_unit``: lanes, registers, broadcast and FMA forms) is the target's."""
+    """The target keys of ``keys`` (tuning_logs folder names) whose CPU our kernels see as
+    ``target``'s: LLVM knows the key as a CPU of the target's triple, and its vector unit
+    (``layouts.vector_unit``: lanes, registers, broadcast and FMA forms) is the target's. A
+    record of such a CPU is a valid schedule here (it may have been tuned for other caches
+    or latencies: ``tuned_by_source`` says where each came from)."""
     import tvm
     from tvm.target import codegen
 
@@ -261,7 +263,7 @@ def _source_databases(target, root=None) -> list:
     sources = database_sources(target, root)
     if not sources:
         return []
-    key = database_signature(target, root)
+    key = (str(root), database_signature(target, root))
     if key not in _LOADED:
         _LOADED.clear()  # one target's worth at a time
         _LOADED[key] = [(label, _union([open_json_database(d) for d in dirs]))
@@ -273,7 +275,8 @@ def load_database(target, root=None):
     """The MetaSchedule database a build for ``target`` applies (``database_sources``), or
     None. Within a source the union of its model folders (the best record wins); across
     sources the first holding a record wins (the user's own tuning before the packaged
-    logs, the target's own key before compatible ones)."""
+    logs; compatible keys, used only when the target has no database of its own, in name
+    order)."""
     from tvm.s_tir import meta_schedule as ms
 
     databases = [db for _, db in _source_databases(target, root)]

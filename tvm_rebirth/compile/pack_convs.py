@@ -26,6 +26,7 @@ def PackConvWeights(target):  # noqa: N802 -- a pass, named like TVM's
     from tvm import relax
 
     unit = vector_unit(target)
+    cores = int(target.attrs.get("num-cores", 2) or 2)
 
     @relax.expr_functor.mutator
     class _Rewriter(relax.PyExprMutator):
@@ -49,7 +50,7 @@ def PackConvWeights(target):  # noqa: N802 -- a pass, named like TVM's
                 lambda channels, width: plan_conv(unit, channels, width, 1, 1,
                                                   whole_blocks=True, pointwise=True,
                                                   max_accumulators=GEMM_ACCUMULATORS),
-                pack_weight, blocked_conv_te)
+                pack_weight, blocked_conv_te, cores)
             if winograd is not None:
                 self.rewritten += 1
                 return winograd

@@ -8,7 +8,7 @@ and of every output tile (adds only). With P tiles, C input and K output channel
     M[g*K + k, p] = sum_c U[g*K + k, c] V[g*C + c, p]   # 16 independent GEMMs
     Y[k, tile p]  = A^T M[., k, p] A             # output transform (+ bias/BN/ReLU fused)
 
-The 16 GEMMs are a grouped 1x1 convolution (16 groups, a tile row as its width), so
+The 16 GEMMs are a grouped 1x1 convolution (16 groups, a row of tiles as its width), so
 ``layouts.blocked_conv_te`` and ``conv_rules``' micro-kernel compute them with the same packed
 weights (``U = G g G^T``, transformed and packed at compile time) as any 1x1 conv.
 ``winograd_conv`` emits one function in place of the conv, fused like a conv (its
@@ -176,21 +176,22 @@ def winograd_pays(in_channels: int, out_channels: int, tiles: int, out_pixels: i
     return winograd <= REQUIRED_SAVING * direct
 
 
-def band_rows(in_channels: int, out_channels: int, tiles_h: int, wide: int) -> int:
-    """Tile rows ``WinogradRule`` computes together: half the image when such a band's
-    transformed input and GEMM output fit BAND_BYTES (two bands: the GEMM's weights, larger
-    than the tiles in late layers, are read once per band), else one row (early layers:
+def band_rows(in_channels: int, out_channels: int, tiles_h: int, wide: int,
+              cores: int = 2) -> int:
+    """Tile rows ``WinogradRule`` computes together: one band per core (at least two) when
+    such a band's transformed input and GEMM output fit BAND_BYTES (late layers: the GEMM's
+    weights, larger than the tiles, are read once per band), else one row (early layers:
     the weights are small, the tiles many)."""
     row_bytes = 4 * ALPHA * ALPHA * (in_channels + out_channels) * wide
-    half = -(-tiles_h // 2)
-    return half if half * row_bytes <= BAND_BYTES else 1
+    per_core = -(-tiles_h // max(2, cores))
+    return per_core if per_core * row_bytes <= BAND_BYTES else 1
 
 
-def winograd_conv(builder, call, plan_gemm, pack, conv_te):
+def winograd_conv(builder, call, plan_gemm, pack, conv_te, cores: int = 2):
     """The call replacing ``call`` (see module doc), emitted with ``builder``; None
     when Winograd does not apply or pay, or the GEMM has no plan. ``plan_gemm(out_channels,
     width)``, ``pack(weight, block, groups)`` and ``conv_te`` are layouts' planner, packer
-    and blocked conv, used for the GEMM."""
+    and blocked conv, used for the GEMM; ``cores``: the target's (``band_rows``)."""
     from tvm import relax
 
     if not winograd_enabled() or not winograd_applies(call):
@@ -210,7 +211,8 @@ def winograd_conv(builder, call, plan_gemm, pack, conv_te):
     padding = [int(p) for p in call.attrs.padding]
     packed = relax.const(pack(transform_weight(weight.value.numpy()), plan.block,
                               ALPHA * ALPHA * conv_groups), "float32")
-    band = band_rows(in_channels, out_channels, tiles_h, -(-tiles_w // plan.tile) * plan.tile)
+    band = band_rows(in_channels, out_channels, tiles_h, -(-tiles_w // plan.tile) * plan.tile,
+                     cores)
     return builder.call_te(
         lambda data, kernel: winograd_te(data, kernel, out_channels, padding, out_h, out_w,
                                          plan, conv_groups, conv_te, band),
@@ -256,6 +258,8 @@ class WinogradRule(ScheduleRule):
         if any(n is None for n in numbers):
             return None
         tile, lanes, band = (int(n) for n in numbers)
+        if int(sch.get(blocks[WINO_OUTPUT]).iter_vars[1].dom.extent) % lanes:
+            return None  # the output transform reads whole vectors of output channels
         for name in reversed(names[5:]):
             sch.reverse_compute_inline(blocks[name])
         sch.compute_inline(blocks[UNPACK_BLOCK])
@@ -272,13 +276,11 @@ class WinogradRule(ScheduleRule):
         th, i = sch.split(h, [None, TILE])
         tw, j = sch.split(w, [None, TILE])
         out_bands, th = sch.split(th, [None, band])
-        if int(sch.get(k).extent) % lanes == 0:
-            # channels as vectors: the 16 reads of a tile's M are whole vectors of a block
-            ko, ki = sch.split(k, [None, lanes])
-            sch.reorder(n, out_bands, th, ko, tw, i, j, ki)
-            sch.vectorize(ki)
-        else:
-            sch.reorder(n, out_bands, th, k, tw, i, j)
+        # channels as vectors (whole channel blocks: the GEMM's plan), so the 16 reads of a
+        # tile's M are whole vectors of a block
+        ko, ki = sch.split(k, [None, lanes])
+        sch.reorder(n, out_bands, th, ko, tw, i, j, ki)
+        sch.vectorize(ki)
         sch.unroll(i)
         sch.unroll(j)
         band_loop = sch.merge(sch.fuse(b, bands), sch.fuse(n, out_bands))

@@ -8,9 +8,9 @@
 Streamline sites: ``keep-kernel`` (the conv's own kernel, grown only where the output shape
 needs it), ``keep-receptive-field`` (a kernel covering the whole block), ``off``. Exact sites
 (BatchNorm/scale folds, linear pools): ``exact`` or ``off``. Branch sites: ``carry`` (the
-reducers carry the merged branches' widths), ``0.75`` (reducers at 0.75 of those widths),
-``paper`` (DeepRebirth's GoogLeNet widths), ``off``. Variants with the same convs are listed
-once.
+reducers carry the merged branches' widths), ``paper`` (DeepRebirth's GoogLeNet widths),
+``0.75`` (reducers at 0.75 of carry's widths), ``off``. Variants with the same convs are
+listed once.
 """
 
 from __future__ import annotations

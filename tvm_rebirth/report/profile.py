@@ -26,7 +26,7 @@ def layer_type(symbol: str) -> str | None:
         return None
     ops = set(re.sub(r"\d+", "", symbol).replace("fused_", "").split("_"))
     name = symbol.lower()
-    if "conv2d" in name or "winograd" in name:  # with its epilogue; a Winograd stage
+    if "conv2d" in name or "winograd" in name:  # with its epilogue; a Winograd conv
         return "convolution"
     if "matmul" in name or "dense" in name:
         return "fully connected"
