@@ -48,10 +48,11 @@ def test_killed_tune_resumes_and_the_build_applies_its_database(tmp_path, logs):
     log_dir = default_log_dir(model.name, target, rebirth=False)
     tasks = extract_tasks(model.mod, target)
     assert len(tasks) == 3  # conv+bias+relu, max-pool, conv+bias
+    total = 32  # searched trials: killed after 8 or more, then resumed to the total
 
     # first run: killed (SIGKILL, no chance to clean up) once some searched trials are in;
     # the whole process group, as a crash would take it, so no builder worker outlives it
-    proc = subprocess.Popen(_tune_cmd(model_path, 48), stdout=subprocess.PIPE,
+    proc = subprocess.Popen(_tune_cmd(model_path, total), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, start_new_session=True)
     report = log_dir / "tuning.json"
     deadline = time.time() + 400
@@ -64,17 +65,17 @@ def test_killed_tune_resumes_and_the_build_applies_its_database(tmp_path, logs):
     proc.wait()
     kept = json.loads(report.read_text())
     records_before = len(_records(log_dir))
-    assert 8 <= kept["trials"] < 48
+    assert 8 <= kept["trials"] < total
     assert records_before >= len(tasks) + kept["trials"]  # defaults + searched, all on disk
 
     # second run continues to the same total, without re-measuring the defaults
-    code, stdout, err = run(*_tune_cmd(model_path, 48)[3:])
+    code, stdout, err = run(*_tune_cmd(model_path, total)[3:])
     assert code == 0, err
     assert "measuring the default schedule" not in err
-    assert f"searching {48 - kept['trials']} trials" in err
+    assert f"searching {total - kept['trials']} trials" in err
     data = json.loads(stdout)
-    assert data["trials"] == 48 and data["database"] == str(log_dir)
-    assert len(_records(log_dir)) >= records_before + 48 - kept["trials"] - data["failed_trials"]
+    assert data["trials"] == total and data["database"] == str(log_dir)
+    assert len(_records(log_dir)) >= records_before + total - kept["trials"] - data["failed_trials"]
     assert data["wall_seconds"] > kept["wall_seconds"]
     for task in data["tasks"].values():
         assert task["default_ms"] > 0 and task["best_ms"] <= task["default_ms"]
