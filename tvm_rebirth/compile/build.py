@@ -104,20 +104,6 @@ def planned_memory(mod, target=None) -> int:
         return planned_activation_bytes(tvm.transform.Sequential(passes)(mod))
 
 
-def _count_tuned(fused_mod, database, target) -> int:
-    """How many of the fused PrimFuncs the database has a record for."""
-    import tvm
-    from tvm import tirx
-
-    count = 0
-    for _, func in fused_mod.functions.items():
-        if isinstance(func, tirx.PrimFunc) and database.query_tuning_record(
-                tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target,
-                "main") is not None:
-            count += 1
-    return count
-
-
 def planned_activation_bytes(planned_mod, func_name="main") -> int:
     """Bytes of the storage blocks TVM's static memory planner allocates for ``main``."""
     from tvm import relax
@@ -163,7 +149,7 @@ def compile_module(mod, target=None, tuned=True) -> Compiled:
     import tvm
     from tvm import relax, tirx
 
-    from .database import load_database, tuned_by_source
+    from .database import count_records, load_database, tuned_by_source
 
     target = target or host_target()
     database = load_database(target) if tuned is True else (tuned or None)
@@ -176,7 +162,7 @@ def compile_module(mod, target=None, tuned=True) -> Compiled:
         elif tuned is True:
             by_source = tuned_by_source(mod, target)
         else:
-            by_source = {"given database": _count_tuned(mod, database, target)}
+            by_source = count_records(mod, target, [("given database", database)])
         if database is not None:
             with database:
                 mod = tvm.transform.Sequential(scheduled)(mod)
@@ -186,8 +172,7 @@ def compile_module(mod, target=None, tuned=True) -> Compiled:
                    for gv, f in mod.functions.items() if isinstance(f, relax.Function)}
         lowered = tvm.transform.Sequential(after)(mod)
         executable = relax.build(lowered, target=target, relax_pipeline=None)
-    return Compiled(executable, planned.get("main", 0), functions,
-                    {k: v for k, v in by_source.items() if v}, planned)
+    return Compiled(executable, planned.get("main", 0), functions, by_source, planned)
 
 
 class Runner:

@@ -286,14 +286,18 @@ def load_database(target, root=None):
 
 
 def tuned_by_source(fused_mod, target, root=None) -> dict:
-    """{source label: how many of ``fused_mod``'s PrimFuncs take their record from it} for
-    the databases ``load_database`` applies (each function counted once, at the first
-    source holding a record for it)."""
+    """``count_records`` for the databases ``load_database`` applies."""
+    return count_records(fused_mod, target, _source_databases(target, root))
+
+
+def count_records(fused_mod, target, sources) -> dict:
+    """{label: how many of ``fused_mod``'s PrimFuncs take their record from that database}
+    for ``sources`` ([(label, database)], in order of preference: each function counted
+    once, at the first holding a record for it; labels with no function left out)."""
     import tvm
     from tvm import tirx
 
     counts = {}
-    sources = _source_databases(target, root)
     for _, func in fused_mod.functions.items():
         if not isinstance(func, tirx.PrimFunc):
             continue

@@ -247,3 +247,39 @@ def rewrite_relax_functions(mod, rewriter):
         if isinstance(func, relax.Function):
             rewriter.builder_.update_func(gvar, rewriter.visit_expr(func))
     return rewriter.builder_.finalize()
+
+
+def call_rewriting_pass(name: str, unit, rewrite_call, what: str, after=None):
+    """The module pass ``name`` that replaces every Relax call for which
+    ``rewrite_call(builder, call, lookup_binding)`` returns an expression (None keeps the
+    call), in every Relax function, then applies ``after`` (a pass), if given; a no-op
+    where the target's SIMD ``unit`` (``vector_unit``) is None. Logs how many ``what`` it
+    rewrote."""
+    import tvm
+    from tvm import relax
+
+    @relax.expr_functor.mutator
+    class _Rewriter(relax.PyExprMutator):
+        def __init__(self, mod):
+            super().__init__(mod)
+            self.rewritten = 0
+
+        def visit_call_(self, call):  # noqa: N802 -- ExprMutator's hook
+            call = self.visit_expr_post_order(call)
+            new = rewrite_call(self.builder_, call, self.lookup_binding)
+            if new is None:
+                return call
+            self.rewritten += 1
+            return new
+
+    @tvm.transform.module_pass(opt_level=0, name=name)
+    def _pass(mod, _ctx):
+        if unit is None:
+            return mod
+        rewriter = _Rewriter(mod)
+        mod = rewrite_relax_functions(mod, rewriter)
+        if rewriter.rewritten:
+            logger.debug(f"[{name}] {rewriter.rewritten} {what}")
+        return after(mod) if after is not None else mod
+
+    return _pass

@@ -20,14 +20,10 @@ vectorised width loop (the accumulators stay in registers).
 
 from __future__ import annotations
 
-import logging
-
 from tvm.s_tir.dlight.base import ScheduleRule
 
 from ..passes.dataflow import shape_of
-from .layouts import rewrite_relax_functions, vector_unit
-
-logger = logging.getLogger(__name__)
+from .layouts import call_rewriting_pass, vector_unit
 
 POOL_PAD = "rebirth_pool_pad"
 POOL_ROWS = "rebirth_pool_rows"
@@ -115,55 +111,33 @@ def channel_window_applies(call) -> bool:
 
 def SeparablePools(target):  # noqa: N802 -- a pass, named like TVM's
     """The module pass (see module doc); a no-op where the target has no SIMD unit we know."""
-    import tvm
-    from tvm import relax
 
-    unit = vector_unit(target)
+    def rewrite(builder, call, _lookup_binding):
+        name = getattr(call.op, "name", "")
+        if name == "relax.nn.max_pool2d" and max_pool_rewrite_applies(call):
+            attrs = call.attrs
+            pool = [int(p) for p in attrs.pool_size]
+            strides = [int(s) for s in attrs.strides]
+            padding = [int(p) for p in attrs.padding]
+            out_hw = shape_of(call)[2:]
+            return builder.call_te(
+                lambda x: separable_max_pool_te(x, pool, strides, padding, out_hw),
+                call.args[0], primfunc_name_hint="rebirth_max_pool2d")
+        if name == "relax.nn.avg_pool3d" and channel_window_applies(call):
+            attrs = call.attrs
+            window = int(attrs.pool_size[0])
+            # count_include_pad=False divides by the channels inside the window, which
+            # differs at the edges: only the padded count is a constant divisor
+            if not bool(attrs.count_include_pad) and int(attrs.padding[0]) + \
+                    int(attrs.padding[3]):
+                return None
+            return builder.call_te(
+                lambda x: channel_window_te(x, window, int(attrs.padding[0]), window),
+                call.args[0], primfunc_name_hint="rebirth_channel_window")
+        return None
 
-    @relax.expr_functor.mutator
-    class _Rewriter(relax.PyExprMutator):
-        def __init__(self, mod):
-            super().__init__(mod)
-            self.rewritten = 0
-
-        def visit_call_(self, call):  # noqa: N802 -- ExprMutator's hook
-            call = self.visit_expr_post_order(call)
-            name = getattr(call.op, "name", "")
-            if name == "relax.nn.max_pool2d" and max_pool_rewrite_applies(call):
-                attrs = call.attrs
-                pool = [int(p) for p in attrs.pool_size]
-                strides = [int(s) for s in attrs.strides]
-                padding = [int(p) for p in attrs.padding]
-                out_hw = shape_of(call)[2:]
-                self.rewritten += 1
-                return self.builder_.call_te(
-                    lambda x: separable_max_pool_te(x, pool, strides, padding, out_hw),
-                    call.args[0], primfunc_name_hint="rebirth_max_pool2d")
-            if name == "relax.nn.avg_pool3d" and channel_window_applies(call):
-                attrs = call.attrs
-                window = int(attrs.pool_size[0])
-                # count_include_pad=False divides by the channels inside the window, which
-                # differs at the edges: only the padded count is a constant divisor
-                if not bool(attrs.count_include_pad) and int(attrs.padding[0]) + \
-                        int(attrs.padding[3]):
-                    return call
-                self.rewritten += 1
-                return self.builder_.call_te(
-                    lambda x: channel_window_te(x, window, int(attrs.padding[0]), window),
-                    call.args[0], primfunc_name_hint="rebirth_channel_window")
-            return call
-
-    @tvm.transform.module_pass(opt_level=0, name="SeparablePools")
-    def _pass(mod, _ctx):
-        if unit is None:
-            return mod
-        rewriter = _Rewriter(mod)
-        mod = rewrite_relax_functions(mod, rewriter)
-        if rewriter.rewritten:
-            logger.debug(f"[pools] {rewriter.rewritten} pools rewritten")
-        return mod
-
-    return _pass
+    return call_rewriting_pass("SeparablePools", vector_unit(target), rewrite,
+                               "pools rewritten")
 
 
 def _vector_chunk(extent: int) -> int:
