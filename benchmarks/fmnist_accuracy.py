@@ -1,13 +1,16 @@
-"""Accuracy of fmnist-inception as sites are slimmed one by one in network order (paper
-Table 2 style: conv1, conv2, then each inception module): top-1/top-5 on the 10k
-Fashion-MNIST test images with layer-wise fine-tuning; then the branch sites alone with
-both reducer-width presets; then, when PyTorch (the optional extra) is installed, all sites
-refined end to end two ways: distilling the original on unlabeled images, and retraining with
-the Fashion-MNIST train labels and the original as teacher (the paper's recipe).
+"""Accuracy of a Fashion-MNIST zoo model (fmnist-inception, or fmnist-vgg) as sites are
+slimmed one by one in network order (paper Table 2 style: conv1, conv2, then each inception
+module): top-1/top-5 on the 10k Fashion-MNIST test images with the default fine-tune on
+``--images`` unlabeled images; then the branch sites alone with both reducer-width presets
+(when the model has any); then, unless ``--no-e2e`` and when PyTorch (the optional extra) is
+installed, all sites refined end to end two ways: distilling the original on unlabeled
+images, and retraining with the Fashion-MNIST train labels and the original as teacher (the
+paper's recipe).
 
-    python benchmarks/fmnist_accuracy.py [--images 256] [--limit N]     # ~1 h on 2 cores
+    python benchmarks/fmnist_accuracy.py [--model fmnist-inception] [--images 256] [--limit N]
+                                         [--no-e2e]          # ~1 h on 2 cores with the e2e rows
 
-writes benchmarks/results/fmnist_inception_accuracy.{json,md}
+writes benchmarks/results/<model>_accuracy.{json,md} (fmnist_inception_accuracy, ...)
 """
 
 import argparse
@@ -17,29 +20,32 @@ import sys
 os.environ.setdefault("TVM_NUM_THREADS", "2")
 
 from _common import write  # noqa: E402
-from run_all import accuracy_table, end_to_end_text  # noqa: E402
+from run_all import accuracy_table, end_to_end_text, fine_tune_text  # noqa: E402
 
 from tvm_rebirth import flow  # noqa: E402
 from tvm_rebirth.compile.build import Runner  # noqa: E402
+from tvm_rebirth.learn.finetune import RECONSTRUCT_EPOCHS  # noqa: E402
 from tvm_rebirth.report.measure import labeled_set, top_k  # noqa: E402
 
 
 def markdown(payload):
-    return ("# fmnist-inception: accuracy per slimming step\n\n" + accuracy_table(payload)
-            + f"\n\n{payload['labeled_set']}; layer-wise calibration: "
-              f"{payload['calibration']}." + end_to_end_text(payload))
+    return (f"# {payload['model']}: accuracy per slimming step\n\n" + accuracy_table(payload)
+            + f"\n\n{payload['labeled_set']}; {fine_tune_text(payload)}."
+            + end_to_end_text(payload))
 
 
 def main():
     ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="fmnist-inception", choices=("fmnist-inception", "fmnist-vgg"))
     ap.add_argument("--images", type=int, default=256)
+    ap.add_argument("--no-e2e", action="store_true", help="leave the end-to-end rows out")
     ap.add_argument("--limit", type=int)
     ap.add_argument("--e2e-images", type=int, default=30000, help="unlabeled distillation")
     ap.add_argument("--e2e-epochs", type=int, default=10)
     ap.add_argument("--retrain-images", type=int, default=60000, help="labeled retraining")
     ap.add_argument("--retrain-epochs", type=int, default=8)
     args = ap.parse_args()
-    model = flow.load("fmnist-inception")
+    model = flow.load(args.model)
     full = flow.find_plan(model)
     calib = flow.calibration(model, flow.RebirthOptions(images=args.images))
     description = calib[1]
@@ -55,7 +61,7 @@ def main():
     for k in range(1, len(full.sites) + 1):  # cumulative, in network order
         ids = {s.id for s in full.sites[:k]}
         rebirth(f"+ {full.sites[k - 1].id}", plan=full.with_enabled(lambda s: s.id in ids))
-    for widths in ("carry", "paper"):
+    for widths in ("carry", "paper") if any(s.kind == "branch" for s in full.sites) else ():
         rebirth(f"branch sites only ({widths} widths)",
                 flow.RebirthOptions(kinds=("branch",), branch_widths=widths, select="all"))
     e2e = {}
@@ -63,7 +69,8 @@ def main():
         import torch  # noqa: F401  (the optional extra)
     except ImportError:
         print("torch not installed: skipping the end-to-end rows", file=sys.stderr)
-    else:
+        args.no_e2e = True
+    if not args.no_e2e:
         e2e["distillation"] = rebirth(
             "all sites + end-to-end distillation (unlabeled)",
             flow.RebirthOptions(select="all", e2e=flow.E2EOptions(True, args.e2e_images, args.e2e_epochs)),
@@ -78,10 +85,12 @@ def main():
     for name in runners:
         steps.append({"step": name, **result[name],
                       "top1_change_points": round((result[name]["top1"] - base) * 100, 2)})
-    payload = {"model": "fmnist-inception", "labeled_set": test_desc, "calibration": description,
+    payload = {"model": args.model, "labeled_set": test_desc, "calibration": description,
+               "fine_tune": f"default fine-tune (closed form + block reconstruction, "
+                            f"{RECONSTRUCT_EPOCHS} epochs per site)",
                "steps": steps, "n": result["n"], "end_to_end": e2e}
     md = markdown(payload)
-    write("fmnist_inception_accuracy", payload, md)
+    write(f"{args.model.replace('-', '_')}_accuracy", payload, md)
     print(md)
 
 

@@ -144,30 +144,25 @@ def export(model, path):
     onnx.save(m, str(path))
 
 
-def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--epochs", type=int, default=8)
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--out", default=str(ROOT / "tvm_rebirth" / "frontend" / "zoo_data" / "fmnist_inception.onnx"))
-    ap.add_argument("--log", default=str(ROOT / "benchmarks" / "fmnist_inception" / "train_log.txt"))
-    args = ap.parse_args()
+def train_and_export(model, name, epochs, threads, out, log):
+    """Train ``model`` on the Fashion-MNIST train split (seeded AdamW + one-cycle, flips,
+    label smoothing), log each epoch's test top-1 to ``log`` and export ONNX to ``out``."""
     torch.manual_seed(0)
     np.random.seed(0)
-    torch.set_num_threads(args.threads)
+    torch.set_num_threads(threads)
     xtr, ytr = fashion_mnist("train")
     xte, yte = fashion_mnist("test")
     xtr, xte = torch.from_numpy(preprocess(xtr)), torch.from_numpy(preprocess(xte))
     ytr, yte = torch.from_numpy(ytr.astype(np.int64)), torch.from_numpy(yte.astype(np.int64))
-    model = FmnistInception()
     opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=5e-4)
-    steps = args.epochs * (len(xtr) // 128)
+    steps = epochs * (len(xtr) // 128)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=4e-3, total_steps=steps)
-    log_lines = [f"torch {torch.__version__}, threads {args.threads}, seed 0, "
-                 f"{len(xtr)} train / {len(xte)} test images, {args.epochs} epochs"]
+    log_lines = [f"{name}: torch {torch.__version__}, threads {threads}, seed 0, "
+                 f"{len(xtr)} train / {len(xte)} test images, {epochs} epochs"]
     print(log_lines[0], flush=True)
     start = time.time()
     gen = torch.Generator().manual_seed(0)
-    for epoch in range(args.epochs):
+    for epoch in range(epochs):
         model.train()
         perm = torch.randperm(len(xtr), generator=gen)
         total = 0.0
@@ -187,13 +182,29 @@ def main():
                 f"elapsed {time.time() - start:.0f}s")
         print(line, flush=True)
         log_lines.append(line)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    export(model, args.out)
-    final = {"test_top1": acc, "epochs": args.epochs, "seconds": round(time.time() - start)}
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    export(model, out)
+    final = {"test_top1": acc, "epochs": epochs, "seconds": round(time.time() - start)}
     log_lines.append("final " + json.dumps(final))
-    Path(args.log).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.log).write_text("\n".join(log_lines) + "\n")
-    print(f"wrote {args.out}", flush=True)
+    Path(log).parent.mkdir(parents=True, exist_ok=True)
+    Path(log).write_text("\n".join(log_lines) + "\n")
+    print(f"wrote {out}", flush=True)
+
+
+def arguments(name, epochs, default_out, default_log):
+    ap = argparse.ArgumentParser(description=f"train {name} on Fashion-MNIST")
+    ap.add_argument("--epochs", type=int, default=epochs)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--out", default=str(ROOT / "tvm_rebirth" / "frontend" / "zoo_data" / default_out))
+    ap.add_argument("--log", default=str(ROOT / "benchmarks" / default_log))
+    return ap.parse_args()
+
+
+def main():
+    args = arguments("fmnist-inception", 8, "fmnist_inception.onnx",
+                     "fmnist_inception/train_log.txt")
+    train_and_export(FmnistInception(), "fmnist-inception", args.epochs, args.threads,
+                     args.out, args.log)
 
 
 if __name__ == "__main__":
