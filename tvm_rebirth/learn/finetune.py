@@ -22,7 +22,7 @@ from ..errors import RebirthError
 from ..passes import (SITE_KINDS, analyze_sites, exact_site_weights, rebirth_pipeline,
                       weight_keys)
 from ..passes.site import branch_conv_layout, branch_groups, refit_keys
-from .fit import conv_forward, fit_rebirth_conv, pool_forward
+from .fit import activate, conv_forward, fit_rebirth_conv, pool_forward
 from .train import compute_vars
 from .weights import RebirthWeights
 
@@ -57,14 +57,18 @@ def _consumers(analysis, site_id, site_convs):
     return [c for c in analysis.trace(site_id).consumers if c.name not in site_convs]
 
 
-def _fit_one(x, y, spec, relu, held, arrays, wkey, bkey, original=None):
+def _fit_one(x, y, spec, relu, held, arrays, wkey, bkey, original=None, slope=None):
     """Fit one conv on the non-held-out images; store it; return squared-error sums.
     ``original`` = (channels, W, b): output channels an existing conv already computes from
-    this input; each keeps whichever of its original and fitted weights is closer."""
+    this input; each keeps whichever of its original and fitted weights is closer.
+    ``slope``: the negative slopes of a leaky activation after the conv (instead of ReLU)."""
     check = held if held.any() else ~held
-    result = fit_rebirth_conv(x[~held], y[~held], spec, relu=relu)
+    result = fit_rebirth_conv(x[~held], y[~held], spec, relu=relu, slope=slope)
     weight, bias = result.weight, result.bias
-    act = (lambda z: np.maximum(z, 0)) if relu else (lambda z: z)
+
+    def act(z):
+        return activate(z, relu, slope)
+
     fit_norm = float(np.sum(y[~held].astype(np.float64) ** 2))
     fit_err = result.rel_error ** 2 * fit_norm
     if original is not None:
@@ -95,9 +99,8 @@ def _refit_consumers(site, fits, consumers, analysis, targets, held, arrays):
     new input is the rebirth conv's output, computed in numpy from the site's captured
     inputs (through the same pools), so no extra TVM run is needed."""
     outs = []
-    for wkey, bkey, spec, x, relu in fits:
-        y = conv_forward(x, arrays[wkey], arrays[bkey], spec)
-        outs.append(np.maximum(y, 0) if relu else y)
+    for wkey, bkey, spec, x, relu, slope in fits:
+        outs.append(activate(conv_forward(x, arrays[wkey], arrays[bkey], spec), relu, slope))
     slimmed = np.concatenate(outs, axis=1) if len(outs) > 1 else outs[0]
     report = []
     for consumer in consumers:
@@ -113,21 +116,41 @@ def _refit_consumers(site, fits, consumers, analysis, targets, held, arrays):
     return report
 
 
-def _streamline_fits(site, inputs, relus) -> list:
-    """(weight key, bias key, spec, input, relu) of each rebirth conv of a streamline site,
-    ``inputs[i]`` the captured input of its i-th conv."""
-    return [(wkey, bkey, spec, inputs[i], relu) for i, ((_, wkey, bkey), spec, relu) in
-            enumerate(zip(weight_keys(site), site.new_conv, relus))]
+def _negative_slopes(call, analysis, channels):
+    """The negative slope of each of ``channels`` output channels of the leaky activation
+    ``call`` a rebirth conv re-applies (PReLU's alpha, LeakyReLU's), or None for others."""
+    from ..passes.dataflow import evaluate_constant, op_name
+
+    if call is None:
+        return None
+    if op_name(call) == "relax.nn.prelu":
+        alpha = evaluate_constant(call.args[1], analysis.graph.var2val).reshape(-1)
+    elif op_name(call) == "relax.nn.leakyrelu":
+        alpha = np.array([float(call.attrs.alpha)])
+    else:
+        return None
+    return np.broadcast_to(alpha, (channels,)).astype(np.float32)
+
+
+def _streamline_fits(site, inputs, analysis) -> list:
+    """(weight key, bias key, spec, input, relu, negative slopes) of each rebirth conv of a
+    streamline site, ``inputs[i]`` the captured input of its i-th conv."""
+    trace = analysis.trace(site.id)
+    calls = trace.activation or [None] * len(site.new_conv)
+    return [(wkey, bkey, spec, inputs[i], relu,
+             _negative_slopes(call, analysis, spec.out_channels))
+            for i, ((_, wkey, bkey), spec, relu, call) in
+            enumerate(zip(weight_keys(site), site.new_conv, trace.relu, calls))]
 
 
 def _fit_streamline_convs(fits, target, held, arrays) -> list:
     """Fit each conv of ``fits`` to its slice of ``target``'s channels (they are
     concatenated in conv order); the squared-error sums of each (``_combine`` them)."""
     offset, pieces = 0, []
-    for wkey, bkey, spec, x, relu in fits:
+    for wkey, bkey, spec, x, relu, slope in fits:
         y = target[:, offset:offset + spec.out_channels]
         offset += spec.out_channels
-        pieces.append(_fit_one(x, y, spec, relu, held, arrays, wkey, bkey))
+        pieces.append(_fit_one(x, y, spec, relu, held, arrays, wkey, bkey, slope=slope))
     return pieces
 
 
@@ -144,7 +167,7 @@ def _fit_streamline(site, current, target, policy, images, held, arrays, site_co
     inputs, analysis = capture(
         current, lambda a: dict(enumerate(a.trace(site.id).inputs)), images,
         f"inputs of {site.id}", policy)
-    fits = _streamline_fits(site, inputs, analysis.trace(site.id).relu)
+    fits = _streamline_fits(site, inputs, analysis)
     pieces = _fit_streamline_convs(fits, target, held, arrays)
     entry = {"id": site.id, "kind": site.kind, "exact": False, **_combine(pieces),
              "method": "ridge least squares + ReLU-aware refinement",
@@ -597,7 +620,7 @@ def variant_errors(model, choices, images, kinds=SITE_KINDS) -> dict:
                                 arrays)
         else:
             inputs = {i: captured[("in", site_id, i)] for i in range(len(site.new_conv))}
-            fits = _streamline_fits(site, inputs, analysis.trace(site_id).relu)
+            fits = _streamline_fits(site, inputs, analysis)
             entry = _combine(_fit_streamline_convs(fits, target, held, arrays))
         errors[site_id][name] = entry["rel_error"]
         logger.info(f"[plan] {site_id} ({name}): held-out relative error "

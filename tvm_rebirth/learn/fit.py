@@ -3,7 +3,9 @@
 ``fit_rebirth_conv`` solves   min_W,b || act(conv(X; W, b)) - Y ||^2
 first in closed form (ridge least squares on im2col patches, the target taken as the
 pre-activation), then refines the true objective through the ReLU by alternating least
-squares (deterministic; the normal equations are factored once).
+squares (deterministic; the normal equations are factored once). A leaky activation
+(PReLU, LeakyReLU: a negative slope per channel) is inverted instead: its pre-activation
+target is Y / slope where Y < 0.
 """
 
 from __future__ import annotations
@@ -75,13 +77,32 @@ class FitResult:
     seconds: float
 
 
+def activate(z, relu=False, slope=None, axis=1):
+    """The activation a rebirth conv re-applies: a leaky one (``slope``: the negative slope
+    of each channel, on ``axis`` of ``z``; PReLU, LeakyReLU), else ReLU when ``relu``, else
+    none."""
+    if slope is not None:
+        shape = [1] * z.ndim
+        shape[axis] = -1
+        return np.where(z > 0, z, z * np.asarray(slope, z.dtype).reshape(shape))
+    return np.maximum(z, 0) if relu else z
+
+
+def _pre_activation(target, slope):
+    """The leaky activation's inverse where it has one (a positive slope): the conv output
+    that gives ``target`` (rows x channels)."""
+    inverse = np.where(slope > 0, 1.0 / np.where(slope > 0, slope, 1.0), 1.0).astype(np.float32)
+    return np.where(target > 0, target, target * inverse)
+
+
 def _rel_error(pred, target):
     return float(np.linalg.norm(pred - target) / max(np.linalg.norm(target), 1e-12))
 
 
 def fit_rebirth_conv(x, y, spec, relu=True, ridge=1e-3, steps=12,
-                     max_rows_per_column=16) -> FitResult:
-    """Fit the conv ``spec`` so that act(conv(x)) reproduces y (x: [N,C,H,W], y: [N,O,Ho,Wo])."""
+                     max_rows_per_column=16, slope=None) -> FitResult:
+    """Fit the conv ``spec`` so that act(conv(x)) reproduces y (x: [N,C,H,W], y: [N,O,Ho,Wo]);
+    act is ReLU (``relu``), leaky with ``slope`` per output channel, or none."""
     start = time.time()
     x = np.ascontiguousarray(x, np.float32)
     y = np.ascontiguousarray(y, np.float32)
@@ -90,7 +111,6 @@ def fit_rebirth_conv(x, y, spec, relu=True, ridge=1e-3, steps=12,
     weight = np.zeros((spec.out_channels, cin_g, *spec.kernel), np.float32)
     bias = np.zeros(spec.out_channels, np.float32)
     closed_w, closed_b = weight.copy(), bias.copy()
-    act = (lambda z: np.maximum(z, 0)) if relu else (lambda z: z)
     sq_closed = sq_refined = norm = 0.0
     ho, wo = spec.output_hw(x.shape[2:])
     if (ho, wo) != tuple(y.shape[2:]):
@@ -109,12 +129,21 @@ def fit_rebirth_conv(x, y, spec, relu=True, ridge=1e-3, steps=12,
                 target[keep]
         else:
             cols, _ = im2col(xg, spec.kernel, spec.stride, spec.padding)
-        w, b, chol = _ridge(cols, target, ridge)
         out = slice(gi * cout_g, (gi + 1) * cout_g)
+        group_slope = None if slope is None else np.asarray(slope, np.float32)[out]
+
+        def act(z):
+            return activate(z, relu, group_slope, axis=-1)
+
+        w, b, chol = _ridge(cols, target, ridge)
+        if group_slope is not None:  # the inverted target, where it fits better
+            wi, bi = _solve(chol, cols, _pre_activation(target, group_slope))
+            if np.sum((act(cols @ wi + bi) - target) ** 2) < np.sum((act(cols @ w + b) - target) ** 2):
+                w, b = wi, bi
         closed_w[out] = w.T.reshape(cout_g, cin_g, *spec.kernel)
         closed_b[out] = b
         sq_closed += float(np.sum((act(cols @ w + b) - target) ** 2))
-        if relu and steps:
+        if relu and slope is None and steps:
             w, b = _refine_relu(cols, target, w, b, chol, steps)
         sq_refined += float(np.sum((act(cols @ w + b) - target) ** 2))
         norm += float(np.sum(target.astype(np.float64) ** 2))
