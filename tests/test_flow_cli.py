@@ -129,7 +129,8 @@ def test_eval_fmnist_inception_on_a_slice_of_the_test_set(tmp_path):
                          str(tmp_path / "p.yaml"))
     assert code == 0, err
     code, out, err = run("eval", "fmnist-inception", "--plan", str(tmp_path / "p.yaml"),
-                         "--limit", "400", "--images", "128", "--json")
+                         "--limit", "400", "--images", "128", "--reconstruct-epochs", "0",
+                         "--json")
     assert code == 0, err
     data = json.loads(out)
     assert data["n"] == 400 and data["labeled_set"].startswith("Fashion-MNIST test")
@@ -180,7 +181,8 @@ def test_demo_runs_the_whole_flow(tmp_path):
 def test_end_to_end_refinement_lowers_the_output_error(tmp_path):
     """Unlabeled distillation trains with TVM's gradients (no PyTorch)."""
     code, out, err = run("finetune", "--select", "all", "fmnist-inception", "--images", "128", "--e2e",
-                         "--e2e-images", "1024", "--e2e-epochs", "3", "-o",
+                         "--reconstruct-epochs", "0", "--e2e-images", "1024", "--e2e-epochs", "3",
+                         "-o",
                          str(tmp_path / "w.npz"), "--json")
     assert code == 0, err
     e2e = json.loads(out)["end_to_end"]
@@ -212,6 +214,7 @@ def test_retraining_with_labels_improves_held_out_top1(tmp_path, labeled_npy):
     assert code == 0, err
     code, out, err = run("finetune", "fmnist-inception", "--plan", str(tmp_path / "p.yaml"),
                          "--calib", str(labeled_npy / "x.npy"), "--images", "128", "--e2e",
+                         "--reconstruct-epochs", "0",
                          "--e2e-labels", str(labeled_npy / "y.npy"), "--e2e-flip",
                          "--e2e-images", "1024", "--e2e-epochs", "4",
                          "-o", str(tmp_path / "w.npz"), "--json")

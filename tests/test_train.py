@@ -124,7 +124,7 @@ def test_block_reconstruction_beats_the_closed_form_alone(monkeypatch, caplog):
     want = np.concatenate([original(x[None])[0] for x in unseen])
     errors = {}
     for epochs in (0, RECONSTRUCT_EPOCHS):
-        weights, report = finetune(model, plan, fit, reconstruct_epochs=epochs)
+        weights, report = finetune(model, plan, fit, reconstruct_epochs=epochs, mirror=False)
         blocks = [r["block"] for r in report["sites"] if "block" in r]
         assert len(blocks) == (len(plan.sites) if epochs else 0)
         if epochs:
@@ -190,3 +190,21 @@ def test_fit_stops_when_the_held_out_loss_stops_improving(tmp_path):
                          patience=2)
     assert result.epochs == 2 and result.kept_epoch == 0
     np.testing.assert_array_equal(result.arrays["w2"], trainer.initial["w2"])
+
+
+def test_mirror_images_double_the_calibration_and_hold_out_the_held_out_mirrors(tmp_path):
+    """Each calibration image and its horizontal mirror are fitted; the mirror of a held-out
+    image is held out too, so held-out errors stay errors on images the fit never saw."""
+    from tvm_rebirth.learn.finetune import _held_out, _with_mirrors
+
+    images = RNG.standard_normal((64, 4, 32, 32)).astype(np.float32)
+    doubled, held = _with_mirrors(images, _held_out(images))
+    assert doubled.shape == (128, 4, 32, 32) and held.sum() == 16
+    np.testing.assert_array_equal(doubled[64:], images[..., ::-1])
+    np.testing.assert_array_equal(held[64:], held[:64])
+    model = flow.load(chain_model(tmp_path / "net.onnx", ["relu", "max_pool2d"]))
+    plan = flow.find_plan(model)
+    for mirror, held_out in ((True, 16), (False, 8)):
+        _, report = finetune(model, plan, images, reconstruct_epochs=0, mirror=mirror)
+        assert report["mirror_images"] is mirror
+        assert [s["held_out_images"] for s in report["sites"]] == [held_out]

@@ -157,6 +157,7 @@ def _rebirth_options(args) -> flow.RebirthOptions:
                                budget=getattr(args, "budget", None),
                                reconstruct_epochs=getattr(args, "reconstruct_epochs",
                                                           flow.RECONSTRUCT_EPOCHS),
+                               mirror=not getattr(args, "no_mirror", False),
                                implicit_plan=getattr(args, "rebirth", False))
 
 
@@ -462,6 +463,9 @@ def build_parser() -> argparse.ArgumentParser:
                        default=flow.RECONSTRUCT_EPOCHS,
                        help="epochs of block reconstruction with TVM gradients after each "
                             f"site's closed-form fit ({flow.RECONSTRUCT_EPOCHS}; 0: off)")
+        p.add_argument("--no-mirror", action="store_true",
+                       help="fit on the calibration images alone (default: each image and "
+                            "its horizontal mirror image)")
         add_input_options(p)
 
     def add_variant(p, verb):

@@ -66,6 +66,7 @@ class RebirthOptions:
     budget: float | None = None  # accuracy budget of "paying" (None: the default)
     # epochs of block reconstruction with TVM gradients after each site's closed form (0: off)
     reconstruct_epochs: int = RECONSTRUCT_EPOCHS
+    mirror: bool = True  # fit on each calibration image and its horizontal mirror image
     e2e: E2EOptions = field(default_factory=E2EOptions)
     # build/tune --rebirth: the rebirth model even without a plan file (planned for their
     # target or device, as bench does)
@@ -426,7 +427,8 @@ def fine_tune(model, plan, options: RebirthOptions, tag: str | None = None,
     e2e_images, e2e_labels = e2e_data(model, options, tag)
     return finetune(model, plan, calib, description, e2e_images=e2e_images,
                     e2e_epochs=options.e2e.epochs, e2e_labels=e2e_labels,
-                    e2e_flip=options.e2e.flip, reconstruct_epochs=options.reconstruct_epochs)
+                    e2e_flip=options.e2e.flip, reconstruct_epochs=options.reconstruct_epochs,
+                    mirror=options.mirror)
 
 
 def weights_for(model, plan, options: RebirthOptions, tag: str | None = None,

@@ -160,6 +160,14 @@ def _held_out(images) -> np.ndarray:
     return np.arange(count) % 8 == 7 if count >= 8 else np.zeros(count, bool)
 
 
+def _with_mirrors(images, held) -> tuple:
+    """(images followed by their horizontal mirror images, held-out mask): twice the
+    calibration data for the same unlabeled images. A held-out image's mirror is held out
+    too, so the held-out errors stay errors on unseen images."""
+    return (np.ascontiguousarray(np.concatenate([images, images[..., ::-1]])),
+            np.concatenate([held, held]))
+
+
 def _fit_streamline(site, current, target, policy, images, held, arrays, site_convs,
                     consumer_targets):
     """Learn a streamline site's conv(s) from inputs captured in ``current`` (every site
@@ -452,14 +460,14 @@ def learn_weights(mod, plan, images=None, calibration="numpy array", **options):
     return weights
 
 
-def _enough_for_blocks(images) -> bool:
+def _enough_for_blocks(images, held) -> bool:
     """Whether there are images enough to train blocks (a few batches besides the held-out
     ones); says so when there are not."""
-    fitted = 0 if images is None else int((~_held_out(images)).sum())
+    fitted = 0 if images is None else int((~held).sum())
     if images is not None and fitted < RECONSTRUCT_MIN_BATCHES * RECONSTRUCT_BATCH:
-        logger.info(f"[finetune] {len(images)} images: block reconstruction needs "
-                    f"{RECONSTRUCT_MIN_BATCHES * RECONSTRUCT_BATCH} besides the held-out "
-                    "ones; closed-form fits only")
+        logger.info(f"[finetune] {fitted} fitted images (mirrors included): block "
+                    f"reconstruction needs {RECONSTRUCT_MIN_BATCHES * RECONSTRUCT_BATCH} "
+                    "besides the held-out ones; closed-form fits only")
         return False
     return True
 
@@ -489,17 +497,21 @@ def _check_images(model, images):
 
 def finetune(model, plan, images=None, calibration="",
              refit_consumers=True, e2e_images=None, e2e_epochs=8, e2e_labels=None,
-             e2e_flip=False, reconstruct_epochs=RECONSTRUCT_EPOCHS) -> tuple:
+             e2e_flip=False, reconstruct_epochs=RECONSTRUCT_EPOCHS, mirror=True) -> tuple:
     """Learn the plan's enabled sites, bottom-up (closed-form start, then each site's block
     trained with TVM's gradients for ``reconstruct_epochs``; 0: not), then (``e2e_images``)
-    refine them end to end, with ``e2e_labels`` when given. ``model``: a LoadedModel or a
-    Relax IRModule with bound weights. Returns (RebirthWeights, report dict)."""
+    refine them end to end, with ``e2e_labels`` when given. ``mirror``: fit on each
+    calibration image and its horizontal mirror image. ``model``: a LoadedModel or a Relax
+    IRModule with bound weights. Returns (RebirthWeights, report dict)."""
     from ..frontend.loader import as_model
 
     start = time.time()
     model = as_model(model)
     images = _check_images(model, images)
-    reconstruct = reconstruct_epochs > 0 and _enough_for_blocks(images)
+    held = _held_out(images)
+    if mirror and images is not None and len(images):
+        images, held = _with_mirrors(images, held)
+    reconstruct = reconstruct_epochs > 0 and _enough_for_blocks(images, held)
     if e2e_labels is not None:
         from .distill import check_labels
 
@@ -545,7 +557,6 @@ def finetune(model, plan, images=None, calibration="",
             return outs
         targets, _ = capture(model.mod, original_targets, images, "original model",
                              plan.policy)
-    held = _held_out(images)
     for site in learned:
         t = time.time()
         current = rebirth_pipeline(plan.with_enabled(lambda s: s.id in done), arrays)(model.mod)
@@ -572,7 +583,7 @@ def finetune(model, plan, images=None, calibration="",
                                  e2e_epochs)
     order = {s.id: i for i, s in enumerate(plan.sites)}
     report.sort(key=lambda r: order[r["id"]])
-    meta = {"calibration": calibration, "sites": report,
+    meta = {"calibration": calibration, "mirror_images": bool(mirror), "sites": report,
             "seconds": round(time.time() - start, 2), "model": plan.model_name}
     if e2e is not None:
         meta["end_to_end"] = e2e
