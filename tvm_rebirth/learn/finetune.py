@@ -178,7 +178,7 @@ def _fit_streamline(site, current, target, policy, images, held, arrays, site_co
     fits = _streamline_fits(site, inputs, analysis)
     pieces = _fit_streamline_convs(fits, target, held, arrays)
     entry = {"id": site.id, "kind": site.kind, "exact": False, **_combine(pieces),
-             "method": "ridge least squares + ReLU-aware refinement",
+             "method": "ridge least squares through the activation (ReLU refinement, leaky inverse)",
              "held_out_images": int(held.sum())}
     consumers = _consumers(analysis, site.id, site_convs) if site_convs is not None else []
     if consumers:
