@@ -86,8 +86,9 @@ def main():
         steps.append({"step": name, **result[name],
                       "top1_change_points": round((result[name]["top1"] - base) * 100, 2)})
     payload = {"model": args.model, "labeled_set": test_desc, "calibration": description,
-               "fine_tune": f"default fine-tune (closed form + block reconstruction, "
-                            f"{RECONSTRUCT_EPOCHS} epochs per site)",
+               "fine_tune": f"default fine-tune (closed form through the activation + block "
+                            f"reconstruction, {RECONSTRUCT_EPOCHS} epochs per site; each image "
+                            "with its mirror image)",
                "steps": steps, "n": result["n"], "end_to_end": e2e}
     md = markdown(payload)
     write(f"{args.model.replace('-', '_')}_accuracy", payload, md)

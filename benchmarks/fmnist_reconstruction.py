@@ -54,6 +54,7 @@ def main():
         for key in ("closed_form", "reconstruction"):
             row[key]["top1"] = result[f"{key} {row['images']}"]["top1"]
     payload = {"model": "fmnist-inception", "labeled_set": test_desc, "sites": len(plan.sites),
+               "mirror_images": flow.RebirthOptions().mirror,
                "epochs": RECONSTRUCT_EPOCHS, "original_top1": result["original"]["top1"],
                "rows": rows}
     md = markdown(payload)

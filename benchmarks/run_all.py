@@ -316,8 +316,9 @@ def reconstruction_text(data) -> str:
     return (f"Original top-1 {data['original_top1'] * 100:.2f} % on {data['labeled_set']}; "
             f"plan: every site found (`--select all`, {data['sites']} sites); block "
             f"reconstruction: {data['epochs']} epochs per site (the default), TVM gradients; "
-            "calibration images: Fashion-MNIST train (seed 0), every 8th held out; seconds: "
-            "the whole fine-tune on this machine, 2 threads.")
+            "calibration images: Fashion-MNIST train (seed 0)"
+            + (", each with its mirror image" if data.get("mirror_images") else "")
+            + ", every 8th held out; seconds: the whole fine-tune on this machine, 2 threads.")
 
 
 def reconstruction_section(data):

@@ -48,7 +48,19 @@ def test_finetune_reports_every_site(workdir):
     assert site["id"] == "conv1+norm2+pool3" and site["exact"] is False
     assert 0 <= site["rel_error"] < 1.0
     assert report["calibration"].startswith("40 images from")
+    assert report["mirror_images"] is True  # the default: each image and its mirror
     assert (workdir["root"] / "w.npz").exists()
+
+
+def test_finetune_without_mirror_images(workdir, tmp_path):
+    code, out, err = run("finetune", workdir["model"], "--plan", str(workdir["root"] / "plan.yaml"),
+                         "--calib", str(workdir["calib"]), "--no-mirror", "-o",
+                         str(tmp_path / "w.npz"), "--json")
+    assert code == 0, err
+    report = json.loads(out)
+    assert report["mirror_images"] is False
+    assert report["sites"][0]["held_out_images"] * 2 == \
+        workdir["finetune"]["sites"][0]["held_out_images"]
 
 
 def test_bench_side_by_side(workdir):

@@ -182,7 +182,9 @@ def cmd_finetune(args) -> None:
              f"{r['seconds']:.1f}"]
             for r in payload["sites"]]
     text = table(rows, ["site", "kind", "rel. error", "block loss (held out)", "seconds"]) + (
-        f"\n\nweights written to {out} ({payload['calibration']}); {payload['seconds']}s")
+        f"\n\nweights written to {out} ({payload['calibration']}"
+        f"{', each with its mirror image' if payload['mirror_images'] else ''}); "
+        f"{payload['seconds']}s")
     if "end_to_end" in payload:
         e2e = payload["end_to_end"]
         text += (f"\nend-to-end refinement ({e2e['loss']}): held-out output error "

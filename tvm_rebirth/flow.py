@@ -608,8 +608,8 @@ def finetune_command(args: FinetuneArgs) -> dict:
     weights, report = fine_tune(model, plan, options, "finetune", images)
     weights.save(output)
     return {"model": model.name, "weights": os.path.abspath(out), "plan_sha256": plan.sha256,
-            "calibration": images[1], "sites": report["sites"],
-            "seconds": round(time.time() - start, 2),
+            "calibration": images[1], "mirror_images": report["mirror_images"],
+            "sites": report["sites"], "seconds": round(time.time() - start, 2),
             **({"end_to_end": report["end_to_end"]} if "end_to_end" in report else {})}
 
 
