@@ -1,6 +1,6 @@
 """Accuracy of a Fashion-MNIST zoo model (fmnist-inception, or fmnist-vgg) as sites are
-slimmed one by one in network order (paper Table 2 style: conv1, conv2, then each inception
-module): top-1/top-5 on the 10k Fashion-MNIST test images with the default fine-tune on
+slimmed one by one in network order (paper Table 2 style: fmnist-inception's conv1, conv2,
+then each inception module; fmnist-vgg's conv blocks): top-1/top-5 on the 10k Fashion-MNIST test images with the default fine-tune on
 ``--images`` unlabeled images; then the branch sites alone with both reducer-width presets
 (when the model has any); then, unless ``--no-e2e`` and when PyTorch (the optional extra) is
 installed, all sites refined end to end two ways: distilling the original on unlabeled

@@ -144,12 +144,14 @@ def export(model, path):
     onnx.save(m, str(path))
 
 
-def train_and_export(model, name, epochs, threads, out, log):
-    """Train ``model`` on the Fashion-MNIST train split (seeded AdamW + one-cycle, flips,
-    label smoothing), log each epoch's test top-1 to ``log`` and export ONNX to ``out``."""
+def train_and_export(make_model, name, epochs, threads, out, log):
+    """Build ``make_model()`` after seeding (its initial weights are seeded too), train it on
+    the Fashion-MNIST train split (AdamW + one-cycle, flips, label smoothing), log each
+    epoch's test top-1 to ``log`` and export ONNX to ``out``."""
     torch.manual_seed(0)
     np.random.seed(0)
     torch.set_num_threads(threads)
+    model = make_model()
     xtr, ytr = fashion_mnist("train")
     xte, yte = fashion_mnist("test")
     xtr, xte = torch.from_numpy(preprocess(xtr)), torch.from_numpy(preprocess(xte))
@@ -203,7 +205,7 @@ def arguments(name, epochs, default_out, default_log):
 def main():
     args = arguments("fmnist-inception", 8, "fmnist_inception.onnx",
                      "fmnist_inception/train_log.txt")
-    train_and_export(FmnistInception(), "fmnist-inception", args.epochs, args.threads,
+    train_and_export(FmnistInception, "fmnist-inception", args.epochs, args.threads,
                      args.out, args.log)
 
 

@@ -50,7 +50,7 @@ class FmnistVGG(nn.Module):
 
 def main():
     args = arguments("fmnist-vgg", 6, "fmnist_vgg.onnx", "fmnist_vgg/train_log.txt")
-    train_and_export(FmnistVGG(), "fmnist-vgg", args.epochs, args.threads, args.out, args.log)
+    train_and_export(FmnistVGG, "fmnist-vgg", args.epochs, args.threads, args.out, args.log)
 
 
 if __name__ == "__main__":

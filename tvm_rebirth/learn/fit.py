@@ -136,10 +136,11 @@ def fit_rebirth_conv(x, y, spec, relu=True, ridge=1e-3, steps=12,
             return activate(z, relu, group_slope, axis=-1)
 
         w, b, chol = _ridge(cols, target, ridge)
-        if group_slope is not None:  # the inverted target, where it fits better
+        if group_slope is not None:  # the inverted target, for the channels it fits better
             wi, bi = _solve(chol, cols, _pre_activation(target, group_slope))
-            if np.sum((act(cols @ wi + bi) - target) ** 2) < np.sum((act(cols @ w + b) - target) ** 2):
-                w, b = wi, bi
+            better = (np.sum((act(cols @ wi + bi) - target) ** 2, axis=0)
+                      < np.sum((act(cols @ w + b) - target) ** 2, axis=0))
+            w[:, better], b[better] = wi[:, better], bi[better]
         closed_w[out] = w.T.reshape(cout_g, cin_g, *spec.kernel)
         closed_b[out] = b
         sq_closed += float(np.sum((act(cols @ w + b) - target) ** 2))
