@@ -215,7 +215,7 @@ def _fit_branch(site, analysis, fork, target, held, arrays):
             arrays[wkey], arrays[bkey] = w, b
             reducer_kept[receiver] = kept
             r = conv_forward(fork, w, b, geometry)
-            data[receiver] = np.maximum(r, 0) if block.relu else r
+            data[receiver] = activate(r, block.relu)
             continue
         x = data.get(receiver, fork)
         covered = groups[receiver]
@@ -247,7 +247,7 @@ def _reducer_weights(site, analysis, trace, covered, receiver, w0, b0, width, x,
     old = w0.shape[0]
     if width <= old:
         r = conv_forward(x, w0, b0, dataclasses.replace(geometry, out_channels=old))
-        r = np.maximum(r, 0) if relu else r
+        r = activate(r, relu)
         importance = np.sqrt((consumer_w.astype(np.float64) ** 2).sum(axis=(0, 2, 3))) * \
             np.sqrt((r.astype(np.float64) ** 2).mean(axis=(0, 2, 3)))
         keep = sorted(np.argsort(-importance)[:width].tolist())
