@@ -25,16 +25,20 @@ def conv_kernels_enabled() -> bool:
 
 
 def _fusion_passes(target) -> list:
-    """Up to fusion: our conv weight packing (before legalization, so epilogues fuse into
-    it), then TVM's library dispatch and legalization + fusion."""
+    """Up to fusion: BatchNorms folded (into the conv before them where there is one), our
+    conv weight packing (before legalization, so epilogues fuse into it), then TVM's
+    library dispatch and legalization + fusion."""
+    from tvm import relax
     from tvm.relax.backend.cpu_generic import pipeline as cpu_generic
 
     from .fast_math import PowerToRoots
+    from .fold_batch_norm import FoldBatchNorm
     from .pack_convs import PackConvWeights
     from .pools import SeparablePools
 
-    packing = [PowerToRoots(), PackConvWeights(target), SeparablePools(target)] \
-        if conv_kernels_enabled() else []
+    # the importer reshapes conv biases: FoldConstant first, so FoldBatchNorm sees constants
+    packing = [relax.transform.FoldConstant(), FoldBatchNorm(), PowerToRoots(),
+               PackConvWeights(target), SeparablePools(target)] if conv_kernels_enabled() else []
     return packing + cpu_generic.library_dispatch_passes(target) \
         + cpu_generic.legalize_passes(target)
 
@@ -43,11 +47,12 @@ def schedule_rules() -> list:
     """The dlight rules an untuned build applies, first match wins: our conv kernels, then
     the generic schedule for everything else."""
     from .conv_rules import ConvRule
+    from .depthwise import DepthwiseRule
     from .pools import PoolRule
     from .schedules import GenericCpuSchedule
     from .winograd import WinogradRule
 
-    ours = [ConvRule(), PoolRule(), WinogradRule()] if conv_kernels_enabled() else []
+    ours = [ConvRule(), DepthwiseRule(), PoolRule(), WinogradRule()] if conv_kernels_enabled() else []
     return ours + [GenericCpuSchedule()]
 
 

@@ -216,7 +216,7 @@ def blocked_conv_te(x, packed, out_channels, strides, padding, dilation, plan: C
 def conv_rewrite_applies(call) -> bool:
     """Whether a Relax call is a conv this pass rewrites: NCHW/OIHW/NCHW, float32 data,
     output and constant weights, static shapes; grouped only with more than one output
-    channel per group (depthwise convs stay with the generic schedule)."""
+    channel per group (depthwise convs have their own kernel: ``depthwise.py``)."""
     import tvm
     from tvm import relax
 

@@ -1,7 +1,8 @@
 """The Relax pass that puts every conv we have a kernel for on it: ``PackConvWeights(target)``
 rewrites each ``R.nn.conv2d`` that ``layouts.conv_rewrite_applies`` accepts into a call of
 our TE convolution reading weights packed at compile time (``layouts.blocked_conv_te``), or of
-Winograd's kernel where it pays (``winograd.winograd_conv``), and each dense layer with
+Winograd's kernel where it pays (``winograd.winograd_conv``), each depthwise conv into
+``depthwise.depthwise_conv_te``, and each dense layer with
 constant weights into a blocked 1x1 conv (``dense.dense_as_conv``). It runs before
 legalization, so bias / BatchNorm / ReLU / clip after the conv still fuse into the same
 PrimFunc; the tile plan is chosen here, per conv and target (``layouts.plan_conv``).
@@ -10,6 +11,7 @@ PrimFunc; the tile plan is chosen here, per conv and target (``layouts.plan_conv
 from __future__ import annotations
 
 from .dense import dense_as_conv
+from .depthwise import depthwise_applies, rewrite_depthwise
 from .layouts import (GEMM_ACCUMULATORS, blocked_conv_te, call_rewriting_pass,
                       conv_rewrite_applies, pack_weight, plan_conv, vector_unit)
 from .winograd import winograd_conv
@@ -29,6 +31,8 @@ def PackConvWeights(target):  # noqa: N802 -- a pass, named like TVM's
                 builder, call, lookup_binding,
                 lambda channels: plan_conv(unit, channels, 1, 1, 1, pointwise=True),
                 pack_weight, blocked_conv_te)
+        if depthwise_applies(call):
+            return rewrite_depthwise(builder, call, unit.lanes)
         if not conv_rewrite_applies(call):
             return None
         winograd = winograd_conv(
