@@ -25,8 +25,8 @@ def conv_kernels_enabled() -> bool:
 
 
 def _fusion_passes(target) -> list:
-    """Up to fusion: BatchNorms folded (into the conv before them where there is one), our
-    conv weight packing (before legalization, so epilogues fuse into it), then TVM's
+    """Up to fusion: BatchNorms folded (into the conv before them where there is one), ONNX
+    Sums as additions (so residual adds fuse into the conv before them), our conv weight packing (before legalization, so epilogues fuse into it), then TVM's
     library dispatch and legalization + fusion."""
     from tvm import relax
     from tvm.relax.backend.cpu_generic import pipeline as cpu_generic
@@ -35,10 +35,12 @@ def _fusion_passes(target) -> list:
     from .fold_batch_norm import FoldBatchNorm
     from .pack_convs import PackConvWeights
     from .pools import SeparablePools
+    from .stacked_sums import StackedSumsToAdds
 
     # the importer reshapes conv biases: FoldConstant first, so FoldBatchNorm sees constants
-    packing = [relax.transform.FoldConstant(), FoldBatchNorm(), PowerToRoots(),
-               PackConvWeights(target), SeparablePools(target)] if conv_kernels_enabled() else []
+    packing = [relax.transform.FoldConstant(), FoldBatchNorm(), StackedSumsToAdds(),
+               PowerToRoots(), PackConvWeights(target), SeparablePools(target)] \
+        if conv_kernels_enabled() else []
     return packing + cpu_generic.library_dispatch_passes(target) \
         + cpu_generic.legalize_passes(target)
 
