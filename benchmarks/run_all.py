@@ -115,7 +115,18 @@ def zoo_section(zoo):
               "from the committed tuning_logs; the rest run our kernels and generic schedule."
             + (f" No site found, or none pays (the default plan is the original model): "
                f"{', '.join(none)}." if none else "")
-            + f" {_reproduce(zoo)}\n")
+            + _revisions(zoo["models"]) + f" {_reproduce(zoo)}\n")
+
+
+def _revisions(entries) -> str:
+    """Which revision measured which rows, when ``--update`` runs left rows of several."""
+    by_revision: dict = {}
+    for e in entries:
+        by_revision.setdefault(e.get("revision", "an earlier revision"), []).append(e["model"])
+    if len(by_revision) < 2:
+        return ""
+    return " Rows measured at different revisions: " + "; ".join(
+        f"{', '.join(models)} at {revision}" for revision, models in by_revision.items()) + "."
 
 
 def plans_section(host, emulated):

@@ -23,7 +23,7 @@ from pathlib import Path
 
 os.environ.setdefault("TVM_NUM_THREADS", "2")
 
-from _common import race, table, write  # noqa: E402
+from _common import git_revision, race, table, write  # noqa: E402
 
 from tvm_rebirth import flow  # noqa: E402
 from tvm_rebirth.compile.build import Runner  # noqa: E402
@@ -53,7 +53,8 @@ def measure(name, args, threads):
     ms = {k: round(statistics.median(v), 3) for k, v in samples.items()}
     out = runners["original"](x)[0]
     entry = {
-        "model": name, "sites": counts, "sites_enabled": len(plan.enabled_sites()),
+        "model": name, "revision": git_revision(), "sites": counts,
+        "sites_enabled": len(plan.enabled_sites()),
         "predicted_speedup": (plan.selection or {}).get("predicted_speedup"),
         "fit_images": args.images, "fit_seconds": fit_seconds,
         "gflops": {"original": round(count_gflops(model.mod), 4),
