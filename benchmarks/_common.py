@@ -2,6 +2,7 @@
 
 import json
 import os
+import shlex
 import platform
 import subprocess
 import sys
@@ -72,7 +73,7 @@ def table(rows, header) -> str:
 def write(name: str, payload: dict, markdown: str) -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     payload = dict(payload, machine=machine(), revision=git_revision(),
-                   command="python " + " ".join(
+                   command="python " + shlex.join(
                        [os.path.relpath(os.path.abspath(sys.argv[0]), RESULTS.parents[1])]
                        + sys.argv[1:]))
     (RESULTS / f"{name}.json").write_text(json.dumps(payload, indent=2) + "\n")

@@ -7,6 +7,7 @@ host).
 
 Usage: python benchmarks/conv_kernels.py [--shapes NAME,...] [--variants generic,direct,blocked]
                                          [--models googlenet,alexnet] [--host-rounds N]
+                                         [--name RESULT_FILE]
 """
 
 import argparse
@@ -18,12 +19,14 @@ from pathlib import Path
 
 import numpy as np
 
+# TVM's own default on x86 is half the cores (it assumes hyper-threading)
+os.environ.setdefault("TVM_NUM_THREADS", "2")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import count_emulated, table, write  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
-# name: (in channels, out channels, input size, kernel, stride, padding)
+# name: (in channels, out channels, input size, kernel, stride, padding[, groups])
 SHAPES = {
     "googlenet conv1 7x7/s2 3->64 @224": (3, 64, 224, 7, 2, 3),
     "googlenet conv2 3x3 64->192 @56": (64, 192, 56, 3, 1, 1),
@@ -36,7 +39,10 @@ SHAPES = {
     "alexnet conv2 5x5 64->192 @27": (64, 192, 27, 5, 1, 2),
     "alexnet conv3 3x3 192->384 @13": (192, 384, 13, 3, 1, 1),
     "alexnet conv4 3x3 384->256 @13": (384, 256, 13, 3, 1, 1),
+    "shufflenet depthwise 3x3 272 @14": (272, 272, 14, 3, 1, 1, 272),
+    "shufflenet depthwise 3x3/s2 112 @56": (112, 112, 56, 3, 2, 1, 112),
 }
+DEFAULT_SHAPES = [n for n in SHAPES if not n.startswith("shufflenet")]  # the committed table
 # the environment of each variant: the generic schedule only, our kernels with 3x3 convs kept
 # direct, our kernels with Winograd where it pays (the default build)
 VARIANTS = {"generic": {"TVM_REBIRTH_CONV_KERNELS": "0"},
@@ -44,23 +50,25 @@ VARIANTS = {"generic": {"TVM_REBIRTH_CONV_KERNELS": "0"},
             "blocked": {"TVM_REBIRTH_CONV_KERNELS": "1", "TVM_REBIRTH_WINOGRAD": "1"}}
 
 
-def conv_module(cin, cout, size, k, stride, pad, seed=0):
+def conv_module(cin, cout, size, k, stride, pad, groups=1, seed=0):
     """conv + bias + ReLU as a Relax module with constant weights, and its MAC count."""
     from tvm import relax
     from tvm.relax import op as R
 
     rng = np.random.default_rng(seed)
-    weight = (rng.standard_normal((cout, cin, k, k)) / np.sqrt(cin * k * k)).astype("float32")
+    weight = (rng.standard_normal((cout, cin // groups, k, k))
+              / np.sqrt(cin // groups * k * k)).astype("float32")
     bias = rng.standard_normal((1, cout, 1, 1)).astype("float32")
     bb = relax.BlockBuilder()
     x = relax.Var("x", relax.TensorType((1, cin, size, size), "float32"))
     with bb.function("main", [x]):
         with bb.dataflow():
-            y = bb.emit(R.nn.conv2d(x, relax.const(weight), strides=stride, padding=pad))
+            y = bb.emit(R.nn.conv2d(x, relax.const(weight), strides=stride, padding=pad,
+                                    groups=groups))
             y = bb.emit_output(R.nn.relu(R.add(y, relax.const(bias))))
         bb.emit_func_output(y)
     out = (size + 2 * pad - k) // stride + 1
-    return bb.get(), cout * out * out * cin * k * k
+    return bb.get(), cout * out * out * cin // groups * k * k
 
 
 def with_kernels(env: dict):
@@ -81,8 +89,8 @@ def with_kernels(env: dict):
 def bench_shapes(names, variants, workdir):
     rows = {}
     for name in names:
-        cin, cout, size, k, stride, pad = SHAPES[name]
-        mod, macs = conv_module(cin, cout, size, k, stride, pad)
+        cin, cout, size, k, stride, pad, *groups = SHAPES[name]
+        mod, macs = conv_module(cin, cout, size, k, stride, pad, *groups)
         x = np.random.default_rng(1).standard_normal((1, cin, size, size)).astype("float32")
         rows[name] = {"macs": macs}
         for variant in variants:
@@ -141,7 +149,8 @@ def host_latency(model, x, variants, rounds):
 def main():
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--shapes", default=",".join(SHAPES))
+    parser.add_argument("--shapes", default=",".join(DEFAULT_SHAPES),
+                        help=f"comma-separated names of {', '.join(SHAPES)}")
     parser.add_argument("--variants", default="generic,direct,blocked")
     parser.add_argument("--models", default="")
     parser.add_argument("--host-rounds", type=int, default=0)
@@ -154,8 +163,10 @@ def main():
         models = bench_models([m for m in args.models.split(",") if m], variants, Path(tmp),
                               args.host_rounds)
     lines = ["# Conv kernels: guest instructions per multiply-add (qemu cortex-a72, 1 thread)",
-             "", "Single conv + bias + ReLU modules; the floor is 0.25 (one FMLA = 4 MACs).",
-             ""]
+             "", "Single conv + bias + ReLU modules; the floor is 0.25 (one FMLA = 4 MACs). "
+             "generic: TVM_REBIRTH_CONV_KERNELS=0 (TVM's legalization with our generic "
+             "schedule: no kernel of ours, no BatchNorm fold); direct: our kernels, every conv "
+             "direct; blocked: the default build (Winograd where it pays).", ""]
     lines.append(table([[n, f"{r['macs']:.3g}"] + [
         f"{r[v]['per_mac']:.3f}" for v in variants] for n, r in shapes.items()],
         ["conv", "MACs"] + [f"{v} instr/MAC" for v in variants]))
@@ -166,7 +177,8 @@ def main():
             for m, r in models.items()], ["model", "MACs"] + variants))
         host = {m: r["host"] for m, r in models.items() if "host" in r}
         if host:
-            lines += ["", "## This host, 2 threads, untuned (median ms, interleaved rounds)", ""]
+            lines += ["", f"## This host, {os.environ['TVM_NUM_THREADS']} threads, untuned "
+                      "(median ms, interleaved rounds)", ""]
             lines.append(table([[m] + [f"{h[v]['median_ms']}" for v in variants]
                                 for m, h in host.items()], ["model"] + variants))
     write(args.name, {"shapes": shapes, "models": models, "variants": variants},
