@@ -33,3 +33,51 @@ def assert_schedule_matches(func, rule, target, atol=1e-4):
         np.testing.assert_allclose(first, want, rtol=1e-4, atol=atol)
         np.testing.assert_array_equal(first, second)
     return sch
+
+
+def conv_module(cin, cout, k, stride=1, pad=None, hw=(13, 13), epilogue="bias_relu", groups=1,
+                dilation=1, seed=0):
+    """A Relax module: conv2d with constant weights (+ epilogue: "bias", "bias_relu",
+    "bias_relu6", "bn_relu" or "none") on an input parameter."""
+    from tvm import relax
+    from tvm.relax import op as R
+
+    rng = np.random.default_rng(seed)
+    pad = k // 2 if pad is None else pad
+    weight = rng.standard_normal((cout, cin // groups, k, k)).astype("float32")
+    bias = rng.standard_normal((1, cout, 1, 1)).astype("float32")
+    x = relax.Var("x", relax.TensorType((1, cin, *hw), "float32"))
+    bb = relax.BlockBuilder()
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            y = bb.emit(R.nn.conv2d(x, relax.const(weight), strides=stride, padding=pad,
+                                    dilation=dilation, groups=groups))
+            if epilogue in ("bias_relu", "bias_relu6", "bias"):
+                y = bb.emit(R.add(y, relax.const(bias)))
+            if epilogue == "bias_relu":
+                y = bb.emit(R.nn.relu(y))
+            if epilogue == "bias_relu6":
+                y = bb.emit(R.clip(y, 0.0, 6.0))
+            if epilogue == "bn_relu":
+                scale = rng.standard_normal((1, cout, 1, 1)).astype("float32")
+                y = bb.emit(R.nn.relu(R.add(R.multiply(y, relax.const(scale)),
+                                            relax.const(bias))))
+            out = bb.emit_output(y)
+        bb.emit_func_output(out)
+    return bb.get()
+
+
+def packed_prim_funcs(mod, target):
+    """The fused PrimFuncs of ``mod`` after our conv rewrite (PackConvWeights), legalization
+    and fusion, unscheduled, each named "main"."""
+    from tvm import relax, tirx
+
+    from tvm_rebirth.compile.pack_convs import PackConvWeights
+
+    with target:
+        mod = tvm.transform.Sequential([
+            PackConvWeights(target), relax.transform.LegalizeOps(),
+            relax.transform.AnnotateTIROpPattern(), relax.transform.FoldConstant(),
+            relax.transform.FuseOps(), relax.transform.FuseTIR()])(mod)
+    return [func.with_attr("global_symbol", "main") for _, func in mod.functions.items()
+            if isinstance(func, tirx.PrimFunc)]

@@ -7,7 +7,7 @@ plan; a zoo model built with the kernels matches the build without them."""
 import numpy as np
 import pytest
 import tvm
-from tvm import relax, tirx
+from tvm import relax
 from tvm.relax import op as R
 
 from tvm_rebirth.compile.build import host_target
@@ -16,48 +16,11 @@ from tvm_rebirth.compile.layouts import VectorUnit, pack_weight, plan_conv
 from tvm_rebirth.compile.pack_convs import PackConvWeights
 from tvm_rebirth.compile.schedules import GenericCpuSchedule
 
-from kernel_check import assert_schedule_matches
+from kernel_check import assert_schedule_matches, conv_module, packed_prim_funcs
 
 LLVM = host_target()
 # NEON's 4 fp32 lanes, built and run on this host: a plain x86-64 (SSE2) target
 FOUR_LANES = tvm.target.Target({"kind": "llvm", "mcpu": "x86-64"})
-
-
-def _module(cin, cout, k, stride=1, pad=None, hw=(13, 13), epilogue="bias_relu", groups=1,
-            seed=0):
-    """A Relax module: conv2d with constant weights (+ epilogue) on an input parameter."""
-    rng = np.random.default_rng(seed)
-    pad = k // 2 if pad is None else pad
-    weight = rng.standard_normal((cout, cin // groups, k, k)).astype("float32")
-    bias = rng.standard_normal((1, cout, 1, 1)).astype("float32")
-    x = relax.Var("x", relax.TensorType((1, cin, *hw), "float32"))
-    bb = relax.BlockBuilder()
-    with bb.function("main", [x]):
-        with bb.dataflow():
-            y = bb.emit(R.nn.conv2d(x, relax.const(weight), strides=stride, padding=pad,
-                                    groups=groups))
-            if epilogue in ("bias_relu", "bias_relu6", "bias"):
-                y = bb.emit(R.add(y, relax.const(bias)))
-            if epilogue == "bias_relu":
-                y = bb.emit(R.nn.relu(y))
-            if epilogue == "bias_relu6":
-                y = bb.emit(R.clip(y, 0.0, 6.0))
-            if epilogue == "bn_relu":
-                scale = rng.standard_normal((1, cout, 1, 1)).astype("float32")
-                y = bb.emit(R.nn.relu(R.add(R.multiply(y, relax.const(scale)),
-                                            relax.const(bias))))
-            out = bb.emit_output(y)
-        bb.emit_func_output(out)
-    return bb.get()
-
-
-def _packed_prim_funcs(mod, target=LLVM):
-    with target:
-        mod = tvm.transform.Sequential([
-            PackConvWeights(target), relax.transform.LegalizeOps(),
-            relax.transform.AnnotateTIROpPattern(), relax.transform.FoldConstant(),
-            relax.transform.FuseOps(), relax.transform.FuseTIR()])(mod)
-    return [func for _, func in mod.functions.items() if isinstance(func, tirx.PrimFunc)]
 
 
 def _assert_same_numerics(func, target=LLVM):
@@ -85,7 +48,7 @@ CASES = {  # name: (cin, cout, k, stride, pad, hw, epilogue[, groups])
 @pytest.mark.parametrize("name", list(CASES))
 @pytest.mark.parametrize("target", [LLVM, FOUR_LANES], ids=["host", "4_lanes"])
 def test_conv_rule_matches_unscheduled(name, target):
-    funcs = _packed_prim_funcs(_module(*CASES[name]), target)
+    funcs = packed_prim_funcs(conv_module(*CASES[name]), target)
     assert len(funcs) == 1  # conv and its epilogue are one function
     _assert_same_numerics(funcs[0], target)
 
@@ -104,7 +67,7 @@ def test_depthwise_and_dynamic_convs_are_not_blocked():
     assert "rebirth_conv" not in mod.script()  # the depthwise conv has its own kernel
     assert "rebirth_depthwise_conv2d" in mod.script()
     # the generic rule still schedules what the conv rule leaves
-    for func in _packed_prim_funcs(bb.get()):
+    for func in packed_prim_funcs(bb.get(), LLVM):
         assert ConvRule().apply(func.with_attr("global_symbol", "main"), LLVM, False) is None
         assert GenericCpuSchedule().apply(func, LLVM, False) is not None
 
@@ -153,7 +116,7 @@ def test_vector_rows_match_unscheduled(name, monkeypatch):
 
     monkeypatch.setattr(pack_convs, "vector_unit",
                         lambda target: VectorUnit(4, 32, fma_by_element=True))
-    funcs = _packed_prim_funcs(_module(*CASES[name]), FOUR_LANES)
+    funcs = packed_prim_funcs(conv_module(*CASES[name]), FOUR_LANES)
     assert len(funcs) == 1
     assert "rebirth.vector_rows" in funcs[0].script()
     sch = ConvRule().apply(funcs[0].with_attr("global_symbol", "main"), FOUR_LANES, False)

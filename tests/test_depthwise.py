@@ -7,49 +7,23 @@ for NEON's 4 lanes."""
 import numpy as np
 import pytest
 import tvm
-from tvm import relax, tirx
+from tvm import relax
 from tvm.relax import op as R
 
 from tvm_rebirth.compile.build import Runner, host_target
 from tvm_rebirth.compile.depthwise import DepthwiseRule, plan_width_tile
 from tvm_rebirth.compile.pack_convs import PackConvWeights
 
-from kernel_check import assert_schedule_matches
+from kernel_check import assert_schedule_matches, conv_module, packed_prim_funcs
 
 LLVM = host_target()
 FOUR_LANES = tvm.target.Target({"kind": "llvm", "mcpu": "x86-64"})
 
 
-def _module(channels, k, stride, pad, hw, epilogue="bias_relu", dilation=1, multiplier=1,
-            seed=0):
-    rng = np.random.default_rng(seed)
-    weight = rng.standard_normal((channels * multiplier, 1, k, k)).astype("float32")
-    x = relax.Var("x", relax.TensorType((1, channels, *hw), "float32"))
-    bb = relax.BlockBuilder()
-    with bb.function("main", [x]):
-        with bb.dataflow():
-            y = bb.emit(R.nn.conv2d(x, relax.const(weight), strides=stride, padding=pad,
-                                    dilation=dilation, groups=channels))
-            if epilogue != "none":
-                bias = rng.standard_normal((1, channels * multiplier, 1, 1)).astype("float32")
-                y = bb.emit(R.add(y, relax.const(bias)))
-            if epilogue == "bias_relu":
-                y = bb.emit(R.nn.relu(y))
-            if epilogue == "bias_relu6":
-                y = bb.emit(R.clip(y, 0.0, 6.0))
-            out = bb.emit_output(y)
-        bb.emit_func_output(out)
-    return bb.get()
-
-
-def _prim_funcs(mod, target=LLVM):
-    with target:
-        mod = tvm.transform.Sequential([
-            PackConvWeights(target), relax.transform.LegalizeOps(),
-            relax.transform.AnnotateTIROpPattern(), relax.transform.FoldConstant(),
-            relax.transform.FuseOps(), relax.transform.FuseTIR()])(mod)
-    return [f.with_attr("global_symbol", "main") for _, f in mod.functions.items()
-            if isinstance(f, tirx.PrimFunc)]
+def _module(channels, k, stride, pad, hw, epilogue="bias_relu", dilation=1, multiplier=1):
+    """A depthwise conv (``multiplier`` filters per channel) and its epilogue."""
+    return conv_module(channels, channels * multiplier, k, stride, pad, hw, epilogue,
+                       groups=channels, dilation=dilation)
 
 
 CASES = {  # name: (channels, k, stride, pad, hw, epilogue[, dilation])
@@ -68,8 +42,7 @@ CASES = {  # name: (channels, k, stride, pad, hw, epilogue[, dilation])
 @pytest.mark.parametrize("name", list(CASES))
 @pytest.mark.parametrize("target", [LLVM, FOUR_LANES], ids=["host", "4_lanes"])
 def test_depthwise_rule_matches_unscheduled(name, target):
-    funcs = _prim_funcs(_module(*CASES[name][:6], dilation=(CASES[name][6:] or [1])[0]),
-                        target)
+    funcs = packed_prim_funcs(_module(*CASES[name]), target)
     assert len(funcs) == 1 and "rebirth_depthwise" in funcs[0].script()
     assert_schedule_matches(funcs[0], DepthwiseRule(), target, atol=1e-4)
 
@@ -88,7 +61,7 @@ def test_rule_returns_none_for_other_functions():
             y = bb.emit(R.nn.relu(R.nn.max_pool2d(x, pool_size=3, padding=1)))
             out = bb.emit_output(R.nn.conv2d(y, relax.const(np.ones((8, 8, 3, 3), "float32"))))
         bb.emit_func_output(out)
-    funcs = _prim_funcs(bb.get())
+    funcs = packed_prim_funcs(bb.get(), LLVM)
     assert funcs
     assert all(DepthwiseRule().apply(f, LLVM, False) is None for f in funcs)
 

@@ -3,7 +3,6 @@ additions of same-shaped tensors, in order; no-op cases kept; numerics unchanged
 
 import numpy as np
 import tvm
-from tvm import relax
 from tvm.script import ir as I
 from tvm.script import relax as R
 

@@ -26,8 +26,9 @@ def conv_kernels_enabled() -> bool:
 
 def _fusion_passes(target) -> list:
     """Up to fusion: BatchNorms folded (into the conv before them where there is one), ONNX
-    Sums as additions (so residual adds fuse into the conv before them), our conv weight packing (before legalization, so epilogues fuse into it), then TVM's
-    library dispatch and legalization + fusion."""
+    Sums as additions (so residual adds fuse into the conv before them), our conv weight
+    packing (before legalization, so epilogues fuse into it), then TVM's library dispatch
+    and legalization + fusion."""
     from tvm import relax
     from tvm.relax.backend.cpu_generic import pipeline as cpu_generic
 
@@ -54,7 +55,8 @@ def schedule_rules() -> list:
     from .schedules import GenericCpuSchedule
     from .winograd import WinogradRule
 
-    ours = [ConvRule(), DepthwiseRule(), PoolRule(), WinogradRule()] if conv_kernels_enabled() else []
+    ours = [ConvRule(), DepthwiseRule(), PoolRule(), WinogradRule()] \
+        if conv_kernels_enabled() else []
     return ours + [GenericCpuSchedule()]
 
 

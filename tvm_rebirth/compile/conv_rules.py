@@ -62,7 +62,8 @@ def _is_spatial(block) -> bool:
     return all(int(iv.iter_type) == tirx.IterVar.DataPar for iv in block.iter_vars)
 
 
-def _static_loops(sch, block_rv) -> list | None:
+def static_extents(sch, block_rv) -> list | None:
+    """The extents of the block's loops, or None when one is not a constant."""
     extents = [_int(sch.get(loop).extent) for loop in sch.get_loops(block_rv)]
     return None if any(e is None for e in extents) else extents
 
@@ -90,7 +91,7 @@ def _match(sch) -> _Shape | None:
     tile, vectors, lanes = (_annotation(conv, k) for k in (TILE_KEY, VECTORS_KEY, LANES_KEY))
     if not (tile and vectors and lanes) or _iter_kinds(conv) != "SSSSSRRR":
         return None
-    extents = _static_loops(sch, blocks[at])
+    extents = static_extents(sch, blocks[at])
     if extents is None or len(extents) != 8 or extents[3] % tile or \
             extents[4] != vectors * lanes:
         return None
@@ -98,32 +99,36 @@ def _match(sch) -> _Shape | None:
     pad = None
     if at == 1 and stmts[0].name_hint.startswith(PAD_BLOCK) and _is_spatial(stmts[0]):
         pad = blocks[0]
-        if _static_loops(sch, pad) is None or \
+        if static_extents(sch, pad) is None or \
                 {sch.get(p) for p in sch.get_consumers(pad)} != {conv}:
             return None
     elif at != 0:
         return None
-    # after it: a chain, each block spatial and reading the one before (and parameters)
     chain = blocks[at + 1:]
-    if not chain or is_output_block(sch, blocks[at]):
-        return None
-    previous = conv
-    for block_rv in chain:
-        stmt = sch.get(block_rv)
-        producers = {sch.get(p) for p in sch.get_producers(block_rv)}
-        if not _is_spatial(stmt) or producers != {previous} or len(stmt.writes) != 1 or \
-                _static_loops(sch, block_rv) is None:
-            return None
-        previous = stmt
-    if not is_output_block(sch, chain[-1]):
+    if not epilogue_chain(sch, blocks[at], chain):
         return None
     out_shape = [_int(iv.dom.extent) for iv in sch.get(chain[0]).iter_vars]
     if not all(_writes_nchw(sch.get(b), out_shape) for b in chain):
         return None
-    for block_rv in chain[:-1]:
-        if is_output_block(sch, block_rv):
-            return None
     return _Shape(pad, blocks[at], chain, tile, vectors, lanes)
+
+
+def epilogue_chain(sch, conv_rv, chain) -> bool:
+    """Whether the blocks ``chain`` are an epilogue of the block ``conv_rv``: at least one,
+    each spatial with one write and static loops, reading the block before it (the first:
+    the conv) and parameters only; the last one the function's output and no other."""
+    if not chain or is_output_block(sch, conv_rv):
+        return False
+    previous = sch.get(conv_rv)
+    for block_rv in chain:
+        stmt = sch.get(block_rv)
+        producers = {sch.get(p) for p in sch.get_producers(block_rv)}
+        if not _is_spatial(stmt) or producers != {previous} or len(stmt.writes) != 1 or \
+                static_extents(sch, block_rv) is None:
+            return False
+        previous = stmt
+    return is_output_block(sch, chain[-1]) and \
+        not any(is_output_block(sch, b) for b in chain[:-1])
 
 
 def _schedule_pad(sch, pad):

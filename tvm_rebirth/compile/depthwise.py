@@ -33,6 +33,8 @@ from __future__ import annotations
 from tvm.s_tir.dlight.base import ScheduleRule
 
 from ..passes.dataflow import shape_of
+from .conv_rules import epilogue_chain, static_extents
+from .layouts import static_constant_conv
 
 DEPTHWISE_PAD = "rebirth_dw_pad"
 DEPTHWISE = "rebirth_depthwise"
@@ -51,28 +53,14 @@ def plan_width_tile(out_width: int, lanes: int) -> int:
 
 
 def depthwise_applies(call) -> bool:
-    """A conv this module rewrites: NCHW/OIHW/NCHW, float32, static shapes, constant
-    weights [C, 1, kh, kw] with groups == C input channels == C output channels."""
-    import tvm
-
-    if getattr(call.op, "name", "") != "relax.nn.conv2d":
+    """A conv this module rewrites: a ``layouts.static_constant_conv`` with weights
+    [C, 1, kh, kw] and groups == C input channels == C output channels."""
+    if not static_constant_conv(call):
         return False
-    attrs = call.attrs
-    if (attrs.data_layout, attrs.kernel_layout, attrs.out_layout) != ("NCHW", "OIHW", "NCHW") \
-            or str(attrs.out_dtype) not in ("", "float32", "void", "None"):
-        return False
-    x, weight = call.args
-    shape = shape_of(x)
-    if not isinstance(weight, tvm.ir.expr.GenericConst) or shape is None or \
-            str(x.ty.dtype) != "float32" or str(weight.value.dtype) != "float32":
-        return False
-    channels = shape[1]
-    groups = int(attrs.groups)
-    return groups > 1 and groups == channels and tuple(weight.value.shape[:2]) == (channels, 1)
-
-
-def _ceil(a, b):
-    return -(-a // b)
+    channels = shape_of(call.args[0])[1]
+    groups = int(call.attrs.groups)
+    return groups > 1 and groups == channels and \
+        tuple(call.args[1].value.shape[:2]) == (channels, 1)
 
 
 def depthwise_conv_te(x, weight, strides, padding, dilation, tile: int):
@@ -87,7 +75,7 @@ def depthwise_conv_te(x, weight, strides, padding, dilation, tile: int):
     out_h = (height + top + bottom - (kh - 1) * dh - 1) // sh + 1
     out_w = (width + left + right - (kw - 1) * dw - 1) // sw + 1
     pad_h, pad_w = (out_h - 1) * sh + (kh - 1) * dh + 1, (out_w - 1) * sw + (kw - 1) * dw + 1
-    phase_w = _ceil(pad_w, sw)  # columns per phase
+    phase_w = -(-pad_w // sw)  # columns per phase (rounded up)
     rh = te.reduce_axis((0, kh), name="kh")
     rw = te.reduce_axis((0, kw), name="kw")
     if (top, left) == (0, 0) and pad_h <= height and pad_w <= width and sw == 1:
@@ -99,8 +87,9 @@ def depthwise_conv_te(x, weight, strides, padding, dilation, tile: int):
             inside = tirx.all(h >= top, h < top + height, col >= left, col < left + width)
             return tirx.if_then_else(tirx.likely(inside), x[b, c, h - top, col - left],
                                      tirx.const(0.0, x.dtype))
+        copied = {COLUMNS_KEY: [left, min(width, pad_w - left)]} if sw == 1 else {}
         data = te.compute((n, channels, pad_h, sw, phase_w), pad, name=DEPTHWISE_PAD,
-                          attrs={COLUMNS_KEY: [left, min(width, pad_w - left)]} if sw == 1 else {})
+                          attrs=copied)
 
         def tap(b, c, h, w):  # column w * sw + rw * dw of the padded image
             return data[b, c, h * sh + rh * dh, (rw * dw) % sw, w + (rw * dw) // sw]
@@ -112,8 +101,6 @@ def depthwise_conv_te(x, weight, strides, padding, dilation, tile: int):
 
 def rewrite_depthwise(builder, call, lanes: int):
     """The call of ``depthwise_conv_te`` replacing a conv ``depthwise_applies`` accepts."""
-    from tvm import relax
-
     attrs = call.attrs
     x, weight = call.args
     strides = [int(s) for s in attrs.strides]
@@ -122,39 +109,19 @@ def rewrite_depthwise(builder, call, lanes: int):
     tile = plan_width_tile(int(call.ty.shape[3]), lanes)
     return builder.call_te(
         lambda data, kernel: depthwise_conv_te(data, kernel, strides, padding, dilation, tile),
-        x, relax.const(weight.value.numpy(), "float32"),
-        primfunc_name_hint="rebirth_depthwise_conv2d")
+        x, weight, primfunc_name_hint="rebirth_depthwise_conv2d")
 
 
-def _static_extents(sch, block_rv) -> list | None:
-    from tvm import tirx
-
-    extents = [sch.get(loop).extent for loop in sch.get_loops(block_rv)]
-    return None if any(not isinstance(e, tirx.IntImm) for e in extents) else \
-        [int(e) for e in extents]
-
-
-def _elementwise_chain(sch, blocks, first, first_rv) -> bool:
-    """``blocks`` each spatial over the conv's output shape, reading the block before (and
-    parameters), the last one the function's output; no blocks: the conv is the output."""
-    from tvm import tirx
+def _is_epilogue(sch, conv_rv, chain) -> bool:
+    """No blocks after the conv (it is the output), or an ``epilogue_chain`` over the conv's
+    output shape."""
     from tvm.s_tir.schedule.analysis import is_output_block
 
-    if not blocks:
-        return is_output_block(sch, first_rv)
-    previous = first
-    shape = [int(iv.dom.extent) for iv in first.iter_vars[:4]]
-    for block_rv in blocks:
-        stmt = sch.get(block_rv)
-        producers = {sch.get(p) for p in sch.get_producers(block_rv)}
-        if producers != {previous} or len(stmt.writes) != 1 or \
-                any(int(iv.iter_type) != tirx.IterVar.DataPar for iv in stmt.iter_vars) or \
-                [int(iv.dom.extent) for iv in stmt.iter_vars] != shape or \
-                _static_extents(sch, block_rv) is None:
-            return False
-        previous = stmt
-    return bool(blocks) and is_output_block(sch, blocks[-1]) and \
-        not any(is_output_block(sch, b) for b in blocks[:-1])
+    if not chain:
+        return is_output_block(sch, conv_rv)
+    shape = [int(iv.dom.extent) for iv in sch.get(conv_rv).iter_vars[:4]]
+    return epilogue_chain(sch, conv_rv, chain) and \
+        all([int(iv.dom.extent) for iv in sch.get(b).iter_vars] == shape for b in chain)
 
 
 def _copy_interior_as_vectors(sch, pad):
@@ -192,13 +159,12 @@ class DepthwiseRule(ScheduleRule):
         if len(names) < at + 1 or names[at] != DEPTHWISE:
             return None
         conv = blocks[at]
-        stmt = sch.get(conv)
-        tile = stmt.annotations.get(TILE_KEY)
-        extents = _static_extents(sch, conv)
-        if tile is None or extents is None or len(extents) != 6 or extents[3] % int(tile) or \
-                not _elementwise_chain(sch, blocks[at + 1:], stmt, conv):
-            return None
+        tile = sch.get(conv).annotations.get(TILE_KEY)
+        extents = static_extents(sch, conv)
         chain = blocks[at + 1:]
+        if tile is None or extents is None or len(extents) != 6 or extents[3] % int(tile) or \
+                not _is_epilogue(sch, conv, chain):
+            return None
         for block_rv in chain[:-1]:
             sch.compute_inline(block_rv)
         b, c, h, w, kh, kw = sch.get_loops(conv)

@@ -13,15 +13,15 @@ the folded weights as expressions). With constant statistics, BatchNorm is
     After:   c = R.nn.conv2d(x, W * s[:, None, None, None])
              y = R.add(c, (bias - mean) * s + beta)  # constants, computed here
 
-Any other inference BatchNorm with constant parameters becomes ``R.add(R.multiply(x, s), t)`` (two
-elementwise ops that fuse into their neighbours' kernels). The folded conv's epilogue is a
-plain bias add, which the conv kernels (``pack_convs``) apply per tile.
+Any other inference BatchNorm with constant parameters becomes
+``R.add(R.multiply(x, s), t)`` (two elementwise ops that fuse into their neighbours' kernels).
+The folded conv's epilogue is a plain bias add, which the conv kernels (``pack_convs``) apply
+per tile.
 """
 
 from __future__ import annotations
 
 import numpy as np
-import tvm
 from tvm import relax
 from tvm.relax.dpl import TupleGetItemPattern, is_const, is_op, rewrite_call, wildcard
 

@@ -213,10 +213,9 @@ def blocked_conv_te(x, packed, out_channels, strides, padding, dilation, plan: C
                       name=UNPACK_BLOCK)
 
 
-def conv_rewrite_applies(call) -> bool:
-    """Whether a Relax call is a conv this pass rewrites: NCHW/OIHW/NCHW, float32 data,
-    output and constant weights, static shapes; grouped only with more than one output
-    channel per group (depthwise convs have their own kernel: ``depthwise.py``)."""
+def static_constant_conv(call) -> bool:
+    """A Relax conv2d with NCHW data and output, OIHW constant weights, float32 data, output
+    and weights, static shapes: what our conv kernels (blocked, Winograd, depthwise) read."""
     import tvm
     from tvm import relax
 
@@ -232,11 +231,19 @@ def conv_rewrite_applies(call) -> bool:
     x, weight = call.args
     if not isinstance(weight, tvm.ir.expr.GenericConst) or str(weight.value.dtype) != "float32":
         return False
-    groups = int(attrs.groups)
-    if groups > 1 and (weight.value.shape[0] // groups < 2 or weight.value.shape[1] < 2):
-        return False
     return shape_of(x) is not None and str(x.ty.dtype) == "float32" and \
         shape_of(weight) is not None
+
+
+def conv_rewrite_applies(call) -> bool:
+    """Whether a Relax call is a conv this pass rewrites: a ``static_constant_conv``,
+    grouped only with more than one output channel per group (depthwise convs have their
+    own kernel: ``depthwise.py``)."""
+    if not static_constant_conv(call):
+        return False
+    weight = call.args[1].value
+    groups = int(call.attrs.groups)
+    return groups == 1 or (weight.shape[0] // groups >= 2 and weight.shape[1] >= 2)
 
 
 def rewrite_relax_functions(mod, rewriter):

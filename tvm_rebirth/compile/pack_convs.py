@@ -2,8 +2,8 @@
 rewrites each ``R.nn.conv2d`` that ``layouts.conv_rewrite_applies`` accepts into a call of
 our TE convolution reading weights packed at compile time (``layouts.blocked_conv_te``), or of
 Winograd's kernel where it pays (``winograd.winograd_conv``), each depthwise conv into
-``depthwise.depthwise_conv_te``, and each dense layer with
-constant weights into a blocked 1x1 conv (``dense.dense_as_conv``). It runs before
+``depthwise.depthwise_conv_te``, and each dense layer with constant weights into a blocked
+1x1 conv (``dense.dense_as_conv``). It runs before
 legalization, so bias / BatchNorm / ReLU / clip after the conv still fuse into the same
 PrimFunc; the tile plan is chosen here, per conv and target (``layouts.plan_conv``).
 """

@@ -61,8 +61,6 @@ def rebirth_build_pipeline(plan=None, weights=None, target=None, tuned=True,
         if build_target is None:
             build_target = resolve_target("host")
         if plan is not None:
-            from ..transform import Rebirth
-
             mod = Rebirth(plan, weights, func_name)(mod)
         with tvm.transform.PassContext(opt_level=3), build_target:
             return build_passes(build_target, tuned)(mod)
