@@ -67,16 +67,19 @@ def conv_module(cin, cout, k, stride=1, pad=None, hw=(13, 13), epilogue="bias_re
     return bb.get()
 
 
-def packed_prim_funcs(mod, target):
-    """The fused PrimFuncs of ``mod`` after our conv rewrite (PackConvWeights), legalization
-    and fusion, unscheduled, each named "main"."""
+def packed_prim_funcs(mod, target, block_channels=False):
+    """The fused PrimFuncs of ``mod`` after our conv rewrite (PackConvWeights, after
+    BlockChannels if ``block_channels``), legalization and fusion, unscheduled, each named
+    "main"."""
     from tvm import relax, tirx
 
+    from tvm_rebirth.compile.channel_blocks import BlockChannels
     from tvm_rebirth.compile.pack_convs import PackConvWeights
 
+    blocking = [BlockChannels(target)] if block_channels else []
     with target:
         mod = tvm.transform.Sequential([
-            PackConvWeights(target), relax.transform.LegalizeOps(),
+            *blocking, PackConvWeights(target), relax.transform.LegalizeOps(),
             relax.transform.AnnotateTIROpPattern(), relax.transform.FoldConstant(),
             relax.transform.FuseOps(), relax.transform.FuseTIR()])(mod)
     return [func.with_attr("global_symbol", "main") for _, func in mod.functions.items()

@@ -32,6 +32,7 @@ def _fusion_passes(target) -> list:
     from tvm import relax
     from tvm.relax.backend.cpu_generic import pipeline as cpu_generic
 
+    from .channel_blocks import BlockChannels, channel_blocks_enabled
     from .fast_math import PowerToRoots
     from .fold_batch_norm import FoldBatchNorm
     from .pack_convs import PackConvWeights
@@ -39,8 +40,9 @@ def _fusion_passes(target) -> list:
     from .stacked_sums import StackedSumsToAdds
 
     # the importer reshapes conv biases: FoldConstant first, so FoldBatchNorm sees constants
+    blocking = [BlockChannels(target)] if channel_blocks_enabled() else []
     packing = [relax.transform.FoldConstant(), FoldBatchNorm(), StackedSumsToAdds(),
-               PowerToRoots(), PackConvWeights(target), SeparablePools(target)] \
+               PowerToRoots(), *blocking, PackConvWeights(target), SeparablePools(target)] \
         if conv_kernels_enabled() else []
     return packing + cpu_generic.library_dispatch_passes(target) \
         + cpu_generic.legalize_passes(target)

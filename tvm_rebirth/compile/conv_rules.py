@@ -92,8 +92,11 @@ def _match(sch) -> _Shape | None:
     if not (tile and vectors and lanes) or _iter_kinds(conv) != "SSSSSRRR":
         return None
     extents = static_extents(sch, blocks[at])
-    if extents is None or len(extents) != 8 or extents[3] % tile or \
-            extents[4] != vectors * lanes:
+    if extents is None or len(extents) != 8 or extents[3] % tile:
+        return None
+    # a chunk holds the tile's channels, or one register of them (NCHW[x]c output: then
+    # ``vectors`` consecutive chunks form the tile)
+    if extents[4] != vectors * lanes and (extents[4] != lanes or extents[1] % vectors):
         return None
     # before the conv: nothing, or its padding block (a spatial block the conv reads)
     pad = None
@@ -108,7 +111,8 @@ def _match(sch) -> _Shape | None:
     if not epilogue_chain(sch, blocks[at], chain):
         return None
     out_shape = [_int(iv.dom.extent) for iv in sch.get(chain[0]).iter_vars]
-    if not all(_writes_nchw(sch.get(b), out_shape) for b in chain):
+    if len(out_shape) not in (4, 5) or \
+            not all(_writes_own_element(sch.get(b), out_shape) for b in chain):
         return None
     return _Shape(pad, blocks[at], chain, tile, vectors, lanes)
 
@@ -136,13 +140,13 @@ def _schedule_pad(sch, pad):
     sch.parallel(sch.fuse(*loops[:-1]))
 
 
-def _writes_nchw(stmt, out_shape) -> bool:
-    """The block is elementwise over the conv's NCHW output: four data-parallel iterators
-    over its shape, writing [n, c, h, w] by exactly those iterators."""
-    if len(stmt.iter_vars) != 4 or [_int(iv.dom.extent) for iv in stmt.iter_vars] != out_shape:
+def _writes_own_element(stmt, out_shape) -> bool:
+    """The block is elementwise over the conv's output (NCHW or NCHW[x]c): data-parallel
+    iterators over its shape, writing the element of exactly those iterators."""
+    if [_int(iv.dom.extent) for iv in stmt.iter_vars] != out_shape:
         return False
     region = stmt.writes[0].region
-    return len(region) == 4 and all(
+    return len(region) == len(out_shape) and all(
         _int(r.extent) == 1 and r.min.same_as(iv.var)
         for r, iv in zip(region, stmt.iter_vars))
 
@@ -163,6 +167,21 @@ def _schedule_epilogue(sch, block, tile_loop, channels: int, lanes: int):
         _vectorize_channels(sch, inner[0], channels, lanes)
     elif len(inner) == 1:
         sch.unroll(inner[0])
+
+
+def _schedule_blocked_epilogue(sch, block, tile_loop):
+    """The per-tile write-back to NCHW[x]c, loops (channel block, w, lane) over one tile (a
+    loop of extent 1 is dropped): columns, then channel blocks unrolled, a block's lanes
+    one vector store."""
+    loops = sch.get_loops(block)
+    at = [i for i, loop in enumerate(loops) if sch.get(loop).same_as(sch.get(tile_loop))][0]
+    inner = loops[at + 1:]
+    if len(inner) == 3:
+        sch.reorder(inner[1], inner[0], inner[2])
+        inner = [inner[1], inner[0], inner[2]]
+    for loop in inner[:-1]:
+        sch.unroll(loop)
+    sch.vectorize(inner[-1])
 
 
 def _vectorize_channels(sch, loop, channels, lanes):
@@ -271,15 +290,21 @@ class ConvRule(ScheduleRule):
         out = shape.chain[-1]
         b, oc, h, w, o, ic, kh, kw = sch.get_loops(conv)
         wo, wi = sch.split(w, factors=[None, shape.tile])
-        ov, ol = sch.split(o, factors=[None, shape.lanes])
+        if _int(sch.get(o).extent) == shape.vectors * shape.lanes:
+            ov, ol = sch.split(o, factors=[None, shape.lanes])
+        else:  # chunks of one register
+            (oc, ov), ol = sch.split(oc, factors=[None, shape.vectors]), o
         sch.reorder(b, oc, h, wo, ic, kh, kw, wi, ov, ol)
         sch.parallel(sch.fuse(b, oc, h))
         sch.reverse_compute_at(out, wo)
         sch.set_scope(conv, 0, "local")
         accumulate_in_registers(sch, conv, (ic, kh, kw, wi, ov, ol))
-        out_channels = sch.get(out).iter_vars[1].dom.extent
-        _schedule_epilogue(sch, out, wo, min(_int(out_channels), shape.vectors * shape.lanes),
-                           shape.lanes)
+        out_vars = sch.get(out).iter_vars
+        if len(out_vars) == 5:
+            _schedule_blocked_epilogue(sch, out, wo)
+        else:
+            _schedule_epilogue(sch, out, wo, min(_int(out_vars[1].dom.extent),
+                                                 shape.vectors * shape.lanes), shape.lanes)
         if shape.pad is not None:
             _schedule_pad(sch, shape.pad)
         return sch

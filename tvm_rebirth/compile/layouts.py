@@ -169,14 +169,25 @@ def pack_weight(weight: np.ndarray, block: int, groups: int = 1) -> np.ndarray:
     return np.ascontiguousarray(packed)
 
 
+def blocked_layout(lanes: int) -> str:
+    """The channel-blocked activation layout of ``lanes`` channels per block: NCHW[x]c."""
+    return f"NCHW{lanes}c"
+
+
 def blocked_conv_te(x, packed, out_channels, strides, padding, dilation, plan: ConvPlan,
-                    groups: int = 1):
-    """TE compute of the channel-blocked conv (see module doc); returns the NCHW output.
-    Grouped (each group's output channels a whole number of blocks): chunk ``oc`` belongs to
-    group oc // (chunks per group) and reads that group's input channels."""
+                    groups: int = 1, out_lanes: int | None = None):
+    """TE compute of the channel-blocked conv (see module doc); returns the NCHW output, or
+    with ``out_lanes`` the NCHW[out_lanes]c output (``out_channels`` a multiple of it, the
+    weights packed by blocks of ``out_lanes``: the schedule puts ``plan.vectors``
+    consecutive chunks in one register tile). ``x``
+    is NCHW, or NCHW[x]c when 5-D (then ``groups`` is 1). Grouped (each group's output
+    channels a whole number of blocks): chunk ``oc`` belongs to group oc // (chunks per
+    group) and reads that group's input channels."""
     from tvm import te, tirx
 
-    n, channels, height, width = (int(d) for d in x.shape)
+    blocked_in = len(x.shape) == 5
+    n, _, height, width = (int(d) for d in x.shape[:4])
+    in_lanes = int(x.shape[4]) if blocked_in else 1
     chunks, group_in, kh, kw, block = (int(d) for d in packed.shape)
     per_group = chunks // groups          # chunks per group
     sh, sw = strides
@@ -190,32 +201,42 @@ def blocked_conv_te(x, packed, out_channels, strides, padding, dilation, plan: C
     if (top, left) == (0, 0) and pad_h == height and pad_w == width:
         data = x
     else:
-        def pad(b, c, h, w):
+        def pad(b, c, h, w, *lane):
             inside = tirx.all(h >= top, h < top + height, w >= left, w < left + width)
-            return tirx.if_then_else(inside, x[b, c, h - top, w - left],
+            return tirx.if_then_else(inside, x[(b, c, h - top, w - left, *lane)],
                                      tirx.const(0.0, x.dtype))
-        data = te.compute((n, channels, pad_h, pad_w), pad, name=PAD_BLOCK)
+        data = te.compute((n, x.shape[1], pad_h, pad_w, *x.shape[4:]), pad, name=PAD_BLOCK)
+
+    def read(b, channel, h, w):
+        if blocked_in:
+            return data[b, channel // in_lanes, h, w, channel % in_lanes]
+        return data[b, channel, h, w]
+
     ic = te.reduce_axis((0, group_in), name="ic")
     rh = te.reduce_axis((0, kh), name="kh")
     rw = te.reduce_axis((0, kw), name="kw")
     conv = te.compute(
         (n, chunks, out_h, wide, block),
         lambda b, oc, h, w, o: te.sum(
-            data[b, ic if groups == 1 else oc // per_group * group_in + ic,
-                 h * sh + rh * dh, w * sw + rw * dw] * packed[oc, ic, rh, rw, o],
+            read(b, ic if groups == 1 else oc // per_group * group_in + ic,
+                 h * sh + rh * dh, w * sw + rw * dw) * packed[oc, ic, rh, rw, o],
             axis=[ic, rh, rw]),
         name=CONV_BLOCK,
         attrs={TILE_KEY: plan.tile, VECTORS_KEY: plan.vectors, LANES_KEY: plan.lanes,
                ROWS_KEY: int(plan.rows)})
+    if out_lanes:  # packed by blocks of out_lanes: chunk c is output block c
+        return te.compute((n, out_channels // out_lanes, out_h, out_w, out_lanes),
+                          lambda b, c, h, w, lane: conv[b, c, h, w, lane], name=UNPACK_BLOCK)
     # one group, or groups of whole blocks: chunk c // block holds output channel c
     return te.compute((n, out_channels, out_h, out_w),
                       lambda b, c, h, w: conv[b, c // block, h, w, c % block],
                       name=UNPACK_BLOCK)
 
 
-def static_constant_conv(call) -> bool:
+def static_constant_conv(call, lanes: int | None = None) -> bool:
     """A Relax conv2d with NCHW data and output, OIHW constant weights, float32 data, output
-    and weights, static shapes: what our conv kernels (blocked, Winograd, depthwise) read."""
+    and weights, static shapes: what our conv kernels (blocked, Winograd, depthwise) read.
+    With ``lanes``, data and output may also be NCHW[lanes]c (``blocked_layout``)."""
     import tvm
     from tvm import relax
 
@@ -224,7 +245,9 @@ def static_constant_conv(call) -> bool:
     if not isinstance(call, relax.Call) or getattr(call.op, "name", "") != "relax.nn.conv2d":
         return False
     attrs = call.attrs
-    if (attrs.data_layout, attrs.kernel_layout, attrs.out_layout) != ("NCHW", "OIHW", "NCHW"):
+    activations = {"NCHW", blocked_layout(lanes)} if lanes else {"NCHW"}
+    if attrs.data_layout not in activations or attrs.out_layout not in activations or \
+            attrs.kernel_layout != "OIHW":
         return False
     if str(attrs.out_dtype) not in ("", "float32", "void", "None"):
         return False
@@ -235,14 +258,16 @@ def static_constant_conv(call) -> bool:
         shape_of(weight) is not None
 
 
-def conv_rewrite_applies(call) -> bool:
-    """Whether a Relax call is a conv this pass rewrites: a ``static_constant_conv``,
-    grouped only with more than one output channel per group (depthwise convs have their
-    own kernel: ``depthwise.py``)."""
-    if not static_constant_conv(call):
+def conv_rewrite_applies(call, lanes: int | None = None) -> bool:
+    """Whether a Relax call is a conv this pass rewrites: a ``static_constant_conv``
+    (channel-blocked with ``lanes``: then of one group), grouped only with more than one
+    output channel per group (depthwise convs have their own kernel: ``depthwise.py``)."""
+    if not static_constant_conv(call, lanes):
         return False
     weight = call.args[1].value
     groups = int(call.attrs.groups)
+    if (call.attrs.data_layout, call.attrs.out_layout) != ("NCHW", "NCHW"):
+        return groups == 1
     return groups == 1 or (weight.shape[0] // groups >= 2 and weight.shape[1] >= 2)
 
 

@@ -33,7 +33,7 @@ def PackConvWeights(target):  # noqa: N802 -- a pass, named like TVM's
                 pack_weight, blocked_conv_te)
         if depthwise_applies(call):
             return rewrite_depthwise(builder, call, unit.lanes)
-        if not conv_rewrite_applies(call):
+        if not conv_rewrite_applies(call, unit.lanes):
             return None
         winograd = winograd_conv(
             builder, call,
@@ -49,17 +49,21 @@ def PackConvWeights(target):  # noqa: N802 -- a pass, named like TVM's
         groups = int(attrs.groups)
         out_w = int(call.ty.shape[3])
         stride_w = int(attrs.strides[1])
+        # NCHW[x]c output: weights packed by one register, plan.vectors chunks per tile
+        out_lanes = unit.lanes if attrs.out_layout != "NCHW" else None
         plan = plan_conv(unit, out_channels // groups, out_w, kw, stride_w,
-                         whole_blocks=groups > 1, pointwise=(kh, kw, stride_w) == (1, 1, 1))
+                         whole_blocks=groups > 1 or out_lanes is not None,
+                         pointwise=(kh, kw, stride_w) == (1, 1, 1))
         if plan is None:
             return None
-        packed = relax.const(pack_weight(weight.value.numpy(), plan.block, groups), "float32")
+        packed = relax.const(pack_weight(weight.value.numpy(), out_lanes or plan.block, groups),
+                             "float32")
         strides = [int(s) for s in attrs.strides]
         padding = [int(p) for p in attrs.padding]
         dilation = [int(d) for d in attrs.dilation]
         return builder.call_te(
             lambda data, kernel: blocked_conv_te(data, kernel, out_channels, strides,
-                                                 padding, dilation, plan, groups),
+                                                 padding, dilation, plan, groups, out_lanes),
             x, packed, primfunc_name_hint="rebirth_conv2d")
 
     # the transposes of dense weights the convs replaced would still be folded

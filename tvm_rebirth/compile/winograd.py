@@ -176,6 +176,20 @@ def winograd_pays(in_channels: int, out_channels: int, tiles: int, out_pixels: i
     return winograd <= REQUIRED_SAVING * direct
 
 
+def winograd_takes(call) -> bool:
+    """Whether ``winograd_conv`` computes this NCHW conv (``layouts.conv_rewrite_applies``
+    has accepted it): Winograd enabled, applicable and paying."""
+    if not winograd_enabled() or not winograd_applies(call) or \
+            (call.attrs.data_layout, call.attrs.out_layout) != ("NCHW", "NCHW"):
+        return False
+    in_channels = int(call.args[0].ty.shape[1])
+    out_channels = int(call.args[1].value.shape[0])
+    out_h, out_w = int(call.ty.shape[2]), int(call.ty.shape[3])
+    tiles = -(-out_h // TILE) * -(-out_w // TILE)
+    return winograd_pays(in_channels, out_channels, tiles, out_h * out_w,
+                         int(call.attrs.groups))
+
+
 def band_rows(in_channels: int, out_channels: int, tiles_h: int, wide: int,
               cores: int = 2) -> int:
     """Tile rows ``WinogradRule`` computes together: one band per core (at least two) when
@@ -194,7 +208,7 @@ def winograd_conv(builder, call, plan_gemm, pack, conv_te, cores: int = 2):
     and blocked conv, used for the GEMM; ``cores``: the target's (``band_rows``)."""
     from tvm import relax
 
-    if not winograd_enabled() or not winograd_applies(call):
+    if not winograd_takes(call):
         return None
     x, weight = call.args
     conv_groups = int(call.attrs.groups)
@@ -202,9 +216,6 @@ def winograd_conv(builder, call, plan_gemm, pack, conv_te, cores: int = 2):
     in_channels = int(x.ty.shape[1])
     out_h, out_w = int(call.ty.shape[2]), int(call.ty.shape[3])
     tiles_h, tiles_w = -(-out_h // TILE), -(-out_w // TILE)
-    tiles = tiles_h * tiles_w
-    if not winograd_pays(in_channels, out_channels, tiles, out_h * out_w, conv_groups):
-        return None
     plan = plan_gemm(out_channels // conv_groups, tiles_w)
     if plan is None:
         return None

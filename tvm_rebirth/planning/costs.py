@@ -36,7 +36,7 @@ from ..passes.blocks import site_block
 logger = logging.getLogger(__name__)
 
 # bump when kernels or block extraction change what a block costs (invalidates caches)
-COSTS_VERSION = 3  # 3: BatchNorm folded, depthwise kernel, ONNX Sums as adds
+COSTS_VERSION = 4  # 3: BatchNorm folded, depthwise kernel, ONNX Sums as adds; 4: NCHW[x]c
 
 
 @dataclasses.dataclass
