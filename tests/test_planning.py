@@ -137,6 +137,18 @@ def test_selection_spends_the_accuracy_budget_where_it_saves_most():
     assert select_variants(choices, table, errors, budget=0.0).predicted_cost == 100.0
 
 
+def test_prediction_stays_within_the_model_when_blocks_sum_past_it():
+    """Blocks timed one at a time may sum past the whole model (a loaded machine): their
+    savings are scaled by model / blocks, never a negative predicted cost."""
+    choices, table, errors = _fake(
+        [(["a"], [{"a": OFF}, {"a": "v1"}]), (["b"], [{"b": OFF}, {"b": "v1"}])],
+        {"a": [80, 20], "b": [120, 30]})  # blocks 200 of a model of 100
+    sel = select_variants(choices, table, errors, budget=None)
+    assert sel.combos == {"a": {"a": "v1"}, "b": {"b": "v1"}}
+    assert sel.predicted_cost == pytest.approx(100 - 150 * 100 / 200)
+    assert sel.predicted_speedup == pytest.approx(4.0)
+
+
 def test_selection_is_the_exact_optimum():
     rng = random.Random(7)
     for _ in range(25):
