@@ -64,11 +64,14 @@ def _conv(x, weight, data="NCHW", out="NCHW", padding=0):
                        out_layout=out)
 
 
+HALF = relax.const(0.5, "float32")
+
+
 def test_conv_chain_is_blocked_up_to_the_conv_that_reads_it():
-    before = _module(lambda bb, x: bb.emit(_conv(bb.emit(R.nn.relu(bb.emit(R.add(
-        bb.emit(_conv(x, W1, padding=1)), relax.const(BIAS))))), W2)))
-    expected = _module(lambda bb, x: bb.emit(_conv(bb.emit(R.nn.relu(bb.emit(R.add(
-        bb.emit(_conv(x, W1, out="NCHW16c", padding=1)), BLOCKED_BIAS)))), W2,
+    before = _module(lambda bb, x: bb.emit(_conv(bb.emit(R.multiply(bb.emit(R.nn.relu(bb.emit(
+        R.add(bb.emit(_conv(x, W1, padding=1)), relax.const(BIAS))))), HALF)), W2)))
+    expected = _module(lambda bb, x: bb.emit(_conv(bb.emit(R.multiply(bb.emit(R.nn.relu(bb.emit(
+        R.add(bb.emit(_conv(x, W1, out="NCHW16c", padding=1)), BLOCKED_BIAS)))), HALF)), W2,
         data="NCHW16c")))
     verify(before, expected)
 

@@ -63,11 +63,17 @@ def _op_name(expr) -> str:
         else ""
 
 
+def _direct_conv(call) -> bool:
+    """A conv ``PackConvWeights`` gives our direct kernel, of one group: the convs that can
+    read or write NCHW[x]c."""
+    return _op_name(call) == "relax.nn.conv2d" and conv_rewrite_applies(call) and \
+        int(call.attrs.groups) == 1 and not winograd_takes(call)
+
+
 def conv_blocks(call, lanes: int) -> bool:
-    """Whether the conv ``call`` gets a channel-blocked output: one ``PackConvWeights``
-    gives our direct kernel, of one group, its output channels whole blocks of ``lanes``."""
-    return conv_rewrite_applies(call) and int(call.attrs.groups) == 1 and \
-        int(call.args[1].value.shape[0]) % lanes == 0 and not winograd_takes(call)
+    """Whether the conv ``call`` can write NCHW[x]c: a ``_direct_conv`` whose output
+    channels are whole blocks of ``lanes``."""
+    return _direct_conv(call) and int(call.args[1].value.shape[0]) % lanes == 0
 
 
 def _channel_constant(expr, channels: int) -> np.ndarray | None:
@@ -77,6 +83,13 @@ def _channel_constant(expr, channels: int) -> np.ndarray | None:
             [1, channels, 1, 1], [channels, 1, 1]):
         return None
     return expr.value.numpy().reshape(channels)
+
+
+def _scalar_constant(expr) -> bool:
+    """A constant of one element (shape (), [1], [1, 1, 1, 1], ...): broadcasts over NCHW[x]c
+    as over NCHW."""
+    shape = shape_of(expr) if isinstance(expr, tvm.ir.expr.GenericConst) else None
+    return shape is not None and len(shape) <= 4 and int(np.prod(shape)) == 1
 
 
 def readers(func) -> dict:
@@ -113,9 +126,7 @@ class _Blocker(relax.PyExprMutator):
     def _reads_blocked(self, call) -> bool:
         """A conv whose input can be NCHW[x]c: our direct kernel, one group, input channels
         whole blocks."""
-        return _op_name(call) == "relax.nn.conv2d" and conv_rewrite_applies(call) and \
-            int(call.attrs.groups) == 1 and not winograd_takes(call) and \
-            self._blockable(call.args[0])
+        return _direct_conv(call) and self._blockable(call.args[0])
 
     def _pays(self, var) -> bool:
         """Whether a blocked ``var`` reaches a conv that reads it blocked through ops that
@@ -202,7 +213,7 @@ class _Blocker(relax.PyExprMutator):
             if values is not None:
                 blocks = values.reshape(1, shape[1] // self.lanes, 1, 1, self.lanes)
                 operands.append(relax.const(np.ascontiguousarray(blocks), arg.ty.dtype))
-            elif isinstance(arg, tvm.ir.expr.GenericConst) and int(np.prod(shape_of(arg) or [0])) == 1:
+            elif _scalar_constant(arg):
                 operands.append(arg)
             elif shape_of(arg) == shape and self._blockable(arg):
                 operands.append(self._block(self.visit_expr(arg)))

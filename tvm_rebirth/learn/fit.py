@@ -172,7 +172,7 @@ def _normal_equations(cols, target, ridge):
         gram[k, k] += len(a)
     scale = np.trace(gram[:k, :k]) / max(k, 1)
     gram[:k, :k] += ridge * scale * np.eye(k)
-    return cho_factor(gram)
+    return cho_factor(gram, check_finite=False)
 
 
 def _solve(chol, cols, target):
@@ -183,7 +183,7 @@ def _solve(chol, cols, target):
         t = target[i:i + 16384].astype(np.float32)
         rhs[:k] += a.T @ t
         rhs[k] += t.sum(axis=0)
-    solution = cho_solve(chol, rhs)
+    solution = cho_solve(chol, rhs, check_finite=False)
     return solution[:k].astype(np.float32), solution[k].astype(np.float32)
 
 
