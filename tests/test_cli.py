@@ -8,9 +8,13 @@ import sys
 from onnx_models import GraphMaker, inception_model
 
 
+# a guard against hangs, not a speed bar: the demo test alone takes ~440 s on 2 idle cores
+CLI_TIMEOUT_S = 1200
+
+
 def run(*args, cwd=None):
     proc = subprocess.run([sys.executable, "-m", "tvm_rebirth.cli", *args], cwd=cwd,
-                          capture_output=True, text=True, timeout=600)
+                          capture_output=True, text=True, timeout=CLI_TIMEOUT_S)
     return proc.returncode, proc.stdout, proc.stderr
 
 
