@@ -11,7 +11,8 @@ their epilogue: bias, BatchNorm scale/shift, ReLU, clip, a residual add). The co
           for kw:                               # unrolled when short
             for ow in tile:                     # unrolled
               acc[ow, :] += x[ic, ., .] * w[oc_chunk, ic, kh, kw, :]   # ob vectorised
-        out[n, oc, oh, ow] = epilogue(acc)      # per tile, NCHW
+        out[n, oc, oh, ow] = epilogue(acc)      # per tile, NCHW (or NCHW[x]c: whole
+                                                # vectors; oc_chunk = vectors blocks)
 
 with the tile (``ob`` = vector registers x lanes, width tile) chosen by the pass and read
 from the conv block's annotations. A 1x1 conv of width stride 1 whose plan says ``rows``

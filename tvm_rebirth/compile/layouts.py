@@ -10,7 +10,8 @@ channels = one or a few vector registers of the target). The TE function compute
 * ``rebirth_conv``: ``conv[n, oc_chunk, oh, ow, ob]`` over a zero-padded channel count and a
   width rounded up to the tile, so the reduction has no predicate;
 * ``rebirth_unpack``: the NCHW result (output shape and layout unchanged for the rest of the
-  graph).
+  graph), or the NCHW[x]c one where ``channel_blocks.BlockChannels`` gave the conv that
+  layout (input too may then be NCHW[x]c).
 
 The tile plan (``ob``, width tile) is chosen by ``plan_conv``, per conv and target, and
 recorded in the conv block's annotations, where ``conv_rules.ConvRule`` reads it.
