@@ -38,7 +38,7 @@ import numpy as np
 import tvm
 from tvm import relax
 
-from ..passes.dataflow import shape_of
+from ..passes.dataflow import RETURN, Dataflow, op_name, shape_of
 from .layouts import blocked_layout, conv_rewrite_applies, vector_unit
 from .winograd import winograd_takes
 
@@ -58,15 +58,10 @@ def channel_blocks_enabled() -> bool:
     return os.environ.get("TVM_REBIRTH_CHANNEL_BLOCKS", "1") != "0"
 
 
-def _op_name(expr) -> str:
-    return expr.op.name if isinstance(expr, relax.Call) and isinstance(expr.op, tvm.ir.Op) \
-        else ""
-
-
 def _direct_conv(call) -> bool:
     """A conv ``PackConvWeights`` gives our direct kernel, of one group: the convs that can
     read or write NCHW[x]c."""
-    return _op_name(call) == "relax.nn.conv2d" and conv_rewrite_applies(call) and \
+    return op_name(call) == "relax.nn.conv2d" and conv_rewrite_applies(call) and \
         int(call.attrs.groups) == 1 and not winograd_takes(call)
 
 
@@ -85,26 +80,20 @@ def _channel_constant(expr, channels: int) -> np.ndarray | None:
     return expr.value.numpy().reshape(channels)
 
 
+def _conv_in_layouts(call, data, data_layout: str, out_layout: str):
+    """The conv ``call`` (one group, OIHW weights) on ``data`` in ``data_layout``, writing
+    ``out_layout``."""
+    attrs = call.attrs
+    return relax.op.nn.conv2d(data, call.args[1], strides=attrs.strides, padding=attrs.padding,
+                              dilation=attrs.dilation, groups=1, data_layout=data_layout,
+                              kernel_layout="OIHW", out_layout=out_layout)
+
+
 def _scalar_constant(expr) -> bool:
     """A constant of one element (shape (), [1], [1, 1, 1, 1], ...): broadcasts over NCHW[x]c
     as over NCHW."""
     shape = shape_of(expr) if isinstance(expr, tvm.ir.expr.GenericConst) else None
     return shape is not None and len(shape) <= 4 and int(np.prod(shape)) == 1
-
-
-def readers(func) -> dict:
-    """Who reads each variable of a Relax function: {var: [(binding var, value), ...]}."""
-    found: dict = {}
-
-    def visit(expr):
-        if isinstance(expr, relax.SeqExpr):
-            for block in expr.blocks:
-                for binding in block.bindings:
-                    for var in relax.analysis.free_vars(binding.value):
-                        found.setdefault(var, []).append((binding.var, binding.value))
-
-    relax.analysis.post_order_visit(func, visit)
-    return found
 
 
 @relax.expr_functor.mutator
@@ -119,7 +108,7 @@ class _Blocker(relax.PyExprMutator):
         self.blocked: dict = {}
         self.plain: set = set()
         self.copies = 0
-        self.readers: dict = {}   # the function's ``readers``, set per function
+        self.graph: Dataflow | None = None  # the function's def-use edges, set per function
         self._pays_memo: dict = {}
 
     # -- which tensors are worth blocking ---------------------------------------------------
@@ -134,10 +123,10 @@ class _Blocker(relax.PyExprMutator):
         if var not in self._pays_memo:
             self._pays_memo[var] = False  # no cycles in a dataflow block; guards recursion
             self._pays_memo[var] = any(
-                self._reads_blocked(value) or (
-                    _op_name(value) in FOLLOWERS and isinstance(reader, relax.DataflowVar) and
-                    self._pays(reader))
-                for reader, value in self.readers.get(var, []))
+                self._reads_blocked(self.graph.value[reader]) or (
+                    op_name(self.graph.value[reader]) in FOLLOWERS and
+                    isinstance(reader, relax.DataflowVar) and self._pays(reader))
+                for reader in self.graph.users_of(var) if reader is not RETURN)
         return self._pays_memo[var]
 
     # -- layout transforms -------------------------------------------------------------
@@ -165,7 +154,7 @@ class _Blocker(relax.PyExprMutator):
     # -- the rewrite of one binding ------------------------------------------------------
     def _blocked_value(self, value):
         """The NCHW[x]c form of a binding's value, or None when it does not follow."""
-        name = _op_name(value)
+        name = op_name(value)
         args = list(value.args) if name else []
         if name == "relax.nn.conv2d" and conv_blocks(value, self.lanes):
             data = args[0]
@@ -173,11 +162,7 @@ class _Blocker(relax.PyExprMutator):
                 data, data_layout = self.blocked[data], self.layout
             else:
                 data, data_layout = self.visit_expr(data), "NCHW"
-            attrs = value.attrs
-            return relax.op.nn.conv2d(
-                data, args[1], strides=attrs.strides, padding=attrs.padding,
-                dilation=attrs.dilation, groups=1, data_layout=data_layout,
-                kernel_layout="OIHW", out_layout=self.layout)
+            return _conv_in_layouts(value, data, data_layout, self.layout)
         if name in UNARY_OPS and args[0] in self.blocked:
             return relax.Call(value.op, [self.blocked[args[0]], *args[1:]], value.attrs)
         if name in BINARY_OPS:
@@ -228,7 +213,7 @@ class _Blocker(relax.PyExprMutator):
         common = dict(pool_size=attrs.pool_size, strides=attrs.strides,
                       padding=attrs.padding, dilation=attrs.dilation,
                       ceil_mode=attrs.ceil_mode, layout=self.layout, out_layout=self.layout)
-        if _op_name(value) == "relax.nn.max_pool2d":
+        if op_name(value) == "relax.nn.max_pool2d":
             return relax.op.nn.max_pool2d(data, **common)
         return relax.op.nn.avg_pool2d(data, count_include_pad=attrs.count_include_pad,
                                       **common)
@@ -237,11 +222,7 @@ class _Blocker(relax.PyExprMutator):
         """A conv reading a blocked tensor with NCHW output, or None."""
         if not self._reads_blocked(value) or value.args[0] not in self.blocked:
             return None
-        attrs = value.attrs
-        return relax.op.nn.conv2d(
-            self.blocked[value.args[0]], value.args[1], strides=attrs.strides,
-            padding=attrs.padding, dilation=attrs.dilation, groups=1,
-            data_layout=self.layout, kernel_layout="OIHW", out_layout="NCHW")
+        return _conv_in_layouts(value, self.blocked[value.args[0]], self.layout, "NCHW")
 
     def visit_var_binding_(self, binding):  # noqa: N802 -- ExprMutator's hook
         var = binding.var
@@ -278,7 +259,7 @@ class BlockChannels:
         blocker = _Blocker(mod, self.lanes)
         for gvar, func in mod.functions.items():
             if isinstance(func, relax.Function):
-                blocker.readers = readers(func)
+                blocker.graph = Dataflow(func)
                 blocker.builder_.update_func(gvar, blocker.visit_expr(func))
         if blocker.blocked:
             logger.debug(f"[BlockChannels] {len(blocker.blocked)} tensors in "

@@ -152,14 +152,19 @@ def _writes_own_element(stmt, out_shape) -> bool:
         for r, iv in zip(region, stmt.iter_vars))
 
 
+def _loops_below(sch, block, loop) -> list:
+    """The loops of ``block`` nested inside ``loop`` (one of its loops)."""
+    loops = sch.get_loops(block)
+    at = [i for i, rv in enumerate(loops) if sch.get(rv).same_as(sch.get(loop))][0]
+    return loops[at + 1:]
+
+
 def _schedule_epilogue(sch, block, tile_loop, channels: int, lanes: int):
     """The per-tile write-back, loops (c, w) over one tile (a loop of extent 1 is dropped):
     columns outside, channels vectorised inside, so it reads the accumulators as the
     reduction wrote them (whole registers: LLVM keeps the tile in registers instead of
     splitting it into lanes)."""
-    loops = sch.get_loops(block)
-    at = [i for i, loop in enumerate(loops) if sch.get(loop).same_as(sch.get(tile_loop))][0]
-    inner = loops[at + 1:]
+    inner = _loops_below(sch, block, tile_loop)
     if len(inner) == 2:
         sch.reorder(inner[1], inner[0])
         sch.unroll(inner[1])
@@ -174,9 +179,7 @@ def _schedule_blocked_epilogue(sch, block, tile_loop):
     """The per-tile write-back to NCHW[x]c, loops (channel block, w, lane) over one tile (a
     loop of extent 1 is dropped): columns, then channel blocks unrolled, a block's lanes
     one vector store."""
-    loops = sch.get_loops(block)
-    at = [i for i, loop in enumerate(loops) if sch.get(loop).same_as(sch.get(tile_loop))][0]
-    inner = loops[at + 1:]
+    inner = _loops_below(sch, block, tile_loop)
     if len(inner) == 3:
         sch.reorder(inner[1], inner[0], inner[2])
         inner = [inner[1], inner[0], inner[2]]
@@ -242,10 +245,9 @@ def _cache_row(sch, conv, loop):
     """The conv's input read under ``loop`` cached in a local row, loaded as vectors."""
     row = sch.cache_read(conv, _data_read(sch.get(conv)), "local")
     sch.compute_at(row, loop)
-    loops = sch.get_loops(row)
-    at = [i for i, rv in enumerate(loops) if sch.get(rv).same_as(sch.get(loop))][0]
-    if len(loops) > at + 1:  # a row of one column has no loop left
-        sch.vectorize(loops[-1])
+    inner = _loops_below(sch, row, loop)
+    if inner:  # a row of one column has no loop left
+        sch.vectorize(inner[-1])
 
 
 def accumulate_in_registers(sch, conv, inner) -> None:

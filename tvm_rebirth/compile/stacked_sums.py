@@ -19,12 +19,7 @@ from __future__ import annotations
 import tvm
 from tvm import relax
 
-from ..passes.dataflow import shape_of
-
-
-def _op_name(expr) -> str:
-    return expr.op.name if isinstance(expr, relax.Call) and isinstance(expr.op, tvm.ir.Op) \
-        else ""
+from ..passes.dataflow import op_name, shape_of
 
 
 @relax.expr_functor.mutator
@@ -39,11 +34,11 @@ class _SumRewriter(relax.PyExprMutator):
 
     def _addends(self, call) -> list | None:
         """The stacked tensors a ``sum`` adds up, each of the sum's shape, else None."""
-        if _op_name(call) != "relax.sum" or call.attrs.keepdims or call.attrs.axis is None or \
+        if op_name(call) != "relax.sum" or call.attrs.keepdims or call.attrs.axis is None or \
                 len(call.attrs.axis) != 1:
             return None
         stacked = self._value(call.args[0])
-        if _op_name(stacked) != "relax.stack":
+        if op_name(stacked) != "relax.stack":
             return None
         rank = len(stacked.ty.shape) if shape_of(stacked) is not None else 0
         if not rank or int(call.attrs.axis[0]) % rank != int(stacked.attrs.axis) % rank:
@@ -55,7 +50,7 @@ class _SumRewriter(relax.PyExprMutator):
         addends = []
         for field in fields.fields:
             value = self._value(field)
-            if _op_name(value) == "relax.broadcast_to" and shape_of(value.args[0]) == shape:
+            if op_name(value) == "relax.broadcast_to" and shape_of(value.args[0]) == shape:
                 field = value.args[0]  # a copy to its own shape
             if shape_of(field) != shape:
                 return None
