@@ -208,3 +208,63 @@ def test_mirror_images_double_the_calibration_and_hold_out_the_held_out_mirrors(
         _, report = finetune(model, plan, images, reconstruct_epochs=0, mirror=mirror)
         assert report["mirror_images"] is mirror
         assert [s["held_out_images"] for s in report["sites"]] == [held_out]
+
+
+def test_captures_built_once_compute_what_each_slimmed_network_computes():
+    """The fine-tune's captures, built as one module before any weight is learned, give
+    what the network slimmed with the learned weights computes when built on its own: the
+    inputs of fmnist-inception's last site (every site before it slimmed, consumers
+    refitted) and the inputs of that site's block. A network that is not the one a capture
+    was built for gets None (the caller builds it)."""
+    from tvm_rebirth.learn.captures import SlimmedCaptures
+    from tvm_rebirth.learn.finetune import BlockEnd, capture_requests
+    from tvm_rebirth.learn.train import LearnedWeights, compute_vars, region_inputs
+    from tvm_rebirth.passes import analyze_sites, site_conv_weights, weight_keys
+
+    model = flow.load("fmnist-inception")
+    plan = flow.find_plan(model)
+    learned = [s for s in plan.enabled_sites() if not s.exact]
+    assert len(learned) == len(plan.sites) > 2
+    last = learned[-1]
+    site_convs = {c.replaces for s in learned for c in s.old_conv}
+    requests = capture_requests(model, plan, learned, {}, [], site_convs,
+                                {last.id: BlockEnd("output", 10 ** 6)})
+    assert set(requests) == {("inputs", s.id) for s in learned} | {("block", last.id)}
+    captures = SlimmedCaptures(requests)
+    block = requests[("block", last.id)]
+    # "learned" weights: the structure's placeholders, perturbed (a streamline site whose
+    # convs a branch site slims again has its own placeholders)
+    arrays = {k: a for s in learned if s.kind == "streamline"
+              for (_, *keys), pair in zip(weight_keys(s), site_conv_weights(s, None))
+              for k, a in zip(keys, pair)}
+    for request in requests.values():
+        graph = Dataflow(request.func)
+        arrays.update(LearnedWeights(graph, graph.bindings, request.trainable).initial)
+    arrays = {k: (v * (1 + 0.2 * RNG.standard_normal(v.shape))).astype(np.float32)
+              for k, v in arrays.items()}
+    assert any("/refit/" in k for k in arrays)
+    images = RNG.random((3, *next(iter(model.input_shapes.values()))[1:]), dtype=np.float32)
+
+    def plain(ids):
+        slim = rebirth_pipeline(plan.with_enabled(lambda s: s.id in ids), arrays)(model.mod)
+        return analyze_sites(relax.transform.ToNonDataflow()(slim), plan.policy)
+
+    before = plain({s.id for s in learned[:-1]})
+    trace = before.trace(last.id)
+    func = before.mod["main"]
+    variables = [trace.fork] if last.kind == "branch" else list(trace.inputs)
+    got = captures.run(("inputs", last.id), func, variables, images, "test")
+    for g, w in zip(got, compute_vars(func, variables, images, "test")):
+        np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-5)
+    after = plain({s.id for s in learned})
+    func = after.mod["main"]
+    ends = [after.mod["main"].body.body]
+    trainable = {n: k for n, k in block.trainable.items() if k[0].startswith(last.id + "/")}
+    variables = region_inputs(func, trainable, ends)
+    got = captures.run(("block", last.id), func, variables, images, "test")
+    for g, w in zip(got, compute_vars(func, variables, images, "test")):
+        np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-5)
+    # not the network it was built for: one more site slimmed; one fewer
+    assert captures.run(("inputs", last.id), func, variables, images, "test") is None
+    func, variables = before.mod["main"], variables[:1]
+    assert captures.run(("block", last.id), func, variables, images, "test") is None

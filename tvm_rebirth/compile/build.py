@@ -206,15 +206,16 @@ class Runner:
 
         args = [tvm.runtime.tensor(np.ascontiguousarray(x), self.device) for x in inputs]
         out = self.vm[self.func_name](*args)
-        return _to_numpy(out)
+        return to_numpy(out)
 
 
-def _to_numpy(out):
+def to_numpy(out) -> list:
+    """A VM result (a tensor or nested tuples of them) as a flat list of numpy arrays."""
     if hasattr(out, "numpy"):
         return [out.numpy()]
     result = []
     for item in out:
-        result.extend(_to_numpy(item))
+        result.extend(to_numpy(item))
     return result
 
 

@@ -170,6 +170,21 @@ def pack_weight(weight: np.ndarray, block: int, groups: int = 1) -> np.ndarray:
     return np.ascontiguousarray(packed)
 
 
+def pack_weight_te(weight, block: int):
+    """TE compute of ``pack_weight`` for one group, at run time: OIHW -> [O/block, I, kh,
+    kw, block], the last chunk's missing output channels zero (for weights that are not
+    constants: learned weights passed in as parameters)."""
+    from tvm import te, tirx
+
+    out_channels, in_channels, kh, kw = (int(d) for d in weight.shape)
+    return te.compute(
+        (_ceil(out_channels, block), in_channels, kh, kw, block),
+        lambda c, i, h, w, b: tirx.if_then_else(
+            c * block + b < out_channels, weight[c * block + b, i, h, w],
+            tirx.const(0.0, weight.dtype)),
+        name="pack_weight")
+
+
 def blocked_layout(lanes: int) -> str:
     """The channel-blocked activation layout of ``lanes`` channels per block: NCHW[x]c."""
     return f"NCHW{lanes}c"
@@ -257,6 +272,28 @@ def static_constant_conv(call, lanes: int | None = None) -> bool:
         return False
     return shape_of(x) is not None and str(x.ty.dtype) == "float32" and \
         shape_of(weight) is not None
+
+
+def parameter_weight_conv(call, lookup_binding) -> bool:
+    """A conv of one group, NCHW float32 data and output and static shapes whose OIHW float32
+    weights are a parameter of the function (learned weights: captures, training): our
+    direct kernel reads them packed at run time (``pack_weight_te``)."""
+    from tvm import relax
+
+    from ..passes.dataflow import shape_of
+
+    if not isinstance(call, relax.Call) or getattr(call.op, "name", "") != "relax.nn.conv2d":
+        return False
+    attrs = call.attrs
+    x, weight = call.args
+    if (attrs.data_layout, attrs.out_layout, attrs.kernel_layout) != ("NCHW", "NCHW", "OIHW") \
+            or str(attrs.out_dtype) not in ("", "float32", "void", "None") \
+            or int(attrs.groups) != 1:
+        return False
+    if not isinstance(weight, relax.Var) or lookup_binding(weight) is not None:
+        return False
+    return shape_of(x) is not None and shape_of(weight) is not None and \
+        str(x.ty.dtype) == "float32" and str(weight.ty.dtype) == "float32"
 
 
 def conv_rewrite_applies(call, lanes: int | None = None) -> bool:

@@ -13,7 +13,8 @@ from __future__ import annotations
 from .dense import dense_as_conv
 from .depthwise import depthwise_applies, rewrite_depthwise
 from .layouts import (GEMM_ACCUMULATORS, blocked_conv_te, call_rewriting_pass,
-                      conv_rewrite_applies, pack_weight, plan_conv, vector_unit)
+                      conv_rewrite_applies, pack_weight, pack_weight_te,
+                      parameter_weight_conv, plan_conv, vector_unit)
 from .winograd import winograd_conv
 
 
@@ -33,6 +34,8 @@ def PackConvWeights(target):  # noqa: N802 -- a pass, named like TVM's
                 pack_weight, blocked_conv_te)
         if depthwise_applies(call):
             return rewrite_depthwise(builder, call, unit.lanes)
+        if parameter_weight_conv(call, lookup_binding):
+            return _conv_packed_at_run_time(builder, call, unit)
         if not conv_rewrite_applies(call, unit.lanes):
             return None
         winograd = winograd_conv(
@@ -70,3 +73,25 @@ def PackConvWeights(target):  # noqa: N802 -- a pass, named like TVM's
     return call_rewriting_pass("PackConvWeights", unit, rewrite,
                                "convs and dense layers use packed weights",
                                after=relax.transform.DeadCodeElimination())
+
+
+def _conv_packed_at_run_time(builder, call, unit):
+    """Our direct kernel for a ``parameter_weight_conv``: its weights packed by a kernel of
+    their own, then the same blocked conv as for constant weights (None: no tile fits)."""
+    x, weight = call.args
+    attrs = call.attrs
+    out_channels, _, kh, kw = (int(d) for d in weight.ty.shape)
+    stride_w = int(attrs.strides[1])
+    plan = plan_conv(unit, out_channels, int(call.ty.shape[3]), kw, stride_w,
+                     pointwise=(kh, kw, stride_w) == (1, 1, 1))
+    if plan is None:
+        return None
+    packed = builder.emit_te(pack_weight_te, weight, plan.block,
+                             primfunc_name_hint="rebirth_pack_weight")
+    strides = [int(s) for s in attrs.strides]
+    padding = [int(p) for p in attrs.padding]
+    dilation = [int(d) for d in attrs.dilation]
+    return builder.call_te(
+        lambda data, kernel: blocked_conv_te(data, kernel, out_channels, strides, padding,
+                                             dilation, plan),
+        x, packed, primfunc_name_hint="rebirth_conv2d")

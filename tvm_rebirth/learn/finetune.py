@@ -21,7 +21,8 @@ import numpy as np
 from ..errors import RebirthError
 from ..passes import (SITE_KINDS, analyze_sites, exact_site_weights, rebirth_pipeline,
                       weight_keys)
-from ..passes.site import branch_conv_layout, branch_groups, refit_keys
+from ..passes.site import branch_conv_layout, branch_groups, refit_keys, site_conv_weights
+from .captures import SlimmedCaptures
 from .fit import activate, conv_forward, fit_rebirth_conv, pool_forward
 from .train import compute_vars
 from .weights import RebirthWeights
@@ -41,14 +42,18 @@ def _plain_analysis(mod, policy, kinds=SITE_KINDS, func_name="main"):
 
 
 def capture(mod, select, images, label, policy="keep-kernel", func_name="main",
-            kinds=SITE_KINDS) -> tuple:
+            kinds=SITE_KINDS, built=None) -> tuple:
     """Run ``images`` through a module computing only the vars ``select(analysis)`` names
     ({key: var}, from the site analysis of ``mod``). Returns ({key: stacked array}, that
-    analysis)."""
+    analysis). ``built(func, vars)``: the columns from a module built before (a
+    ``SlimmedCaptures`` run), or None to build this one."""
     analysis = _plain_analysis(mod, policy, kinds, func_name)
     outputs = select(analysis)
     # the vars belong to the analysed (prepared) module
-    columns = compute_vars(analysis.mod[func_name], list(outputs.values()), images, label)
+    func, variables = analysis.mod[func_name], list(outputs.values())
+    columns = built(func, variables) if built is not None else None
+    if columns is None:
+        columns = compute_vars(func, variables, images, label)
     return dict(zip(outputs, columns)), analysis
 
 
@@ -169,12 +174,13 @@ def _with_mirrors(images, held) -> tuple:
 
 
 def _fit_streamline(site, current, target, policy, images, held, arrays, site_convs,
-                    consumer_targets):
+                    consumer_targets, built=None):
     """Learn a streamline site's conv(s) from inputs captured in ``current`` (every site
-    below already slimmed); then refit the convs reading it unless ``site_convs`` is None."""
+    below already slimmed; ``built``: as ``capture`` takes it); then refit the convs reading
+    it unless ``site_convs`` is None."""
     inputs, analysis = capture(
         current, lambda a: dict(enumerate(a.trace(site.id).inputs)), images,
-        f"inputs of {site.id}", policy)
+        f"inputs of {site.id}", policy, built=built)
     fits = _streamline_fits(site, inputs, analysis)
     pieces = _fit_streamline_convs(fits, target, held, arrays)
     entry = {"id": site.id, "kind": site.kind, "exact": False, **_combine(pieces),
@@ -423,11 +429,11 @@ def _block_ends(model, plan, learned, exact_ids) -> dict:
 
 
 def _reconstruct_block(model, plan, done, site, block: BlockEnd, arrays, images, held,
-                       targets, epochs) -> dict:
+                       targets, epochs, captures=None) -> dict:
     """Block reconstruction: train ``site``'s convs (and its refitted consumers) with TVM's
-    gradients, from inputs computed by the network slimmed so far, so that the block they
-    start reproduces the original network where ``block`` ends: where the next learned site
-    it reaches begins (or the model's output)."""
+    gradients, from inputs computed by the network slimmed so far (by ``captures`` where
+    they were built), so that the block they start reproduces the original network where
+    ``block`` ends: where the next learned site it reaches begins (or the model's output)."""
     from .train import RegionTrainer
 
     if not block.trains:
@@ -442,7 +448,11 @@ def _reconstruct_block(model, plan, done, site, block: BlockEnd, arrays, images,
         wanted = [targets[("boundary", block.ends_at, i)] for i in range(len(ends))]
     trainer = RegionTrainer(analysis.mod["main"], ends, _trainable(site, arrays),
                             RECONSTRUCT_BATCH)
-    inputs = trainer.capture(images, f"block inputs of {site.id}")
+    label = f"block inputs of {site.id}"
+    inputs = captures.run(("block", site.id), trainer.func, trainer.inputs, images,
+                          label) if captures is not None else None
+    if inputs is None:
+        inputs = trainer.capture(images, label)
     result = trainer.fit(inputs, wanted, held, arrays, epochs=epochs, lr=RECONSTRUCT_LR,
                          label=site.id, max_macs=RECONSTRUCT_MACS)
     arrays.update(result.arrays)
@@ -460,6 +470,61 @@ def _reconstruct_block(model, plan, done, site, block: BlockEnd, arrays, images,
                        f"held-out ones (loss {result.fit_after:.4f} vs "
                        f"{result.held_out_after:.4f}): more calibration images would help")
     return entry
+
+
+def _placeholders(site, analysis) -> dict:
+    """{weight or bias key: array} of a site's rebirth convs, seeded, of the shapes they
+    take in the network ``analysis`` holds (the site not yet slimmed there): what builds
+    the slimmed structure before the weights are learned."""
+    kernels = None
+    if site.kind == "branch":  # a branch conv keeps its module's kernel
+        trace = analysis.trace(site.id)
+        kernels = [analysis.conv_weights(trace.convs[name])[0].shape[2:]
+                   for name, _, _ in branch_conv_layout(site, branch_groups(site))]
+    arrays = {}
+    for (_, wkey, bkey), (weight, bias) in zip(weight_keys(site),
+                                               site_conv_weights(site, None, kernels)):
+        arrays[wkey], arrays[bkey] = weight, bias
+    return arrays
+
+
+def capture_requests(model, plan, learned, arrays, done, site_convs, blocks) -> dict:
+    """{("inputs" | "block", site id): CaptureRequest} of every capture the fine-tune of
+    ``learned`` makes, on the networks it will slim, built with placeholder weights of the
+    learned convs (``arrays``, ``done``: the exact sites' weights and ids; ``site_convs`` as
+    ``_fit_streamline`` takes it; ``blocks``: the ``BlockEnd`` of each site that trains)."""
+    from .captures import CaptureRequest
+    from .train import region_inputs
+
+    weights, done, trainable, requests = dict(arrays), list(done), {}, {}
+
+    def network():
+        slim = rebirth_pipeline(plan.with_enabled(lambda s: s.id in done), weights)(model.mod)
+        return _plain_analysis(slim, plan.policy)
+
+    analysis = network()
+    for i, site in enumerate(learned):
+        requests[("inputs", site.id)] = CaptureRequest(
+            analysis.mod["main"], _boundary(analysis, site.id), dict(trainable))
+        weights.update(_placeholders(site, analysis))
+        if site.kind != "branch" and site_convs is not None:  # as _fit_streamline refits
+            for consumer in _consumers(analysis, site.id, site_convs):
+                wkey, bkey = refit_keys(site, consumer.name)
+                weights[wkey], weights[bkey] = analysis.conv_weights(consumer)
+        trainable.update(_trainable(site, weights))
+        block = blocks.get(site.id)
+        trains = block is not None and block.trains
+        done.append(site.id)
+        if i + 1 == len(learned) and not trains:
+            break
+        analysis = network()
+        if trains:
+            func = analysis.mod["main"]
+            ends = [_output_var(analysis)] if block.ends_at == "output" else \
+                _boundary(analysis, block.ends_at)
+            requests[("block", site.id)] = CaptureRequest(
+                func, region_inputs(func, _trainable(site, weights), ends), dict(trainable))
+    return requests
 
 
 def _branch_target(plan, analysis, site):
@@ -596,24 +661,32 @@ def finetune(model, plan, images=None, calibration="",
             return outs
         targets, _ = capture(model.mod, original_targets, images, "original model",
                              plan.policy)
+        captures = SlimmedCaptures(capture_requests(
+            model, plan, learned, arrays, done, site_convs if refit_consumers else None,
+            blocks))
     for site in learned:
         t = time.time()
         current = rebirth_pipeline(plan.with_enabled(lambda s: s.id in done), arrays)(model.mod)
         target = targets.pop(site.id)
+
+        def built(func, variables):
+            return captures.run(("inputs", site.id), func, variables, images,
+                                f"inputs of {site.id}")
         if site.kind == "branch":
             captured, analysis = capture(current, lambda a: {"fork": a.trace(site.id).fork},
-                                         images, f"input of {site.id}", plan.policy)
+                                         images, f"input of {site.id}", plan.policy,
+                                         built=built)
             entry = _fit_branch(site, analysis, captured["fork"], target, held, arrays)
         else:
             entry = _fit_streamline(site, current, target, plan.policy, images, held, arrays,
-                                    site_convs if refit_consumers else None, targets)
+                                    site_convs if refit_consumers else None, targets, built)
         done.append(site.id)
         logger.info(f"[finetune] {site.id}: relative error {entry['rel_error']:.4f} on "
             f"{entry['held_out_images']} held-out images (fit {entry['rel_error_fit']:.4f})")
         if reconstruct:
             entry["block"] = _reconstruct_block(model, plan, done, site, blocks[site.id],
                                                 arrays, images, held, targets,
-                                                reconstruct_epochs)
+                                                reconstruct_epochs, captures)
         entry["seconds"] = round(time.time() - t, 2)
         report.append(entry)
     e2e = None

@@ -106,6 +106,13 @@ def reaches(func, trainable, outputs) -> bool:
     return all(v in inside for v in outputs)
 
 
+def region_inputs(func, trainable, outputs) -> list:
+    """The vars a ``RegionTrainer`` of these arguments reads (its ``inputs``), without
+    building it."""
+    graph = Dataflow(func)
+    return _region(graph, _trainable_convs(graph, trainable), outputs)[1]
+
+
 def affordable_steps(func, trainable, outputs, batch: int, max_macs: float) -> int:
     """How many training steps of ``batch`` images the region from the ``trainable`` convs
     to ``outputs`` can take within ``max_macs`` multiply-adds (forward and backward, ~3x
@@ -113,6 +120,53 @@ def affordable_steps(func, trainable, outputs, batch: int, max_macs: float) -> i
     graph = Dataflow(func)
     bindings, _ = _region(graph, _trainable_convs(graph, trainable), outputs)
     return int(max_macs // max(3 * _macs_per_image(bindings) * batch, 1))
+
+
+class LearnedWeights:
+    """The trainable convs of ``bindings`` (by binding name, ``trainable``: {conv name:
+    (weight key, bias key)}) with their weights, and the constant bias added right after
+    each, as parameters of a function built from those bindings.
+
+    ``keys``: the parameters' keys in order; ``params``: {key: relax.Var}; ``initial``:
+    {key: the constant it replaces}; ``swaps``: {call: (argument index, replacement)} for
+    ``_make_substitute``, completed by ``emit``."""
+
+    def __init__(self, graph: Dataflow, bindings, trainable: dict):
+        from tvm import relax
+
+        self._relax = relax
+        inside = {b.var for b in bindings}
+        self.keys, self.initial, self.params, self.swaps, self._biases = [], {}, {}, {}, {}
+        for b in bindings:
+            name = str(b.var.name)
+            if name not in trainable or op_name(b.value) != "relax.nn.conv2d":
+                continue
+            wkey, bkey = trainable[name]
+            self._add(wkey, evaluate_constant(b.value.args[1], graph.var2val))
+            self.swaps[b.value] = (1, self.params[wkey])
+            adds = [u for u in graph.users_of(b.var) if u in inside and
+                    op_name(graph.value[u]) == "relax.add"]
+            if bkey is not None and len(adds) == 1:
+                add = graph.value[adds[0]]
+                self._add(bkey, evaluate_constant(add.args[1], graph.var2val).reshape(-1))
+                self._biases[add] = self.params[bkey]
+
+    def _add(self, key, array) -> None:
+        self.initial[key] = np.asarray(array, np.float32)
+        self.params[key] = self._relax.Var(key, self._relax.TensorType(
+            self.initial[key].shape, "float32"))
+        self.keys.append(key)
+
+    def emit(self, builder, bindings, mapping, substitute) -> None:
+        """Emit ``bindings`` into ``builder``'s open dataflow block through ``substitute``
+        (built on ``mapping`` and ``swaps``), each bias parameter reshaped for its add."""
+        relax = self._relax
+        for add, bias in self._biases.items():  # (C,) -> (1, C, 1, 1), as leaf vars
+            self.swaps[add] = (1, builder.emit(relax.op.reshape(
+                bias, [1, int(bias.ty.shape[0]), 1, 1])))
+        for b in bindings:
+            mapping[b.var] = builder.emit(substitute.visit_expr(b.value),
+                                          name_hint=str(b.var.name))
 
 
 def _make_substitute():
@@ -202,27 +256,8 @@ class RegionTrainer:
                                f"trainable convs ({', '.join(sorted(trainable))})")
         self.func, self.inputs, self.target = func, inputs, target
         self.macs_per_image = _macs_per_image(bindings)
-        self.keys, self.initial, swaps, biases = [], {}, {}, {}
-        params = {}
-        for b in bindings:
-            name = str(b.var.name)
-            if name not in trainable or op_name(b.value) != "relax.nn.conv2d":
-                continue
-            wkey, bkey = trainable[name]
-            weight = b.value.args[1]
-            self.initial[wkey] = evaluate_constant(weight, graph.var2val).astype(np.float32)
-            params[wkey] = relax.Var(wkey, relax.TensorType(self.initial[wkey].shape, "float32"))
-            swaps[b.value] = (1, params[wkey])
-            self.keys.append(wkey)
-            adds = [u for u in graph.users_of(b.var) if u in inside and
-                    op_name(graph.value[u]) == "relax.add"]
-            if bkey is not None and len(adds) == 1:
-                add = graph.value[adds[0]]
-                bias = evaluate_constant(add.args[1], graph.var2val).astype(np.float32)
-                self.initial[bkey] = bias.reshape(-1)
-                params[bkey] = relax.Var(bkey, relax.TensorType([bias.size], "float32"))
-                biases[add] = params[bkey]
-                self.keys.append(bkey)
+        weights = LearnedWeights(graph, bindings, trainable)
+        self.keys, self.initial = weights.keys, weights.initial
         if not self.keys:
             raise RebirthError("the training region has none of the trainable convs "
                                f"({', '.join(sorted(trainable))})")
@@ -231,22 +266,17 @@ class RegionTrainer:
             [batch] + [int(d) for d in list(v.ty.shape)[1:]], v.ty.dtype))
             for i, v in enumerate(inputs)]
         mapping = dict(zip(inputs, region_inputs))
-        substitute = _make_substitute()(mapping, batch, swaps)
+        substitute = _make_substitute()(mapping, batch, weights.swaps)
         targets = [relax.Var(f"target{i}", relax.TensorType(
             [batch] + [int(d) for d in list(v.ty.shape)[1:]], "float32"))
             for i, v in enumerate(outputs)]
         scales = [relax.Var(f"scale{i}", relax.TensorType([], "float32"))
                   for i in range(len(outputs))]
-        weights = [params[k] for k in self.keys]
+        params = [weights.params[k] for k in self.keys]
         builder = relax.BlockBuilder()
-        with builder.function("loss", region_inputs + weights + targets + scales):
+        with builder.function("loss", region_inputs + params + targets + scales):
             with builder.dataflow():
-                for add, bias in biases.items():  # (C,) -> (1, C, 1, 1), as leaf vars
-                    swaps[add] = (1, builder.emit(relax.op.reshape(
-                        bias, [1, int(bias.ty.shape[0]), 1, 1])))
-                for b in bindings:
-                    mapping[b.var] = builder.emit(substitute.visit_expr(b.value),
-                                                  name_hint=str(b.var.name))
+                weights.emit(builder, bindings, mapping, substitute)
                 loss = None  # the sum over outputs of mean squared error x scale
                 for out, wanted, scale in zip(outputs, targets, scales):
                     diff = builder.emit(relax.op.subtract(mapping[out], wanted))
@@ -260,7 +290,7 @@ class RegionTrainer:
         if problems:
             op, why = next(iter(problems.items()))
             raise RebirthError(f"cannot train through {op}: {why}")
-        mod = relax.transform.Gradient("loss", require_grads=weights)(mod)
+        mod = relax.transform.Gradient("loss", require_grads=params)(mod)
         start = time.time()
         self.vm = relax.VirtualMachine(compile_module(mod, target, tuned=False).executable,
                                        tvm.cpu())

@@ -1,0 +1,148 @@
+"""The fine-tune's captures of the network slimmed so far, compiled once for all sites.
+
+Fitting a site needs its inputs as the network computes them with every site before it
+slimmed; training its block needs the block's inputs with the site slimmed too. Compiling
+each of those networks on its own took most of a fine-tune (GoogLeNet: 14 builds of the
+network up to a site). Their structure is known before any weight is learned: learning
+only changes the values of the rebirth convs and of the convs refitted after them. So
+every capture is one function of a single module, those weights its parameters, and the
+module is built once (functions share their kernels); a capture then runs with the
+weights learned so far:
+
+    captures = SlimmedCaptures({name: CaptureRequest(func, variables, trainable)})
+    columns = captures.run(name, real_func, real_variables, images, label)
+
+``run`` finds the request's vars in the function the caller built with the real weights
+by position, after checking that both functions compute the same ops in the same order,
+and passes that function's own weights of the learned convs: what it computes is what
+the real function computes. When the functions differ it returns None and the caller
+compiles that capture on its own.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+
+import numpy as np
+
+from ..passes.dataflow import Dataflow, op_name
+from .train import LearnedWeights, _make_substitute
+
+logger = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class CaptureRequest:
+    """``variables`` of ``func`` (a function without dataflow blocks, built with placeholder
+    weights of the right shapes), computed with the convs of ``trainable`` ({conv binding
+    name: (weight key, bias key)}) taking their weights and biases as parameters."""
+    func: object
+    variables: list
+    trainable: dict
+
+
+def _places(func, graph: Dataflow, variables) -> list | None:
+    """Where each var is computed: ("param", index) or ("binding", position); None when a
+    var is neither."""
+    params = {p: i for i, p in enumerate(func.params)}
+    places = []
+    for var in variables:
+        if var in params:
+            places.append(("param", params[var]))
+        elif var in graph.position:
+            places.append(("binding", graph.position[var]))
+        else:
+            return None
+    return places
+
+
+def _ops(graph: Dataflow) -> list:
+    return [op_name(b.value) for b in graph.bindings]
+
+
+class SlimmedCaptures:
+    """The requests' functions, built as one module for this CPU (see the module
+    docstring)."""
+
+    def __init__(self, requests: dict, target=None):
+        import tvm
+        from tvm import relax
+
+        from ..compile.build import compile_module
+
+        start = time.time()
+        self._requests, self._keys, self._graphs, names = {}, {}, {}, {}
+        builder = relax.BlockBuilder()
+        for i, (key, request) in enumerate(requests.items()):
+            graph = Dataflow(request.func)
+            places = _places(request.func, graph, request.variables)
+            if places is None:
+                continue
+            name = f"capture{i}"
+            self._keys[key] = self._emit(builder, name, request, graph)
+            self._requests[key], self._graphs[key], names[key] = request, graph, name
+        mod = builder.get()
+        functions = {gv: relax.analysis.remove_all_unused(f) for gv, f in mod.functions.items()}
+        self._names = names
+        self.vm = relax.VirtualMachine(
+            compile_module(tvm.IRModule(functions), target, tuned=False).executable, tvm.cpu())
+        self.build_seconds = time.time() - start
+        logger.info(f"[finetune] built the captures of {len(names)} fitting step(s) as one "
+                    f"module in {self.build_seconds:.1f}s")
+
+    @staticmethod
+    def _emit(builder, name, request, graph) -> list:
+        """Emit the request's function; returns the weight keys it takes after the inputs."""
+        from tvm import relax
+
+        func = request.func
+        weights = LearnedWeights(graph, graph.bindings, request.trainable)
+        inputs = [relax.Var(str(p.name), p.ty) for p in func.params]
+        mapping = dict(zip(func.params, inputs))
+        substitute = _make_substitute()(mapping, 1, weights.swaps)
+        with builder.function(name, inputs + [weights.params[k] for k in weights.keys]):
+            with builder.dataflow():
+                weights.emit(builder, graph.bindings, mapping, substitute)
+                out = builder.emit_output(relax.Tuple([mapping[v] for v in request.variables]))
+            builder.emit_func_output(out)
+        return list(weights.keys)
+
+    def run(self, key, func, variables, images, label) -> list | None:
+        """``variables`` of ``func`` (the network slimmed with the weights learned so far)
+        for each image, one stacked array per var, computed by the request ``key``'s
+        function with ``func``'s own weights; None when that request was not built, or
+        ``func`` computes other ops or lacks one of its learned convs."""
+        import tvm
+
+        from ..compile.build import to_numpy
+
+        request = self._requests.get(key)
+        if request is None:
+            return None
+        graph = Dataflow(func)
+        mine = self._graphs[key]
+        places = _places(func, graph, variables)
+        wanted = _places(request.func, mine, request.variables)
+        learned = LearnedWeights(graph, graph.bindings, request.trainable)
+        if places is None or len(func.params) != len(request.func.params) \
+                or _ops(graph) != _ops(mine) or any(p not in wanted for p in places) \
+                or learned.keys != self._keys[key]:
+            logger.info(f"[finetune] {label}: the network differs from the one built for it; "
+                        "compiling this capture on its own")
+            return None
+        device = tvm.cpu()
+        weights = [tvm.runtime.tensor(learned.initial[k], device) for k in learned.keys]
+        function = self.vm[self._names[key]]
+        picks = [wanted.index(p) for p in places]
+        columns = [[] for _ in variables]
+        start = time.time()
+        for i, image in enumerate(images):
+            outs = to_numpy(function(tvm.runtime.tensor(image[None], device), *weights))
+            for column, pick in zip(columns, picks):
+                column.append(outs[pick][0])
+            if (i + 1) % 64 == 0 or i + 1 == len(images):
+                logger.info(f"[finetune]   {label}: {i + 1}/{len(images)} images "
+                            f"({time.time() - start:.1f}s)")
+        return [np.stack(c) for c in columns]
