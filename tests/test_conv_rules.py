@@ -132,3 +132,39 @@ def test_vector_rows_plans():
     assert plan.rows and plan.tile * plan.vectors + plan.vectors + -(-(plan.tile + 2) // 4) <= 32
     assert not plan_conv(neon, 64, 55, 7, 4).rows  # 7 taps at stride 4: rows too long
     assert not plan_conv(VectorUnit(4, 16), 128, 28, 1, 1, pointwise=True).rows
+
+
+@pytest.mark.parametrize("shape,weight,strides,padding", [
+    ((1, 20, 17, 19), (24, 20, 3, 3), (2, 1), (1, 0, 1, 2)),  # 24: a partial last block
+    ((1, 16, 14, 14), (32, 16, 1, 1), (1, 1), (0, 0, 0, 0)),
+])
+def test_conv_with_parameter_weights_packs_them_at_run_time(shape, weight, strides, padding):
+    """A conv whose weights are a function parameter (learned weights: captures, training)
+    gets our direct kernel, the weights packed by a kernel of their own, and computes what
+    TVM's own build of the same function computes."""
+    from tvm_rebirth.compile.build import compile_module
+
+    builder = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType(list(shape), "float32"))
+    w = relax.Var("w", relax.TensorType(list(weight), "float32"))
+    with builder.function("main", [x, w]):
+        with builder.dataflow():
+            y = builder.emit(R.nn.conv2d(x, w, strides=list(strides), padding=list(padding)))
+            out = builder.emit_output(R.nn.relu(y))
+        builder.emit_func_output(out)
+    mod = builder.get()
+    with host_target():
+        packed = PackConvWeights(host_target())(mod)
+    names = [gv.name_hint for gv in packed.functions]
+    assert any(n.startswith("rebirth_pack_weight") for n in names), names
+    assert any(n.startswith("rebirth_conv2d") for n in names), names
+    rng = np.random.default_rng(0)
+    args = [rng.standard_normal(shape, dtype=np.float32),
+            rng.standard_normal(weight, dtype=np.float32)]
+
+    def run(executable):
+        vm = relax.VirtualMachine(executable, tvm.cpu())
+        return vm["main"](*[tvm.runtime.tensor(a) for a in args]).numpy()
+
+    np.testing.assert_allclose(run(compile_module(mod, tuned=False).executable),
+                               run(relax.build(mod, "llvm")), rtol=1e-4, atol=1e-4)
