@@ -73,7 +73,7 @@ class SlimmedCaptures:
         from ..compile.build import compile_module
 
         start = time.time()
-        self._requests, self._keys, self._graphs, names = {}, {}, {}, {}
+        self._requests, self._params, self._graphs, names = {}, {}, {}, {}
         builder = relax.BlockBuilder()
         for i, (key, request) in enumerate(requests.items()):
             graph = Dataflow(request.func)
@@ -81,7 +81,7 @@ class SlimmedCaptures:
             if places is None:
                 continue
             name = f"capture{i}"
-            self._keys[key] = self._emit(builder, name, request, graph)
+            self._params[key] = self._emit(builder, name, request, graph)
             self._requests[key], self._graphs[key], names[key] = request, graph, name
         mod = builder.get()
         functions = {gv: relax.analysis.remove_all_unused(f) for gv, f in mod.functions.items()}
@@ -94,7 +94,8 @@ class SlimmedCaptures:
 
     @staticmethod
     def _emit(builder, name, request, graph) -> list:
-        """Emit the request's function; returns the weight keys it takes after the inputs."""
+        """Emit the request's function; returns the (weight key, shape) of each parameter it
+        takes after the inputs."""
         from tvm import relax
 
         func = request.func
@@ -107,7 +108,7 @@ class SlimmedCaptures:
                 weights.emit(builder, graph.bindings, mapping, substitute)
                 out = builder.emit_output(relax.Tuple([mapping[v] for v in request.variables]))
             builder.emit_func_output(out)
-        return list(weights.keys)
+        return [(k, weights.initial[k].shape) for k in weights.keys]
 
     def run(self, key, func, variables, images, label) -> list | None:
         """``variables`` of ``func`` (the network slimmed with the weights learned so far)
@@ -128,7 +129,7 @@ class SlimmedCaptures:
         learned = LearnedWeights(graph, graph.bindings, request.trainable)
         if places is None or len(func.params) != len(request.func.params) \
                 or _ops(graph) != _ops(mine) or any(p not in wanted for p in places) \
-                or learned.keys != self._keys[key]:
+                or [(k, learned.initial[k].shape) for k in learned.keys] != self._params[key]:
             logger.info(f"[finetune] {label}: the network differs from the one built for it; "
                         "compiling this capture on its own")
             return None
