@@ -249,11 +249,9 @@ def blocked_conv_te(x, packed, out_channels, strides, padding, dilation, plan: C
                       name=UNPACK_BLOCK)
 
 
-def static_constant_conv(call, lanes: int | None = None) -> bool:
-    """A Relax conv2d with NCHW data and output, OIHW constant weights, float32 data, output
-    and weights, static shapes: what our conv kernels (blocked, Winograd, depthwise) read.
-    With ``lanes``, data and output may also be NCHW[lanes]c (``blocked_layout``)."""
-    import tvm
+def _float32_conv(call, activations) -> bool:
+    """A Relax conv2d with data and output in one of ``activations``, OIHW weights, float32
+    data, output and weights, static shapes (the weights constant or not)."""
     from tvm import relax
 
     from ..passes.dataflow import shape_of
@@ -261,18 +259,25 @@ def static_constant_conv(call, lanes: int | None = None) -> bool:
     if not isinstance(call, relax.Call) or getattr(call.op, "name", "") != "relax.nn.conv2d":
         return False
     attrs = call.attrs
-    activations = {"NCHW", blocked_layout(lanes)} if lanes else {"NCHW"}
     if attrs.data_layout not in activations or attrs.out_layout not in activations or \
             attrs.kernel_layout != "OIHW":
         return False
     if str(attrs.out_dtype) not in ("", "float32", "void", "None"):
         return False
     x, weight = call.args
-    if not isinstance(weight, tvm.ir.expr.GenericConst) or str(weight.value.dtype) != "float32":
-        return False
     return shape_of(x) is not None and str(x.ty.dtype) == "float32" and \
-        shape_of(weight) is not None
+        shape_of(weight) is not None and str(weight.ty.dtype) == "float32"
 
+
+def static_constant_conv(call, lanes: int | None = None) -> bool:
+    """A Relax conv2d with NCHW data and output, OIHW constant weights, float32 data, output
+    and weights, static shapes: what our conv kernels (blocked, Winograd, depthwise) read.
+    With ``lanes``, data and output may also be NCHW[lanes]c (``blocked_layout``)."""
+    import tvm
+
+    activations = {"NCHW", blocked_layout(lanes)} if lanes else {"NCHW"}
+    return _float32_conv(call, activations) and \
+        isinstance(call.args[1], tvm.ir.expr.GenericConst)
 
 def parameter_weight_conv(call, lookup_binding) -> bool:
     """A conv of one group, NCHW float32 data and output and static shapes whose OIHW float32
@@ -280,21 +285,10 @@ def parameter_weight_conv(call, lookup_binding) -> bool:
     direct kernel reads them packed at run time (``pack_weight_te``)."""
     from tvm import relax
 
-    from ..passes.dataflow import shape_of
-
-    if not isinstance(call, relax.Call) or getattr(call.op, "name", "") != "relax.nn.conv2d":
+    if not _float32_conv(call, {"NCHW"}) or int(call.attrs.groups) != 1:
         return False
-    attrs = call.attrs
-    x, weight = call.args
-    if (attrs.data_layout, attrs.out_layout, attrs.kernel_layout) != ("NCHW", "NCHW", "OIHW") \
-            or str(attrs.out_dtype) not in ("", "float32", "void", "None") \
-            or int(attrs.groups) != 1:
-        return False
-    if not isinstance(weight, relax.Var) or lookup_binding(weight) is not None:
-        return False
-    return shape_of(x) is not None and shape_of(weight) is not None and \
-        str(x.ty.dtype) == "float32" and str(weight.ty.dtype) == "float32"
-
+    weight = call.args[1]
+    return isinstance(weight, relax.Var) and lookup_binding(weight) is None
 
 def conv_rewrite_applies(call, lanes: int | None = None) -> bool:
     """Whether a Relax call is a conv this pass rewrites: a ``static_constant_conv``

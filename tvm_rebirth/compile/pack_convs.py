@@ -47,7 +47,7 @@ def PackConvWeights(target):  # noqa: N802 -- a pass, named like TVM's
         if winograd is not None:
             return winograd
         attrs = call.attrs
-        x, weight = call.args
+        weight = call.args[1]
         out_channels, _, kh, kw = (int(d) for d in weight.value.shape)
         groups = int(attrs.groups)
         out_w = int(call.ty.shape[3])
@@ -61,13 +61,7 @@ def PackConvWeights(target):  # noqa: N802 -- a pass, named like TVM's
             return None
         packed = relax.const(pack_weight(weight.value.numpy(), out_lanes or plan.block, groups),
                              "float32")
-        strides = [int(s) for s in attrs.strides]
-        padding = [int(p) for p in attrs.padding]
-        dilation = [int(d) for d in attrs.dilation]
-        return builder.call_te(
-            lambda data, kernel: blocked_conv_te(data, kernel, out_channels, strides,
-                                                 padding, dilation, plan, groups, out_lanes),
-            x, packed, primfunc_name_hint="rebirth_conv2d")
+        return _blocked_conv(builder, call, packed, out_channels, plan, groups, out_lanes)
 
     # the transposes of dense weights the convs replaced would still be folded
     return call_rewriting_pass("PackConvWeights", unit, rewrite,
@@ -78,20 +72,26 @@ def PackConvWeights(target):  # noqa: N802 -- a pass, named like TVM's
 def _conv_packed_at_run_time(builder, call, unit):
     """Our direct kernel for a ``parameter_weight_conv``: its weights packed by a kernel of
     their own, then the same blocked conv as for constant weights (None: no tile fits)."""
-    x, weight = call.args
-    attrs = call.attrs
+    weight = call.args[1]
     out_channels, _, kh, kw = (int(d) for d in weight.ty.shape)
-    stride_w = int(attrs.strides[1])
+    stride_w = int(call.attrs.strides[1])
     plan = plan_conv(unit, out_channels, int(call.ty.shape[3]), kw, stride_w,
                      pointwise=(kh, kw, stride_w) == (1, 1, 1))
     if plan is None:
         return None
     packed = builder.emit_te(pack_weight_te, weight, plan.block,
                              primfunc_name_hint="rebirth_pack_weight")
+    return _blocked_conv(builder, call, packed, out_channels, plan)
+
+
+def _blocked_conv(builder, call, packed, out_channels, plan, groups=1, out_lanes=None):
+    """The call of our blocked conv kernel computing the conv ``call`` from its data and
+    ``packed`` weights (a constant, or packed at run time)."""
+    attrs = call.attrs
     strides = [int(s) for s in attrs.strides]
     padding = [int(p) for p in attrs.padding]
     dilation = [int(d) for d in attrs.dilation]
     return builder.call_te(
         lambda data, kernel: blocked_conv_te(data, kernel, out_channels, strides, padding,
-                                             dilation, plan),
-        x, packed, primfunc_name_hint="rebirth_conv2d")
+                                             dilation, plan, groups, out_lanes),
+        call.args[0], packed, primfunc_name_hint="rebirth_conv2d")

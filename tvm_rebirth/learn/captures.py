@@ -73,7 +73,7 @@ class SlimmedCaptures:
         from ..compile.build import compile_module
 
         start = time.time()
-        self._requests, self._params, self._graphs, names = {}, {}, {}, {}
+        self._requests, self._params, self._graphs, self._places, names = {}, {}, {}, {}, {}
         builder = relax.BlockBuilder()
         for i, (key, request) in enumerate(requests.items()):
             graph = Dataflow(request.func)
@@ -83,6 +83,7 @@ class SlimmedCaptures:
             name = f"capture{i}"
             self._params[key] = self._emit(builder, name, request, graph)
             self._requests[key], self._graphs[key], names[key] = request, graph, name
+            self._places[key] = places
         mod = builder.get()
         functions = {gv: relax.analysis.remove_all_unused(f) for gv, f in mod.functions.items()}
         self._names = names
@@ -124,8 +125,7 @@ class SlimmedCaptures:
             return None
         graph = Dataflow(func)
         mine = self._graphs[key]
-        places = _places(func, graph, variables)
-        wanted = _places(request.func, mine, request.variables)
+        places, wanted = _places(func, graph, variables), self._places[key]
         learned = LearnedWeights(graph, graph.bindings, request.trainable)
         if places is None or len(func.params) != len(request.func.params) \
                 or _ops(graph) != _ops(mine) or any(p not in wanted for p in places) \
