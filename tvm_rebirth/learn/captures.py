@@ -28,7 +28,7 @@ import time
 import numpy as np
 
 from ..passes.dataflow import Dataflow, op_name
-from .train import LearnedWeights, _make_substitute
+from .train import LearnedWeights, make_substitute
 
 logger = logging.getLogger(__name__)
 
@@ -103,7 +103,7 @@ class SlimmedCaptures:
         weights = LearnedWeights(graph, graph.bindings, request.trainable)
         inputs = [relax.Var(str(p.name), p.ty) for p in func.params]
         mapping = dict(zip(func.params, inputs))
-        substitute = _make_substitute()(mapping, 1, weights.swaps)
+        substitute = make_substitute()(mapping, 1, weights.swaps)
         with builder.function(name, inputs + [weights.params[k] for k in weights.keys]):
             with builder.dataflow():
                 weights.emit(builder, graph.bindings, mapping, substitute)

@@ -129,7 +129,7 @@ class LearnedWeights:
 
     ``keys``: the parameters' keys in order; ``params``: {key: relax.Var}; ``initial``:
     {key: the constant it replaces}; ``swaps``: {call: (argument index, replacement)} for
-    ``_make_substitute``, completed by ``emit``."""
+    ``make_substitute``, completed by ``emit``."""
 
     def __init__(self, graph: Dataflow, bindings, trainable: dict):
         from tvm import relax
@@ -169,7 +169,7 @@ class LearnedWeights:
                                           name_hint=str(b.var.name))
 
 
-def _make_substitute():
+def make_substitute():
     """A mutator class (built lazily: tvm imports stay inside functions) that maps vars to
     the training function's own, gives reshapes the new batch, and swaps trainable weights
     and biases for parameters."""
@@ -266,7 +266,7 @@ class RegionTrainer:
             [batch] + [int(d) for d in list(v.ty.shape)[1:]], v.ty.dtype))
             for i, v in enumerate(inputs)]
         mapping = dict(zip(inputs, region_inputs))
-        substitute = _make_substitute()(mapping, batch, weights.swaps)
+        substitute = make_substitute()(mapping, batch, weights.swaps)
         targets = [relax.Var(f"target{i}", relax.TensorType(
             [batch] + [int(d) for d in list(v.ty.shape)[1:]], "float32"))
             for i, v in enumerate(outputs)]
@@ -408,7 +408,7 @@ class BatchedForward:
         params = [relax.Var(p.name, relax.TensorType(
             [batch] + [int(d) for d in list(p.ty.shape)[1:]], p.ty.dtype)) for p in func.params]
         mapping = dict(zip(func.params, params))
-        substitute = _make_substitute()(mapping, batch, {})
+        substitute = make_substitute()(mapping, batch, {})
         builder = relax.BlockBuilder()
         with builder.function("main", params):
             with builder.dataflow():
