@@ -238,3 +238,48 @@ def test_a_cpu_without_records_applies_a_compatible_cpus(tmp_path, logs):
     # the CPU's own database: only its records
     _write_default_records(logs / target_key(host) / "net", model, host)
     assert Runner(model.mod).compiled.tuned_by_source == {target_key(host): n}
+
+
+def test_databases_load_pruned_to_their_best_records_from_the_cache(tmp_path, monkeypatch):
+    """A committed database (real MetaSchedule traces) loads in full once and from its pruned
+    copy afterwards; both answer every workload's query with the same record."""
+    import shutil
+
+    from tvm_ffi import structural_hash
+    from tvm.s_tir import meta_schedule as ms
+
+    from tvm_rebirth.compile.database import (open_json_database, packaged_tuning_logs,
+                                              pruned_records_dir)
+
+    monkeypatch.setenv("TVM_REBIRTH_CACHE", str(tmp_path / "cache"))
+    folder = min(packaged_tuning_logs().glob(f"*/*/{DB_FILES[1]}"),
+                 key=lambda p: p.stat().st_size).parent
+    committed = {name: (folder / name).read_bytes() for name in DB_FILES}
+    full = ms.database.JSONDatabase(*(str(folder / name) for name in DB_FILES))
+    first = open_json_database(folder)
+    (copy,) = pruned_records_dir().iterdir()
+    second = open_json_database(folder)
+    assert [p.name for p in pruned_records_dir().iterdir()] == [copy.name]
+    assert {name: (folder / name).read_bytes() for name in DB_FILES} == committed
+    workloads = {structural_hash(r.workload.mod): r.workload.mod
+                 for r in full.get_all_tuning_records()}
+    assert len(second) == len(workloads) < len(full) == len(first)
+
+    def best(db, mod):
+        record = db.query_tuning_record(mod, resolve_target("host"), "main")
+        return str(record.trace), [float(s) for s in record.run_secs]
+
+    for mod in workloads.values():
+        assert best(second, mod) == best(full, mod)
+
+    # a torn line in another folder with the same records: the same pruned copy
+    torn = tmp_path / "torn"
+    shutil.copytree(folder, torn)
+    with open(torn / DB_FILES[1], "ab") as f:
+        f.write(committed[DB_FILES[1]].splitlines()[0][:40])
+    assert len(open_json_database(torn)) == len(second)
+    assert [p.name for p in pruned_records_dir().iterdir()] == [copy.name]
+
+    # a cache that cannot be written: the full database, no error
+    monkeypatch.setenv("TVM_REBIRTH_CACHE", str(tmp_path / "torn" / DB_FILES[0]))
+    assert len(open_json_database(folder)) == len(full)

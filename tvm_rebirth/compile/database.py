@@ -26,6 +26,8 @@ skipped with a warning naming the file and line, records of a skipped workload g
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import logging
 import os
@@ -169,25 +171,89 @@ def repair_folder(folder) -> int:
     return skipped
 
 
-def open_json_database(folder):
-    """A MetaSchedule JSONDatabase of ``folder`` read through ``clean_lines`` without changing
-    the files (committed databases are inputs): a damaged one is loaded from a clean copy."""
+def pruned_records_dir() -> Path:
+    """Where builds keep each database pruned to its best records: ``<user cache>/
+    pruned_tuning_records/<digest of the cleaned lines>/`` (see ``open_json_database``)."""
+    from ..frontend.zoo import cache_dir
+
+    return cache_dir() / "pruned_tuning_records"
+
+
+_PRUNED_KEPT = 32  # pruned copies kept in the cache, the most recently used
+
+
+def _lines_digest(workloads: list, records: list) -> str:
+    digest = hashlib.sha256()
+    for lines in (workloads, records):
+        digest.update("\n".join(lines).encode("utf-8"))
+        digest.update(b"\0")
+    return digest.hexdigest()[:32]
+
+
+def _json_database(folder: Path, allow_missing=False):
     from tvm.s_tir import meta_schedule as ms
 
-    folder = Path(folder)
-    workloads, records, skipped = clean_lines(folder)
+    return ms.database.JSONDatabase(str(folder / DB_FILES[0]), str(folder / DB_FILES[1]),
+                                    allow_missing=allow_missing)
+
+
+def _full_database(folder: Path, workloads: list, records: list, skipped: int):
     if not skipped:
-        return ms.database.JSONDatabase(str(folder / DB_FILES[0]), str(folder / DB_FILES[1]),
-                                        allow_missing=False)
+        return _json_database(folder)
     copy = Path(tempfile.mkdtemp(prefix="tvm-rebirth-db-"))
     try:
         for name, lines in zip(DB_FILES, (workloads, records)):
             _write_lines(copy / name, lines)
-        # the records are read at construction; the copy is not needed afterwards
-        return ms.database.JSONDatabase(str(copy / DB_FILES[0]), str(copy / DB_FILES[1]),
-                                        allow_missing=False)
+        return _json_database(copy)  # the records are read at construction
     finally:
         shutil.rmtree(copy, ignore_errors=True)
+
+
+def _complete(folder: Path) -> bool:
+    return all((folder / name).is_file() for name in DB_FILES)
+
+
+def _store_pruned(full, target: Path) -> None:
+    """``full``'s best valid record per workload (MetaSchedule's ``dump_pruned``: what a
+    query returns) written to ``target`` atomically, then the oldest copies evicted."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if not _complete(target):  # an incomplete copy (a file deleted by hand) is replaced
+        shutil.rmtree(target, ignore_errors=True)
+    staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=target.parent))
+    try:
+        full.dump_pruned(_json_database(staging, allow_missing=True))
+        os.replace(staging, target)
+    except OSError:  # another process stored the same digest first
+        shutil.rmtree(staging, ignore_errors=True)
+    copies = sorted((p for p in target.parent.iterdir() if not p.name.startswith(".")),
+                    key=lambda p: p.stat().st_mtime, reverse=True)
+    for old in copies[_PRUNED_KEPT:]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def open_json_database(folder):
+    """A MetaSchedule JSONDatabase of ``folder`` read through ``clean_lines`` without changing
+    the files (committed databases are inputs).
+
+    MetaSchedule replays every record's trace when it loads a database (the committed
+    GoogLeNet logs: ~10 s per process), and a build only ever asks for each workload's best
+    record. So the first load stores the database pruned to those records in the user cache
+    (``pruned_records_dir``, keyed by the content), and later loads read that copy (~0.3 s);
+    a query answers the same from both. Where the cache cannot be written, the full
+    database is used."""
+    folder = Path(folder)
+    workloads, records, skipped = clean_lines(folder)
+    pruned = pruned_records_dir() / _lines_digest(workloads, records)
+    if _complete(pruned):
+        with contextlib.suppress(OSError):  # most recently used: kept by the eviction
+            os.utime(pruned)
+        return _json_database(pruned)
+    full = _full_database(folder, workloads, records, skipped)
+    try:
+        _store_pruned(full, pruned)
+    except OSError as error:
+        logger.info(f"[tuning_logs] {folder}: pruned copy not cached ({error})")
+    return full
 
 
 _LOADED: dict = {}  # (root, database_signature) -> [(source label, database)]
