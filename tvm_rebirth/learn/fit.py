@@ -2,8 +2,8 @@
 
 ``fit_rebirth_conv`` solves   min_W,b || act(conv(X; W, b)) - Y ||^2
 first in closed form (ridge least squares on im2col patches, the target taken as the
-pre-activation), then refines the true objective through the ReLU by alternating least
-squares (deterministic; the normal equations are factored once). A leaky activation
+pre-activation), then refines the true objective through the ReLU by over-relaxed
+alternating least squares (deterministic; the normal equations are factored once). A leaky activation
 (PReLU, LeakyReLU: a negative slope per channel) is inverted instead: its pre-activation
 target is Y / slope where Y < 0.
 """
@@ -15,6 +15,9 @@ import time
 
 import numpy as np
 from scipy.linalg import cho_factor, cho_solve
+
+# bump when a change makes the fits return other weights (keys the planner's accuracy cache)
+FIT_VERSION = 2  # 2: over-relaxed ReLU refinement
 
 
 def im2col(x, kernel, stride, padding):
@@ -99,7 +102,7 @@ def _rel_error(pred, target):
     return float(np.linalg.norm(pred - target) / max(np.linalg.norm(target), 1e-12))
 
 
-def fit_rebirth_conv(x, y, spec, relu=True, ridge=1e-3, steps=12,
+def fit_rebirth_conv(x, y, spec, relu=True, ridge=1e-3, steps=6,
                      max_rows_per_column=16, slope=None) -> FitResult:
     """Fit the conv ``spec`` so that act(conv(x)) reproduces y (x: [N,C,H,W], y: [N,O,Ho,Wo]);
     act is ReLU (``relu``), leaky with ``slope`` per output channel, or none."""
@@ -194,15 +197,35 @@ def _ridge(cols, target, ridge):
     return w, b, chol
 
 
+# Alternating least squares converges linearly; over-relaxed steps (w + 1.8 (w_ls - w)) reach
+# in 6 steps the error plain steps reach in 12, on GoogLeNet's site fits (2.5 diverges)
+OVER_RELAXATION = 1.8
+
+
 def _refine_relu(cols, target, w, b, chol, iterations):
     """Alternating least squares through the ReLU: where the target is 0 the pre-activation
     only has to be <= 0, so it is replaced by min(current, 0) and the same normal equations
-    are solved again. Each step cannot increase || relu(A w) - Y ||."""
+    are solved again (a plain step cannot increase || relu(A w) - Y ||). Steps are
+    over-relaxed by ``OVER_RELAXATION``; one that raises the error is undone, and the
+    remaining steps are plain. Returns the best iterate."""
     positive = target > 0
-    for _ in range(iterations):
+    omega = OVER_RELAXATION
+    best = None  # (squared error, w, b)
+    for step in range(iterations + 1):
         z = cols @ w + b
-        w, b = _solve(chol, cols, np.where(positive, target, np.minimum(z, 0)))
-    return w, b
+        error = float(np.sum(np.square(np.maximum(z, 0) - target), dtype=np.float64))
+        if best is not None and error > best[0]:
+            _, w, b = best
+            omega = 1.0
+            if step < iterations:
+                z = cols @ w + b
+        else:
+            best = (error, w, b)
+        if step == iterations:
+            break
+        w_ls, b_ls = _solve(chol, cols, np.where(positive, target, np.minimum(z, 0)))
+        w, b = w + omega * (w_ls - w), b + omega * (b_ls - b)
+    return best[1], best[2]
 
 
 def pool_forward(x, kind, pool_size, strides, padding, ceil_mode=False,

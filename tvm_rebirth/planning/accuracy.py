@@ -1,5 +1,5 @@
 """Accuracy costs of site variants (``learn.finetune.variant_errors``), cached beside the cost
-table per model, calibration images and variant, so planning a model again costs seconds."""
+table per model, calibration images, variant and fitting method, so planning a model again costs seconds."""
 
 from __future__ import annotations
 
@@ -23,11 +23,12 @@ def accuracy_costs(model, choices, images, kinds) -> dict:
     import numpy as np
 
     from ..learn.finetune import variant_errors
+    from ..learn.fit import FIT_VERSION
 
     if images is None:
         return variant_errors(model, choices, None, kinds)
     digest = hashlib.sha256(np.ascontiguousarray(images, dtype=np.float32).tobytes())
-    path = cache_path(model, "accuracy", [digest.hexdigest()])
+    path = cache_path(model, "accuracy", [digest.hexdigest(), FIT_VERSION])
     keys = {(s, n): _variant_key(s, n, site) for s, options in choices.variants.items()
             for n, site in options.items()}
     cached = read_cache(path)
