@@ -22,6 +22,10 @@ Records are appended line by line, so a write cut short (a full disk, a killed p
 leaves a torn last line; TVM's reader fails on it (or on a blank line) for every later load.
 Every database is read through ``clean_lines`` first: torn, blank or malformed lines are
 skipped with a warning naming the file and line, records of a skipped workload go with it.
+
+MetaSchedule replays every record's schedule when it loads a database; builds load a copy
+pruned to each workload's best record instead, kept in the user cache after the first full
+load (``open_json_database``).
 """
 
 from __future__ import annotations

@@ -3,9 +3,9 @@
 ``fit_rebirth_conv`` solves   min_W,b || act(conv(X; W, b)) - Y ||^2
 first in closed form (ridge least squares on im2col patches, the target taken as the
 pre-activation), then refines the true objective through the ReLU by over-relaxed
-alternating least squares (deterministic; the normal equations are factored once). A leaky activation
-(PReLU, LeakyReLU: a negative slope per channel) is inverted instead: its pre-activation
-target is Y / slope where Y < 0.
+alternating least squares (deterministic; the normal equations are factored once). A leaky
+activation (PReLU, LeakyReLU: a negative slope per channel) is inverted instead: its
+pre-activation target is Y / slope where Y < 0.
 """
 
 from __future__ import annotations

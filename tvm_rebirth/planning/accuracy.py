@@ -1,5 +1,6 @@
 """Accuracy costs of site variants (``learn.finetune.variant_errors``), cached beside the cost
-table per model, calibration images, variant and fitting method, so planning a model again costs seconds."""
+table per model, calibration images, variant and fitting method (``learn.fit.FIT_VERSION``),
+so planning a model again costs seconds."""
 
 from __future__ import annotations
 
