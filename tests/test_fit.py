@@ -35,21 +35,17 @@ def test_relu_refinement_improves_on_the_closed_form():
     assert result.rel_error < 0.05
 
 
-def test_over_relaxed_refinement_matches_twice_as_many_plain_steps(monkeypatch):
-    from tvm_rebirth.learn import fit
-
+def test_over_relaxed_refinement_matches_twice_as_many_plain_steps():
     spec, x, w, b = _problem()
     noise = 0.3 * RNG.standard_normal((24, 16, 7, 7)).astype("float32")
     y = np.maximum(conv_forward(x, w, b, spec) + noise, 0)  # not realisable: a real fit
     refined = fit_rebirth_conv(x, y, spec, relu=True, steps=6)
-    monkeypatch.setattr(fit, "OVER_RELAXATION", 1.0)
-    plain = {steps: fit_rebirth_conv(x, y, spec, relu=True, steps=steps).rel_error
-             for steps in (6, 12)}
+    plain = {steps: fit_rebirth_conv(x, y, spec, relu=True, steps=steps,
+                                     over_relaxation=1.0).rel_error for steps in (6, 12)}
     assert plain[12] < refined.rel_error_closed_form
     assert refined.rel_error <= 1.02 * plain[12] and refined.rel_error < 0.7 * plain[6]
     # a step that raises the error is undone: a diverging factor still ends below the start
-    monkeypatch.setattr(fit, "OVER_RELAXATION", 4.0)
-    diverging = fit_rebirth_conv(x, y, spec, relu=True, steps=6)
+    diverging = fit_rebirth_conv(x, y, spec, relu=True, steps=6, over_relaxation=4.0)
     assert diverging.rel_error < diverging.rel_error_closed_form
 
 

@@ -19,6 +19,11 @@ from scipy.linalg import cho_factor, cho_solve
 # bump when a change makes the fits return other weights (keys the planner's accuracy cache)
 FIT_VERSION = 2  # 2: over-relaxed ReLU refinement
 
+# Alternating least squares converges linearly; over-relaxed steps (w + 1.8 (w_ls - w)) reach
+# in 6 steps the error plain steps reach in 12, to 0.7 % on GoogLeNet's branch merges
+# (benchmarks/fit_speed.py); 2.5 diverges
+OVER_RELAXATION = 1.8
+
 
 def im2col(x, kernel, stride, padding):
     """Patches of x [N, C, H, W]: array [N * Ho * Wo, C * kh * kw] (channel-major like OIHW)."""
@@ -103,9 +108,11 @@ def _rel_error(pred, target):
 
 
 def fit_rebirth_conv(x, y, spec, relu=True, ridge=1e-3, steps=6,
-                     max_rows_per_column=16, slope=None) -> FitResult:
+                     max_rows_per_column=16, slope=None, over_relaxation=None) -> FitResult:
     """Fit the conv ``spec`` so that act(conv(x)) reproduces y (x: [N,C,H,W], y: [N,O,Ho,Wo]);
-    act is ReLU (``relu``), leaky with ``slope`` per output channel, or none."""
+    act is ReLU (``relu``), leaky with ``slope`` per output channel, or none. A ReLU fit is
+    refined in ``steps`` steps over-relaxed by ``over_relaxation`` (default
+    ``OVER_RELAXATION``; 1.0: plain alternating least squares)."""
     start = time.time()
     x = np.ascontiguousarray(x, np.float32)
     y = np.ascontiguousarray(y, np.float32)
@@ -148,7 +155,8 @@ def fit_rebirth_conv(x, y, spec, relu=True, ridge=1e-3, steps=6,
         closed_b[out] = b
         sq_closed += float(np.sum((act(cols @ w + b) - target) ** 2))
         if relu and slope is None and steps:
-            w, b = _refine_relu(cols, target, w, b, chol, steps)
+            w, b = _refine_relu(cols, target, w, b, chol, steps,
+                                OVER_RELAXATION if over_relaxation is None else over_relaxation)
         sq_refined += float(np.sum((act(cols @ w + b) - target) ** 2))
         norm += float(np.sum(target.astype(np.float64) ** 2))
         weight[out] = w.T.reshape(cout_g, cin_g, *spec.kernel)
@@ -197,19 +205,14 @@ def _ridge(cols, target, ridge):
     return w, b, chol
 
 
-# Alternating least squares converges linearly; over-relaxed steps (w + 1.8 (w_ls - w)) reach
-# in 6 steps the error plain steps reach in 12, on GoogLeNet's site fits (2.5 diverges)
-OVER_RELAXATION = 1.8
-
-
-def _refine_relu(cols, target, w, b, chol, iterations):
+def _refine_relu(cols, target, w, b, chol, iterations, over_relaxation):
     """Alternating least squares through the ReLU: where the target is 0 the pre-activation
     only has to be <= 0, so it is replaced by min(current, 0) and the same normal equations
     are solved again (a plain step cannot increase || relu(A w) - Y ||). Steps are
-    over-relaxed by ``OVER_RELAXATION``; one that raises the error is undone, and the
+    over-relaxed (w + omega (w_ls - w)); one that raises the error is undone, and the
     remaining steps are plain. Returns the best iterate."""
     positive = target > 0
-    omega = OVER_RELAXATION
+    omega = over_relaxation
     best = None  # (squared error, w, b)
     for step in range(iterations + 1):
         z = cols @ w + b
