@@ -279,6 +279,7 @@ def static_constant_conv(call, lanes: int | None = None) -> bool:
     return _float32_conv(call, activations) and \
         isinstance(call.args[1], tvm.ir.expr.GenericConst)
 
+
 def parameter_weight_conv(call, lookup_binding) -> bool:
     """A conv of one group, NCHW float32 data and output and static shapes whose OIHW float32
     weights are a parameter of the function (learned weights: captures, training): our
@@ -289,6 +290,7 @@ def parameter_weight_conv(call, lookup_binding) -> bool:
         return False
     weight = call.args[1]
     return isinstance(weight, relax.Var) and lookup_binding(weight) is None
+
 
 def conv_rewrite_applies(call, lanes: int | None = None) -> bool:
     """Whether a Relax call is a conv this pass rewrites: a ``static_constant_conv``

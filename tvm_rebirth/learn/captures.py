@@ -73,7 +73,7 @@ class SlimmedCaptures:
         from ..compile.build import compile_module
 
         start = time.time()
-        self._requests, self._params, self._graphs, self._places, names = {}, {}, {}, {}, {}
+        self._requests, self._params, self._op_lists, self._places, names = {}, {}, {}, {}, {}
         builder = relax.BlockBuilder()
         for i, (key, request) in enumerate(requests.items()):
             graph = Dataflow(request.func)
@@ -82,7 +82,7 @@ class SlimmedCaptures:
                 continue
             name = f"capture{i}"
             self._params[key] = self._emit(builder, name, request, graph)
-            self._requests[key], self._graphs[key], names[key] = request, graph, name
+            self._requests[key], self._op_lists[key], names[key] = request, _ops(graph), name
             self._places[key] = places
         mod = builder.get()
         functions = {gv: relax.analysis.remove_all_unused(f) for gv, f in mod.functions.items()}
@@ -124,11 +124,10 @@ class SlimmedCaptures:
         if request is None:
             return None
         graph = Dataflow(func)
-        mine = self._graphs[key]
         places, wanted = _places(func, graph, variables), self._places[key]
         learned = LearnedWeights(graph, graph.bindings, request.trainable)
         if places is None or len(func.params) != len(request.func.params) \
-                or _ops(graph) != _ops(mine) or any(p not in wanted for p in places) \
+                or _ops(graph) != self._op_lists[key] or any(p not in wanted for p in places) \
                 or [(k, learned.initial[k].shape) for k in learned.keys] != self._params[key]:
             logger.info(f"[finetune] {label}: the network differs from the one built for it; "
                         "compiling this capture on its own")

@@ -120,7 +120,6 @@ def fit_rebirth_conv(x, y, spec, relu=True, ridge=1e-3, steps=6,
     cin_g, cout_g = x.shape[1] // g, y.shape[1] // g
     weight = np.zeros((spec.out_channels, cin_g, *spec.kernel), np.float32)
     bias = np.zeros(spec.out_channels, np.float32)
-    closed_w, closed_b = weight.copy(), bias.copy()
     sq_closed = sq_refined = norm = 0.0
     ho, wo = spec.output_hw(x.shape[2:])
     if (ho, wo) != tuple(y.shape[2:]):
@@ -151,20 +150,19 @@ def fit_rebirth_conv(x, y, spec, relu=True, ridge=1e-3, steps=6,
             better = (np.sum((act(cols @ wi + bi) - target) ** 2, axis=0)
                       < np.sum((act(cols @ w + b) - target) ** 2, axis=0))
             w[:, better], b[better] = wi[:, better], bi[better]
-        closed_w[out] = w.T.reshape(cout_g, cin_g, *spec.kernel)
-        closed_b[out] = b
-        sq_closed += float(np.sum((act(cols @ w + b) - target) ** 2))
-        if relu and slope is None and steps:
-            w, b = _refine_relu(cols, target, w, b, chol, steps,
-                                OVER_RELAXATION if over_relaxation is None else over_relaxation)
-        sq_refined += float(np.sum((act(cols @ w + b) - target) ** 2))
+        z = cols @ w + b
+        closed = _squared_error(act(z), target)
+        sq_closed += closed
+        if relu and slope is None and steps:  # the best iterate: never worse than closed
+            w, b, closed = _refine_relu(
+                cols, target, w, b, z, closed, chol, steps,
+                OVER_RELAXATION if over_relaxation is None else over_relaxation)
+        sq_refined += closed
         norm += float(np.sum(target.astype(np.float64) ** 2))
         weight[out] = w.T.reshape(cout_g, cin_g, *spec.kernel)
         bias[out] = b
     closed_err = (sq_closed / max(norm, 1e-12)) ** 0.5
     err = (sq_refined / max(norm, 1e-12)) ** 0.5
-    if err > closed_err:  # refinement must never make things worse
-        weight, bias, err = closed_w, closed_b, closed_err
     return FitResult(weight=weight, bias=bias, rel_error=err, rel_error_closed_form=closed_err,
                      seconds=time.time() - start)
 
@@ -205,30 +203,31 @@ def _ridge(cols, target, ridge):
     return w, b, chol
 
 
-def _refine_relu(cols, target, w, b, chol, iterations, over_relaxation):
-    """Alternating least squares through the ReLU: where the target is 0 the pre-activation
-    only has to be <= 0, so it is replaced by min(current, 0) and the same normal equations
-    are solved again (a plain step cannot increase || relu(A w) - Y ||). Steps are
-    over-relaxed (w + omega (w_ls - w)); one that raises the error is undone, and the
-    remaining steps are plain. Returns the best iterate."""
+def _squared_error(pred, target) -> float:
+    return float(np.sum(np.square(pred - target), dtype=np.float64))
+
+
+def _refine_relu(cols, target, w, b, z, error, chol, iterations, over_relaxation):
+    """Alternating least squares through the ReLU from ``w``, ``b`` (``z`` = A w + b, its
+    squared ``error``): where the target is 0 the pre-activation only has to be <= 0, so it
+    is replaced by min(current, 0) and the same normal equations are solved again (a plain
+    step cannot increase || relu(A w) - Y ||). Steps are over-relaxed
+    (w + omega (w_ls - w)); one that raises the error is undone, and the remaining steps are
+    plain. Returns the best iterate and its squared error: (w, b, error)."""
     positive = target > 0
     omega = over_relaxation
-    best = None  # (squared error, w, b)
-    for step in range(iterations + 1):
-        z = cols @ w + b
-        error = float(np.sum(np.square(np.maximum(z, 0) - target), dtype=np.float64))
-        if best is not None and error > best[0]:
-            _, w, b = best
-            omega = 1.0
-            if step < iterations:
-                z = cols @ w + b
-        else:
-            best = (error, w, b)
-        if step == iterations:
-            break
+    best = (w, b, z, error)
+    for _ in range(iterations):
         w_ls, b_ls = _solve(chol, cols, np.where(positive, target, np.minimum(z, 0)))
         w, b = w + omega * (w_ls - w), b + omega * (b_ls - b)
-    return best[1], best[2]
+        z = cols @ w + b
+        error = _squared_error(np.maximum(z, 0), target)
+        if error > best[3]:
+            w, b, z, error = best
+            omega = 1.0
+        else:
+            best = (w, b, z, error)
+    return best[0], best[1], best[3]
 
 
 def pool_forward(x, kind, pool_size, strides, padding, ceil_mode=False,
