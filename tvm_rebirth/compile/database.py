@@ -252,6 +252,9 @@ def open_json_database(folder):
         with contextlib.suppress(OSError):  # most recently used: kept by the eviction
             os.utime(pruned)
         return _json_database(pruned)
+    logger.info(f"[tuning_logs] loading {folder.parent.name}/{folder.name} ({len(records)} "
+                f"records) in full, once: later builds read its best records from "
+                f"{pruned_records_dir()}")
     full = _full_database(folder, workloads, records, skipped)
     try:
         _store_pruned(full, pruned)
