@@ -24,9 +24,10 @@ from onnx_models import chain_model
 from test_cli import run
 from test_flow_cli import assert_error
 
-pytestmark = pytest.mark.skipif(
+# emulated devices, trackers and tunes that time out: never two at once (see conftest)
+pytestmark = [pytest.mark.xdist_group("rpc"), pytest.mark.skipif(
     shutil.which("qemu-aarch64-static") is None or shutil.which("mmdebstrap") is None,
-    reason="needs qemu-user-static, qemu-user and mmdebstrap (installed by .ci/run)")
+    reason="needs qemu-user-static, qemu-user and mmdebstrap (installed by .ci/run)")]
 
 
 @pytest.fixture(scope="module")

@@ -24,6 +24,9 @@ from test_cli import run
 from test_flow_cli import assert_error
 from test_tuning import _free_port, _wait_for_key, tracker  # noqa: F401 -- a fixture
 
+# trackers, RPC servers and tunes that time out: never two at once (see conftest)
+pytestmark = pytest.mark.xdist_group("rpc")
+
 
 @pytest.fixture
 def logs(tmp_path, monkeypatch):

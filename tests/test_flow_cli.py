@@ -152,6 +152,7 @@ def test_eval_fmnist_inception_on_a_slice_of_the_test_set(tmp_path):
     assert 0 < data["agreement"] <= 1
 
 
+@pytest.mark.heavy
 @pytest.mark.committed_tuning_logs
 def test_demo_runs_the_whole_flow(tmp_path):
     """README's first command, with fewer images and rounds so CI stays quick (the emulated
@@ -190,6 +191,7 @@ def test_demo_runs_the_whole_flow(tmp_path):
     assert "[demo] 7/7" in err
 
 
+@pytest.mark.heavy
 def test_end_to_end_refinement_lowers_the_output_error(tmp_path):
     """Unlabeled distillation trains with TVM's gradients (no PyTorch)."""
     code, out, err = run("finetune", "--select", "all", "fmnist-inception", "--images", "128", "--e2e",

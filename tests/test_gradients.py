@@ -136,6 +136,7 @@ def test_trainable_function_has_no_problems():
     assert gradients.untrainable_ops(func) == {}
 
 
+@pytest.mark.heavy
 def test_every_zoo_model_can_be_trained():
     """Block reconstruction and distillation pass through every op of every zoo model."""
     from tvm_rebirth import flow

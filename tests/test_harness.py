@@ -172,6 +172,7 @@ def _assert_kernels(mod, label, sample=False):
     assert not bad, f"{label}: scheduled kernels differ from unscheduled ones: {bad}"
 
 
+@pytest.mark.heavy
 @pytest.mark.parametrize("name", list(ZOO))
 def test_zoo_kernels_sample_match_unscheduled(name):
     if FULL:

@@ -111,6 +111,7 @@ def test_region_must_reach_its_outputs(tmp_path):
         RegionTrainer(func, [early], {"conv2": ("w", "b")}, batch=2)
 
 
+@pytest.mark.heavy
 def test_block_reconstruction_beats_the_closed_form_alone(monkeypatch, caplog):
     """fmnist-inception, every site, 168 images: the slimmed model's outputs on images it
     never saw are closer to the original's with block reconstruction than without. (The

@@ -23,6 +23,9 @@ from onnx_models import chain_model
 from test_cli import run
 from test_flow_cli import assert_error
 
+# trackers, RPC servers and tunes that time out: never two at once (see conftest)
+pytestmark = pytest.mark.xdist_group("rpc")
+
 
 @pytest.fixture
 def logs(tmp_path, monkeypatch):

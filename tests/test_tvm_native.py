@@ -53,6 +53,7 @@ def user_flow(model_path, shape, n_images=16, keep=None, target="llvm"):
     return plan, weights, original, rebirth
 
 
+@pytest.mark.heavy
 def test_googlenet_stock_import(tmp_path):
     """GoogLeNet from TVM's own importer: plan ids are the ONNX layer names, the plan is the
     one the CLI's loader makes, and its first sites (two streamline, one branch) slim and
