@@ -25,7 +25,8 @@ from _common import table, write  # noqa: E402
 
 from tvm_rebirth import flow  # noqa: E402
 from tvm_rebirth.learn.finetune import capture  # noqa: E402
-from tvm_rebirth.learn.fit import activate, conv_forward, fit_rebirth_conv  # noqa: E402
+from tvm_rebirth.learn.fit import (activate, conv_forward, fit_rebirth_conv,  # noqa: E402
+                                   relative_error)
 
 METHODS = {"plain, 12 steps": dict(steps=12, over_relaxation=1.0),
            "over-relaxed, 6 steps (default)": dict(steps=6)}
@@ -43,10 +44,6 @@ def merged_branches(analysis):
             if not block.data.same_as(trace.fork):
                 found.append((site.id, block))
     return found
-
-
-def rel(pred, target):
-    return float(np.linalg.norm(pred - target) / max(np.linalg.norm(target), 1e-12))
 
 
 def main():
@@ -79,7 +76,7 @@ def main():
             pred = activate(conv_forward(x[held], result.weight, result.bias, spec), block.relu)
             entry[method] = {"seconds": round(seconds, 3), "fit": round(result.rel_error, 5),
                              "closed_form": round(result.rel_error_closed_form, 5),
-                             "held_out": round(rel(pred, y[held]), 5)}
+                             "held_out": round(relative_error(pred, y[held]), 5)}
         print(f"[fit_speed] {block.name}: " + ", ".join(
             f"{m} {entry[m]['seconds']} s, fit {entry[m]['fit']}" for m in METHODS),
               file=sys.stderr, flush=True)

@@ -103,7 +103,9 @@ def _pre_activation(target, slope):
     return np.where(target > 0, target, target * inverse)
 
 
-def _rel_error(pred, target):
+def relative_error(pred, target) -> float:
+    """|| pred - target || / || target ||, the measure of ``FitResult.rel_error`` (which the fit
+    sums per group instead)."""
     return float(np.linalg.norm(pred - target) / max(np.linalg.norm(target), 1e-12))
 
 
