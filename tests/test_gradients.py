@@ -125,6 +125,9 @@ def _function(make_call, shape):
     (lambda x: relax.op.nn.avg_pool3d(x, [3, 1, 1], [2, 1, 1], [1, 0, 0, 1, 0, 0]), "stride 1"),
     (lambda x: relax.op.nn.adaptive_avg_pool2d(relax.op.squeeze(x, [1]), [2, 2]), "global"),
     (lambda x: relax.op.cumprod(x, axis=2), "no gradient registered"),
+    (lambda x: relax.op.nn.conv2d(relax.op.squeeze(x, [1]),
+                                  relax.const(np.ones((2, 4, 3, 3), "float32")), padding=2,
+                                  dilation=2), "dilated conv"),
 ])
 def test_untrainable_ops_are_named(make_call, why):
     problems = gradients.untrainable_ops(_function(make_call, [1, 1, 4, 4, 4]))

@@ -2,14 +2,17 @@
 rewrites each ``R.nn.conv2d`` that ``layouts.conv_rewrite_applies`` accepts into a call of
 our TE convolution reading weights packed at compile time (``layouts.blocked_conv_te``), or of
 Winograd's kernel where it pays (``winograd.winograd_conv``), each depthwise conv into
-``depthwise.depthwise_conv_te``, and each dense layer with constant weights into a blocked
-1x1 conv (``dense.dense_as_conv``). It runs before
+``depthwise.depthwise_conv_te``, each dense layer with constant weights into a blocked
+1x1 conv (``dense.dense_as_conv``), and the data and weight gradients of a conv (training
+regions) into blocked convs (``conv_gradients``). It runs before
 legalization, so bias / BatchNorm / ReLU / clip after the conv still fuse into the same
 PrimFunc; the tile plan is chosen here, per conv and target (``layouts.plan_conv``).
 """
 
 from __future__ import annotations
 
+from .conv_gradients import (transposed_conv, transposed_conv_applies, weight_gradient,
+                             weight_gradient_applies)
 from .dense import dense_as_conv
 from .depthwise import depthwise_applies, rewrite_depthwise
 from .layouts import (GEMM_ACCUMULATORS, blocked_conv_te, call_rewriting_pass,
@@ -32,6 +35,10 @@ def PackConvWeights(target):  # noqa: N802 -- a pass, named like TVM's
                 builder, call, lookup_binding,
                 lambda channels: plan_conv(unit, channels, 1, 1, 1, pointwise=True),
                 pack_weight, blocked_conv_te)
+        if transposed_conv_applies(call):  # the data and weight gradients of a conv
+            return transposed_conv(builder, call, unit)
+        if weight_gradient_applies(call):
+            return weight_gradient(builder, call, unit)
         if depthwise_applies(call):
             return rewrite_depthwise(builder, call, unit.lanes)
         if parameter_weight_conv(call, lookup_binding):

@@ -194,6 +194,23 @@ GRADIENTS = {
 }
 
 
+def _conv2d_supported(call) -> str | None:
+    """TVM's own conv2d gradient: NCHW/OIHW only, and it sizes a dilated kernel's transposed
+    conv as if undilated (it fails to build, or its data gradient is a row and a column too
+    big)."""
+    attrs = call.attrs
+    if (attrs.data_layout, attrs.kernel_layout, attrs.out_layout) != ("NCHW", "OIHW", "NCHW"):
+        return "only NCHW data with OIHW kernels"
+    kernel = [int(d) for d in call.args[1].ty.shape][2:]
+    if any(int(d) > 1 and k > 1 for d, k in zip(attrs.dilation, kernel)):
+        return "TVM 0.27's gradient of a dilated conv is mis-sized"
+    return None
+
+
+# op name -> why TVM's own gradient cannot differentiate a call of it (None: it can)
+TVM_GRADIENT_LIMITS = {"relax.nn.conv2d": _conv2d_supported}
+
+
 def _has_gradient(op_name: str) -> bool:
     return tvm.ir.Op.get(op_name).get_attr("FPrimalGradient") is not None
 
@@ -217,8 +234,9 @@ def untrainable_ops(func: relax.Function) -> dict:
         if not isinstance(expr, relax.Call) or not isinstance(expr.op, tvm.ir.Op):
             return
         name = expr.op.name
-        if name in GRADIENTS and GRADIENTS[name][1] is not None:
-            why = GRADIENTS[name][1](expr)
+        check = GRADIENTS[name][1] if name in GRADIENTS else TVM_GRADIENT_LIMITS.get(name)
+        if check is not None:
+            why = check(expr)
             if why:
                 problems.setdefault(name, why)
         elif not _has_gradient(name):

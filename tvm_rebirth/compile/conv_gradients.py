@@ -1,0 +1,190 @@
+"""The two convolutions of a conv's gradient on our blocked conv kernel.
+
+``relax.transform.Gradient`` differentiates ``y = conv2d(x, W)`` (NCHW, OIHW) into
+
+* the data gradient ``dx = conv2d_transpose(dy, W)`` (kernel layout IOHW), and
+* the weight gradient ``dW = conv2d(x, dy)`` with data/output layout CNHW and kernel layout
+  IOHW: the batch is the reduction and ``dy`` the (image-sized) kernel.
+
+TVM lowers both to loops its generic schedule runs at 1.5-9 GMAC/s on this project's training
+regions (the forward convs run on our kernel at several times that): they took 80-90 % of a
+block-reconstruction step. ``pack_convs.PackConvWeights`` rewrites them with these functions:
+
+* ``transposed_conv``: a transposed conv is a conv of ``dy`` -- zero-inserted between rows and
+  columns when strided (``topi.nn.dilate``), padded by ``dilation x (k - 1) - padding`` --
+  with the kernel flipped and its in/out channels swapped; that conv runs on
+  ``layouts.blocked_conv_te``, the flipped kernel packed at run time
+  (``pack_flipped_weight_te``) or at compile time when it is a constant::
+
+      dx[n, c, h, w] = sum_{k, i, j} dy_pad[n, k, h + i*d, w + j*d] * W[k, c, kh-1-i, kw-1-j]
+
+* ``weight_gradient``: the weight gradient is one matrix product over the batch and the
+  output positions, ``dW[o, (c, i, j)] = sum_{(n, y, x)} dy[n, o, y, x] *
+  x_pad[n, c, i*d + y*s, j*d + x*s]``: the input unfolded (``unfold_te``, rows (n, y, x),
+  columns (c, i, j)) is the image of a 1x1 conv whose weight is ``dy`` (packed at run time
+  by ``pack_gradient_te``).
+
+Both return None (the call stays as it is) for what they do not cover: other layouts,
+groups, non-float32 or dynamic shapes, a transposed conv whose padding exceeds its kernel.
+"""
+
+from __future__ import annotations
+
+from .layouts import ConvPlan, blocked_conv_te, pack_weight, plan_conv
+
+
+def _static_float32(*exprs) -> bool:
+    from ..passes.dataflow import shape_of
+
+    return all(shape_of(e) is not None and str(e.ty.dtype) == "float32" for e in exprs)
+
+
+def _ints(values) -> list:
+    return [int(v) for v in values]
+
+
+def transposed_conv_applies(call) -> bool:
+    """``R.nn.conv2d_transpose`` as ``Gradient`` emits it for a conv of one group: NCHW data
+    and output, IOHW kernel, float32, static shapes, padding within the dilated kernel."""
+    if getattr(call.op, "name", "") != "relax.nn.conv2d_transpose":
+        return False
+    attrs = call.attrs
+    if (attrs.data_layout, attrs.kernel_layout, attrs.out_layout) != ("NCHW", "IOHW", "NCHW") \
+            or int(attrs.groups) != 1 or str(attrs.out_dtype) not in ("", "float32", "void", "None"):
+        return False
+    if not _static_float32(call.args[0], call.args[1], call):
+        return False
+    kh, kw = _ints(call.args[1].ty.shape)[2:]
+    dh, dw = _ints(attrs.dilation)
+    top, left, bottom, right = _ints(attrs.padding)
+    return max(top, bottom) <= dh * (kh - 1) and max(left, right) <= dw * (kw - 1)
+
+
+def weight_gradient_applies(call) -> bool:
+    """``R.nn.conv2d`` as ``Gradient`` emits a conv's weight gradient: CNHW data and output,
+    IOHW kernel, one group, float32, static shapes."""
+    if getattr(call.op, "name", "") != "relax.nn.conv2d":
+        return False
+    attrs = call.attrs
+    return (attrs.data_layout, attrs.kernel_layout, attrs.out_layout) == \
+        ("CNHW", "IOHW", "CNHW") and int(attrs.groups) == 1 and \
+        str(attrs.out_dtype) in ("", "float32", "void", "None") and \
+        _static_float32(call.args[0], call.args[1], call)
+
+
+def pack_flipped_weight_te(weight, block: int):
+    """TE compute of the packed kernel of a transposed conv's equivalent conv, at run time:
+    ``weight`` [K, C, kh, kw] (IOHW) -> [C/block, K, kh, kw, block] holding W[k, c, kh-1-i,
+    kw-1-j] (the last chunk's missing channels zero)."""
+    from tvm import te, tirx
+
+    in_channels, out_channels, kh, kw = (int(d) for d in weight.shape)
+    return te.compute(
+        (-(-out_channels // block), in_channels, kh, kw, block),
+        lambda c, k, i, j, b: tirx.if_then_else(
+            c * block + b < out_channels, weight[k, c * block + b, kh - 1 - i, kw - 1 - j],
+            tirx.const(0.0, weight.dtype)),
+        name="pack_flipped_weight")
+
+
+def transposed_conv(builder, call, unit):
+    """The conv computing ``R.nn.conv2d_transpose`` ``call`` on our blocked kernel (see the
+    module doc), or None when no tile fits."""
+    import tvm
+    from tvm import relax, topi
+
+    attrs = call.attrs
+    data, weight = call.args
+    in_channels, out_channels, kh, kw = _ints(weight.ty.shape)
+    sh, sw = _ints(attrs.strides)
+    dh, dw = _ints(attrs.dilation)
+    top, left, bottom, right = _ints(attrs.padding)
+    extra_h, extra_w = _ints(attrs.output_padding)
+    padding = [dh * (kh - 1) - top, dw * (kw - 1) - left,
+               dh * (kh - 1) - bottom + extra_h, dw * (kw - 1) - right + extra_w]
+    out_w = int(call.ty.shape[3])
+    plan = plan_conv(unit, out_channels, out_w, kw, 1,
+                     pointwise=(kh, kw, dh, dw) == (1, 1, 1, 1))
+    if plan is None:
+        return None
+    if (sh, sw) != (1, 1):  # zeros between the rows and columns of dy
+        data = builder.emit_te(topi.nn.dilate, data, [1, 1, sh, sw],
+                               primfunc_name_hint="rebirth_dilate")
+    if isinstance(weight, tvm.ir.expr.GenericConst):
+        flipped = weight.value.numpy()[:, :, ::-1, ::-1].transpose(1, 0, 2, 3)
+        packed = relax.const(pack_weight(flipped, plan.block), "float32")
+    else:
+        packed = builder.emit_te(pack_flipped_weight_te, weight, plan.block,
+                                 primfunc_name_hint="rebirth_pack_flipped_weight")
+    return builder.call_te(
+        lambda x, kernel: blocked_conv_te(x, kernel, out_channels, [1, 1], padding, [dh, dw],
+                                          plan),
+        data, packed, primfunc_name_hint="rebirth_conv2d_transpose")
+
+
+def unfold_te(x, out_shape, strides, padding, dilation):
+    """TE compute of a weight gradient's unfolded input: ``x`` [N, C, H, W] -> [1, N*Y*X, 1,
+    C*A*B] with row (n, y, x), column (c, a, b) = x[n, c, a*s + y*d - top, b*s + x*d - left]
+    (zero in the padding), for the [A, B] gradient of a kernel swept over [Y, X] positions."""
+    from tvm import te, tirx
+
+    n, c, height, width = (int(d) for d in x.shape)
+    (y_count, x_count), (a_count, b_count) = out_shape
+    sa, sb = strides
+    da, db = dilation
+    top, left = padding
+    positions, taps = y_count * x_count, a_count * b_count
+
+    def value(_, row, __, column):
+        image, pos = row // positions, row % positions
+        channel, tap = column // taps, column % taps
+        h = tap // b_count * sa + pos // x_count * da - top
+        w = tap % b_count * sb + pos % x_count * db - left
+        inside = tirx.all(h >= 0, h < height, w >= 0, w < width)
+        return tirx.if_then_else(inside, x[image, channel, h, w], tirx.const(0.0, x.dtype))
+
+    return te.compute((1, n * positions, 1, c * taps), value, name="rebirth_unfold")
+
+
+def pack_gradient_te(grad, block: int):
+    """TE compute of ``grad`` [N, O, Y, X] as the packed weight of a 1x1 conv over its
+    N*Y*X positions: [O/block, N*Y*X, 1, 1, block] (missing channels zero)."""
+    from tvm import te, tirx
+
+    n, channels, y_count, x_count = (int(d) for d in grad.shape)
+    positions = y_count * x_count
+    return te.compute(
+        (-(-channels // block), n * positions, 1, 1, block),
+        lambda o, row, _, __, b: tirx.if_then_else(
+            o * block + b < channels,
+            grad[row // positions, o * block + b, row % positions // x_count,
+                 row % x_count], tirx.const(0.0, grad.dtype)),
+        name="rebirth_pack_gradient")
+
+
+def weight_gradient(builder, call, unit):
+    """The weight-gradient conv ``call`` as a 1x1 conv of the unfolded input on our blocked
+    kernel (see the module doc), or None when no tile fits."""
+    from tvm import relax
+
+    attrs = call.attrs
+    x, grad = call.args
+    _, channels, _, _ = _ints(x.ty.shape)
+    _, out_channels, y_count, x_count = _ints(grad.ty.shape)
+    out = _ints(call.ty.shape)  # [O, C, A, B] (CNHW: channel O, batch C)
+    taps = out[2] * out[3]
+    columns = channels * taps
+    plan: ConvPlan | None = plan_conv(unit, out_channels, columns, 1, 1, pointwise=True)
+    if plan is None:
+        return None
+    top, left, _, _ = _ints(attrs.padding)
+    unfolded = builder.emit_te(unfold_te, x, ((y_count, x_count), (out[2], out[3])),
+                               _ints(attrs.strides), [top, left], _ints(attrs.dilation),
+                               primfunc_name_hint="rebirth_unfold")
+    packed = builder.emit_te(pack_gradient_te, grad, plan.block,
+                             primfunc_name_hint="rebirth_pack_gradient")
+    product = builder.emit(builder.call_te(
+        lambda data, kernel: blocked_conv_te(data, kernel, out_channels, [1, 1], [0, 0, 0, 0],
+                                             [1, 1], plan),
+        unfolded, packed, primfunc_name_hint="rebirth_weight_gradient"))
+    return relax.op.reshape(product, out)
