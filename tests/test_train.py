@@ -269,3 +269,23 @@ def test_captures_built_once_compute_what_each_slimmed_network_computes():
     assert captures.run(("inputs", last.id), func, variables, images, "test") is None
     func, variables = before.mod["main"], variables[:1]
     assert captures.run(("block", last.id), func, variables, images, "test") is None
+
+
+def test_default_calibration_count_is_sized_for_the_model(tmp_path):
+    """Small models get up to 2048 images, big ones 256, a multiple of 64 in between; the
+    count follows the model's multiply-adds per image."""
+    from tvm_rebirth.frontend.loader import load_model
+    from tvm_rebirth.learn.calib import CALIBRATION_MACS, default_image_count
+    from tvm_rebirth.learn.train import function_macs
+
+    counts = {}
+    for width, side in ((4, 12), (64, 112), (128, 224)):
+        g = GraphMaker((1, 3, side, side))
+        model = load_model(g.save(tmp_path / f"net{width}.onnx",
+                                  [g.relu(g.conv("data", "conv1", width), "relu1")]))
+        macs = function_macs(model.mod["main"])
+        assert macs == side * side * width * 3 * 9  # one 3x3 conv, same padding
+        counts[width] = default_image_count(model)
+    assert counts[4] == 2048 and counts[128] == 256
+    assert counts[64] % 64 == 0 and 256 < counts[64] < 2048
+    assert counts[64] == CALIBRATION_MACS // (112 * 112 * 64 * 27) // 64 * 64

@@ -454,8 +454,9 @@ def build_parser() -> argparse.ArgumentParser:
                                              "(default: fine-tune first)")
         p.add_argument("--calib", help="calibration images: a folder of JPEG/PNG files or a "
                                        ".npy array (default: the zoo model's own source)")
-        p.add_argument("--images", type=positive_int, default=256,
-                       help="calibration images (256)")
+        p.add_argument("--images", type=positive_int,
+                       help="calibration images (default: sized for the model: 2048 for "
+                            "small ones like fmnist-inception, 256 for GoogLeNet and bigger)")
         p.add_argument("--select", choices=("paying", "all"),
                        help="without --plan: plan the sites measured to pay on the device "
                             "(paying, default) or every site found (all)")
@@ -482,8 +483,9 @@ def build_parser() -> argparse.ArgumentParser:
                             + ", fine-tuned on --images calibration images")
         p.add_argument("--weights", help="weights for --plan (default: fine-tune first)")
         p.add_argument("--calib", help="calibration images when fine-tuning is needed")
-        p.add_argument("--images", type=positive_int, default=256,
-                       help="calibration images (256)")
+        p.add_argument("--images", type=positive_int,
+                       help="calibration images (default: sized for the model: 2048 for "
+                            "small ones like fmnist-inception, 256 for GoogLeNet and bigger)")
         p.add_argument("--target", default="host",
                        help=f"what to compile for: {TARGET_HELP} (default host)")
         add_input_options(p)

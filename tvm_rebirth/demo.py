@@ -34,14 +34,15 @@ class _Stages:
 
 
 # calibration images: GoogLeNet's are for speed and memory (fine-tuning its 13 sites on 256
-# images alone takes ~8 minutes here), fmnist-inception's decide the accuracy
+# images alone takes ~8 minutes here); fmnist-inception's decide the accuracy: the default
+# count sized for it (learn.calib.default_image_count: 2048)
 DEMO_IMAGES = 64
-ACCURACY_IMAGES = 256
 
 
 def run_demo(report_dir, images=None, rounds=7, eval_limit=None, device=True) -> dict:
     """Run the demo and write its report; returns the summary (also summary.json).
-    ``images``: calibration images for both models (default 64 GoogLeNet, 256 fmnist)."""
+    ``images``: calibration images for both models (default 64 GoogLeNet, fmnist-inception's
+    default count)."""
     from . import flow
     from .frontend import zoo
     from .report.measure import labeled_set
@@ -83,7 +84,7 @@ def run_demo(report_dir, images=None, rounds=7, eval_limit=None, device=True) ->
     stages.done("device")
     logger.info(f"[demo] 6/{STEPS} accuracy: fmnist-inception (trained on Fashion-MNIST)")
     fm = flow.rebirth_model("fmnist-inception",
-                            flow.RebirthOptions(images=images or ACCURACY_IMAGES))
+                            flow.RebirthOptions(images=images))
     test_x, test_y, test_desc = labeled_set(fm.model, eval_limit)
     accuracy = flow.accuracy(fm.model, fm.mod, test_x, test_y)
     stages.done("eval")

@@ -56,7 +56,8 @@ class RebirthOptions:
     plan: str | None = None  # plan file; None: plan per ``select``
     weights: str | None = None  # weights file learned for ``plan``; None: fine-tune
     calib: str | None = None  # calibration folder or .npy; None: the zoo model's own source
-    images: int = 256  # calibration images
+    images: int | None = None  # calibration images; None: sized for the model
+    # (learn.calib.default_image_count)
     policy: str = "keep-kernel"
     kinds: tuple = SITE_KINDS
     branch_widths: str = "carry"
@@ -86,7 +87,8 @@ class RebirthOptions:
 
     def check(self) -> None:
         """Option combinations that cannot work, refused before any work."""
-        require_positive(self.images, "--images")
+        if self.images is not None:
+            require_positive(self.images, "--images")
         if self.reconstruct_epochs < 0:
             raise RebirthError(f"--reconstruct-epochs {self.reconstruct_epochs}: use 0 (off) "
                                "or more")
@@ -373,9 +375,10 @@ def plan_for(model, options: RebirthOptions, tag: str | None = None, tracker=Non
 
 def calibration(model, options: RebirthOptions, plan=None, tag: str | None = None) -> tuple:
     """(images or None, description) to fit ``plan``'s learned sites on: ``options.images``
-    from ``options.calib`` (default the zoo model's own source); none when every enabled site
-    of ``plan`` is exact. Without a plan the images are always loaded."""
-    from .learn.calib import MIN_LEARNING_IMAGES, calibration_images
+    (default sized for the model: ``default_image_count``) from ``options.calib`` (default
+    the zoo model's own source); none when every enabled site of ``plan`` is exact. Without
+    a plan the images are always loaded."""
+    from .learn.calib import MIN_LEARNING_IMAGES, calibration_images, default_image_count
 
     if plan is not None and not plan.enabled_sites():
         logger.warning(f"{'[' + tag + '] ' if tag else ''}the plan enables no site: the "
@@ -383,12 +386,14 @@ def calibration(model, options: RebirthOptions, plan=None, tag: str | None = Non
         return None, "none needed (no site is enabled)"
     if plan is not None and not any(not s.exact for s in plan.enabled_sites()):
         return None, "none needed (exact sites only)"
-    if plan is not None and options.images < MIN_LEARNING_IMAGES:
+    if plan is not None and (options.images or MIN_LEARNING_IMAGES) < MIN_LEARNING_IMAGES:
         raise RebirthError(f"--images {options.images}: learned sites need at least "
                            f"{MIN_LEARNING_IMAGES} calibration images (every 8th is held out "
                            "to measure their error)")
-    _log(tag, f"loading {options.images} calibration images")
-    images, description = calibration_images(model, options.calib, count=options.images)
+    count = options.images or default_image_count(model)
+    _log(tag, f"loading {count} calibration images"
+              + ("" if options.images else f" (sized for {model.name}; --images sets it)"))
+    images, description = calibration_images(model, options.calib, count=count)
     if plan is not None and len(images) < MIN_LEARNING_IMAGES:
         raise RebirthError(f"{options.calib}: {len(images)} image(s); learned sites need at "
                            f"least {MIN_LEARNING_IMAGES} (every 8th is held out to measure "

@@ -32,6 +32,8 @@ from __future__ import annotations
 
 from .layouts import ConvPlan, blocked_conv_te, pack_weight, plan_conv
 
+FLOAT32 = ("", "float32", "void", "None")  # out_dtypes that keep a float32 conv float32
+
 
 def _static_float32(*exprs) -> bool:
     from ..passes.dataflow import shape_of
@@ -50,7 +52,7 @@ def transposed_conv_applies(call) -> bool:
         return False
     attrs = call.attrs
     if (attrs.data_layout, attrs.kernel_layout, attrs.out_layout) != ("NCHW", "IOHW", "NCHW") \
-            or int(attrs.groups) != 1 or str(attrs.out_dtype) not in ("", "float32", "void", "None"):
+            or int(attrs.groups) != 1 or str(attrs.out_dtype) not in FLOAT32:
         return False
     if not _static_float32(call.args[0], call.args[1], call):
         return False
@@ -68,7 +70,7 @@ def weight_gradient_applies(call) -> bool:
     attrs = call.attrs
     return (attrs.data_layout, attrs.kernel_layout, attrs.out_layout) == \
         ("CNHW", "IOHW", "CNHW") and int(attrs.groups) == 1 and \
-        str(attrs.out_dtype) in ("", "float32", "void", "None") and \
+        str(attrs.out_dtype) in FLOAT32 and \
         _static_float32(call.args[0], call.args[1], call)
 
 

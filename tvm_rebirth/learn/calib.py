@@ -22,6 +22,11 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
 # learned sites hold every 8th calibration image out to measure their error (learn.finetune):
 # fewer images leave no held-out image, and the error would be measured on the fitted ones
 MIN_LEARNING_IMAGES = 8
+# the default calibration count: as many images as CALIBRATION_MACS multiply-adds of the
+# model allow, between the bounds (fmnist-inception, 8.6e6 per image: 2048 images, its
+# default fine-tune ~3 minutes on 2 cores; fmnist-vgg 896; GoogLeNet and bigger: 256)
+CALIBRATION_MACS = 2e10
+DEFAULT_IMAGES = (256, 2048)
 FOOLBOX_WHEEL = "foolbox==3.3.4"  # carries 20 labeled ImageNet photos in foolbox/data/
 
 
@@ -144,6 +149,18 @@ def imagenet_photos_dir() -> Path:
                     (partial / os.path.basename(name)).write_bytes(wheel.read(name))
         os.replace(partial, target)
     return target
+
+
+def default_image_count(model) -> int:
+    """Calibration images when none are asked for: sized for the model (CALIBRATION_MACS),
+    a multiple of 64 within DEFAULT_IMAGES. Small models get more images (accuracy keeps
+    improving up to ~2048 for fmnist-inception, at seconds per hundred images); big ones the
+    floor, where the fine-tune's time, not the images, is what runs out."""
+    from .train import function_macs
+
+    macs = max(function_macs(model.mod["main"]), 1)
+    low, high = DEFAULT_IMAGES
+    return int(min(high, max(low, CALIBRATION_MACS // macs // 64 * 64)))
 
 
 def calibration_images(model, source=None, count=256, seed=0) -> tuple[np.ndarray, str]:

@@ -78,6 +78,11 @@ def _region(graph: Dataflow, starts, outputs) -> tuple:
     return [b for b in graph.bindings if b.var in region], inputs
 
 
+def function_macs(func) -> int:
+    """Multiply-adds of one image through all of ``func``'s convs and matmuls."""
+    return _macs_per_image(Dataflow(func).bindings)
+
+
 def _macs_per_image(bindings) -> int:
     """Multiply-adds of one image through the region's convs and matmuls (batch-1 shapes)."""
     total = 0
