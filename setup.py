@@ -30,11 +30,10 @@ setup(
         "pillow>=9",  # calibration images (JPEG/PNG folders)
         "matplotlib>=3.7",  # the demo's report figures
     ],
-    # e2e: optional end-to-end refinement (the CPU wheel: pip install torch==2.13.0)
     # peers: the x86 model converters for the peers on the emulated Cortex-A72 (ncnn via
     # pnnx, which needs torch; MNN's converter); the engines' aarch64 wheels are fetched
     # into the emulated device by the tool itself
-    extras_require={"dev": ["pytest>=7", "pytest-xdist>=3.5"], "e2e": ["torch==2.13.0"],
+    extras_require={"dev": ["pytest>=7", "pytest-xdist>=3.5"],
                     "peers": ["pnnx==20261020", "MNN==3.6.1"]},
     entry_points={"console_scripts": ["tvm-rebirth=tvm_rebirth.cli:main"]},
 )

@@ -202,7 +202,7 @@ def test_end_to_end_refinement_lowers_the_output_error(tmp_path):
     e2e = json.loads(out)["end_to_end"]
     assert e2e["output_rel_error_after"] < e2e["output_rel_error_before"]
     assert e2e["kept_epoch"] >= 1 and "TVM gradients" in e2e["loss"]
-    assert e2e["parameters"] > 0 and "[finetune] distillation: epoch 3/3" in err
+    assert e2e["parameters"] > 0 and "[finetune] end-to-end distillation: epoch 3/3" in err
 
 
 @pytest.fixture(scope="module")
@@ -221,8 +221,8 @@ def labeled_npy(tmp_path_factory):
 
 
 def test_retraining_with_labels_improves_held_out_top1(tmp_path, labeled_npy):
-    """The paper's recipe: layer-wise start, then labels + the original as teacher."""
-    pytest.importorskip("torch")
+    """The paper's recipe: layer-wise start, then labels + the original as teacher, with
+    TVM's gradients."""
     code, _, err = run("plan", "fmnist-inception", "--select", "all", "--kinds", "streamline",
                        "-o", str(tmp_path / "p.yaml"))
     assert code == 0, err
@@ -234,12 +234,12 @@ def test_retraining_with_labels_improves_held_out_top1(tmp_path, labeled_npy):
                          "-o", str(tmp_path / "w.npz"), "--json")
     assert code == 0, err
     e2e = json.loads(out)["end_to_end"]
-    assert e2e["loss"] == "cross-entropy + distillation" and e2e["flip"]
+    assert e2e["loss"] == "cross-entropy + distillation (TVM gradients)" and e2e["flip"]
     assert e2e["images"] == 896 and e2e["held_out_images"] == 128
     # some epoch beat the layer-wise weights on the held-out images, and that epoch was kept
     assert e2e["kept_epoch"] >= 1, err
     assert e2e["held_out_top1_after"] > e2e["held_out_top1_before"]
-    assert "top-1" in err and "[finetune] end-to-end epoch 4/4" in err
+    assert "top-1" in err and "[finetune] end-to-end retraining with labels: epoch 4/4" in err
 
 
 def test_bad_labels_fail_before_fitting(tmp_path, labeled_npy):

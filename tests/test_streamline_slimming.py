@@ -182,18 +182,6 @@ def test_corrupt_weights_file(tmp_path, chain):
         RebirthWeights.load(path, chain[1])
 
 
-def test_torch_interpretation_matches_the_tvm_build(tmp_path):
-    """The end-to-end refinement trains exactly what TVM compiles."""
-    torch = pytest.importorskip("torch")
-    from tvm_rebirth.learn.distill import RelaxInTorch
-
-    model = load_model(inception_model(tmp_path / "inc.onnx"))
-    x = np.random.default_rng(4).standard_normal((1, 16, 28, 28)).astype("float32")
-    with torch.no_grad():
-        ours = RelaxInTorch(model.mod["main"])(torch.from_numpy(x)).numpy()
-    np.testing.assert_allclose(ours, Runner(model.mod)(x)[0], rtol=1e-4, atol=1e-4)
-
-
 def test_refitted_consumer_weights_replace_the_layer(chain):
     model, plan, site, arrays = chain
     tail_w = np.full((4, 8, 1, 1), 0.5, "f")

@@ -198,6 +198,20 @@ def _fashion_mnist_train(entry, shape, count, seed):
         f"{count} Fashion-MNIST train images (seed {seed})"
 
 
+def check_labels(mod, labels, count, func_name="main"):
+    """Labels for retraining: one class index per image, each below the model's output
+    width (checked before any fitting starts, so a bad file fails fast)."""
+    labels = np.asarray(labels)
+    if labels.ndim != 1 or len(labels) != count:
+        raise RebirthError(f"end-to-end refinement: {labels.size} labels for {count} images")
+    shape = [int(d) for d in mod[func_name].ret_ty.shape.values]
+    classes = int(np.prod(shape[1:]))
+    if len(labels) and (int(labels.min()) < 0 or int(labels.max()) >= classes):
+        raise RebirthError(f"end-to-end refinement: labels must lie in 0..{classes - 1} (the "
+                           f"model has {classes} outputs), got {int(labels.min())}.."
+                           f"{int(labels.max())}")
+
+
 def labeled_training_images(model, source=None, labels=None, count=4096, seed=1) -> tuple:
     """(images NCHW float32, labels int64, description) for retraining with labels: rows of
     ``source`` (.npy) labeled by ``labels`` (.npy of class indices, same order), or the zoo
@@ -222,8 +236,6 @@ def labeled_training_images(model, source=None, labels=None, count=4096, seed=1)
                            f"{y.dtype} {list(y.shape)}")
     if len(y) < len(x):
         raise RebirthError(f"{labels}: {len(y)} labels for {len(x)} images of {source}")
-    from .distill import check_labels
-
     y = y[:len(x)].astype(np.int64)
     try:
         check_labels(model.mod, y, len(x))

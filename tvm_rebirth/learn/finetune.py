@@ -5,8 +5,9 @@ input is captured from the network with every site below it already slimmed, so 
 fit absorbs the errors of those below instead of compounding them unseen. Then the convs
 that read the site's output are refitted the same way (layer-wise, to their original
 outputs), which absorbs most of what one rebirth conv cannot express. Exact sites are
-computed in closed form and need no images. Optionally (``e2e_images``, needs PyTorch) all
-learned convs are then refined together: by distilling the original model's outputs, or
+computed in closed form and need no images. Each site's block is then trained with TVM's
+gradients (block reconstruction). Optionally (``e2e_images``) all learned convs are then
+refined together with TVM's gradients: by distilling the original model's outputs, or
 (``e2e_labels``) by retraining on labels with the original as teacher, the paper's way.
 """
 
@@ -277,25 +278,6 @@ def _reducer_weights(site, analysis, trace, covered, receiver, w0, b0, width, x,
     return w[:width], b[:width], list(range(old))
 
 
-def _refine_end_to_end(model, plan, arrays, images, labels, flip, epochs):
-    """Train every learned conv (rebirth and refitted) together towards the original model's
-    outputs: with TVM's gradients on unlabeled images (``distill_with_tvm``), or with
-    ``labels`` by retraining in PyTorch with the original as teacher (see distill)."""
-    if labels is None:
-        return _distill_with_tvm(model, plan, arrays, images, flip, epochs)
-    from .distill import distill
-
-    trainable = _plan_trainable(plan, arrays)
-    rebirth = rebirth_pipeline(plan, arrays)(model.mod)
-    logger.info(f"[finetune] end-to-end refinement of {len(trainable)} convs on {len(images)} "
-                "labeled images")
-    learned, report = distill(model.mod, rebirth, trainable, images, labels=labels, flip=flip,
-                              epochs=epochs)
-    for key, value in learned.items():
-        arrays[key] = value.reshape(arrays[key].shape)
-    return report
-
-
 def _plain_main(mod):
     """``mod``'s main without dataflow blocks (its vars can be region ends and outputs)."""
     from tvm import relax
@@ -303,11 +285,21 @@ def _plain_main(mod):
     return relax.transform.ToNonDataflow()(mod)["main"]
 
 
-def _distill_with_tvm(model, plan, arrays, images, flip, epochs) -> dict:
-    """Whole-network distillation with TVM's gradients: every learned conv trained together
-    so the slimmed model's output matches the original's, on ``images`` shifted, blended
-    (and with ``flip`` flipped) at random, the original labelling each augmented batch."""
-    from .train import BatchedForward, RegionTrainer, image_augmentation
+def _batched(forward, images, batch) -> np.ndarray:
+    return np.concatenate([forward(images[i:i + batch]) for i in range(0, len(images), batch)])
+
+
+def _refine_end_to_end(model, plan, arrays, images, labels, flip, epochs) -> dict:
+    """Train every learned conv (rebirth and refitted) together with TVM's gradients, from
+    the layer-wise start: unlabeled, so the slimmed model's output matches the original's
+    (distillation) on ``images`` shifted, blended (and with ``flip`` flipped) at random, the
+    original labelling each augmented batch; with ``labels``, the paper's retraining: half
+    cross-entropy on the labels, half the original's softened outputs (knowledge
+    distillation at RETRAIN_TEMPERATURE), on images shifted (and flipped) at random. Every
+    8th image is held out; the epoch that does best on them is kept (the start when none
+    does)."""
+    from .train import (BatchedForward, RegionTrainer, image_augmentation,
+                        labeled_augmentation, softened)
 
     start = time.time()
     trainable = _plan_trainable(plan, arrays)
@@ -315,27 +307,57 @@ def _distill_with_tvm(model, plan, arrays, images, flip, epochs) -> dict:
     batch = min(RECONSTRUCT_BATCH, int((~held).sum()))
     count = len(images) // batch * batch
     images, held = images[:count], held[:count]
-    logger.info(f"[finetune] end-to-end distillation of {len(trainable)} convs on {count} "
-                f"unlabeled images with TVM gradients")
+    what = "retraining with labels" if labels is not None else "distillation"
+    logger.info(f"[finetune] end-to-end {what} of {len(trainable)} convs on {count} "
+                f"{'labeled' if labels is not None else 'unlabeled'} images with TVM gradients")
     teacher = BatchedForward(_plain_main(model.mod), batch)
-    targets = np.concatenate([teacher(images[i:i + batch]) for i in range(0, count, batch)])
+    logits = _batched(teacher, images, batch).reshape(count, -1)
     func = _plain_main(rebirth_pipeline(plan, arrays)(model.mod))
-    out = func.body.body
-    trainer = RegionTrainer(func, [out], trainable, batch, from_params=True)
-    result = trainer.fit([images], [targets], held, arrays, epochs=epochs, lr=DISTILL_LR,
-                         augment=image_augmentation(teacher, flip=flip), label="distillation",
-                         progress=True)
+    check = held if held.any() else ~held
+
+    def held_out(weights) -> dict:
+        student = BatchedForward(_plain_main(rebirth_pipeline(plan, weights)(model.mod)),
+                                 batch)
+        out = _batched(student, images[check], batch).reshape(int(check.sum()), -1)
+        result = {"output_rel_error": float(np.linalg.norm(out - logits[check])
+                                            / max(np.linalg.norm(logits[check]), 1e-12))}
+        if labels is not None:
+            result["top1"] = float(np.mean(out.argmax(1) == labels[:count][check]))
+        return result
+
+    if labels is None:
+        trainer = RegionTrainer(func, [func.body.body], trainable, batch, from_params=True)
+        targets, augment, lr = [logits], image_augmentation(teacher, flip=flip), DISTILL_LR
+    else:
+        trainer = RegionTrainer(func, [func.body.body], trainable, batch, from_params=True,
+                                loss="labels", temperature=RETRAIN_TEMPERATURE)
+        onehot = np.eye(logits.shape[1], dtype=np.float32)[np.asarray(labels)[:count]]
+        targets = [onehot, softened(logits, RETRAIN_TEMPERATURE)]
+        augment = labeled_augmentation(teacher, RETRAIN_TEMPERATURE, flip=flip)
+        lr = RETRAIN_LR
+    before = held_out(arrays)
+    result = trainer.fit([images], targets, held, arrays, epochs=epochs, lr=lr,
+                         augment=augment, label=f"end-to-end {what}", progress=True)
     arrays.update(result.arrays)
-    report = {"loss": "output squared error (distillation, TVM gradients)",
-              "output_rel_error_before": round(float(np.sqrt(result.held_out_before)), 6),
-              "output_rel_error_after": round(float(np.sqrt(result.held_out_after)), 6),
-              "epochs": epochs, "kept_epoch": result.kept_epoch, "images": count,
+    after = held_out(arrays) if result.kept_epoch else before
+    report = {"loss": "cross-entropy + distillation (TVM gradients)" if labels is not None
+                      else "output squared error (distillation, TVM gradients)",
+              "output_rel_error_before": round(before["output_rel_error"], 6),
+              "output_rel_error_after": round(after["output_rel_error"], 6),
+              "flip": bool(flip), "epochs": epochs, "kept_epoch": result.kept_epoch,
+              "images": int((~check).sum()) if held.any() else count,
+              "held_out_images": int(check.sum()),
               "parameters": int(sum(result.arrays[k].size for k in trainer.keys)),
               "seconds": round(time.time() - start, 2)}
-    logger.info(f"[finetune] distillation: held-out output error "
+    if labels is not None:
+        report["held_out_top1_before"] = round(before["top1"], 4)
+        report["held_out_top1_after"] = round(after["top1"], 4)
+    logger.info(f"[finetune] end-to-end {what}: held-out output error "
                 f"{report['output_rel_error_before']:.4f} -> "
-                f"{report['output_rel_error_after']:.4f} (epoch {result.kept_epoch}/{epochs}), "
-                f"{report['seconds']}s")
+                f"{report['output_rel_error_after']:.4f}"
+                + (f", top-1 {before['top1'] * 100:.2f}% -> {after['top1'] * 100:.2f}%"
+                   if labels is not None else "")
+                + f" (epoch {result.kept_epoch}/{epochs}), {report['seconds']}s")
     return report
 
 
@@ -356,6 +378,8 @@ DIVERGED = 0.5  # fitted loss below this share of the held-out loss: too few ima
 # images, not the budget, limit to fewer steps do improve: fmnist-inception at 256 images.)
 RECONSTRUCT_MIN_STEPS = 128
 DISTILL_LR = 1e-3
+RETRAIN_LR = 1e-3
+RETRAIN_TEMPERATURE = 4.0  # the teacher's softening in retraining with labels
 
 
 def _boundary(analysis, site_id) -> list:
@@ -613,7 +637,7 @@ def finetune(model, plan, images=None, calibration="",
         images, held = _with_mirrors(images, held)
     reconstruct = reconstruct_epochs > 0 and _enough_for_blocks(images, held)
     if e2e_labels is not None:
-        from .distill import check_labels
+        from .calib import check_labels
 
         check_labels(model.mod, e2e_labels, len(e2e_images))
     sites = plan.enabled_sites()
@@ -630,7 +654,7 @@ def finetune(model, plan, images=None, calibration="",
         logger.info(f"[finetune] {site.id}: exact, closed form")
     learned = [s for s in sites if not s.exact]
     site_convs = {c.replaces for s in sites for c in s.old_conv}
-    if learned and (reconstruct or (e2e_images is not None and e2e_labels is None)):
+    if learned and (reconstruct or e2e_images is not None):
         _check_trainable(model)
     if learned:
         if images is None or len(images) == 0:

@@ -12,7 +12,9 @@ model build compiles, compiled with its kernels. Its batch dimension becomes ``b
 (flattening reshapes follow). Each trainable conv's weight, and the constant bias added
 right after it, become parameters; everything else stays as it is. The loss is the sum over
 outputs of the mean squared error, each divided by its target's mean square, so every
-output counts alike. Adam with a linear warm-up and a cosine decay runs on the host; every
+output counts alike; or (``loss="labels"``, one output: the logits) the paper's retraining
+loss, half cross-entropy on one-hot labels and half cross-entropy on a teacher's softened
+probabilities at ``temperature`` (knowledge distillation, scaled by its square). Adam with a linear warm-up and a cosine decay runs on the host; every
 epoch the held-out loss is measured and the best epoch's weights are kept (the starting
 weights when no epoch beats them).
 """
@@ -210,6 +212,57 @@ def make_substitute():
     return Substitute
 
 
+def _emit_region(builder, name, weights: LearnedWeights, bindings, inputs, batch, outputs,
+                 extra_params, value) -> list:
+    """Emit the function ``name``: the region's ``bindings`` for ``batch`` images, from its
+    ``inputs`` and ``weights``' parameters (then ``extra_params``) to ``value(builder, [the
+    outputs' vars])``; returns the weight parameters (``weights`` serves one function)."""
+    from tvm import relax
+
+    region_inputs = [relax.Var(f"input{i}", relax.TensorType(
+        [batch] + [int(d) for d in list(v.ty.shape)[1:]], v.ty.dtype))
+        for i, v in enumerate(inputs)]
+    mapping = dict(zip(inputs, region_inputs))
+    substitute = make_substitute()(mapping, batch, weights.swaps)
+    params = [weights.params[k] for k in weights.keys]
+    with builder.function(name, region_inputs + params + list(extra_params)):
+        with builder.dataflow():
+            weights.emit(builder, bindings, mapping, substitute)
+            out = builder.emit_output(value(builder, [mapping[o] for o in outputs]))
+        builder.emit_func_output(out)
+    return params
+
+
+def _squared_error(builder, outputs, targets, scales):
+    """The sum over outputs of the mean squared error x its scale."""
+    from tvm import relax
+
+    loss = None
+    for out, wanted, scale in zip(outputs, targets, scales):
+        diff = builder.emit(relax.op.subtract(out, wanted))
+        term = builder.emit(relax.op.multiply(relax.op.mean(relax.op.multiply(diff, diff)),
+                                              scale))
+        loss = term if loss is None else builder.emit(relax.op.add(loss, term))
+    return loss
+
+
+def _retraining_loss(builder, logits, labels, teacher, batch, temperature):
+    """0.5 x cross-entropy(logits, labels) + 0.5 x T^2 x cross-entropy(logits / T, teacher),
+    the batch mean; ``labels`` one-hot, ``teacher`` softmax(teacher logits / T). (The
+    teacher term is KL divergence up to the teacher's own entropy, a constant.)"""
+    from tvm import relax
+
+    op = relax.op
+    flat = builder.emit(op.reshape(logits, [batch, int(labels.ty.shape[1])]))
+    hard = builder.emit(op.sum(op.multiply(labels, op.nn.log_softmax(flat))))
+    soft = builder.emit(op.sum(op.multiply(teacher, op.nn.log_softmax(
+        op.divide(flat, relax.const(temperature, "float32"))))))
+    total = builder.emit(op.add(op.multiply(hard, relax.const(0.5, "float32")),
+                                op.multiply(soft, relax.const(0.5 * temperature ** 2,
+                                                              "float32"))))
+    return builder.emit(op.divide(total, relax.const(-float(batch), "float32")))
+
+
 def compute_vars(func, variables, images, label, target=None) -> list:
     """``variables`` (vars of ``func``, a function without dataflow blocks) for each image,
     one stacked array per var: the function up to them, compiled as the model build compiles
@@ -245,7 +298,7 @@ class RegionTrainer:
     starting arrays (the function's constants)."""
 
     def __init__(self, func, outputs, trainable: dict, batch: int, target=None,
-                 from_params=False):
+                 from_params=False, loss="mse", temperature=4.0):
         import tvm
         from tvm import relax
 
@@ -267,29 +320,34 @@ class RegionTrainer:
             raise RebirthError("the training region has none of the trainable convs "
                                f"({', '.join(sorted(trainable))})")
         self.batch = batch
-        region_inputs = [relax.Var(f"input{i}", relax.TensorType(
-            [batch] + [int(d) for d in list(v.ty.shape)[1:]], v.ty.dtype))
-            for i, v in enumerate(inputs)]
-        mapping = dict(zip(inputs, region_inputs))
-        substitute = make_substitute()(mapping, batch, weights.swaps)
-        targets = [relax.Var(f"target{i}", relax.TensorType(
-            [batch] + [int(d) for d in list(v.ty.shape)[1:]], "float32"))
-            for i, v in enumerate(outputs)]
-        scales = [relax.Var(f"scale{i}", relax.TensorType([], "float32"))
-                  for i in range(len(outputs))]
-        params = [weights.params[k] for k in self.keys]
+        if loss not in ("mse", "labels") or (loss == "labels" and len(outputs) != 1):
+            raise RebirthError(f"training loss {loss!r}: use 'mse', or 'labels' with one "
+                               "output (the logits)")
+        self.scaled = loss == "mse"  # fit passes one scale per output
+        if self.scaled:
+            targets = [relax.Var(f"target{i}", relax.TensorType(
+                [batch] + [int(d) for d in list(v.ty.shape)[1:]], "float32"))
+                for i, v in enumerate(outputs)]
+            scales = [relax.Var(f"scale{i}", relax.TensorType([], "float32"))
+                      for i in range(len(outputs))]
+        else:  # one-hot labels and the teacher's softened probabilities, [batch, classes]
+            classes = int(np.prod([int(d) for d in list(outputs[0].ty.shape)[1:]]))
+            targets = [relax.Var(name, relax.TensorType([batch, classes], "float32"))
+                       for name in ("labels", "teacher")]
+            scales = []
+
+        def value(builder, outs):
+            if self.scaled:
+                return _squared_error(builder, outs, targets, scales)
+            return _retraining_loss(builder, outs[0], *targets, batch, temperature)
+
         builder = relax.BlockBuilder()
-        with builder.function("loss", region_inputs + params + targets + scales):
-            with builder.dataflow():
-                weights.emit(builder, bindings, mapping, substitute)
-                loss = None  # the sum over outputs of mean squared error x scale
-                for out, wanted, scale in zip(outputs, targets, scales):
-                    diff = builder.emit(relax.op.subtract(mapping[out], wanted))
-                    term = builder.emit(relax.op.multiply(
-                        relax.op.mean(relax.op.multiply(diff, diff)), scale))
-                    loss = term if loss is None else builder.emit(relax.op.add(loss, term))
-                loss = builder.emit_output(loss)
-            builder.emit_func_output(loss)
+        params = _emit_region(builder, "loss", weights, bindings, inputs, batch, outputs,
+                              targets + scales, value)
+        if not self.scaled:  # the logits alone, for the held-out top-1
+            _emit_region(builder, "logits", LearnedWeights(graph, bindings, trainable),
+                         bindings, inputs, batch, outputs, [],
+                         lambda b, outs: b.emit(relax.op.reshape(outs[0], [batch, classes])))
         mod = builder.get()
         problems = gradients.untrainable_ops(mod["loss"])
         if problems:
@@ -320,7 +378,7 @@ class RegionTrainer:
 
     def gradients(self, inputs, targets, arrays, scales) -> tuple:
         """(loss, {key: gradient}) of one batch: ``inputs``/``targets`` hold ``batch`` rows,
-        ``scales`` one factor per output."""
+        ``scales`` one factor per output (none for the labels loss)."""
         loss, grads = self.vm["loss_adjoint"](*self._args(inputs, targets, arrays, scales))
         return float(loss.numpy()), {k: g.numpy() for k, g in zip(self.keys, grads)}
 
@@ -331,10 +389,19 @@ class RegionTrainer:
                         .numpy()) for i in self._batches(len(inputs[0]), None)]
         return float(np.mean(values)) if values else float("nan")
 
+    def top1(self, inputs, labels, arrays) -> float:
+        """The share of whole batches of ``inputs`` whose logits' argmax is the one-hot
+        ``labels``' class (``loss="labels"`` trainers)."""
+        hits = [np.argmax(self.vm["logits"](*self._args([x[i] for x in inputs], [], arrays,
+                                                         [])).numpy(), axis=1)
+                == np.argmax(labels[i], axis=1) for i in self._batches(len(labels), None)]
+        return float(np.mean(np.concatenate(hits))) if hits else float("nan")
+
     def fit(self, inputs, targets, held, arrays=None, epochs=20, lr=1e-3, seed=0,
             augment=None, label="region", progress=False, max_macs=None,
             patience=None) -> TrainResult:
-        """Adam on the non-held images; the held-out images choose the epoch kept.
+        """Adam on the non-held images; the held-out images choose the epoch kept (the
+        lowest loss; with ``loss="labels"`` the best top-1, then the lowest loss).
         ``arrays``: starting weights (default: the region's constants); ``augment(x, t,
         rng)`` may transform a batch of inputs and targets alike; ``progress`` logs every
         epoch at INFO (else DEBUG); ``max_macs`` caps the training's multiply-adds
@@ -350,8 +417,12 @@ class RegionTrainer:
             raise RebirthError(f"{label}: {len(fit_in[0])} images to fit, fewer than one "
                                f"batch of {self.batch}")
         scales = np.array([1.0 / max(float(np.mean(t.astype(np.float64) ** 2)), 1e-12)
-                           for t in fit_t], np.float32)
-        best = before = self.loss(check_in, check_t, arrays, scales)
+                           for t in fit_t], np.float32) if self.scaled else []
+        def score(weights) -> tuple:  # lower is better; the loss last
+            loss = self.loss(check_in, check_t, weights, scales)
+            return (loss,) if self.scaled else (-self.top1(check_in, check_t[0], weights), loss)
+
+        best = before = score(arrays)
         before_fit = self.loss(fit_in, fit_t, arrays, scales)
         best_arrays, kept = {k: v.copy() for k, v in arrays.items()}, 0
         moments = {k: (np.zeros_like(v), np.zeros_like(v)) for k, v in arrays.items()}
@@ -383,18 +454,21 @@ class RegionTrainer:
                     v += (1 - beta2) * g * g
                     arrays[k] -= rate * (m / (1 - beta1 ** step)) / \
                         (np.sqrt(v / (1 - beta2 ** step)) + 1e-8)
-            loss = self.loss(check_in, check_t, arrays, scales)
-            if loss < best:
-                best, kept = loss, epoch
+            now = score(arrays)
+            if now < best:
+                best, kept = now, epoch
                 best_arrays = {k: v.copy() for k, v in arrays.items()}
             logger.log(logging.INFO if progress else logging.DEBUG,
-                       f"[finetune] {label}: epoch {epoch}/{epochs}, held-out loss {loss:.5f} "
-                       f"({time.time() - start:.0f}s)")
+                       f"[finetune] {label}: epoch {epoch}/{epochs}, held-out loss "
+                       f"{now[-1]:.5f}" + ("" if self.scaled else
+                                           f", top-1 {-now[0] * 100:.2f}%")
+                       + f" ({time.time() - start:.0f}s)")
             if patience is not None and epoch - kept >= patience:
                 epochs = epoch  # what was run
                 break
         after_fit = self.loss(fit_in, fit_t, best_arrays, scales)
-        return TrainResult(arrays=best_arrays, held_out_before=before, held_out_after=best,
+        return TrainResult(arrays=best_arrays, held_out_before=before[-1],
+                           held_out_after=best[-1],
                            fit_before=before_fit, fit_after=after_fit, epochs=epochs,
                            kept_epoch=kept, seconds=round(time.time() - start, 2))
 
@@ -457,5 +531,25 @@ def image_augmentation(teacher, flip=True, shift=2, mix=0.5):
             partner = images[rng.permutation(n)[:int(mixed.sum())]]
             images[mixed] = weight * images[mixed] + (1 - weight) * partner
         return [images], [teacher(images)]
+
+    return augment
+
+
+def softened(logits, temperature: float) -> np.ndarray:
+    """softmax(logits / temperature) over the classes of [batch, ...] logits, [batch, K]."""
+    z = logits.reshape(len(logits), -1).astype(np.float64) / temperature
+    z = np.exp(z - z.max(axis=1, keepdims=True))
+    return (z / z.sum(axis=1, keepdims=True)).astype(np.float32)
+
+
+def labeled_augmentation(teacher, temperature: float, flip=True, shift=0):
+    """An ``augment`` for ``RegionTrainer.fit`` with ``loss="labels"``: the images shifted
+    (and flipped) as ``image_augmentation`` does, without blends (a blend has no one label);
+    the one-hot labels stay, the teacher's softened probabilities are recomputed."""
+    moved = image_augmentation(teacher, flip=flip, shift=shift, mix=0.0)
+
+    def augment(x, t, rng):
+        images, (logits,) = moved(x, t, rng)
+        return images, [t[0], softened(logits, temperature)]
 
     return augment
