@@ -1,7 +1,9 @@
 """Accuracy of fmnist-inception with every site slimmed (``plan --select all``) against the
 number of unlabeled calibration images: closed-form fits alone, and the default fine-tune
 (closed form + block reconstruction with TVM gradients), top-1 on the 10k Fashion-MNIST
-test images, with the fine-tune's seconds on this machine (2 threads).
+test images, with the fine-tune's seconds on this machine (2 threads); and the default
+fine-tune of the same sites planned with ``--policy keep-receptive-field`` (streamline
+convs whose kernel covers the whole block they replace).
 
     python benchmarks/fmnist_reconstruction.py [--counts 256,512,1024,2048] [--limit N]
 
@@ -36,22 +38,25 @@ def main():
     args = ap.parse_args()
     model = flow.load("fmnist-inception")
     plan = flow.find_plan(model)
+    field_plan = flow.find_plan(model, policy="keep-receptive-field")
     test_x, test_y, test_desc = labeled_set(model, args.limit)
     rows, runners = [], {"original": Runner(model.mod)}
     for count in (int(c) for c in args.counts.split(",")):
         calib = flow.calibration(model, flow.RebirthOptions(images=count), plan)
         row = {"images": count}
-        for key, epochs in (("closed_form", 0), ("reconstruction", RECONSTRUCT_EPOCHS)):
+        for key, epochs, variant in (("closed_form", 0, plan),
+                                     ("reconstruction", RECONSTRUCT_EPOCHS, plan),
+                                     ("receptive_field", RECONSTRUCT_EPOCHS, field_plan)):
             start = time.time()
             result = flow.rebirth_model(model, flow.RebirthOptions(
-                images=count, reconstruct_epochs=epochs), plan=plan, images=calib)
+                images=count, reconstruct_epochs=epochs), plan=variant, images=calib)
             row[key] = {"seconds": round(time.time() - start, 1)}
             runners[f"{key} {count}"] = Runner(result.mod)
         rows.append(row)
         print(f"{count} images done", file=sys.stderr)
     result = top_k(runners, test_x, test_y)
     for row in rows:
-        for key in ("closed_form", "reconstruction"):
+        for key in ("closed_form", "reconstruction", "receptive_field"):
             row[key]["top1"] = result[f"{key} {row['images']}"]["top1"]
     payload = {"model": "fmnist-inception", "labeled_set": test_desc, "sites": len(plan.sites),
                "mirror_images": flow.RebirthOptions().mirror,

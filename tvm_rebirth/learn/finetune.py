@@ -295,9 +295,9 @@ def _refine_end_to_end(model, plan, arrays, images, labels, flip, epochs) -> dic
     (distillation) on ``images`` shifted, blended (and with ``flip`` flipped) at random, the
     original labelling each augmented batch; with ``labels``, the paper's retraining: half
     cross-entropy on the labels, half the original's softened outputs (knowledge
-    distillation at RETRAIN_TEMPERATURE), on images shifted (and flipped) at random. Every
-    8th image is held out; the epoch that does best on them is kept (the start when none
-    does)."""
+    distillation at RETRAIN_TEMPERATURE), on the images (with ``flip`` flipped at random).
+    Every 8th image is held out; the epoch that does best on them is kept (the start when
+    none does)."""
     from .train import (BatchedForward, RegionTrainer, image_augmentation,
                         labeled_augmentation, softened)
 
@@ -316,14 +316,14 @@ def _refine_end_to_end(model, plan, arrays, images, labels, flip, epochs) -> dic
     check = held if held.any() else ~held
 
     def held_out(weights) -> dict:
+        """The slimmed model's held-out output error and top-1 with ``weights`` (the
+        retraining loss says neither)."""
         student = BatchedForward(_plain_main(rebirth_pipeline(plan, weights)(model.mod)),
                                  batch)
         out = _batched(student, images[check], batch).reshape(int(check.sum()), -1)
-        result = {"output_rel_error": float(np.linalg.norm(out - logits[check])
-                                            / max(np.linalg.norm(logits[check]), 1e-12))}
-        if labels is not None:
-            result["top1"] = float(np.mean(out.argmax(1) == labels[:count][check]))
-        return result
+        return {"output_rel_error": float(np.linalg.norm(out - logits[check])
+                                          / max(np.linalg.norm(logits[check]), 1e-12)),
+                "top1": float(np.mean(out.argmax(1) == np.asarray(labels)[:count][check]))}
 
     if labels is None:
         trainer = RegionTrainer(func, [func.body.body], trainable, batch, from_params=True)
@@ -335,11 +335,15 @@ def _refine_end_to_end(model, plan, arrays, images, labels, flip, epochs) -> dic
         targets = [onehot, softened(logits, RETRAIN_TEMPERATURE)]
         augment = labeled_augmentation(teacher, RETRAIN_TEMPERATURE, flip=flip)
         lr = RETRAIN_LR
-    before = held_out(arrays)
+    before = held_out(arrays) if labels is not None else None
     result = trainer.fit([images], targets, held, arrays, epochs=epochs, lr=lr,
                          augment=augment, label=f"end-to-end {what}", progress=True)
     arrays.update(result.arrays)
-    after = held_out(arrays) if result.kept_epoch else before
+    if labels is None:  # the distillation loss is the squared relative output error
+        before, after = ({"output_rel_error": float(np.sqrt(loss))} for loss in
+                         (result.held_out_before, result.held_out_after))
+    else:
+        after = held_out(arrays) if result.kept_epoch else before
     report = {"loss": "cross-entropy + distillation (TVM gradients)" if labels is not None
                       else "output squared error (distillation, TVM gradients)",
               "output_rel_error_before": round(before["output_rel_error"], 6),

@@ -14,9 +14,10 @@ right after it, become parameters; everything else stays as it is. The loss is t
 outputs of the mean squared error, each divided by its target's mean square, so every
 output counts alike; or (``loss="labels"``, one output: the logits) the paper's retraining
 loss, half cross-entropy on one-hot labels and half cross-entropy on a teacher's softened
-probabilities at ``temperature`` (knowledge distillation, scaled by its square). Adam with a linear warm-up and a cosine decay runs on the host; every
-epoch the held-out loss is measured and the best epoch's weights are kept (the starting
-weights when no epoch beats them).
+probabilities at ``temperature`` (knowledge distillation, scaled by its square). Adam with
+a linear warm-up and a cosine decay runs on the host; every epoch the held-out loss (with
+labels: the held-out top-1, then the loss) is measured and the best epoch's weights are
+kept (the starting weights when no epoch beats them).
 """
 
 from __future__ import annotations
