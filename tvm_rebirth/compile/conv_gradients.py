@@ -97,7 +97,7 @@ def transposed_conv(builder, call, unit):
 
     attrs = call.attrs
     data, weight = call.args
-    in_channels, out_channels, kh, kw = _ints(weight.ty.shape)
+    _, out_channels, kh, kw = _ints(weight.ty.shape)  # IOHW: out_channels are dx's
     sh, sw = _ints(attrs.strides)
     dh, dw = _ints(attrs.dilation)
     top, left, bottom, right = _ints(attrs.padding)
