@@ -222,9 +222,11 @@ def test_farm_tune_survives_a_killed_server(devices, tmp_path):
 
     _, port = parse_tracker(devices["tracker"])
     guest = sysroot_dir() / "guest-python"
+    # the servers' logs say which session hung, should the tune stall
+    logs = [open(tmp_path / f"farm-{i}.log", "w") for i in range(2)]
     farm = [subprocess.Popen(server_command(guest, port, "farm", 9700 + 60 * i),
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                             start_new_session=True) for i in range(2)]
+                             stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+            for i, log in enumerate(logs)]
     try:
         from test_tuning import _wait_for_key
 
@@ -244,7 +246,9 @@ def test_farm_tune_survives_a_killed_server(devices, tmp_path):
             time.sleep(0.5)
         os.killpg(farm[0].pid, signal.SIGKILL)  # one device dies mid-tune
         stdout, stderr = tune.communicate(timeout=900)
-        assert tune.returncode == 0, stderr
+        assert tune.returncode == 0, stderr + "".join(
+            f"\nfarm-{i}.log:\n" + (tmp_path / f"farm-{i}.log").read_text()[-2000:]
+            for i in range(2))
         data = json.loads(stdout)
         assert data["trials"] == 16
         records = (log_dir / "database_tuning_record.json").read_text().splitlines()
@@ -257,6 +261,8 @@ def test_farm_tune_survives_a_killed_server(devices, tmp_path):
             except OSError:
                 pass
             proc.wait()
+        for log in logs:
+            log.close()
 
 
 def test_device_errors(devices, tmp_path):

@@ -286,3 +286,37 @@ def test_databases_load_pruned_to_their_best_records_from_the_cache(tmp_path, mo
     # a cache that cannot be written: the full database, no error
     monkeypatch.setenv("TVM_REBIRTH_CACHE", str(tmp_path / "torn" / DB_FILES[0]))
     assert len(open_json_database(folder)) == len(full)
+
+
+def test_a_candidate_that_outlasts_its_session_fails_alone(tmp_path, tracker, monkeypatch):
+    """A tuning session on a device lasts a time sized for the candidates it has left; the
+    device ends it after that, so a candidate that hangs fails on its own and the next one
+    is timed in a new session (before, one hung session held the device for 600 s)."""
+    import tvm
+    from tvm import te
+    from tvm.s_tir.meta_schedule.arg_info import ArgInfo
+    from tvm.s_tir.meta_schedule.runner import RunnerInput
+
+    from tvm_rebirth.compile import candidates
+    from tvm_rebirth.deploy.rpc import parse_tracker
+
+    def artifact(n, name):  # an unscheduled n x n matmul: seconds at n = 1536, none at 16
+        a, b = te.placeholder((n, n), name="a"), te.placeholder((n, n), name="b")
+        k = te.reduce_axis((0, n), name="k")
+        c = te.compute((n, n), lambda i, j: te.sum(a[i, k] * b[k, j], axis=k), name="c")
+        func = te.create_prim_func([a, b, c])
+        path = str(tmp_path / f"{name}.so")
+        tvm.compile(tvm.IRModule({"main": func}), target="llvm").export_library(path)
+        return RunnerInput(path, "llvm", ArgInfo.from_prim_func(func))
+
+    monkeypatch.setattr(candidates, "SESSION_SECONDS", 2.0)
+    monkeypatch.setattr(candidates, "SESSION_SECONDS_PER_CANDIDATE", 0.0)
+    host, port = parse_tracker(tracker)
+    runner = candidates.make_rpc_runner(host, port, "local", number=3, repeat=1,
+                                        min_repeat_ms=50)
+    start = time.time()
+    slow, fast = (f.result() for f in runner.run([artifact(1536, "slow"),
+                                                  artifact(16, "fast")]))
+    assert slow.error_msg and slow.run_secs is None
+    assert fast.error_msg is None and len(fast.run_secs) == 1, fast.error_msg
+    assert time.time() - start < 60

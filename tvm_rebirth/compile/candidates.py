@@ -188,6 +188,14 @@ def make_local_runner(number: int, repeat: int, min_repeat_ms: int):
     return InProcessRunner()
 
 
+# a tuning session may last this long, plus this much per candidate it has left to time: a
+# session that hangs on the device (seen under qemu: a device held ~600 s) is ended by the
+# server after that, failing the candidate it ran, instead of holding the device for the
+# whole session_timeout
+SESSION_SECONDS = 30.0
+SESSION_SECONDS_PER_CANDIDATE = 15.0
+
+
 def make_rpc_runner(host, port, key, number: int, repeat: int, min_repeat_ms: int,
                      session_timeout: float = 600):
     from tvm.ir.utils import derived_object
@@ -196,12 +204,15 @@ def make_rpc_runner(host, port, key, number: int, repeat: int, min_repeat_ms: in
     from ..deploy.rpc import request_session
 
     def run_share(inputs, results):
-        """One device's share of a batch, in one session (re-requested if it breaks)."""
+        """One device's share of a batch, in one session (re-requested if it breaks), which
+        the device ends after a time sized for the candidates it has left."""
         session = None
-        for i, inp in inputs:
+        for position, (i, inp) in enumerate(inputs):
             try:
                 if session is None:
-                    session = request_session(host, port, key, session_timeout)
+                    left = len(inputs) - position
+                    session = request_session(host, port, key, min(
+                        session_timeout, SESSION_SECONDS + SESSION_SECONDS_PER_CANDIDATE * left))
                 name = os.path.basename(inp.artifact_path)
                 session.upload(inp.artifact_path, name)
                 results[i] = RunnerResult(_time_candidate(
