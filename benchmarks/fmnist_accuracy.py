@@ -1,14 +1,14 @@
 """Accuracy of a Fashion-MNIST zoo model (fmnist-inception, or fmnist-vgg) as sites are
 slimmed one by one in network order (paper Table 2 style: fmnist-inception's conv1, conv2,
 then each inception module; fmnist-vgg's conv blocks): top-1/top-5 on the 10k Fashion-MNIST test images with the default fine-tune on
-``--images`` unlabeled images; then the branch sites alone with both reducer-width presets
-(when the model has any); then, unless ``--no-e2e`` and when PyTorch (the optional extra) is
-installed, all sites refined end to end two ways: distilling the original on unlabeled
-images, and retraining with the Fashion-MNIST train labels and the original as teacher (the
-paper's recipe).
+``--images`` unlabeled images (default: the model's default count); then the branch sites
+alone with both reducer-width presets (when the model has any); then, unless ``--no-e2e``,
+all sites refined end to end with TVM's gradients two ways: distilling the original on
+unlabeled images, and retraining with the Fashion-MNIST train labels and the original as
+teacher (the paper's recipe).
 
-    python benchmarks/fmnist_accuracy.py [--model fmnist-inception] [--images 256] [--limit N]
-                                         [--no-e2e]          # ~1 h on 2 cores with the e2e rows
+    python benchmarks/fmnist_accuracy.py [--model fmnist-inception] [--images N] [--limit N]
+                                         [--no-e2e]
 
 writes benchmarks/results/<model>_accuracy.{json,md} (fmnist_inception_accuracy, ...)
 """
@@ -37,7 +37,8 @@ def markdown(payload):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="fmnist-inception", choices=("fmnist-inception", "fmnist-vgg"))
-    ap.add_argument("--images", type=int, default=256)
+    ap.add_argument("--images", type=int, help="unlabeled calibration images (default: sized "
+                    "for the model, learn.calib.default_image_count)")
     ap.add_argument("--no-e2e", action="store_true", help="leave the end-to-end rows out")
     ap.add_argument("--limit", type=int)
     ap.add_argument("--e2e-images", type=int, default=30000, help="unlabeled distillation")
@@ -65,11 +66,6 @@ def main():
         rebirth(f"branch sites only ({widths} widths)",
                 flow.RebirthOptions(kinds=("branch",), branch_widths=widths, select="all"))
     e2e = {}
-    try:
-        import torch  # noqa: F401  (the optional extra)
-    except ImportError:
-        print("torch not installed: skipping the end-to-end rows", file=sys.stderr)
-        args.no_e2e = True
     if not args.no_e2e:
         e2e["distillation"] = rebirth(
             "all sites + end-to-end distillation (unlabeled)",

@@ -316,13 +316,14 @@ def limits_section(limits):
 def reconstruction_table(data):
     """fmnist_reconstruction.py's rows (its result page uses it too)."""
     base = data["original_top1"]
-    keys = [k for k in ("closed_form", "reconstruction", "receptive_field")
+    keys = [k for k in ("closed_form", "reconstruction", "distillation", "receptive_field")
             if all(k in r for r in data["rows"])]
     rows = [[r["images"]] + [cell for key in keys for cell in (
         f"{r[key]['top1'] * 100:.2f} ({(r[key]['top1'] - base) * 100:+.2f})",
         f"{r[key]['seconds']:.0f}")] for r in data["rows"]]
     titles = {"closed_form": "closed form: top-1 % (pt)",
               "reconstruction": "+ block reconstruction: top-1 % (pt)",
+              "distillation": "+ distillation (the default): top-1 % (pt)",
               "receptive_field": "same, `--policy keep-receptive-field`: top-1 % (pt)"}
     return table(rows, ["unlabeled images"] + [t for k in keys for t in (titles[k],
                                                                           "seconds")])
@@ -332,6 +333,9 @@ def reconstruction_text(data) -> str:
     return (f"Original top-1 {data['original_top1'] * 100:.2f} % on {data['labeled_set']}; "
             f"plan: every site found (`--select all`, {data['sites']} sites); block "
             f"reconstruction: {data['epochs']} epochs per site (the default), TVM gradients; "
+            + (f"distillation: the whole network on the calibration images, "
+               f"{data['distill_epochs']} epochs (the default); "
+               if any("distillation" in r for r in data["rows"]) else "")
             + ("`--policy keep-receptive-field`: its streamline sites' convs cover the whole "
                "block they replace (conv1+pool1+norm1: 5x5/s2 instead of 3x3/s2); "
                if any("receptive_field" in r for r in data["rows"]) else "")

@@ -125,7 +125,8 @@ def test_block_reconstruction_beats_the_closed_form_alone(monkeypatch, caplog):
     want = np.concatenate([original(x[None])[0] for x in unseen])
     errors = {}
     for epochs in (0, RECONSTRUCT_EPOCHS):
-        weights, report = finetune(model, plan, fit, reconstruct_epochs=epochs, mirror=False)
+        weights, report = finetune(model, plan, fit, reconstruct_epochs=epochs, mirror=False,
+                                   distill_epochs=0)
         blocks = [r["block"] for r in report["sites"] if "block" in r]
         assert len(blocks) == (len(plan.sites) if epochs else 0)
         if epochs:
@@ -169,12 +170,46 @@ def test_a_block_too_big_for_the_budget_keeps_its_closed_form(tmp_path, monkeypa
     plan = flow.find_plan(model)
     images = RNG.standard_normal((160, 3, 12, 12)).astype(np.float32)
     monkeypatch.setattr("tvm_rebirth.learn.finetune.RECONSTRUCT_MACS", 1e6)
-    small_budget, report = finetune(model, plan, images)
+    small_budget, report = finetune(model, plan, images, distill_epochs=0)
     blocks = [r["block"] for r in report["sites"] if not r["exact"]]
     assert blocks and all("steps" in b["skipped"] for b in blocks)
     closed_form, _ = finetune(model, plan, images, reconstruct_epochs=0)
     for key, value in closed_form.arrays.items():
         np.testing.assert_array_equal(small_budget.arrays[key], value)
+
+
+def test_the_default_fine_tune_ends_with_a_distillation_it_can_afford(tmp_path, monkeypatch):
+    """After block reconstruction the whole slimmed network is distilled on the calibration
+    images; the reported held-out output error is the slimmed model's on the held-out
+    images. A model that cannot afford DISTILL_MIN_EPOCHS is not distilled, and says so."""
+    from tvm_rebirth.learn.finetune import DISTILL_EPOCHS, _held_out
+
+    model = flow.load(_lrn_net(tmp_path / "net.onnx"))
+    plan = flow.find_plan(model)
+    images = RNG.standard_normal((256, 3, 12, 12)).astype(np.float32)  # 32 held out
+    held = images[_held_out(images)]
+    original = Runner(model.mod)
+    want = np.concatenate([original(x[None])[0] for x in held])
+
+    def held_out_error(weights):
+        slimmed = Runner(rebirth_pipeline(plan, weights.arrays)(model.mod))
+        got = np.concatenate([slimmed(x[None])[0] for x in held])
+        return np.linalg.norm(got - want) / np.linalg.norm(want)
+
+    # one epoch per block leaves the distillation something to gain
+    weights, report = finetune(model, plan, images, reconstruct_epochs=1)
+    distilled = report["distillation"]
+    assert distilled["epochs"] == DISTILL_EPOCHS and distilled["held_out_images"] == 32
+    assert distilled["kept_epoch"] >= 1, distilled  # some epoch did better than the start
+    assert distilled["output_rel_error_after"] < distilled["output_rel_error_before"]
+    undistilled, report = finetune(model, plan, images, reconstruct_epochs=1, distill_epochs=0)
+    assert "distillation" not in report
+    assert held_out_error(weights) < held_out_error(undistilled)
+    _, report = finetune(model, plan, images[:200], reconstruct_epochs=1)  # 25 held out
+    assert report["distillation"] == {"skipped": "25 held-out images"}
+    monkeypatch.setattr("tvm_rebirth.learn.finetune.DISTILL_MACS", 1e6)
+    _, report = finetune(model, plan, images, reconstruct_epochs=1)
+    assert "affordable epochs" in report["distillation"]["skipped"]
 
 
 def test_fit_stops_when_the_held_out_loss_stops_improving(tmp_path):

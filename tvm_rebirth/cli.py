@@ -157,6 +157,8 @@ def _rebirth_options(args) -> flow.RebirthOptions:
                                budget=getattr(args, "budget", None),
                                reconstruct_epochs=getattr(args, "reconstruct_epochs",
                                                           flow.RECONSTRUCT_EPOCHS),
+                               distill_epochs=getattr(args, "distill_epochs",
+                                                      flow.DISTILL_EPOCHS),
                                mirror=not getattr(args, "no_mirror", False),
                                implicit_plan=getattr(args, "rebirth", False))
 
@@ -185,6 +187,14 @@ def cmd_finetune(args) -> None:
         f"\n\nweights written to {out} ({payload['calibration']}"
         f"{', each with its mirror image' if payload['mirror_images'] else ''}); "
         f"{payload['seconds']}s")
+    distilled = payload.get("distillation")
+    if distilled and "skipped" in distilled:
+        text += f"\ndistillation on the calibration images: skipped ({distilled['skipped']})"
+    elif distilled:
+        text += (f"\ndistillation on the calibration images: held-out output error "
+                 f"{distilled['output_rel_error_before']:.4f} -> "
+                 f"{distilled['output_rel_error_after']:.4f} (epoch {distilled['kept_epoch']}/"
+                 f"{distilled['epochs']}, {distilled['seconds']}s)")
     if "end_to_end" in payload:
         e2e = payload["end_to_end"]
         text += (f"\nend-to-end refinement ({e2e['loss']}): held-out output error "
@@ -466,6 +476,10 @@ def build_parser() -> argparse.ArgumentParser:
                        default=flow.RECONSTRUCT_EPOCHS,
                        help="epochs of block reconstruction with TVM gradients after each "
                             f"site's closed-form fit ({flow.RECONSTRUCT_EPOCHS}; 0: off)")
+        p.add_argument("--distill-epochs", type=non_negative_int, default=flow.DISTILL_EPOCHS,
+                       help="then epochs of whole-network distillation on the calibration "
+                            f"images ({flow.DISTILL_EPOCHS}; 0: off; skipped for models too "
+                            "big to afford it, e.g. GoogLeNet at 256 images)")
         p.add_argument("--no-mirror", action="store_true",
                        help="fit on the calibration images alone (default: each image and "
                             "its horizontal mirror image)")
@@ -495,8 +509,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", help="weights file (default: <model>.weights.npz)")
     p.add_argument("--e2e", action="store_true",
                    help="then refine all learned convs end to end by distilling the original "
-                        "outputs with TVM gradients (with --e2e-labels: retrain in PyTorch, "
-                        "pip install torch==2.13.0)")
+                        "outputs with TVM gradients (with --e2e-labels: retrain on labels, the "
+                        "original as teacher)")
     p.add_argument("--e2e-images", type=positive_int, default=4096,
                    help="images for end-to-end refinement (4096)")
     p.add_argument("--e2e-epochs", type=positive_int, default=8, help="epochs of it (8)")
@@ -562,8 +576,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--report-dir", default="rebirth-demo", help="where the report goes")
     p.add_argument("--images", type=positive_int,
                    help="calibration images per model (default: 64 for GoogLeNet, whose "
-                        "weights only need to be plausible for speed and memory; 256 for "
-                        "fmnist-inception, whose accuracy is reported)")
+                        "weights only need to be plausible for speed and memory; fmnist-inception, "
+                        "whose accuracy is reported, its default count: 2048)")
     p.add_argument("--rounds", type=positive_int, default=7,
                    help="interleaved timing rounds (7)")
     p.add_argument("--eval-limit", type=positive_int, help="evaluate on the first N test images only")

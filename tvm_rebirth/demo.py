@@ -97,7 +97,9 @@ def run_demo(report_dir, images=None, rounds=7, eval_limit=None, device=True) ->
         "speedup": bench["speedup"], "memory_ratio": bench["memory_ratio"],
         "instructions_ratio": on_device.get("instructions_ratio"),
         "accuracy": {"model": fm.model.name, "labeled_set": test_desc, **accuracy,
-                     "fit": fm.fit["sites"]},
+                     "fit": fm.fit["sites"],
+                     **({"distillation": fm.fit["distillation"]}
+                        if "distillation" in fm.fit else {})},
         "stage_seconds": stages.seconds, "report_dir": report,
     }
     write_report(report, summary)
@@ -137,9 +139,12 @@ def summary_rows(summary) -> list:
 def fitting_text(accuracy) -> str:
     """How the accuracy model's rebirth weights were learned (from its fit report)."""
     trained = sum("held_out_after" in site.get("block", {}) for site in accuracy["fit"])
+    distilled = accuracy.get("distillation") or {}
     if trained:
         return (f"closed-form fits, then block reconstruction with TVM gradients ({trained} "
-                "blocks), unlabeled images only")
+                "blocks)" + (f", then the whole network distilled ({distilled['epochs']} "
+                             "epochs)" if "epochs" in distilled else "")
+                + ", unlabeled images only")
     return "closed-form (layer-wise) fits only, unlabeled images"
 
 
@@ -178,7 +183,7 @@ def write_report(report, summary) -> None:
               "the slimmed network with labels and the original as teacher, as the paper does, "
               "recovers most of the loss: `tvm-rebirth plan fmnist-inception -o P`, "
               "`tvm-rebirth finetune fmnist-inception --plan P --e2e --e2e-labels --e2e-flip "
-              "--e2e-images 60000 -o W` (PyTorch, ~10 min), then `tvm-rebirth eval "
+              "--e2e-images 60000 -o W` (TVM gradients), then `tvm-rebirth eval "
               "fmnist-inception --plan P --weights W`.\n")
     if "skipped" in dev:
         text += f"\nEmulated Cortex-A72 stage skipped: {dev['skipped']}\n"

@@ -24,7 +24,7 @@ import time
 from dataclasses import dataclass, field
 
 from .errors import RebirthError
-from .learn.finetune import RECONSTRUCT_EPOCHS
+from .learn.finetune import DISTILL_EPOCHS, RECONSTRUCT_EPOCHS
 from .passes.site import SITE_KINDS
 
 logger = logging.getLogger(__name__)
@@ -67,6 +67,8 @@ class RebirthOptions:
     budget: float | None = None  # accuracy budget of "paying" (None: the default)
     # epochs of block reconstruction with TVM gradients after each site's closed form (0: off)
     reconstruct_epochs: int = RECONSTRUCT_EPOCHS
+    # epochs of whole-network distillation on the calibration images after that (0: off)
+    distill_epochs: int = DISTILL_EPOCHS
     mirror: bool = True  # fit on each calibration image and its horizontal mirror image
     e2e: E2EOptions = field(default_factory=E2EOptions)
     # build/tune --rebirth: the rebirth model even without a plan file (planned for their
@@ -89,9 +91,10 @@ class RebirthOptions:
         """Option combinations that cannot work, refused before any work."""
         if self.images is not None:
             require_positive(self.images, "--images")
-        if self.reconstruct_epochs < 0:
-            raise RebirthError(f"--reconstruct-epochs {self.reconstruct_epochs}: use 0 (off) "
-                               "or more")
+        for flag, epochs in (("--reconstruct-epochs", self.reconstruct_epochs),
+                             ("--distill-epochs", self.distill_epochs)):
+            if epochs < 0:
+                raise RebirthError(f"{flag} {epochs}: use 0 (off) or more")
         if self.select not in ("paying", "all"):
             raise RebirthError(f"--select {self.select}: use paying or all")
         if self.plan and (self.select != "paying" or self.budget is not None):
@@ -433,6 +436,7 @@ def fine_tune(model, plan, options: RebirthOptions, tag: str | None = None,
     return finetune(model, plan, calib, description, e2e_images=e2e_images,
                     e2e_epochs=options.e2e.epochs, e2e_labels=e2e_labels,
                     e2e_flip=options.e2e.flip, reconstruct_epochs=options.reconstruct_epochs,
+                    distill_epochs=options.distill_epochs,
                     mirror=options.mirror)
 
 
@@ -615,7 +619,7 @@ def finetune_command(args: FinetuneArgs) -> dict:
     return {"model": model.name, "weights": os.path.abspath(out), "plan_sha256": plan.sha256,
             "calibration": images[1], "mirror_images": report["mirror_images"],
             "sites": report["sites"], "seconds": round(time.time() - start, 2),
-            **({"end_to_end": report["end_to_end"]} if "end_to_end" in report else {})}
+            **{key: report[key] for key in ("distillation", "end_to_end") if key in report}}
 
 
 def predicted_speedup(plan) -> dict | None:
