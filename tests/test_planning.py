@@ -1,6 +1,7 @@
 """Plans that pay: site blocks as modules of their own, the selection under a budget, and
 `plan --select paying` end to end on real builds (this CPU and the emulated Cortex-A72)."""
 
+import dataclasses
 import itertools
 import json
 import random
@@ -135,6 +136,25 @@ def test_selection_spends_the_accuracy_budget_where_it_saves_most():
     assert sel.combos == {"a": {"a": OFF}, "b": {"b": "v1"}}
     assert sel.sites["a"]["reason"] == "over the accuracy budget (0.3)"
     assert select_variants(choices, table, errors, budget=0.0).predicted_cost == 100.0
+
+
+def test_latency_savings_within_the_tie_go_to_the_more_accurate_variant():
+    """Timings of one block vary by ~10 % between runs: a variant saving nearly as much
+    (within SAVING_TIE) at a lower accuracy cost wins; exact instruction counts never tie."""
+    from tvm_rebirth.planning.selection import SAVING_TIE
+
+    groups = [(["a"], [{"a": OFF}, {"a": "v1"}, {"a": "v2"}, {"a": "v3"}])]
+    near, far = 10 - 6 * (1 - SAVING_TIE / 2), 10 - 6 * (1 - 2 * SAVING_TIE)
+    errors = {"a": {"v1": 0.5, "v2": 0.3, "v3": 0.1}}
+    choices, table, _ = _fake(groups, {"a": [10, 4, near, far]})
+    assert select_variants(choices, table, errors, budget=None).combos["a"] == {"a": "v1"}
+    latency = dataclasses.replace(table, unit="ms")
+    sel = select_variants(choices, latency, errors, budget=None)
+    assert sel.combos["a"] == {"a": "v2"}  # v3 saves 20 % less: no tie
+    assert sel.sites["a"]["reason"].endswith("; ties v1 (within 10% of its saving) at a "
+                                             "lower accuracy cost")
+    # a budget v1 exceeds: the same choice
+    assert select_variants(choices, latency, errors, budget=0.3).combos["a"] == {"a": "v2"}
 
 
 def test_prediction_stays_within_the_model_when_blocks_sum_past_it():

@@ -6,7 +6,8 @@ budget, by dynamic programming over the groups (a multiple-choice knapsack).
 
 A group's combo is a candidate only when it is predicted to pay: it saves more than
 ``MIN_GAIN`` of its block's measured cost (latency is noisy; instruction counts are exact,
-so any saving counts there). The accuracy cost of a combo is the sum of its learned
+so any saving counts there); latency savings within ``SAVING_TIE`` of each other are a tie,
+which the combo with the lower accuracy cost wins. The accuracy cost of a combo is the sum of its learned
 variants' held-out relative errors (``learn.finetune.variant_errors``); the chosen combos'
 costs sum to at most ``budget``. Memory is not additive (the static planner reuses storage
 across blocks), so it is checked on the whole model: with ``model_memory`` (chosen combos
@@ -24,6 +25,12 @@ from .variants import OFF
 
 # a latency saving below this share of the block's cost is not predicted to pay (noise)
 MIN_GAIN = 0.03
+# latency savings within this share of each other are a tie (timings of one block vary by
+# about this much between runs): the combo with the lower accuracy cost is chosen. E.g.
+# fmnist-inception's stem on znver3: keep-kernel saves 0.0296 ms, keep-receptive-field
+# 0.027 ms at a lower error (0.42 vs 0.51) and +0.65 pt top-1; GoogLeNet's stem 1.36 vs
+# 0.86 ms stays keep-kernel. Instruction counts are exact: no ties there.
+SAVING_TIE = 0.10
 # default accuracy budget: sum of held-out relative errors of the learned variants chosen
 DEFAULT_BUDGET = 2.5
 _STEP = 0.01  # accuracy costs are summed in steps of this size
@@ -88,7 +95,7 @@ def select_variants(choices, table, errors, budget=DEFAULT_BUDGET,
                 # rounded up: the chosen costs never sum past the budget
                 steps = math.ceil(_accuracy(combo, errors) / _STEP - 1e-9)
                 options.append((table.saving(group, combo), steps, combo))
-        candidates.append(options)
+        candidates.append(_untied(options) if table.unit == "ms" else options)
     limit = None if budget is None else math.floor(budget / _STEP + 1e-9)
     picks = _knapsack(candidates, limit)
     chosen = {g.key: combo for g, combo in zip(choices.groups, picks)}
@@ -102,6 +109,15 @@ def select_variants(choices, table, errors, budget=DEFAULT_BUDGET,
                      budget=budget, accuracy_cost=sum(_accuracy(c, errors)
                                                       for c in chosen.values()),
                      model_cost=table.model_cost, predicted_cost=table.model_cost - saving)
+
+
+def _untied(options) -> list:
+    """``options`` ([(saving, accuracy steps, combo)], "off" first) without those that
+    another saves nearly as much as (within SAVING_TIE) at a lower accuracy cost."""
+    return [options[0]] + [
+        option for option in options[1:]
+        if not any(other[1] < option[1] and other[0] >= (1 - SAVING_TIE) * option[0]
+                   for other in options[1:])]
 
 
 def _block_scale(choices, table) -> float:
@@ -171,6 +187,12 @@ def _site_report(choices, table, errors, chosen, budget, bigger=()) -> dict:
                                                         1e-12)
                 reason = f"saves {share:.0%} of its block" + (
                     f" (with {', '.join(partners)})" if partners else "")
+                mine = next(v for v in variants if v["variant"] == variant)
+                tied = [v["variant"] for v in variants if v["pays"] == "yes"
+                        and v["saving"] > mine["saving"] >= (1 - SAVING_TIE) * v["saving"]]
+                if table.unit == "ms" and tied:
+                    reason += (f"; ties {', '.join(tied)} (within {SAVING_TIE:.0%} of its "
+                               "saving) at a lower accuracy cost")
             elif group.key in bigger:
                 reason = "the slimmed model would plan more memory than the original"
             elif all(v["pays"] != "yes" for v in variants):
