@@ -24,7 +24,7 @@ from run_all import accuracy_table, end_to_end_text, fine_tune_text  # noqa: E40
 
 from tvm_rebirth import flow  # noqa: E402
 from tvm_rebirth.compile.build import Runner  # noqa: E402
-from tvm_rebirth.learn.finetune import RECONSTRUCT_EPOCHS  # noqa: E402
+from tvm_rebirth.learn.finetune import DISTILL_EPOCHS, RECONSTRUCT_EPOCHS  # noqa: E402
 from tvm_rebirth.report.measure import labeled_set, top_k  # noqa: E402
 
 
@@ -84,7 +84,8 @@ def main():
     payload = {"model": args.model, "labeled_set": test_desc, "calibration": description,
                "fine_tune": f"default fine-tune (closed form through the activation + block "
                             f"reconstruction, {RECONSTRUCT_EPOCHS} epochs per site; each image "
-                            "with its mirror image)",
+                            f"with its mirror image; then the whole network distilled on the "
+                            f"same images, {DISTILL_EPOCHS} epochs, when it affords them)",
                "steps": steps, "n": result["n"], "end_to_end": e2e}
     md = markdown(payload)
     write(f"{args.model.replace('-', '_')}_accuracy", payload, md)
