@@ -22,6 +22,7 @@ from run_all import reconstruction_table, reconstruction_text  # noqa: E402
 
 from tvm_rebirth import flow  # noqa: E402
 from tvm_rebirth.compile.build import Runner  # noqa: E402
+from tvm_rebirth.learn import finetune as finetune_stage  # noqa: E402
 from tvm_rebirth.learn.finetune import DISTILL_EPOCHS, RECONSTRUCT_EPOCHS  # noqa: E402
 from tvm_rebirth.report.measure import labeled_set, top_k  # noqa: E402
 
@@ -36,6 +37,8 @@ def main():
     ap.add_argument("--counts", default="256,1024,2048")
     ap.add_argument("--limit", type=int, help="evaluate on the first N test images")
     args = ap.parse_args()
+    # distillation measured at every count (the default skips it below 512 images)
+    finetune_stage.DISTILL_MIN_HELD_OUT = 0
     model = flow.load("fmnist-inception")
     plan = flow.find_plan(model)
     field_plan = flow.find_plan(model, policy="keep-receptive-field")
