@@ -405,7 +405,8 @@ RETRAIN_TEMPERATURE = 4.0  # the teacher's softening in retraining with labels
 def _distill(model, plan, arrays, images, epochs) -> dict:
     """The default fine-tune's last step: the whole slimmed network distilled from the
     original on the calibration ``images`` (flips only), for as many of ``epochs`` as
-    DISTILL_MACS pays for; skipped (and said why) below DISTILL_MIN_EPOCHS."""
+    DISTILL_MACS pays for; skipped (and said why) below DISTILL_MIN_EPOCHS or with fewer
+    than DISTILL_MIN_HELD_OUT held-out images."""
     from .train import affordable_steps
 
     held = _held_out(images)

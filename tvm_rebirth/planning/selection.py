@@ -6,14 +6,15 @@ budget, by dynamic programming over the groups (a multiple-choice knapsack).
 
 A group's combo is a candidate only when it is predicted to pay: it saves more than
 ``MIN_GAIN`` of its block's measured cost (latency is noisy; instruction counts are exact,
-so any saving counts there); latency savings within ``SAVING_TIE`` of each other are a tie,
-which the combo with the lower accuracy cost wins. The accuracy cost of a combo is the sum of its learned
-variants' held-out relative errors (``learn.finetune.variant_errors``); the chosen combos'
-costs sum to at most ``budget``. Memory is not additive (the static planner reuses storage
-across blocks), so it is checked on the whole model: with ``model_memory`` (chosen combos
--> the slimmed model's planned activation bytes), chosen groups are dropped, the one whose
-block grew most first, until the model plans no more than the original. Every site's reason
-(chosen, slower, bigger, over budget) is kept for the plan.
+so any saving counts there); latency savings within ``SAVING_TIE`` of each other are a
+tie, which the combo with the lower accuracy cost wins. The accuracy cost of a combo is the
+sum of its learned variants' held-out relative errors (``learn.finetune.variant_errors``);
+the chosen combos' costs sum to at most ``budget``. Memory is not additive (the static
+planner reuses storage across blocks), so it is checked on the whole model: with
+``model_memory`` (chosen combos -> the slimmed model's planned activation bytes), chosen
+groups are dropped, the one whose block grew most first, until the model plans no more than
+the original. Every site's reason (chosen, tied, slower, bigger, over budget) is kept for
+the plan.
 """
 
 from __future__ import annotations
@@ -25,8 +26,8 @@ from .variants import OFF
 
 # a latency saving below this share of the block's cost is not predicted to pay (noise)
 MIN_GAIN = 0.03
-# latency savings within this share of each other are a tie (timings of one block vary by
-# about this much between runs): the combo with the lower accuracy cost is chosen. E.g.
+# latency savings within this share of each other are a tie (kernel timings on these VMs
+# vary by up to ~30 % between processes): the combo with the lower accuracy cost wins. E.g.
 # fmnist-inception's stem on znver3: keep-kernel saves 0.0296 ms, keep-receptive-field
 # 0.027 ms at a lower error (0.42 vs 0.51) and +0.65 pt top-1; GoogLeNet's stem 1.36 vs
 # 0.86 ms stays keep-kernel. Instruction counts are exact: no ties there.
