@@ -576,8 +576,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--report-dir", default="rebirth-demo", help="where the report goes")
     p.add_argument("--images", type=positive_int,
                    help="calibration images per model (default: 64 for GoogLeNet, whose "
-                        "weights only need to be plausible for speed and memory; fmnist-inception, "
-                        "whose accuracy is reported, its default count: 2048)")
+                        "weights only need to be plausible for speed and memory; "
+                        "fmnist-inception, whose accuracy is reported, its default count: "
+                        "2048)")
     p.add_argument("--rounds", type=positive_int, default=7,
                    help="interleaved timing rounds (7)")
     p.add_argument("--eval-limit", type=positive_int, help="evaluate on the first N test images only")
