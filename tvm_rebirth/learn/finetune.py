@@ -290,7 +290,7 @@ def _batched(forward, images, batch) -> np.ndarray:
 
 
 def _refine_end_to_end(model, plan, arrays, images, labels, flip, epochs,
-                       blend=True) -> dict:
+                       blend=True, func=None) -> dict:
     """Train every learned conv (rebirth and refitted) together with TVM's gradients, from
     the layer-wise start: unlabeled, so the slimmed model's output matches the original's
     (distillation) on ``images`` shifted and blended at random (unless not ``blend``; with
@@ -298,7 +298,8 @@ def _refine_end_to_end(model, plan, arrays, images, labels, flip, epochs,
     paper's retraining: half cross-entropy on the labels, half the original's softened
     outputs (knowledge distillation at RETRAIN_TEMPERATURE), on the images (with ``flip``
     flipped at random). Every 8th image is held out; the epoch that does best on them is
-    kept (the start when none does)."""
+    kept (the start when none does). ``func``: the slimmed main without dataflow blocks,
+    when the caller built it already."""
     from .train import (BatchedForward, RegionTrainer, image_augmentation,
                         labeled_augmentation, softened)
 
@@ -314,7 +315,8 @@ def _refine_end_to_end(model, plan, arrays, images, labels, flip, epochs,
     teacher = BatchedForward(_plain_main(model.mod), batch)
     outputs = _batched(teacher, images, batch)  # distilled as shaped (any rank)
     logits = outputs.reshape(count, -1)
-    func = _plain_main(rebirth_pipeline(plan, arrays)(model.mod))
+    if func is None:
+        func = _plain_main(rebirth_pipeline(plan, arrays)(model.mod))
     check = held if held.any() else ~held
 
     def held_out(weights) -> dict:
@@ -424,7 +426,7 @@ def _distill(model, plan, arrays, images, epochs) -> dict:
                     f"{DISTILL_MIN_EPOCHS} (--e2e runs it anyway)")
         return {"skipped": f"{affordable} affordable epochs"}
     return _refine_end_to_end(model, plan, arrays, images, None, True, min(epochs, affordable),
-                              blend=False)
+                              blend=False, func=func)
 
 
 def _boundary(analysis, site_id) -> list:
