@@ -191,9 +191,9 @@ def cmd_finetune(args) -> None:
     if distilled and "skipped" in distilled:
         text += f"\ndistillation on the calibration images: skipped ({distilled['skipped']})"
     elif distilled:
-        text += (f"\ndistillation on the calibration images: held-out output error "
-                 f"{distilled['output_rel_error_before']:.4f} -> "
-                 f"{distilled['output_rel_error_after']:.4f} (epoch {distilled['kept_epoch']}/"
+        text += (f"\ndistillation on the calibration images ({distilled['loss']}): held-out "
+                 f"loss {distilled['held_out_loss_before']:.4f} -> "
+                 f"{distilled['held_out_loss_after']:.4f} (epoch {distilled['kept_epoch']}/"
                  f"{distilled['epochs']}, {distilled['seconds']}s)")
     if "end_to_end" in payload:
         e2e = payload["end_to_end"]

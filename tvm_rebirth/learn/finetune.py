@@ -289,17 +289,15 @@ def _batched(forward, images, batch) -> np.ndarray:
     return np.concatenate([forward(images[i:i + batch]) for i in range(0, len(images), batch)])
 
 
-def _refine_end_to_end(model, plan, arrays, images, labels, flip, epochs,
-                       blend=True, func=None) -> dict:
+def _refine_end_to_end(model, plan, arrays, images, labels, flip, epochs) -> dict:
     """Train every learned conv (rebirth and refitted) together with TVM's gradients, from
     the layer-wise start: unlabeled, so the slimmed model's output matches the original's
-    (distillation) on ``images`` shifted and blended at random (unless not ``blend``; with
-    ``flip`` flipped), the original labelling each augmented batch; with ``labels``, the
+    (distillation) on ``images`` shifted and blended at random (with ``flip`` flipped), the
+    original labelling each augmented batch; with ``labels``, the
     paper's retraining: half cross-entropy on the labels, half the original's softened
     outputs (knowledge distillation at RETRAIN_TEMPERATURE), on the images (with ``flip``
     flipped at random). Every 8th image is held out; the epoch that does best on them is
-    kept (the start when none does). ``func``: the slimmed main without dataflow blocks,
-    when the caller built it already."""
+    kept (the start when none does)."""
     from .train import (BatchedForward, RegionTrainer, image_augmentation,
                         labeled_augmentation, softened)
 
@@ -315,8 +313,7 @@ def _refine_end_to_end(model, plan, arrays, images, labels, flip, epochs,
     teacher = BatchedForward(_plain_main(model.mod), batch)
     outputs = _batched(teacher, images, batch)  # distilled as shaped (any rank)
     logits = outputs.reshape(count, -1)
-    if func is None:
-        func = _plain_main(rebirth_pipeline(plan, arrays)(model.mod))
+    func = _plain_main(rebirth_pipeline(plan, arrays)(model.mod))
     check = held if held.any() else ~held
 
     def held_out(weights) -> dict:
@@ -331,8 +328,7 @@ def _refine_end_to_end(model, plan, arrays, images, labels, flip, epochs,
 
     if labels is None:
         trainer = RegionTrainer(func, [func.body.body], trainable, batch, from_params=True)
-        augment = image_augmentation(teacher, flip=flip) if blend else \
-            image_augmentation(teacher, flip=flip, shift=0, mix=0.0)
+        augment = image_augmentation(teacher, flip=flip)
         targets, lr = [outputs], DISTILL_LR
     else:
         trainer = RegionTrainer(func, [func.body.body], trainable, batch, from_params=True,
@@ -404,29 +400,78 @@ RETRAIN_LR = 1e-3
 RETRAIN_TEMPERATURE = 4.0  # the teacher's softening in retraining with labels
 
 
-def _distill(model, plan, arrays, images, epochs) -> dict:
-    """The default fine-tune's last step: the whole slimmed network distilled from the
-    original on the calibration ``images`` (flips only), for as many of ``epochs`` as
-    DISTILL_MACS pays for; skipped (and said why) below DISTILL_MIN_EPOCHS or with fewer
-    than DISTILL_MIN_HELD_OUT held-out images."""
-    from .train import affordable_steps
+def _site_inputs(plan, func, original) -> dict:
+    """{var of ``func`` (the slimmed main, no dataflow blocks): var of the ``original``
+    analysis' module}: the input of each learned site, where the slimmed network should still
+    agree with the original (the block before it was trained to reproduce it there): what
+    the site's first rebirth conv reads, paired with the site's first boundary var in the
+    original. None where the shapes differ (a later site reshaped that input) or the input is
+    the model's own."""
+    from ..passes.dataflow import Dataflow
 
+    graph = Dataflow(func)
+    convs = {str(b.var.name): b.value for b in graph.bindings}
+    pairs = {}
+    for site in plan.enabled_sites():
+        conv = convs.get(weight_keys(site)[0][0]) if not site.exact else None
+        if conv is None or conv.args[0] not in graph.value or conv.args[0] in pairs:
+            continue
+        student, wanted = conv.args[0], _boundary(original, site.id)[0]
+        if [int(d) for d in student.ty.shape] == [int(d) for d in wanted.ty.shape]:
+            pairs[student] = wanted
+    return pairs
+
+
+def _distill(model, plan, arrays, images, epochs, mirror) -> dict:
+    """The default fine-tune's last step: the whole slimmed network distilled from the
+    original on the calibration ``images`` (and, with ``mirror``, their mirror images), so
+    that it reproduces the original's output and, on the way, each learned site's input
+    (``_site_inputs``; the output alone gained half as much); for as many of ``epochs`` as
+    DISTILL_MACS pays for; skipped (and said why) below DISTILL_MIN_EPOCHS or with fewer
+    than DISTILL_MIN_HELD_OUT held-out calibration images."""
+    from .train import RegionTrainer, affordable_steps
+
+    start = time.time()
     held = _held_out(images)
     if held.sum() < DISTILL_MIN_HELD_OUT:
         logger.info(f"[finetune] distillation skipped: {len(images)} calibration images hold "
                     f"out {int(held.sum())}, it takes {DISTILL_MIN_HELD_OUT} (fewer overfit)")
         return {"skipped": f"{int(held.sum())} held-out images"}
+    if mirror:
+        images, held = _with_mirrors(images, held)
     func = _plain_main(rebirth_pipeline(plan, arrays)(model.mod))
+    original = _plain_analysis(model.mod, plan.policy)
+    pairs = _site_inputs(plan, func, original)
+    ends, trainable = list(pairs) + [func.body.body], _plan_trainable(plan, arrays)
     per_epoch = int((~held).sum()) // RECONSTRUCT_BATCH  # steps
-    affordable = affordable_steps(func, _plan_trainable(plan, arrays), [func.body.body],
-                                  RECONSTRUCT_BATCH, DISTILL_MACS) // per_epoch
+    affordable = affordable_steps(func, trainable, ends, RECONSTRUCT_BATCH,
+                                  DISTILL_MACS) // per_epoch
     if affordable < DISTILL_MIN_EPOCHS:
         logger.info(f"[finetune] distillation skipped: {DISTILL_MACS:.0e} multiply-adds pay "
                     f"for {affordable} epoch(s) on {len(images)} images, it takes "
                     f"{DISTILL_MIN_EPOCHS} (--e2e runs it anyway)")
         return {"skipped": f"{affordable} affordable epochs"}
-    return _refine_end_to_end(model, plan, arrays, images, None, True, min(epochs, affordable),
-                              blend=False, func=func)
+    epochs = min(epochs, affordable)
+    logger.info(f"[finetune] distillation of {len(trainable)} convs on {len(images)} images: "
+                f"the original's output and {len(pairs)} site input(s), TVM gradients")
+    targets = compute_vars(original.mod["main"], list(pairs.values())
+                           + [_output_var(original)], images, "distillation targets")
+    trainer = RegionTrainer(func, ends, trainable, RECONSTRUCT_BATCH, from_params=True)
+    result = trainer.fit([images], targets, held, arrays, epochs=epochs, lr=DISTILL_LR,
+                         label="distillation", progress=True)
+    arrays.update(result.arrays)
+    report = {"loss": f"squared error at the output and {len(pairs)} site input(s) "
+                      "(TVM gradients)",
+              "site_inputs": len(pairs),
+              "held_out_loss_before": round(result.held_out_before, 6),
+              "held_out_loss_after": round(result.held_out_after, 6),
+              "epochs": epochs, "kept_epoch": result.kept_epoch,
+              "images": int((~held).sum()), "held_out_images": int(held.sum()),
+              "seconds": round(time.time() - start, 2)}
+    logger.info(f"[finetune] distillation: held-out loss {report['held_out_loss_before']:.4f} "
+                f"-> {report['held_out_loss_after']:.4f} (epoch {result.kept_epoch}/{epochs}), "
+                f"{report['seconds']}s")
+    return report
 
 
 def _boundary(analysis, site_id) -> list:
@@ -769,7 +814,7 @@ def finetune(model, plan, images=None, calibration="",
         e2e = _refine_end_to_end(model, plan, arrays, e2e_images, e2e_labels, e2e_flip,
                                  e2e_epochs)
     elif learned and reconstruct and distill_epochs > 0:
-        distilled = _distill(model, plan, arrays, calibration_images, distill_epochs)
+        distilled = _distill(model, plan, arrays, calibration_images, distill_epochs, mirror)
     order = {s.id: i for i, s in enumerate(plan.sites)}
     report.sort(key=lambda r: order[r["id"]])
     mirrored = bool(mirror and learned and images is not None and len(images))

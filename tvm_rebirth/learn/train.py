@@ -476,7 +476,8 @@ class RegionTrainer:
 
 class BatchedForward:
     """``func`` compiled for a batch of ``batch`` (flattening reshapes follow):
-    ``forward(x) -> first output`` as a numpy array."""
+    ``forward(x) -> first output`` as a numpy array, for up to ``batch`` images (fewer are
+    padded with zeros to the compiled batch; their outputs are dropped)."""
 
     def __init__(self, func, batch: int, target=None):
         import tvm
@@ -502,9 +503,15 @@ class BatchedForward:
         self.vm = relax.VirtualMachine(compile_module(builder.get(), target, tuned=False)
                                        .executable, tvm.cpu())
         self._tensor = tvm.runtime.tensor
+        self.batch = batch
 
     def __call__(self, x):
-        return self.vm["main"](self._tensor(np.ascontiguousarray(x, np.float32))).numpy()
+        x = np.asarray(x, np.float32)
+        if len(x) > self.batch:
+            raise RebirthError(f"{len(x)} images for a forward compiled for {self.batch}")
+        padded = np.zeros((self.batch, *x.shape[1:]), np.float32)
+        padded[:len(x)] = x
+        return self.vm["main"](self._tensor(padded)).numpy()[:len(x)]
 
 
 def image_augmentation(teacher, flip=True, shift=2, mix=0.5):
