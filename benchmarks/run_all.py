@@ -333,9 +333,9 @@ def reconstruction_text(data) -> str:
     return (f"Original top-1 {data['original_top1'] * 100:.2f} % on {data['labeled_set']}; "
             f"plan: every site found (`--select all`, {data['sites']} sites); block "
             f"reconstruction: {data['epochs']} epochs per site (the default), TVM gradients; "
-            + (f"distillation: the whole network on the calibration images, "
-               f"{data['distill_epochs']} epochs (the default from 512 images; measured at "
-               "every count); "
+            + (f"distillation: the whole network on the calibration images, to the "
+               f"original's output and each learned site's input, {data['distill_epochs']} "
+               "epochs (the default from 512 images; measured at every count); "
                if any("distillation" in r for r in data["rows"]) else "")
             + ("`--policy keep-receptive-field`: its streamline sites' convs cover the whole "
                "block they replace (conv1+pool1+norm1: 5x5/s2 instead of 3x3/s2); "

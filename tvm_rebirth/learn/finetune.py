@@ -6,9 +6,11 @@ fit absorbs the errors of those below instead of compounding them unseen. Then t
 that read the site's output are refitted the same way (layer-wise, to their original
 outputs), which absorbs most of what one rebirth conv cannot express. Exact sites are
 computed in closed form and need no images. Each site's block is then trained with TVM's
-gradients (block reconstruction). Optionally (``e2e_images``) all learned convs are then
-refined together with TVM's gradients: by distilling the original model's outputs, or
-(``e2e_labels``) by retraining on labels with the original as teacher, the paper's way.
+gradients (block reconstruction). Then all learned convs are trained together on the same
+images (distillation) to reproduce the original's output and every learned site's input.
+Instead (``e2e_images``), all learned convs can be refined together on other images: by
+distilling the original model's outputs, or (``e2e_labels``) by retraining on labels with
+the original as teacher, the paper's way.
 """
 
 from __future__ import annotations
@@ -293,11 +295,11 @@ def _refine_end_to_end(model, plan, arrays, images, labels, flip, epochs) -> dic
     """Train every learned conv (rebirth and refitted) together with TVM's gradients, from
     the layer-wise start: unlabeled, so the slimmed model's output matches the original's
     (distillation) on ``images`` shifted and blended at random (with ``flip`` flipped), the
-    original labelling each augmented batch; with ``labels``, the
-    paper's retraining: half cross-entropy on the labels, half the original's softened
-    outputs (knowledge distillation at RETRAIN_TEMPERATURE), on the images (with ``flip``
-    flipped at random). Every 8th image is held out; the epoch that does best on them is
-    kept (the start when none does)."""
+    original labelling each augmented batch; with ``labels``, the paper's retraining: half
+    cross-entropy on the labels, half the original's softened outputs (knowledge
+    distillation at RETRAIN_TEMPERATURE), on the images (with ``flip`` flipped at random).
+    Every 8th image is held out; the epoch that does best on them is kept (the start when
+    none does)."""
     from .train import (BatchedForward, RegionTrainer, image_augmentation,
                         labeled_augmentation, softened)
 
@@ -384,14 +386,16 @@ DIVERGED = 0.5  # fitted loss below this share of the held-out loss: too few ima
 # images, not the budget, limit to fewer steps do improve: fmnist-inception at 256 images.)
 RECONSTRUCT_MIN_STEPS = 128
 DISTILL_LR = 1e-3
-# the default fine-tune ends with the whole network distilled on the calibration images (the
-# held-out ones stay unseen and choose the epoch), flips only: for this many epochs, when the
-# model can afford DISTILL_MIN_EPOCHS of them within DISTILL_MACS multiply-adds and at least
-# DISTILL_MIN_HELD_OUT images are held out. fmnist-inception with every site: top-1 -0.28 pt
-# at 256 images (32 held out: it overfit), +0.19 at 1024, +0.50 at 2048 (8 epochs, ~70 s;
-# +0.30 at a learning rate of 3e-4). GoogLeNet at 256 images could pay for one epoch: not
-# distilled. Shifted and blended copies (the --e2e augmentation) left every epoch's
-# held-out error above the start's.
+# the default fine-tune ends with the whole network distilled on the calibration images and
+# their mirror images (the held-out ones stay unseen and choose the epoch), to the original's
+# output and each learned site's input: for this many epochs, when the model can afford
+# DISTILL_MIN_EPOCHS of them within DISTILL_MACS multiply-adds and at least
+# DISTILL_MIN_HELD_OUT calibration images are held out. fmnist-inception with every site,
+# top-1 after block reconstruction: -0.01 pt at 256 images, +0.33 at 1024, +0.86 at 2048
+# (~90 s); the output alone: -0.28, +0.19, +0.50 (flips). GoogLeNet at 256 images could pay
+# for one epoch: not distilled. At 2048 images, the original's softened outputs with its top
+# class as label did worse than the output alone (+0.15 at temperature 4), as did shifted
+# copies (no epoch kept); the output weighted 4x beside the site inputs gained less (+0.77).
 DISTILL_EPOCHS = 8
 DISTILL_MIN_EPOCHS = 4
 DISTILL_MACS = 1e12
