@@ -409,8 +409,8 @@ def _site_inputs(plan, func, original) -> dict:
     analysis' module}: the input of each learned site, where the slimmed network should still
     agree with the original (the block before it was trained to reproduce it there): what
     the site's first rebirth conv reads, paired with the site's first boundary var in the
-    original. None where the shapes differ (a later site reshaped that input) or the input is
-    the model's own."""
+    original. No pair where the shapes differ (a later site reshaped that input) or the input
+    is the model's own."""
     from ..passes.dataflow import Dataflow
 
     graph = Dataflow(func)
@@ -430,9 +430,11 @@ def _distill(model, plan, arrays, images, epochs, mirror) -> dict:
     """The default fine-tune's last step: the whole slimmed network distilled from the
     original on the calibration ``images`` (and, with ``mirror``, their mirror images), so
     that it reproduces the original's output and, on the way, each learned site's input
-    (``_site_inputs``; the output alone gained half as much); for as many of ``epochs`` as
+    (``_site_inputs``; the output alone gained less); for as many of ``epochs`` as
     DISTILL_MACS pays for; skipped (and said why) below DISTILL_MIN_EPOCHS or with fewer
     than DISTILL_MIN_HELD_OUT held-out calibration images."""
+    from tvm import relax
+
     from .train import RegionTrainer, affordable_steps
 
     start = time.time()
@@ -446,7 +448,9 @@ def _distill(model, plan, arrays, images, epochs, mirror) -> dict:
     func = _plain_main(rebirth_pipeline(plan, arrays)(model.mod))
     original = _plain_analysis(model.mod, plan.policy)
     pairs = _site_inputs(plan, func, original)
-    ends, trainable = list(pairs) + [func.body.body], _plan_trainable(plan, arrays)
+    output = func.body.body  # its first output, as _output_var takes the original's
+    output = output.fields[0] if isinstance(output, relax.Tuple) else output
+    ends, trainable = list(pairs) + [output], _plan_trainable(plan, arrays)
     per_epoch = int((~held).sum()) // RECONSTRUCT_BATCH  # steps
     affordable = affordable_steps(func, trainable, ends, RECONSTRUCT_BATCH,
                                   DISTILL_MACS) // per_epoch
