@@ -433,8 +433,6 @@ def _distill(model, plan, arrays, images, epochs, mirror) -> dict:
     (``_site_inputs``; the output alone gained less); for as many of ``epochs`` as
     DISTILL_MACS pays for; skipped (and said why) below DISTILL_MIN_EPOCHS or with fewer
     than DISTILL_MIN_HELD_OUT held-out calibration images."""
-    from tvm import relax
-
     from .train import RegionTrainer, affordable_steps
 
     start = time.time()
@@ -448,9 +446,7 @@ def _distill(model, plan, arrays, images, epochs, mirror) -> dict:
     func = _plain_main(rebirth_pipeline(plan, arrays)(model.mod))
     original = _plain_analysis(model.mod, plan.policy)
     pairs = _site_inputs(plan, func, original)
-    output = func.body.body  # its first output, as _output_var takes the original's
-    output = output.fields[0] if isinstance(output, relax.Tuple) else output
-    ends, trainable = list(pairs) + [output], _plan_trainable(plan, arrays)
+    ends, trainable = list(pairs) + [_first_output(func)], _plan_trainable(plan, arrays)
     per_epoch = int((~held).sum()) // RECONSTRUCT_BATCH  # steps
     affordable = affordable_steps(func, trainable, ends, RECONSTRUCT_BATCH,
                                   DISTILL_MACS) // per_epoch
@@ -488,12 +484,17 @@ def _boundary(analysis, site_id) -> list:
     return [trace.fork] if analysis.site(site_id).kind == "branch" else list(trace.inputs)
 
 
-def _output_var(analysis, func_name="main"):
-    """The model's output var (its first, when it returns a tuple)."""
+def _first_output(func):
+    """``func``'s output var (its first, when it returns a tuple)."""
     from tvm import relax
 
-    out = analysis.mod[func_name].body.body
+    out = func.body.body
     return out.fields[0] if isinstance(out, relax.Tuple) else out
+
+
+def _output_var(analysis, func_name="main"):
+    """The model's output var (its first, when it returns a tuple)."""
+    return _first_output(analysis.mod[func_name])
 
 
 def _trainable(site, arrays) -> dict:
