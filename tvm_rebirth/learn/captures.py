@@ -6,8 +6,8 @@ each of those networks on its own took most of a fine-tune (GoogLeNet: 14 builds
 network up to a site). Their structure is known before any weight is learned: learning
 only changes the values of the rebirth convs and of the convs refitted after them. So
 every capture is one function of a single module, those weights its parameters, and the
-module is built once (functions share their kernels); a capture then runs with the
-weights learned so far:
+module is built once (functions share their kernels), for batches of ``capture_batch``
+images; a capture then runs with the weights learned so far:
 
     captures = SlimmedCaptures({name: CaptureRequest(func, variables, trainable)})
     columns = captures.run(name, real_func, real_variables, images, label)
@@ -28,7 +28,7 @@ import time
 import numpy as np
 
 from ..passes.dataflow import Dataflow, op_name
-from .train import LearnedWeights, make_substitute
+from .train import LearnedWeights, batched_runs, capture_batch, make_substitute
 
 logger = logging.getLogger(__name__)
 
@@ -66,13 +66,15 @@ class SlimmedCaptures:
     """The requests' functions, built as one module for this CPU (see the module
     docstring)."""
 
-    def __init__(self, requests: dict, target=None):
+    def __init__(self, requests: dict, target=None, batch=None):
         import tvm
         from tvm import relax
 
         from ..compile.build import compile_module
 
         start = time.time()
+        first = next(iter(requests.values()), None)
+        self.batch = batch or (capture_batch(first.func.params[0].ty.shape) if first else 1)
         self._requests, self._params, self._op_lists, self._places, names = {}, {}, {}, {}, {}
         builder = relax.BlockBuilder()
         for i, (key, request) in enumerate(requests.items()):
@@ -81,7 +83,7 @@ class SlimmedCaptures:
             if places is None:
                 continue
             name = f"capture{i}"
-            self._params[key] = self._emit(builder, name, request, graph)
+            self._params[key] = self._emit(builder, name, request, graph, self.batch)
             self._requests[key], self._op_lists[key], names[key] = request, _ops(graph), name
             self._places[key] = places
         mod = builder.get()
@@ -94,16 +96,17 @@ class SlimmedCaptures:
                     f"module in {self.build_seconds:.1f}s")
 
     @staticmethod
-    def _emit(builder, name, request, graph) -> list:
-        """Emit the request's function; returns the (weight key, shape) of each parameter it
+    def _emit(builder, name, request, graph, batch) -> list:
+        """Emit the request's function for ``batch`` images; returns the (weight key, shape) of each parameter it
         takes after the inputs."""
         from tvm import relax
 
         func = request.func
         weights = LearnedWeights(graph, graph.bindings, request.trainable)
-        inputs = [relax.Var(str(p.name), p.ty) for p in func.params]
+        inputs = [relax.Var(str(p.name), relax.TensorType(
+            [batch] + [int(d) for d in list(p.ty.shape)[1:]], p.ty.dtype)) for p in func.params]
         mapping = dict(zip(func.params, inputs))
-        substitute = make_substitute()(mapping, 1, weights.swaps)
+        substitute = make_substitute()(mapping, batch, weights.swaps)
         with builder.function(name, inputs + [weights.params[k] for k in weights.keys]):
             with builder.dataflow():
                 weights.emit(builder, graph.bindings, mapping, substitute)
@@ -136,13 +139,9 @@ class SlimmedCaptures:
         weights = [tvm.runtime.tensor(learned.initial[k], device) for k in learned.keys]
         function = self.vm[self._names[key]]
         picks = [wanted.index(p) for p in places]
-        columns = [[] for _ in variables]
-        start = time.time()
-        for i, image in enumerate(images):
-            outs = to_numpy(function(tvm.runtime.tensor(image[None], device), *weights))
-            for column, pick in zip(columns, picks):
-                column.append(outs[pick][0])
-            if (i + 1) % 64 == 0 or i + 1 == len(images):
-                logger.info(f"[finetune]   {label}: {i + 1}/{len(images)} images "
-                            f"({time.time() - start:.1f}s)")
-        return [np.stack(c) for c in columns]
+
+        def run(x):
+            outs = to_numpy(function(tvm.runtime.tensor(x, device), *weights))
+            return [outs[pick] for pick in picks]
+
+        return batched_runs(run, images, self.batch, label)
