@@ -300,8 +300,8 @@ def emit_batched(builder, name, func, batch, outputs, value=None, attrs=None) ->
 
 def batched_runs(run, images, batch: int, label: str) -> list:
     """``run(x)`` (a list of arrays, batch first) over ``images`` in batches of ``batch``
-    (the last one padded with zeros, its padding's rows dropped), one stacked array per
-    output, with progress in the log."""
+    (the last one padded with zeros, its padding's rows dropped), one array per output with
+    a row per image, with progress in the log."""
     columns, start, logged = None, time.time(), 0
     images = np.asarray(images, np.float32)
     for first in range(0, len(images), batch):
@@ -311,15 +311,16 @@ def batched_runs(run, images, batch: int, label: str) -> list:
             padded = np.zeros((batch, *chunk.shape[1:]), np.float32)
             padded[:len(chunk)] = chunk
         outs = run(padded)
-        columns = columns or [[] for _ in outs]
+        if columns is None:  # filled in place: the captures can take gigabytes
+            columns = [np.empty((len(images), *out.shape[1:]), out.dtype) for out in outs]
         for column, out in zip(columns, outs):
-            column.append(out[:len(chunk)])
+            column[first:first + len(chunk)] = out[:len(chunk)]
         done = first + len(chunk)
         if done - logged >= 64 or done == len(images):
             logged = done
             logger.info(f"[finetune]   {label}: {done}/{len(images)} images "
                         f"({time.time() - start:.1f}s)")
-    return [np.concatenate(c) for c in columns or []]
+    return columns or []
 
 
 def compute_vars(func, variables, images, label, target=None, batch=None) -> list:
