@@ -25,10 +25,9 @@ import dataclasses
 import logging
 import time
 
-import numpy as np
-
 from ..passes.dataflow import Dataflow, op_name
-from .train import LearnedWeights, batched_runs, capture_batch, make_substitute
+from .train import (LearnedWeights, batched_runs, batched_type, capture_batch,
+                    make_substitute)
 
 logger = logging.getLogger(__name__)
 
@@ -97,14 +96,13 @@ class SlimmedCaptures:
 
     @staticmethod
     def _emit(builder, name, request, graph, batch) -> list:
-        """Emit the request's function for ``batch`` images; returns the (weight key, shape) of each parameter it
-        takes after the inputs."""
+        """Emit the request's function for ``batch`` images; returns the (weight key, shape)
+        of each parameter it takes after the inputs."""
         from tvm import relax
 
         func = request.func
         weights = LearnedWeights(graph, graph.bindings, request.trainable)
-        inputs = [relax.Var(str(p.name), relax.TensorType(
-            [batch] + [int(d) for d in list(p.ty.shape)[1:]], p.ty.dtype)) for p in func.params]
+        inputs = [relax.Var(str(p.name), batched_type(p.ty, batch)) for p in func.params]
         mapping = dict(zip(func.params, inputs))
         substitute = make_substitute()(mapping, batch, weights.swaps)
         with builder.function(name, inputs + [weights.params[k] for k in weights.keys]):

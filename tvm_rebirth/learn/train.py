@@ -220,9 +220,8 @@ def _emit_region(builder, name, weights: LearnedWeights, bindings, inputs, batch
     outputs' vars])``; returns the weight parameters (``weights`` serves one function)."""
     from tvm import relax
 
-    region_inputs = [relax.Var(f"input{i}", relax.TensorType(
-        [batch] + [int(d) for d in list(v.ty.shape)[1:]], v.ty.dtype))
-        for i, v in enumerate(inputs)]
+    region_inputs = [relax.Var(f"input{i}", batched_type(v.ty, batch))
+                     for i, v in enumerate(inputs)]
     mapping = dict(zip(inputs, region_inputs))
     substitute = make_substitute()(mapping, batch, weights.swaps)
     params = [weights.params[k] for k in weights.keys]
@@ -265,7 +264,8 @@ def _retraining_loss(builder, logits, labels, teacher, batch, temperature):
 
 
 # images per run of a capture: batches amortise the VM's per-call cost and run the kernels
-# on more rows (GoogLeNet: 18 % less time per image at 4 than at 1); small images afford more
+# on more rows (GoogLeNet's 13 slimmed captures: 73 s one image a run, 64 s three images a
+# run, znver3); small images afford more
 CAPTURE_BATCH_ELEMENTS = 1 << 19
 CAPTURE_BATCH_MAX = 32
 
@@ -277,6 +277,13 @@ def capture_batch(shape) -> int:
     return int(min(CAPTURE_BATCH_MAX, max(1, CAPTURE_BATCH_ELEMENTS // max(elements, 1))))
 
 
+def batched_type(ty, batch: int):
+    """The tensor type ``ty`` with ``batch`` as its first dimension."""
+    from tvm import relax
+
+    return relax.TensorType([batch] + [int(d) for d in list(ty.shape)[1:]], ty.dtype)
+
+
 def emit_batched(builder, name, func, batch, outputs, value=None, attrs=None) -> None:
     """Emit ``func`` (a function without dataflow blocks) as the function ``name`` for
     ``batch`` images (its parameters and flattening reshapes take the new batch), returning
@@ -284,8 +291,7 @@ def emit_batched(builder, name, func, batch, outputs, value=None, attrs=None) ->
     from tvm import relax
 
     graph = Dataflow(func)
-    params = [relax.Var(p.name, relax.TensorType(
-        [batch] + [int(d) for d in list(p.ty.shape)[1:]], p.ty.dtype)) for p in func.params]
+    params = [relax.Var(p.name, batched_type(p.ty, batch)) for p in func.params]
     mapping = dict(zip(func.params, params))
     substitute = make_substitute()(mapping, batch, {})
     with builder.function(name, params, attrs=attrs):
@@ -378,9 +384,8 @@ class RegionTrainer:
                                "output (the logits)")
         self.scaled = loss == "mse"  # fit passes one scale per output
         if self.scaled:
-            targets = [relax.Var(f"target{i}", relax.TensorType(
-                [batch] + [int(d) for d in list(v.ty.shape)[1:]], "float32"))
-                for i, v in enumerate(outputs)]
+            targets = [relax.Var(f"target{i}", batched_type(v.ty, batch))
+                       for i, v in enumerate(outputs)]
             scales = [relax.Var(f"scale{i}", relax.TensorType([], "float32"))
                       for i in range(len(outputs))]
         else:  # one-hot labels and the teacher's softened probabilities, [batch, classes]
