@@ -44,6 +44,7 @@ BENCHMARKS = {
                             ["fmnist_vgg_accuracy"]),
     "fmnist_layerwise_limits": (["fmnist_layerwise_limits.py"], ["fmnist_layerwise_limits"]),
     "fmnist_reconstruction": (["fmnist_reconstruction.py"], ["fmnist_reconstruction"]),
+    "finetune_time": (["finetune_time.py"], ["finetune_time"]),
     "reliability": (["reliability.py"], ["reliability"]),  # issue 20's cases (its own block)
 }
 
@@ -351,6 +352,28 @@ def reconstruction_section(data):
             + f" {_reproduce(data)}\n")
 
 
+def finetune_time_table(data) -> str:
+    """finetune_time.py's rows (its result page uses it too)."""
+    budget = data["budget_seconds"]
+    return table([[r["model"], r["sites"], r["calibration"],
+                   "yes" if r["mirror_images"] else "no", "yes" if r["distilled"] else "no",
+                   ", ".join(f"{w:.1f}" for w in r["walls"]), f"**{r['median']:.1f}**",
+                   "yes" if r["median"] < budget else "no"] for r in data["rows"]],
+                 ["model", "sites", "calibration", "with mirror images", "distilled",
+                  "seconds per run", "median", f"under {budget} s"])
+
+
+def finetune_time_text(data) -> str:
+    return ("The model's default plan (the sites measured to pay on this CPU, planned first, "
+            "not timed); default fine-tune options; each run its own process, timed from its "
+            f"start to its exit (imports and every build included); {_machine(data)}.")
+
+
+def finetune_time_section(data):
+    return ("### Default fine-tune time\n\n" + finetune_time_table(data) + "\n\n"
+            + finetune_time_text(data) + f" {_reproduce(data)}\n")
+
+
 def tuning_section(tuning):
     rows = [[d["target"], d["database"], d["trials"], d["model_ms"]["default_schedule"],
              d["model_ms"]["tuned"], f"{d['model_ms']['speedup']}x"]
@@ -381,6 +404,7 @@ def render() -> str:
                           ("fmnist_vgg_accuracy", accuracy_section),
                           ("fmnist_layerwise_limits", limits_section),
                           ("fmnist_reconstruction", reconstruction_section),
+                          ("finetune_time", finetune_time_section),
                           ("googlenet_branch", branch_section), ("tuning_logs", tuning_section)):
         data = _load(name)
         if data:
