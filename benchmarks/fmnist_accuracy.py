@@ -85,7 +85,8 @@ def main():
                "fine_tune": f"default fine-tune (closed form through the activation + block "
                             f"reconstruction, {RECONSTRUCT_EPOCHS} epochs per site; each image "
                             f"with its mirror image; then the whole network distilled on the "
-                            f"same images, {DISTILL_EPOCHS} epochs, when it affords them)",
+                            f"same images to the original's output and each learned site's "
+                            f"input, {DISTILL_EPOCHS} epochs, when it affords them)",
                "steps": steps, "n": result["n"], "end_to_end": e2e}
     md = markdown(payload)
     write(f"{args.model.replace('-', '_')}_accuracy", payload, md)
