@@ -116,6 +116,28 @@ def test_batched_forward_equals_the_model(tmp_path):
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
 
 
+def test_captures_in_batches_equal_the_model_one_image_at_a_time(tmp_path):
+    """compute_vars runs several images a call (the last batch padded): each image's vars
+    are the model's on that image alone, whatever the batch; the batch follows the input
+    size."""
+    from tvm_rebirth.learn.train import capture_batch, compute_vars
+
+    model = flow.load(chain_model(tmp_path / "net.onnx", ["relu", "lrn", "max_pool2d"]))
+    func = _plain(model.mod)
+    variables = [_named(func, "conv1"), func.body.body]
+    images = RNG.standard_normal((5, 4, 32, 32)).astype(np.float32)
+    runner = Runner(model.mod)
+    want = np.concatenate([runner(images[i:i + 1])[0] for i in range(5)])
+    first = None
+    for batch in (1, 2, None):  # None: capture_batch, 32 for 4x32x32 inputs
+        conv, out = compute_vars(func, variables, images, "test", batch=batch)
+        np.testing.assert_allclose(out, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+        first = conv if first is None else first
+        np.testing.assert_allclose(conv, first, rtol=1e-4, atol=1e-4 * np.abs(first).max())
+    assert capture_batch((1, 4, 32, 32)) == 32 and capture_batch((1, 3, 224, 224)) == 3
+    assert capture_batch((1, 3, 2048, 2048)) == 1
+
+
 def test_region_must_reach_its_outputs(tmp_path):
     model = flow.load(_lrn_net(tmp_path / "net.onnx"))
     func = _plain(model.mod)
