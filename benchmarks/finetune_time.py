@@ -65,6 +65,8 @@ def main() -> None:
     parser.add_argument("--models", default="googlenet")
     parser.add_argument("--runs", type=int, default=1)
     args = parser.parse_args()
+    if args.runs < 1:
+        parser.error(f"--runs {args.runs}: at least one run")
     with tempfile.TemporaryDirectory() as tmp:
         rows = [measure(m, args.runs, Path(tmp)) for m in args.models.split(",")]
     data = {"rows": rows, "budget_seconds": BUDGET_SECONDS, "machine": machine()}
