@@ -27,7 +27,7 @@ from ..passes import (SITE_KINDS, analyze_sites, exact_site_weights, rebirth_pip
 from ..passes.site import branch_conv_layout, branch_groups, refit_keys, site_conv_weights
 from .captures import SlimmedCaptures
 from .fit import activate, conv_forward, fit_rebirth_conv, pool_forward
-from .train import compute_vars
+from .train import compute_vars, first_output
 from .weights import RebirthWeights
 
 logger = logging.getLogger(__name__)
@@ -446,7 +446,7 @@ def _distill(model, plan, arrays, images, epochs, mirror) -> dict:
     func = _plain_main(rebirth_pipeline(plan, arrays)(model.mod))
     original = _plain_analysis(model.mod, plan.policy)
     pairs = _site_inputs(plan, func, original)
-    ends, trainable = list(pairs) + [_first_output(func)], _plan_trainable(plan, arrays)
+    ends, trainable = list(pairs) + [first_output(func)], _plan_trainable(plan, arrays)
     per_epoch = int((~held).sum()) // RECONSTRUCT_BATCH  # steps
     affordable = affordable_steps(func, trainable, ends, RECONSTRUCT_BATCH,
                                   DISTILL_MACS) // per_epoch
@@ -484,17 +484,9 @@ def _boundary(analysis, site_id) -> list:
     return [trace.fork] if analysis.site(site_id).kind == "branch" else list(trace.inputs)
 
 
-def _first_output(func):
-    """``func``'s output var (its first, when it returns a tuple)."""
-    from tvm import relax
-
-    out = func.body.body
-    return out.fields[0] if isinstance(out, relax.Tuple) else out
-
-
 def _output_var(analysis, func_name="main"):
     """The model's output var (its first, when it returns a tuple)."""
-    return _first_output(analysis.mod[func_name])
+    return first_output(analysis.mod[func_name])
 
 
 def _trainable(site, arrays) -> dict:

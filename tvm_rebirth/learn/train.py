@@ -277,6 +277,24 @@ def capture_batch(shape) -> int:
     return int(min(CAPTURE_BATCH_MAX, max(1, CAPTURE_BATCH_ELEMENTS // max(elements, 1))))
 
 
+def first_output(func):
+    """``func``'s output var (its first, when it returns a tuple)."""
+    from tvm import relax
+
+    out = func.body.body
+    return out.fields[0] if isinstance(out, relax.Tuple) else out
+
+
+def padded_batch(images, batch: int) -> np.ndarray:
+    """``images`` (at most ``batch``) as float32, zero-padded to ``batch`` rows."""
+    images = np.asarray(images, np.float32)
+    if len(images) == batch:
+        return images
+    padded = np.zeros((batch, *images.shape[1:]), np.float32)
+    padded[:len(images)] = images
+    return padded
+
+
 def batched_type(ty, batch: int):
     """The tensor type ``ty`` with ``batch`` as its first dimension."""
     from tvm import relax
@@ -284,10 +302,10 @@ def batched_type(ty, batch: int):
     return relax.TensorType([batch] + [int(d) for d in list(ty.shape)[1:]], ty.dtype)
 
 
-def emit_batched(builder, name, func, batch, outputs, value=None, attrs=None) -> None:
+def emit_batched(builder, name, func, batch, outputs, attrs=None) -> None:
     """Emit ``func`` (a function without dataflow blocks) as the function ``name`` for
     ``batch`` images (its parameters and flattening reshapes take the new batch), returning
-    ``value([its vars for outputs])`` (default: a tuple of them)."""
+    a tuple of its vars for ``outputs``."""
     from tvm import relax
 
     graph = Dataflow(func)
@@ -299,8 +317,7 @@ def emit_batched(builder, name, func, batch, outputs, value=None, attrs=None) ->
             for b in graph.bindings:
                 mapping[b.var] = builder.emit(substitute.visit_expr(b.value),
                                               name_hint=str(b.var.name))
-            outs = [mapping[v] for v in outputs]
-            result = builder.emit_output(value(outs) if value else relax.Tuple(outs))
+            result = builder.emit_output(relax.Tuple([mapping[v] for v in outputs]))
         builder.emit_func_output(result)
 
 
@@ -312,11 +329,7 @@ def batched_runs(run, images, batch: int, label: str) -> list:
     images = np.asarray(images, np.float32)
     for first in range(0, len(images), batch):
         chunk = images[first:first + batch]
-        padded = chunk
-        if len(chunk) < batch:
-            padded = np.zeros((batch, *chunk.shape[1:]), np.float32)
-            padded[:len(chunk)] = chunk
-        outs = run(padded)
+        outs = run(padded_batch(chunk, batch))
         if columns is None:  # filled in place: the captures can take gigabytes
             columns = [np.empty((len(images), *out.shape[1:]), out.dtype) for out in outs]
         for column, out in zip(columns, outs):
@@ -542,23 +555,18 @@ class BatchedForward:
 
         from ..compile.build import compile_module
 
-        out = func.body.body
         builder = relax.BlockBuilder()
-        emit_batched(builder, "main", func, batch,
-                     [out.fields[0] if isinstance(out, relax.Tuple) else out],
-                     value=lambda outs: outs[0])
+        emit_batched(builder, "main", func, batch, [first_output(func)])
         self.vm = relax.VirtualMachine(compile_module(builder.get(), target, tuned=False)
                                        .executable, tvm.cpu())
         self._tensor = tvm.runtime.tensor
         self.batch = batch
 
     def __call__(self, x):
-        x = np.asarray(x, np.float32)
         if len(x) > self.batch:
             raise RebirthError(f"{len(x)} images for a forward compiled for {self.batch}")
-        padded = np.zeros((self.batch, *x.shape[1:]), np.float32)
-        padded[:len(x)] = x
-        return self.vm["main"](self._tensor(padded)).numpy()[:len(x)]
+        out = self.vm["main"](self._tensor(padded_batch(x, self.batch)))
+        return out[0].numpy()[:len(x)]
 
 
 def image_augmentation(teacher, flip=True, shift=2, mix=0.5):
