@@ -324,7 +324,8 @@ def select_plan(model, options: SelectOptions, kinds=SITE_KINDS, tag: str | None
     from .passes import rebirth_pipeline
     from .planning.accuracy import accuracy_costs
     from .planning.costs import measure_costs, measurement_for
-    from .planning.selection import DEFAULT_BUDGET, select_variants, selected_plan
+    from .planning.selection import (DEFAULT_BUDGET, fast_variants, select_variants,
+                                     selected_plan)
     from .planning.variants import site_choices
 
     require_positive(options.images, "--images")
@@ -343,9 +344,13 @@ def select_plan(model, options: SelectOptions, kinds=SITE_KINDS, tag: str | None
     n = sum(len(g.combos) for g in choices.groups)
     _log(tag, f"{len(choices.variants)} site(s), {n} block variant(s) to cost on {how.label}")
     table = measure_costs(model, choices, how, options.tuned)
+    # only variants that save enough can be chosen: the others need no accuracy estimate
+    fast = fast_variants(choices, table)
     if learned:
-        _log(tag, f"estimating accuracy costs on {options.images} calibration images")
-    errors = accuracy_costs(model, choices, images, kinds)
+        count = sum(not choices.site(s, v).exact for s, v in fast)
+        _log(tag, f"estimating the accuracy costs of the {count} learned variant(s) that "
+                  f"save enough, on {options.images} calibration images")
+    errors = accuracy_costs(model, choices, images, kinds, fast)
 
     def model_memory(combos):
         return planned_memory(rebirth_pipeline(choices.slimming_plan(combos), None)(model.mod),

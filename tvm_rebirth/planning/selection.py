@@ -71,16 +71,30 @@ def _accuracy(combo: dict, errors: dict) -> float:
     return sum(errors.get(s, {}).get(v, 0.0) for s, v in combo.items() if v != OFF)
 
 
-def _why_not(group, combo, table, errors) -> str | None:
-    """Why ``combo`` is not predicted to pay, or None when it is."""
+def _too_slow(group, combo, table) -> str | None:
+    """Why ``combo`` saves too little to pay, or None when it saves enough."""
     base = table.cost(group, group.combos[0])
     saving = table.saving(group, combo)
     margin = MIN_GAIN * base if table.unit == "ms" else 0.0
     if saving <= margin:
         return "slower" if saving < 0 else "no measurable gain"
-    if any(errors.get(s, {}).get(v) is None for s, v in combo.items() if v != OFF):
-        return "no accuracy estimate"
     return None
+
+
+def _why_not(group, combo, table, errors) -> str | None:
+    """Why ``combo`` is not predicted to pay, or None when it is."""
+    slow = _too_slow(group, combo, table)
+    if slow is None and any(errors.get(s, {}).get(v) is None
+                            for s, v in combo.items() if v != OFF):
+        return "no accuracy estimate"
+    return slow
+
+
+def fast_variants(choices, table) -> set:
+    """{(site id, variant)} of every variant in a combo that saves enough to pay: the only
+    variants whose accuracy cost the selection reads (the others need no estimate)."""
+    return {(s, v) for group in choices.groups for combo in group.combos[1:]
+            if _too_slow(group, combo, table) is None for s, v in combo.items() if v != OFF}
 
 
 def select_variants(choices, table, errors, budget=DEFAULT_BUDGET,
