@@ -160,7 +160,11 @@ def test_selection_spends_the_accuracy_budget_where_it_saves_most():
         [(["a"], [{"a": OFF}, {"a": "v1"}]), (["b"], [{"b": OFF}, {"b": "v1"}])],
         {"a": [10, 4], "b": [10, 6]})
     errors = {"a": {"v1": 0.5}, "b": {"v1": 0.2}}
-    assert select_variants(choices, table, errors, budget=0.6).combos == {
+    # errors of one output add in squares: 0.5 and 0.2 predict 0.539 together
+    both = select_variants(choices, table, errors, budget=0.54)
+    assert both.combos == {"a": {"a": "v1"}, "b": {"b": "v1"}}
+    assert both.accuracy_cost == pytest.approx((0.5 ** 2 + 0.2 ** 2) ** 0.5)
+    assert select_variants(choices, table, errors, budget=0.53).combos == {
         "a": {"a": "v1"}, "b": {"b": OFF}}
     sel = select_variants(choices, table, errors, budget=0.3)
     assert sel.combos == {"a": {"a": OFF}, "b": {"b": "v1"}}
@@ -218,7 +222,7 @@ def test_selection_is_the_exact_optimum():
             picked = [(n, i, combos[i][n]) for n, (_, combos), i in zip(names, groups, pick)]
             if any(i and costs[n][i] >= 10 for n, i, _ in picked):
                 continue  # slower (or no gain): never a candidate
-            if sum(errors[n][v] for n, i, v in picked if i) > budget + 1e-9:
+            if sum(errors[n][v] ** 2 for n, i, v in picked if i) > budget ** 2 + 1e-9:
                 continue
             best = max(best, sum(10 - costs[n][i] for n, i, _ in picked))
         assert 100 - sel.predicted_cost == pytest.approx(best)

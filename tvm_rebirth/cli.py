@@ -16,6 +16,7 @@ import traceback
 from . import flow
 from .errors import RebirthError
 from .compile.targets import preset_names
+from .planning.selection import DEFAULT_BUDGET
 from .report.output import table
 from .passes.site import BRANCH_WIDTHS, KERNEL_POLICIES, SITE_KINDS, width_fraction
 
@@ -448,8 +449,9 @@ def build_parser() -> argparse.ArgumentParser:
                    f"{TARGET_HELP}")
     p.add_argument("--tracker", help="--select paying: measure on a device, HOST:PORT")
     p.add_argument("--key", help="the device key on --tracker")
-    p.add_argument("--budget", type=float, help="--select paying: accuracy budget, the summed "
-                   "held-out relative errors of the learned variants chosen (default 2.5)")
+    p.add_argument("--budget", type=float, help="--select paying: accuracy budget, the "
+                   "chosen variants' predicted relative error of the model's output together "
+                   f"(each measured alone; they add in squares; default {DEFAULT_BUDGET})")
     p.add_argument("--calib", help="--select paying: images for the accuracy estimates "
                    "(folder or .npy; default: the model's calibration source)")
     p.add_argument("--images", type=positive_int,
@@ -471,7 +473,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="without --plan: plan the sites measured to pay on the device "
                             "(paying, default) or every site found (all)")
         p.add_argument("--budget", type=float,
-                       help="without --plan: accuracy budget of --select paying (default 2.5)")
+                       help="without --plan: accuracy budget of --select paying (default "
+                            f"{DEFAULT_BUDGET})")
         p.add_argument("--reconstruct-epochs", type=non_negative_int,
                        default=flow.RECONSTRUCT_EPOCHS,
                        help="epochs of block reconstruction with TVM gradients after each "

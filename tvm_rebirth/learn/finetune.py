@@ -892,17 +892,33 @@ def _variant_output(site, analysis, captured, arrays, rows) -> np.ndarray:
     return _streamline_output(_streamline_fits(site, inputs, analysis), arrays)
 
 
+def _logits(analysis):
+    """The model's output var, or the input of the softmax that computes it (reshapes
+    aside): a saturated softmax (one class at 1.0) hides any error before it."""
+    from ..passes.dataflow import op_name
+
+    output = var = _output_var(analysis)
+    value = analysis.graph.var2val.get(var)
+    while value is not None and op_name(value) == "relax.reshape":  # a flatten after it
+        var = value.args[0]
+        value = analysis.graph.var2val.get(var)
+    if value is not None and op_name(value) in ("relax.nn.softmax", "relax.nn.log_softmax"):
+        return value.args[0]
+    return output
+
+
 def _slimmed_alone(site, arrays, model, kinds):
-    """The network with only ``site`` slimmed, with ``arrays``, as a function without
-    dataflow blocks."""
+    """The site analysis of the network with only ``site`` slimmed, with ``arrays``, its
+    function without dataflow blocks."""
     from ..planning.variants import SlimmingPlan
 
     slim = rebirth_pipeline(SlimmingPlan([site]), arrays)(model.mod)
-    return _plain_analysis(slim, "keep-kernel", kinds).mod["main"]
+    return _plain_analysis(slim, "keep-kernel", kinds)
 
 
 def variant_errors(model, choices, images, kinds=SITE_KINDS, wanted=None) -> dict:
-    """{site id: {variant: held-out relative error of the model's output}}: each learned
+    """{site id: {variant: held-out relative error of the model's output (its logits, before
+    a softmax)}}: each learned
     variant of ``choices`` (planning.variants.SiteChoices; ``wanted``: only those of these
     (site id, variant) pairs) fitted alone on ``images`` the way the fine-tune starts
     (``_fit_variant``), then the model's output with only that variant slimmed compared with
@@ -933,7 +949,7 @@ def variant_errors(model, choices, images, kinds=SITE_KINDS, wanted=None) -> dic
                           for c in v.old_conv} for site_id in ids}
 
     def ends(analysis):
-        outs = {("output",): _output_var(analysis)}
+        outs = {("output",): _logits(analysis)}
         for site_id in ids:
             outs.update({("in", site_id, i): v
                          for i, v in enumerate(_boundary(analysis, site_id))})
@@ -949,7 +965,7 @@ def variant_errors(model, choices, images, kinds=SITE_KINDS, wanted=None) -> dic
                                  kinds=kinds)
     held = _held_out(images)
     check = held if held.any() else ~held
-    func, output = analysis.mod["main"], _output_var(analysis)
+    func, output = analysis.mod["main"], _logits(analysis)
     regions = {}
     for site_id in ids:
         site = next(s for (i, _), s in learned.items() if i == site_id)
@@ -966,7 +982,7 @@ def variant_errors(model, choices, images, kinds=SITE_KINDS, wanted=None) -> dic
         outs = forwards.run(site_id, [value], arrays)
         if outs is None:  # the layers after it read more than its output: the whole network
             slimmed = _slimmed_alone(site, arrays, model, kinds)
-            outs = compute_vars(slimmed, [first_output(slimmed)], images[check],
+            outs = compute_vars(slimmed.mod["main"], [_logits(slimmed)], images[check],
                                 f"{site_id} ({name}) slimmed alone")
         err = float(np.sum((outs[0] - wanted_out) ** 2))
         norm = float(np.sum(wanted_out ** 2))

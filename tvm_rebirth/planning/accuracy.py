@@ -12,8 +12,8 @@ from .variants import conv_hash
 
 logger = logging.getLogger(__name__)
 
-# bump when ``variant_errors`` measures another error (keys the cache); 2: at the block's end
-COST_VERSION = 2
+# bump when ``variant_errors`` measures another error (keys the cache); 3: at the logits
+COST_VERSION = 3
 
 
 def _variant_key(site_id: str, name: str, site) -> str:

@@ -7,9 +7,11 @@ budget, by dynamic programming over the groups (a multiple-choice knapsack).
 A group's combo is a candidate only when it is predicted to pay: it saves more than
 ``MIN_GAIN`` of its block's measured cost (latency is noisy; instruction counts are exact,
 so any saving counts there); latency savings within ``SAVING_TIE`` of each other are a
-tie, which the combo with the lower accuracy cost wins. The accuracy cost of a combo is the
-sum of its learned variants' held-out relative errors (``learn.finetune.variant_errors``);
-the chosen combos' costs sum to at most ``budget``. Memory is not additive (the static
+tie, which the combo with the lower accuracy cost wins. A learned variant's accuracy cost is
+the held-out relative error of the model's output with that variant alone slimmed
+(``learn.finetune.variant_errors``); independent errors of one output add in squares, so
+the chosen variants' predicted error together, the square root of their squares' sum, is at
+most ``budget``. Memory is not additive (the static
 planner reuses storage across blocks), so it is checked on the whole model: with
 ``model_memory`` (chosen combos -> the slimmed model's planned activation bytes), chosen
 groups are dropped, the one whose block grew most first, until the model plans no more than
@@ -32,9 +34,12 @@ MIN_GAIN = 0.03
 # 0.027 ms at a lower error (0.42 vs 0.51) and +0.65 pt top-1; GoogLeNet's stem 1.36 vs
 # 0.86 ms stays keep-kernel. Instruction counts are exact: no ties there.
 SAVING_TIE = 0.10
-# default accuracy budget: sum of held-out relative errors of the learned variants chosen
-DEFAULT_BUDGET = 2.5
-_STEP = 0.01  # accuracy costs are summed in steps of this size
+# default accuracy budget: the chosen variants' predicted relative error of the output,
+# together, before the fine-tune. On znver3, 0.5 keeps GoogLeNet's 13 sites (0.21) and
+# AlexNet's 3 (0.38), and fmnist-inception's stem and conv2 (0.48; its other sites cost
+# 0.15 to 0.52 each)
+DEFAULT_BUDGET = 0.5
+_STEP = 1e-4  # squared errors are summed in steps of this size
 
 
 @dataclasses.dataclass
@@ -46,7 +51,7 @@ class Selection:
     target: str
     unit: str
     budget: float | None
-    accuracy_cost: float  # of the chosen variants
+    accuracy_cost: float  # the chosen variants' predicted relative error of the output
     model_cost: float  # the original model, measured
     predicted_cost: float  # model_cost minus the chosen savings (see _block_scale)
 
@@ -67,8 +72,9 @@ def _round(value: float) -> float:
     return float(f"{value:.5g}")
 
 
-def _accuracy(combo: dict, errors: dict) -> float:
-    return sum(errors.get(s, {}).get(v, 0.0) for s, v in combo.items() if v != OFF)
+def _squared(combo: dict, errors: dict) -> float:
+    """The sum of the squared accuracy costs of ``combo``'s variants."""
+    return sum(errors.get(s, {}).get(v, 0.0) ** 2 for s, v in combo.items() if v != OFF)
 
 
 def _too_slow(group, combo, table) -> str | None:
@@ -99,19 +105,20 @@ def fast_variants(choices, table) -> set:
 
 def select_variants(choices, table, errors, budget=DEFAULT_BUDGET,
                     model_memory=None) -> Selection:
-    """The combo per group that maximises the summed saving with the summed accuracy cost
-    at most ``budget`` (None: no limit); ties go to the lower accuracy cost; then groups
-    turned off until ``model_memory(chosen combos)`` is no more than with none chosen."""
+    """The combo per group that maximises the summed saving with the predicted error (the
+    square root of the chosen accuracy costs' summed squares) at most ``budget`` (None: no
+    limit); ties go to the lower accuracy cost; then groups turned off until
+    ``model_memory(chosen combos)`` is no more than with none chosen."""
     candidates = []
     for group in choices.groups:
         options = [(0.0, 0, group.combos[0])]  # (saving, accuracy steps, combo)
         for combo in group.combos[1:]:
             if _why_not(group, combo, table, errors) is None:
                 # rounded up: the chosen costs never sum past the budget
-                steps = math.ceil(_accuracy(combo, errors) / _STEP - 1e-9)
+                steps = math.ceil(_squared(combo, errors) / _STEP - 1e-9)
                 options.append((table.saving(group, combo), steps, combo))
         candidates.append(_untied(options) if table.unit == "ms" else options)
-    limit = None if budget is None else math.floor(budget / _STEP + 1e-9)
+    limit = None if budget is None else math.floor(budget ** 2 / _STEP + 1e-9)
     picks = _knapsack(candidates, limit)
     chosen = {g.key: combo for g, combo in zip(choices.groups, picks)}
     bigger = set()
@@ -121,8 +128,8 @@ def select_variants(choices, table, errors, budget=DEFAULT_BUDGET,
     saving = sum(table.saving(g, chosen[g.key]) for g in choices.groups) * \
         _block_scale(choices, table)
     return Selection(combos=chosen, sites=sites, target=table.target, unit=table.unit,
-                     budget=budget, accuracy_cost=sum(_accuracy(c, errors)
-                                                      for c in chosen.values()),
+                     budget=budget, accuracy_cost=math.sqrt(sum(_squared(c, errors)
+                                                                for c in chosen.values())),
                      model_cost=table.model_cost, predicted_cost=table.model_cost - saving)
 
 
