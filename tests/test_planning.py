@@ -21,7 +21,7 @@ from tvm_rebirth.planning.costs import CostTable, entry_key
 from tvm_rebirth.planning.selection import select_variants
 from tvm_rebirth.planning.variants import OFF, Group, SiteChoices, site_choices
 
-from onnx_models import chain_model, inception_model
+from onnx_models import GraphMaker, chain_model, inception_model
 from test_cli import run
 
 POOLED, BRANCH = "inc/output+pool3/3x3_s2", "inc/output"
@@ -86,15 +86,10 @@ def test_variants_are_distinct_and_costed_enabled(inception):
 
 
 # --------------------------------------------------------------------------- accuracy costs
-@pytest.mark.parametrize("site_id, variant", [(POOLED, "keep-receptive-field"),
-                                              (BRANCH, "paper")])
-def test_a_variants_accuracy_cost_is_the_output_error_of_the_model_it_slims_alone(
-        inception, site_id, variant):
-    """The planner's accuracy cost of a learned variant is the held-out relative error of the
-    model's output with only that variant slimmed, from the fine-tune's closed-form start
-    (no block training, no mirror images): checked against a real build of that model with
-    the fine-tune's own weights."""
-    model, images = flow.load(inception["model"]), inception["images"]
+def _assert_cost_is_the_output_error_alone(model, images, site_id, variant):
+    """``variant_errors``' cost of ``variant`` of ``site_id`` is the held-out relative error
+    of the model's output with only that variant slimmed, with the fine-tune's closed-form
+    start (no block training, no mirror images), on a real build of that model."""
     choices = site_choices(model.mod)
     errors = variant_errors(model, choices, images)
     assert errors[site_id].keys() == choices.variants[site_id].keys()
@@ -112,6 +107,28 @@ def test_a_variants_accuracy_cost_is_the_output_error_of_the_model_it_slims_alon
     error = np.linalg.norm(got - want) / np.linalg.norm(want)
     assert error > 1e-3  # a real approximation, not the original
     assert errors[site_id][variant] == pytest.approx(error, rel=1e-3)
+
+
+@pytest.mark.parametrize("site_id, variant", [(POOLED, "keep-receptive-field"),
+                                              (BRANCH, "paper")])
+def test_a_variants_accuracy_cost_is_the_output_error_of_the_model_it_slims_alone(
+        inception, site_id, variant):
+    """The layers after the site run from what the variant computes there (numpy)."""
+    _assert_cost_is_the_output_error_alone(flow.load(inception["model"]), inception["images"],
+                                           site_id, variant)
+
+
+def test_an_accuracy_cost_past_a_skip_connection_runs_the_slimmed_network(tmp_path):
+    """The layers after the site also read a var from before it (a residual add): the cost
+    comes from the whole network with the variant slimmed."""
+    g = GraphMaker((1, 4, 16, 16))
+    t = g.relu(g.conv("data", "conv0", 8, k=1), "relu0")
+    x = g.maxpool(g.relu(g.conv(t, "conv1", 8, k=3), "relu1"), "pool1", k=2, s=2)
+    y = g.add(g.conv(x, "conv2", 8, k=1), g.avgpool(t, "skip", k=2, s=2), "sum")
+    model = flow.load(g.save(tmp_path / "skip.onnx", [g.conv(y, "tail", 4, k=1)]))
+    (site_id,) = site_choices(model.mod).variants
+    images = np.random.default_rng(1).random((16, 4, 16, 16), dtype=np.float32)
+    _assert_cost_is_the_output_error_alone(model, images, site_id, "keep-kernel")
 
 
 # ------------------------------------------------------------------------------- selection

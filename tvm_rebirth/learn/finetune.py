@@ -917,10 +917,9 @@ def _slimmed_alone(site, arrays, model, kinds):
 
 
 def variant_errors(model, choices, images, kinds=SITE_KINDS, wanted=None) -> dict:
-    """{site id: {variant: held-out relative error of the model's output (its logits, before
-    a softmax)}}: each learned
-    variant of ``choices`` (planning.variants.SiteChoices; ``wanted``: only those of these
-    (site id, variant) pairs) fitted alone on ``images`` the way the fine-tune starts
+    """{site id: {variant: held-out relative error of the model's output}} (its logits,
+    before a softmax): each learned variant of ``choices`` (planning.variants.SiteChoices;
+    ``wanted``: only those of these (site id, variant) pairs) fitted alone on ``images`` the way the fine-tune starts
     (``_fit_variant``), then the model's output with only that variant slimmed compared with
     the original's, on every 8th image (held out from the fits). The layers after a site
     are the original's (with the refitted convs' new weights), so they run once per site,
@@ -971,21 +970,21 @@ def variant_errors(model, choices, images, kinds=SITE_KINDS, wanted=None) -> dic
         site = next(s for (i, _), s in learned.items() if i == site_id)
         consumers = [] if site.kind == "branch" else \
             _consumers(analysis, site_id, replaced[site_id])
-        regions[site_id] = ([_site_end(analysis, site_id)],
+        regions[site_id] = (_site_end(analysis, site_id),
                             {c.name: refit_keys(site, c.name) for c in consumers})
     logger.info(f"[plan] building the layers after {len(ids)} site(s)")
     forwards = RegionForwards(func, regions, [output], capture_batch(func.params[0].ty.shape))
-    wanted_out = captured[("output",)][check].astype(np.float64)
+    reference = captured[("output",)][check].astype(np.float64)
     for (site_id, name), site in learned.items():
         arrays = _fit_variant(site, analysis, captured, held)
         value = _variant_output(site, analysis, captured, arrays, check)
-        outs = forwards.run(site_id, [value], arrays)
+        label = f"{site_id} ({name}) slimmed alone"
+        outs = forwards.run(site_id, value, arrays, label)
         if outs is None:  # the layers after it read more than its output: the whole network
             slimmed = _slimmed_alone(site, arrays, model, kinds)
-            outs = compute_vars(slimmed.mod["main"], [_logits(slimmed)], images[check],
-                                f"{site_id} ({name}) slimmed alone")
-        err = float(np.sum((outs[0] - wanted_out) ** 2))
-        norm = float(np.sum(wanted_out ** 2))
+            outs = compute_vars(slimmed.mod["main"], [_logits(slimmed)], images[check], label)
+        err = float(np.sum((outs[0] - reference) ** 2))
+        norm = float(np.sum(reference ** 2))
         errors[site_id][name] = round((err / max(norm, 1e-12)) ** 0.5, 6)
         logger.info(f"[plan] {site_id} ({name}): held-out relative error of the output "
                     f"{errors[site_id][name]:.3f}")

@@ -546,15 +546,15 @@ class RegionTrainer:
 
 class RegionForwards:
     """Regions of ``func`` (a function without dataflow blocks), each the bindings from its
-    start vars to ``outputs`` (as ``RegionTrainer``'s), compiled forward only for ``batch``
+    start var to ``outputs`` (as ``RegionTrainer``'s), compiled forward only for ``batch``
     images, as one module (they share their kernels); each region's trainable convs take
     their weights as parameters:
 
-        forwards = RegionForwards(func, {key: (starts, trainable)}, outputs, batch)
-        outs = forwards.run(key, [one array per start], arrays)   # None: not built
+        forwards = RegionForwards(func, {key: (start, trainable)}, outputs, batch)
+        outs = forwards.run(key, start_values, arrays, label)   # None: not built
 
-    A region that reads any var besides its starts (a skip connection from before them) is
-    not built: its values are not given."""
+    A region that reads any var besides its start (a skip connection from before it) is not
+    built: its values are not given."""
 
     def __init__(self, func, regions: dict, outputs, batch: int, target=None):
         import tvm
@@ -565,27 +565,27 @@ class RegionForwards:
         graph = Dataflow(func)
         self.batch, self._keys, self._initial, names = batch, {}, {}, {}
         builder = relax.BlockBuilder()
-        for i, (key, (starts, trainable)) in enumerate(regions.items()):
-            bindings, _ = _region(graph, starts, outputs)
-            bindings = [b for b in bindings if b.var not in starts]  # given, not computed
+        for i, (key, (start, trainable)) in enumerate(regions.items()):
+            bindings, _ = _region(graph, [start], outputs)
+            bindings = [b for b in bindings if b.var is not start]  # given, not computed
             inside = {b.var for b in bindings}
             reads = {v for b in bindings for v in relax.analysis.free_vars(b.value)} - inside
-            if reads - set(starts) or not all(v in inside for v in outputs):
+            if reads - {start} or not all(v in inside for v in outputs):
                 continue
             weights = LearnedWeights(graph, bindings, trainable)
             names[key] = f"region{i}"
-            _emit_region(builder, names[key], weights, bindings, list(starts), batch, outputs,
-                         [], lambda b, outs: relax.Tuple(outs))
+            _emit_region(builder, names[key], weights, bindings, [start], batch, outputs, [],
+                         lambda b, outs: relax.Tuple(outs))
             self._keys[key], self._initial[key] = weights.keys, weights.initial
         self._names = names
         self.vm = relax.VirtualMachine(compile_module(builder.get(), target, tuned=False)
                                        .executable, tvm.cpu()) if names else None
         self._tensor = tvm.runtime.tensor
 
-    def run(self, key, values, arrays) -> list | None:
+    def run(self, key, values, arrays, label) -> list | None:
         """The outputs (one array per output, a row per row of ``values``) of region ``key``
-        from ``values`` (an array per start var) with the trainable convs' ``arrays`` (those
-        missing keep the function's own); None when that region was not built."""
+        from ``values`` (its start var's, batch first) with the trainable convs' ``arrays``
+        (those missing keep the function's own); None when that region was not built."""
         from ..compile.build import to_numpy
 
         if key not in self._names:
@@ -594,16 +594,8 @@ class RegionForwards:
         own = self._initial[key]
         weights = [self._tensor(np.ascontiguousarray(arrays.get(k, own[k]), np.float32))
                    for k in self._keys[key]]
-        columns = None
-        for first in range(0, len(values[0]), self.batch):
-            chunk = [v[first:first + self.batch] for v in values]
-            outs = to_numpy(function(*[self._tensor(padded_batch(c, self.batch))
-                                       for c in chunk], *weights))
-            if columns is None:
-                columns = [np.empty((len(values[0]), *o.shape[1:]), o.dtype) for o in outs]
-            for column, out in zip(columns, outs):
-                column[first:first + len(chunk[0])] = out[:len(chunk[0])]
-        return columns
+        return batched_runs(lambda x: to_numpy(function(self._tensor(x), *weights)), values,
+                            self.batch, label)
 
 
 class BatchedForward:
