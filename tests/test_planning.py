@@ -86,12 +86,21 @@ def test_variants_are_distinct_and_costed_enabled(inception):
 
 
 # --------------------------------------------------------------------------- accuracy costs
-def _assert_cost_is_the_output_error_alone(model, images, site_id, variant):
+def _assert_cost_is_the_output_error_alone(model, images, site_id, variant, monkeypatch,
+                                           whole_network=False):
     """``variant_errors``' cost of ``variant`` of ``site_id`` is the held-out relative error
     of the model's output with only that variant slimmed, with the fine-tune's closed-form
-    start (no block training, no mirror images), on a real build of that model."""
+    start (no block training, no mirror images), on a real build of that model; the whole
+    slimmed network is built for it only when ``whole_network``."""
+    from tvm_rebirth.learn import finetune as finetune_module
+
+    built = []
+    slimmed_alone = finetune_module._slimmed_alone
+    monkeypatch.setattr(finetune_module, "_slimmed_alone",
+                        lambda *args: built.append(args) or slimmed_alone(*args))
     choices = site_choices(model.mod)
     errors = variant_errors(model, choices, images)
+    assert bool(built) == whole_network
     assert errors[site_id].keys() == choices.variants[site_id].keys()
     base = RebirthPlan.from_model(model)
     plan = dataclasses.replace(base, sites=[
@@ -112,13 +121,14 @@ def _assert_cost_is_the_output_error_alone(model, images, site_id, variant):
 @pytest.mark.parametrize("site_id, variant", [(POOLED, "keep-receptive-field"),
                                               (BRANCH, "paper")])
 def test_a_variants_accuracy_cost_is_the_output_error_of_the_model_it_slims_alone(
-        inception, site_id, variant):
+        inception, site_id, variant, monkeypatch):
     """The layers after the site run from what the variant computes there (numpy)."""
     _assert_cost_is_the_output_error_alone(flow.load(inception["model"]), inception["images"],
-                                           site_id, variant)
+                                           site_id, variant, monkeypatch)
 
 
-def test_an_accuracy_cost_past_a_skip_connection_runs_the_slimmed_network(tmp_path):
+def test_an_accuracy_cost_past_a_skip_connection_runs_the_slimmed_network(tmp_path,
+                                                                          monkeypatch):
     """The layers after the site also read a var from before it (a residual add): the cost
     comes from the whole network with the variant slimmed."""
     g = GraphMaker((1, 4, 16, 16))
@@ -128,7 +138,8 @@ def test_an_accuracy_cost_past_a_skip_connection_runs_the_slimmed_network(tmp_pa
     model = flow.load(g.save(tmp_path / "skip.onnx", [g.conv(y, "tail", 4, k=1)]))
     (site_id,) = site_choices(model.mod).variants
     images = np.random.default_rng(1).random((16, 4, 16, 16), dtype=np.float32)
-    _assert_cost_is_the_output_error_alone(model, images, site_id, "keep-kernel")
+    _assert_cost_is_the_output_error_alone(model, images, site_id, "keep-kernel", monkeypatch,
+                                           whole_network=True)
 
 
 # ------------------------------------------------------------------------------- selection

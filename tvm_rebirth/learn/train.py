@@ -567,7 +567,7 @@ class RegionForwards:
         builder = relax.BlockBuilder()
         for i, (key, (start, trainable)) in enumerate(regions.items()):
             bindings, _ = _region(graph, [start], outputs)
-            bindings = [b for b in bindings if b.var is not start]  # given, not computed
+            bindings = [b for b in bindings if not b.var.same_as(start)]  # given
             inside = {b.var for b in bindings}
             reads = {v for b in bindings for v in relax.analysis.free_vars(b.value)} - inside
             if reads - {start} or not all(v in inside for v in outputs):
