@@ -129,19 +129,29 @@ def _streamline_output(fits, arrays) -> np.ndarray:
     return np.concatenate(outs, axis=1) if len(outs) > 1 else outs[0]
 
 
-def _branch_output(site, analysis, fork, original, arrays) -> np.ndarray:
-    """What a slimmed branch site computes from ``fork`` with ``arrays``, as its concat in
-    the original channel order (``original``: the original concat on the same images,
-    the channels of the branches it leaves as they are)."""
-    groups = branch_groups(site)
+def _branch_convs(site, analysis, groups) -> list:
+    """(role, receiver index, the module's conv block, its geometry with the rebirth conv's
+    channels, weight key, bias key) of each conv a branch site rewrites, in
+    ``branch_conv_layout`` order (``groups``: its ``branch_groups``)."""
     trace = analysis.trace(site.id)
-    offsets = np.cumsum([0] + [b.out_channels for b in site.branches])
-    out, reduced = np.array(original, np.float32), {}
+    convs = []
     for (name, role, receiver), spec, (_, wkey, bkey) in zip(
             branch_conv_layout(site, groups), site.new_conv, weight_keys(site)):
         block = trace.convs[name]
         geometry = dataclasses.replace(analysis.conv_spec(block), in_channels=spec.in_channels,
                                        out_channels=spec.out_channels)
+        convs.append((role, receiver, block, geometry, wkey, bkey))
+    return convs
+
+
+def _branch_output(site, analysis, fork, original, arrays) -> np.ndarray:
+    """What a slimmed branch site computes from ``fork`` with ``arrays``, as its concat in
+    the original channel order (``original``: the original concat on the same images,
+    the channels of the branches it leaves as they are)."""
+    groups = branch_groups(site)
+    offsets = np.cumsum([0] + [b.out_channels for b in site.branches])
+    out, reduced = np.array(original, np.float32), {}
+    for role, receiver, block, geometry, wkey, bkey in _branch_convs(site, analysis, groups):
         x = fork if role == "reducer" else reduced.get(receiver, fork)
         y = activate(conv_forward(x, arrays[wkey], arrays[bkey], geometry), block.relu)
         if role == "reducer":
@@ -240,17 +250,12 @@ def _fit_branch(site, analysis, fork, target, held, arrays):
     offsets = np.cumsum([0] + [b.out_channels for b in site.branches])
     fit_images = ~held if held.any() else np.ones(len(fork), bool)
     data, reducer_kept, pieces = {}, {}, []
-    for (name, role, receiver), spec, (_, wkey, bkey) in zip(
-            branch_conv_layout(site, groups), site.new_conv, weight_keys(site)):
-        block = trace.convs[name]
+    for role, receiver, block, geometry, wkey, bkey in _branch_convs(site, analysis, groups):
         w0, b0 = analysis.conv_weights(block)
-        geometry = dataclasses.replace(analysis.conv_spec(block),
-                                       in_channels=spec.in_channels,
-                                       out_channels=spec.out_channels)
         if role == "reducer":
             consumer = trace.convs[site.branches[receiver].last_conv]
             w, b, kept = _reducer_weights(site, analysis, trace, groups[receiver], receiver, w0,
-                                          b0, spec.out_channels, fork[fit_images], geometry,
+                                          b0, geometry.out_channels, fork[fit_images], geometry,
                                           block.relu, analysis.conv_weights(consumer)[0])
             arrays[wkey], arrays[bkey] = w, b
             reducer_kept[receiver] = kept
@@ -266,7 +271,7 @@ def _fit_branch(site, analysis, fork, target, held, arrays):
         original = None
         kept = reducer_kept.get(receiver, list(range(w0.shape[1])))
         if kept is not None:  # the receiver's original inputs are still there
-            w_orig = np.zeros((w0.shape[0], spec.in_channels, *w0.shape[2:]), np.float32)
+            w_orig = np.zeros((w0.shape[0], geometry.in_channels, *w0.shape[2:]), np.float32)
             w_orig[:, :len(kept)] = w0[:, kept]
             original = (channels, w_orig, b0)
         pieces.append(_fit_one(x, y, geometry, block.relu, held, arrays, wkey, bkey,
