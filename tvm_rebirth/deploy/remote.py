@@ -40,6 +40,37 @@ def is_emulated(host: str, port: int, key: str) -> bool:
                 and host in ("127.0.0.1", "localhost"))
 
 
+class OutlivesSession(Exception):
+    """The next timing call could outlast the session's timeout."""
+
+
+class SessionClock:
+    """The age of an RPC session the device ends after ``timeout`` seconds (0: never).
+    ``guarded(call)`` refuses, with OutlivesSession, a call that could end after the device
+    ended the session: one it ends mid-message can crash the RPC client (a garbled length:
+    std::bad_alloc and an abort, no exception)."""
+
+    def __init__(self, timeout: float):
+        self.start, self.timeout, self.longest = time.monotonic(), timeout, 0.0
+
+    def guarded(self, call):
+        def once():
+            left = self.start + self.timeout - time.monotonic()
+            if self.timeout and left < 2 * self.longest + 1.0:
+                raise OutlivesSession()
+            began = time.monotonic()
+            value = call()
+            self.longest = max(self.longest, time.monotonic() - began)
+            return value
+        return once
+
+
+def _outlives(where, timeout) -> RebirthError:
+    return RebirthError(f"{where}: the timing rounds would outlive --session-timeout "
+                        f"({timeout:g}s), after which the device ends the session: give "
+                        "fewer --rounds or a longer --session-timeout")
+
+
 def bench_on_device(mods, x, tracker: str, key: str, target_name=None, rounds=5, number=1,
                     count_instructions=True, session_timeout=3600.0) -> dict:
     """Like measure.bench_variants, on a tracker device. ``mods``: {name: IRModule}, the first
@@ -69,7 +100,8 @@ def bench_on_device(mods, x, tracker: str, key: str, target_name=None, rounds=5,
             libs[name] = workdir / f"{name.replace(' ', '_')}.so"
             export_library(compiled[name].executable, str(libs[name]), target)
             host_out[name] = Runner(mod)(x)[0]
-        session_start = time.monotonic()
+        clock = SessionClock(session_timeout)
+        session_start = clock.start
         try:
             session = request_session(host, port, key, timeout=session_timeout)
             device = session.cpu()
@@ -84,12 +116,14 @@ def bench_on_device(mods, x, tracker: str, key: str, target_name=None, rounds=5,
 
             def timer(vm):
                 evaluator = vm.time_evaluator("main", device, number=number, repeat=1)
-                return lambda: evaluator(arg).mean * 1000
+                return clock.guarded(lambda: evaluator(arg).mean * 1000)
 
             samples = interleaved_rounds({n: timer(vm) for n, vm in vms.items()}, rounds,
                                          "bench on " + key)
         except RebirthError:
             raise
+        except OutlivesSession:
+            raise _outlives(where, session_timeout) from None
         except Exception as exc:  # noqa: BLE001 -- the device died or the session broke
             first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
             # the device ends a session at its timeout wherever the protocol is; the client
@@ -292,6 +326,7 @@ def time_functions_on_device(lib: Path, calls: dict, tracker: str, key: str, rou
 
     host, port = parse_tracker(tracker)
     require_key(host, port, key)
+    clock = SessionClock(session_timeout)
     try:
         session = request_session(host, port, key, timeout=session_timeout)
         device = session.cpu()
@@ -301,11 +336,13 @@ def time_functions_on_device(lib: Path, calls: dict, tracker: str, key: str, rou
         def timer(name):
             args = [tvm.runtime.tensor(x, device) for x in calls[name]]
             evaluator = vm.time_evaluator(name, device, number=3, repeat=1)
-            return lambda: evaluator(*args).mean * 1000
+            return clock.guarded(lambda: evaluator(*args).mean * 1000)
 
         samples = interleaved_rounds({n: timer(n) for n in calls}, rounds, f"cost on {key}")
     except RebirthError:
         raise
+    except OutlivesSession:
+        raise _outlives(f"device '{key}' on tracker {host}:{port}", session_timeout) from None
     except Exception as exc:  # noqa: BLE001 -- the device died or the session broke
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
         raise RebirthError(f"device '{key}' on tracker {host}:{port} failed while measuring "
