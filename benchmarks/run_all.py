@@ -44,6 +44,7 @@ BENCHMARKS = {
                             ["fmnist_vgg_accuracy"]),
     "fmnist_layerwise_limits": (["fmnist_layerwise_limits.py"], ["fmnist_layerwise_limits"]),
     "fmnist_reconstruction": (["fmnist_reconstruction.py"], ["fmnist_reconstruction"]),
+    "plan_accuracy": (["plan_accuracy.py"], ["plan_accuracy"]),
     "finetune_time": (["finetune_time.py"], ["finetune_time"]),
     "reliability": (["reliability.py"], ["reliability"]),  # issue 20's cases (its own block)
 }
@@ -352,6 +353,40 @@ def reconstruction_section(data):
             + f" {_reproduce(data)}\n")
 
 
+def plan_variants_table(data) -> str:
+    base = data["original_top1"]
+    rows = [[r["site"], r["variant"], f"{r['saving_ms']:+.4f}", f"{r['accuracy_cost']:.2f}",
+             f"{(r['top1'] - base) * 100:+.2f}"] for r in data["variants"]]
+    return table(rows, ["site", "variant", f"saving ({data['unit']}, this CPU)",
+                        "predicted output error", "top-1 change (pt)"])
+
+
+def plan_budgets_table(data) -> str:
+    base = data["original_top1"]
+    rows = [[f"{r['budget']}" + (" (default)" if r["budget"] == data["default_budget"] else ""),
+             r["sites"], f"{r['predicted_speedup']:.2f}x", f"{r['accuracy_cost']:.2f}",
+             f"{(r['top1'] - base) * 100:+.2f}"] for r in data["plans"]]
+    return table(rows, ["--budget", "chosen variants", "predicted speedup",
+                        "predicted output error", "top-1 change (pt)"])
+
+
+def plan_accuracy_text(data) -> str:
+    return (f"{data['model']}, original top-1 {data['original_top1'] * 100:.2f} % on "
+            f"{data['labeled_set']}; every plan fine-tuned by the default fine-tune on "
+            f"{data['images']} unlabeled Fashion-MNIST train images; savings and predicted "
+            f"speedups measured on {data['target']}; predicted output error: each variant's "
+            "held-out relative error of the logits with it alone slimmed (closed form on the "
+            f"{data['planning_images']} planning images), a plan's their root sum of squares.")
+
+
+def plan_accuracy_section(data):
+    return ("### The planner's predictions against the fine-tuned top-1 (fmnist-inception)\n\n"
+            + plan_budgets_table(data) + "\n\n"
+            + ("Each variant that saves enough to be chosen, alone:\n\n" + plan_variants_table(data)
+               + "\n\n" if data["variants"] else "")
+            + plan_accuracy_text(data) + f" {_reproduce(data)}\n")
+
+
 def finetune_time_table(data) -> str:
     """finetune_time.py's rows (its result page uses it too)."""
     budget = data["budget_seconds"]
@@ -404,6 +439,7 @@ def render() -> str:
                           ("fmnist_vgg_accuracy", accuracy_section),
                           ("fmnist_layerwise_limits", limits_section),
                           ("fmnist_reconstruction", reconstruction_section),
+                          ("plan_accuracy", plan_accuracy_section),
                           ("finetune_time", finetune_time_section),
                           ("googlenet_branch", branch_section), ("tuning_logs", tuning_section)):
         data = _load(name)
