@@ -45,7 +45,7 @@ class OutlivesSession(Exception):
 
 
 class SessionClock:
-    """The age of an RPC session the device ends after ``timeout`` seconds (0: never).
+    """The age of an RPC session the device ends after ``timeout`` seconds (0 or None: never).
     ``guarded(call)`` refuses, with OutlivesSession, a call that could end after the device
     ended the session: one it ends mid-message can crash the RPC client (a garbled length:
     std::bad_alloc and an abort, no exception)."""
@@ -55,8 +55,8 @@ class SessionClock:
 
     def guarded(self, call):
         def once():
-            left = self.start + self.timeout - time.monotonic()
-            if self.timeout and left < 2 * self.longest + 1.0:
+            if self.timeout and (self.start + self.timeout - time.monotonic()
+                                 < 2 * self.longest + 1.0):
                 raise OutlivesSession()
             began = time.monotonic()
             value = call()
