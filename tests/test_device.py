@@ -285,6 +285,25 @@ def test_device_errors(devices, tmp_path):
     assert not report.exists()
 
 
+def test_a_timing_call_that_could_outlive_the_session_is_refused_before_it_starts():
+    from tvm_rebirth.deploy.remote import OutlivesSession, SessionClock
+
+    calls = []
+
+    def slow():
+        calls.append(time.monotonic())
+        time.sleep(0.4)
+        return len(calls)
+
+    guarded = SessionClock(1.6).guarded(slow)
+    assert guarded() == 1  # 1.6 s left, no call timed yet
+    with pytest.raises(OutlivesSession):
+        guarded()  # ~1.2 s left, less than twice the 0.4 s call + 1 s
+    assert len(calls) == 1
+    unlimited = SessionClock(None).guarded(slow)
+    assert [unlimited() for _ in range(2)] == [2, 3]
+
+
 def test_a_device_killed_mid_run_is_a_one_line_error_and_no_report(devices, tmp_path):
     from tvm_rebirth.deploy.rpc import parse_tracker
 
