@@ -353,13 +353,13 @@ def test_default_calibration_count_is_sized_for_the_model(tmp_path):
     from tvm_rebirth.learn.train import function_macs
 
     counts = {}
-    for width, side in ((4, 12), (64, 112), (128, 224)):
+    for width, side in ((4, 12), (64, 224), (256, 224)):
         g = GraphMaker((1, 3, side, side))
         model = load_model(g.save(tmp_path / f"net{width}.onnx",
                                   [g.relu(g.conv("data", "conv1", width), "relu1")]))
         macs = function_macs(model.mod["main"])
         assert macs == side * side * width * 3 * 9  # one 3x3 conv, same padding
         counts[width] = default_image_count(model)
-    assert counts[4] == 2048 and counts[128] == 256
+    assert counts[4] == 2048 and counts[256] == 256
     assert counts[64] % 64 == 0 and 256 < counts[64] < 2048
-    assert counts[64] == CALIBRATION_MACS // (112 * 112 * 64 * 27) // 64 * 64
+    assert counts[64] == CALIBRATION_MACS // (224 * 224 * 64 * 27) // 64 * 64
