@@ -53,10 +53,15 @@ class SessionClock:
     def __init__(self, timeout: float):
         self.start, self.timeout, self.longest = time.monotonic(), timeout, 0.0
 
+    def left(self) -> float:
+        """Seconds until the device ends the session (infinite without a timeout)."""
+        if not self.timeout:
+            return float("inf")
+        return self.start + self.timeout - time.monotonic()
+
     def guarded(self, call):
         def once():
-            if self.timeout and (self.start + self.timeout - time.monotonic()
-                                 < 2 * self.longest + 1.0):
+            if self.left() < 2 * self.longest + 1.0:
                 raise OutlivesSession()
             began = time.monotonic()
             value = call()
@@ -101,7 +106,6 @@ def bench_on_device(mods, x, tracker: str, key: str, target_name=None, rounds=5,
             export_library(compiled[name].executable, str(libs[name]), target)
             host_out[name] = Runner(mod)(x)[0]
         clock = SessionClock(session_timeout)
-        session_start = clock.start
         try:
             session = request_session(host, port, key, timeout=session_timeout)
             device = session.cpu()
@@ -128,8 +132,7 @@ def bench_on_device(mods, x, tracker: str, key: str, target_name=None, rounds=5,
             first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
             # the device ends a session at its timeout wherever the protocol is; the client
             # then sees SessionTimeout, or (mid-message) a garbled event: judge by the clock
-            timed_out = session_timeout and time.monotonic() - session_start >= session_timeout
-            if "SessionTimeout" in str(exc) or timed_out:
+            if "SessionTimeout" in str(exc) or clock.left() <= 0:
                 first = (f"the session outlived --session-timeout "
                          f"({session_timeout:g}s) and the device ended it")
             elif "kShutdown" in first or "connection" in first.lower():
