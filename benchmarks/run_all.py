@@ -161,8 +161,11 @@ def paper_section(zoo, accuracy):
             ["memory", f"{PAPER_GOOGLENET['memory_ratio']}x",
              f"{g['memory_ratio']}x (planned activations)" if g else "-", ""]]
     steps = (accuracy or {}).get("steps", [])
-    # every site slimmed: the last cumulative step (layer-wise), and retrained when measured
-    full_plan = [(s, "layer-wise only") for s in steps if s["step"].startswith("+ ")][-1:]
+    # every site slimmed: the last cumulative step (the fine-tune of its time, without
+    # labels), and retrained when measured
+    unlabeled = "default fine-tune, no labels" if "fine_tune" in (accuracy or {}) \
+        else "layer-wise only"
+    full_plan = [(s, unlabeled) for s in steps if s["step"].startswith("+ ")][-1:]
     full_plan += [(s, "all sites retrained with labels") for s in steps
                   if s["step"] == RETRAINED_STEP]
     for full, how in full_plan:
