@@ -161,11 +161,9 @@ def paper_section(zoo, accuracy):
             ["memory", f"{PAPER_GOOGLENET['memory_ratio']}x",
              f"{g['memory_ratio']}x (planned activations)" if g else "-", ""]]
     steps = (accuracy or {}).get("steps", [])
-    # every site slimmed: the last cumulative step (the fine-tune of its time, without
-    # labels), and retrained when measured
-    unlabeled = "default fine-tune, no labels" if "fine_tune" in (accuracy or {}) \
-        else "layer-wise only"
-    full_plan = [(s, unlabeled) for s in steps if s["step"].startswith("+ ")][-1:]
+    # every site slimmed: the last cumulative step (no labels), and retrained when measured
+    full_plan = [(s, "default fine-tune, no labels") for s in steps
+                 if s["step"].startswith("+ ")][-1:]
     full_plan += [(s, "all sites retrained with labels") for s in steps
                   if s["step"] == RETRAINED_STEP]
     for full, how in full_plan:
@@ -287,9 +285,8 @@ def end_to_end_text(accuracy):
 
 
 def fine_tune_text(accuracy):
-    """How the steps were fine-tuned (results written before block reconstruction existed
-    say nothing: layer-wise fitting)."""
-    return (f"{accuracy.get('fine_tune', 'layer-wise fitting')} on {accuracy['calibration']}")
+    """How the steps were fine-tuned, and on what."""
+    return f"{accuracy['fine_tune']} on {accuracy['calibration']}"
 
 
 def accuracy_section(accuracy):
