@@ -366,14 +366,14 @@ def _refine_end_to_end(model, plan, arrays, images, labels, flip, epochs) -> dic
 
     if labels is None:
         trainer = RegionTrainer(func, [func.body.body], trainable, batch, from_params=True)
-        augment = image_augmentation(teacher, flip=flip)
+        augment = image_augmentation(teacher.run, flip=flip)
         targets, lr = [outputs], DISTILL_LR
     else:
         trainer = RegionTrainer(func, [func.body.body], trainable, batch, from_params=True,
                                 loss="labels", temperature=RETRAIN_TEMPERATURE)
         onehot = np.eye(logits.shape[1], dtype=np.float32)[np.asarray(labels)[:count]]
         targets = [onehot, softened(logits, RETRAIN_TEMPERATURE)]
-        augment = labeled_augmentation(teacher, RETRAIN_TEMPERATURE, flip=flip)
+        augment = labeled_augmentation(teacher.run, RETRAIN_TEMPERATURE, flip=flip)
         lr = RETRAIN_LR
     before = held_out(arrays) if labels is not None else None
     result = trainer.fit([images], targets, held, arrays, epochs=epochs, lr=lr,
@@ -426,15 +426,19 @@ DISTILL_LR = 1e-3
 # their mirror images (the held-out ones stay unseen and choose the epoch), to the original's
 # output and each learned site's input: for this many epochs, when the model can afford
 # DISTILL_MIN_EPOCHS of them within DISTILL_MACS multiply-adds and at least
-# DISTILL_MIN_HELD_OUT calibration images are held out. fmnist-inception with every site,
-# top-1 after block reconstruction: -0.01 pt at 256 images, +0.33 at 1024, +0.86 at 2048
-# (~90 s); the output alone: -0.28, +0.19, +0.50 (flips). GoogLeNet at 256 images could pay
-# for one epoch: not distilled. At 2048 images, the original's softened outputs with its top
-# class as label did worse than the output alone (+0.15 at temperature 4), as did shifted
-# copies (no epoch kept); the output weighted 4x beside the site inputs gained less (+0.77).
-DISTILL_EPOCHS = 8
+# DISTILL_MIN_HELD_OUT calibration images are held out. Each batch has a DISTILL_MIX share
+# of blends of two images (mixup), relabelled by the original on the fly: new pairs every
+# epoch, in between the few images there are. fmnist-inception with every site at 2048
+# images (AMD EPYC): 8 epochs without blends -2.17 pt top-1, 24 without -2.00, 8 with
+# -2.08, 24 with -1.80; keep-receptive-field's five sites -1.03 without, -0.80 with (16
+# epochs, 227 s in all; 24: -0.83). GoogLeNet at 256 images pays for one epoch: not
+# distilled. At 2048 images, the original's softened outputs with its top class as label
+# did worse than the output alone (+0.15 at temperature 4), as did shifted copies (no epoch
+# kept); the output weighted 4x beside the site inputs gained less (+0.77).
+DISTILL_EPOCHS = 16
 DISTILL_MIN_EPOCHS = 4
-DISTILL_MACS = 1e12
+DISTILL_MACS = 2.5e12  # fmnist-inception/-vgg at 2048 images: 16 epochs (2.1e12 at most)
+DISTILL_MIX = 0.5
 DISTILL_MIN_HELD_OUT = 64  # 512 calibration images
 RETRAIN_LR = 1e-3
 RETRAIN_TEMPERATURE = 4.0  # the teacher's softening in retraining with labels
@@ -469,7 +473,8 @@ def _distill(model, plan, arrays, images, epochs, mirror) -> dict:
     (``_site_inputs``; the output alone gained less); for as many of ``epochs`` as
     DISTILL_MACS pays for; skipped (and said why) below DISTILL_MIN_EPOCHS or with fewer
     than DISTILL_MIN_HELD_OUT held-out calibration images."""
-    from .train import RegionTrainer, affordable_steps
+    from .train import (BatchedForward, RegionTrainer, affordable_steps, batched_runs,
+                        image_augmentation)
 
     start = time.time()
     held = _held_out(images)
@@ -494,15 +499,18 @@ def _distill(model, plan, arrays, images, epochs, mirror) -> dict:
     epochs = min(epochs, affordable)
     logger.info(f"[finetune] distillation of {len(trainable)} convs on {len(images)} images: "
                 f"the original's output and {len(pairs)} site input(s), TVM gradients")
-    targets = compute_vars(original.mod["main"], list(pairs.values())
-                           + [_output_var(original)], images, "distillation targets")
+    teacher = BatchedForward(original.mod["main"], RECONSTRUCT_BATCH,
+                             outputs=list(pairs.values()) + [_output_var(original)])
+    targets = batched_runs(teacher.run, images, RECONSTRUCT_BATCH, "distillation targets")
     trainer = RegionTrainer(func, ends, trainable, RECONSTRUCT_BATCH, from_params=True)
+    # the mirrors are among the images already: blends only, relabelled by the original
+    augment = image_augmentation(teacher.run, flip=False, shift=0, mix=DISTILL_MIX)
     result = trainer.fit([images], targets, held, arrays, epochs=epochs, lr=DISTILL_LR,
-                         label="distillation", progress=True)
+                         augment=augment, label="distillation", progress=True)
     arrays.update(result.arrays)
     report = {"loss": f"squared error at the output and {len(pairs)} site input(s) "
                       "(TVM gradients)",
-              "site_inputs": len(pairs),
+              "site_inputs": len(pairs), "mixed": DISTILL_MIX,
               "held_out_loss_before": round(result.held_out_before, 6),
               "held_out_loss_after": round(result.held_out_after, 6),
               "epochs": epochs, "kept_epoch": result.kept_epoch,

@@ -599,35 +599,42 @@ class RegionForwards:
 
 
 class BatchedForward:
-    """``func`` compiled for a batch of ``batch`` (flattening reshapes follow):
-    ``forward(x) -> first output`` as a numpy array, for up to ``batch`` images (fewer are
-    padded with zeros to the compiled batch; their outputs are dropped)."""
+    """``func`` compiled for a batch of ``batch`` (flattening reshapes follow), up to
+    ``outputs`` (vars of ``func``; default its first output): ``forward(x)`` the first of
+    them, ``forward.run(x)`` all of them, as numpy arrays, for up to ``batch`` images (fewer
+    are padded with zeros to the compiled batch; their outputs are dropped)."""
 
-    def __init__(self, func, batch: int, target=None):
+    def __init__(self, func, batch: int, target=None, outputs=None):
         import tvm
         from tvm import relax
 
         from ..compile.build import compile_module
 
         builder = relax.BlockBuilder()
-        emit_batched(builder, "main", func, batch, [first_output(func)])
-        self.vm = relax.VirtualMachine(compile_module(builder.get(), target, tuned=False)
-                                       .executable, tvm.cpu())
+        emit_batched(builder, "main", func, batch, list(outputs or [first_output(func)]))
+        head = relax.analysis.remove_all_unused(builder.get()["main"])
+        module = tvm.IRModule({"main": head.with_attr("global_symbol", "main")})
+        self.vm = relax.VirtualMachine(compile_module(module, target, tuned=False).executable,
+                                       tvm.cpu())
         self._tensor = tvm.runtime.tensor
         self.batch = batch
 
-    def __call__(self, x):
+    def run(self, x) -> list:
         if len(x) > self.batch:
             raise RebirthError(f"{len(x)} images for a forward compiled for {self.batch}")
-        out = self.vm["main"](self._tensor(padded_batch(x, self.batch)))
-        return out[0].numpy()[:len(x)]
+        outs = self.vm["main"](self._tensor(padded_batch(x, self.batch)))
+        return [out.numpy()[:len(x)] for out in outs]
+
+    def __call__(self, x):
+        return self.run(x)[0]
 
 
 def image_augmentation(teacher, flip=True, shift=2, mix=0.5):
     """An ``augment`` for ``RegionTrainer.fit`` whose only input is the images and whose
-    target is ``teacher``'s output: seeded horizontal flips, shifts by up to ``shift``
-    pixels (zero fill) and, for a ``mix`` share of each batch, a blend of two images
-    (mixup); the teacher labels what the student sees, so every epoch sees new pairs."""
+    targets are ``teacher(images)`` (a list, one array per target): seeded horizontal
+    flips, shifts by up to ``shift`` pixels (zero fill) and, for a ``mix`` share of each
+    batch, a blend of two images (mixup); the teacher labels what the student sees, so
+    every epoch sees new pairs."""
 
     def augment(x, t, rng):
         images = x[0].copy()
@@ -647,7 +654,7 @@ def image_augmentation(teacher, flip=True, shift=2, mix=0.5):
             weight = rng.uniform(0.2, 0.8, size=(int(mixed.sum()), 1, 1, 1)).astype(np.float32)
             partner = images[rng.permutation(n)[:int(mixed.sum())]]
             images[mixed] = weight * images[mixed] + (1 - weight) * partner
-        return [images], [teacher(images)]
+        return [images], teacher(images)
 
     return augment
 
