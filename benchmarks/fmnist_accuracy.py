@@ -24,7 +24,8 @@ from run_all import accuracy_table, end_to_end_text, fine_tune_text  # noqa: E40
 
 from tvm_rebirth import flow  # noqa: E402
 from tvm_rebirth.compile.build import Runner  # noqa: E402
-from tvm_rebirth.learn.finetune import DISTILL_EPOCHS, RECONSTRUCT_EPOCHS  # noqa: E402
+from tvm_rebirth.learn.finetune import (DISTILL_EPOCHS, DISTILL_MIX,  # noqa: E402
+                                        RECONSTRUCT_EPOCHS)
 from tvm_rebirth.report.measure import labeled_set, top_k  # noqa: E402
 
 
@@ -86,7 +87,9 @@ def main():
                             f"reconstruction, {RECONSTRUCT_EPOCHS} epochs per site; each image "
                             f"with its mirror image; then the whole network distilled on the "
                             f"same images to the original's output and each learned site's "
-                            f"input, {DISTILL_EPOCHS} epochs, when it affords them)",
+                            f"input, {DISTILL_EPOCHS} epochs, {DISTILL_MIX:.0%} of each batch "
+                            f"blends of two images relabelled by the original, when it affords "
+                            f"them)",
                "steps": steps, "n": result["n"], "end_to_end": e2e}
     md = markdown(payload)
     write(f"{args.model.replace('-', '_')}_accuracy", payload, md)

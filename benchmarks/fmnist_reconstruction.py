@@ -23,7 +23,8 @@ from run_all import reconstruction_table, reconstruction_text  # noqa: E402
 from tvm_rebirth import flow  # noqa: E402
 from tvm_rebirth.compile.build import Runner  # noqa: E402
 from tvm_rebirth.learn import finetune as finetune_stage  # noqa: E402
-from tvm_rebirth.learn.finetune import DISTILL_EPOCHS, RECONSTRUCT_EPOCHS  # noqa: E402
+from tvm_rebirth.learn.finetune import (DISTILL_EPOCHS, DISTILL_MIX,  # noqa: E402
+                                        RECONSTRUCT_EPOCHS)
 from tvm_rebirth.report.measure import labeled_set, top_k  # noqa: E402
 
 
@@ -64,9 +65,13 @@ def main():
     for row in rows:
         for key in ("closed_form", "reconstruction", "distillation", "receptive_field"):
             row[key]["top1"] = result[f"{key} {row['images']}"]["top1"]
-    payload = {"model": "fmnist-inception", "labeled_set": test_desc, "sites": len(plan.sites),
+    payload = {"model": "fmnist-inception", "labeled_set": test_desc,
+               "sites": len(plan.enabled_sites()),
+               "field_sites": len(field_plan.enabled_sites()),
+               "field_off": [s.id for s in field_plan.sites if not s.enabled],
                "mirror_images": flow.RebirthOptions().mirror,
                "epochs": RECONSTRUCT_EPOCHS, "distill_epochs": DISTILL_EPOCHS,
+               "distill_mix": DISTILL_MIX,
                "original_top1": result["original"]["top1"],
                "rows": rows}
     md = markdown(payload)

@@ -337,11 +337,15 @@ def reconstruction_text(data) -> str:
             f"reconstruction: {data['epochs']} epochs per site (the default), TVM gradients; "
             + (f"distillation: the whole network on the calibration images, to the "
                f"original's output and each learned site's input, {data['distill_epochs']} "
-               "epochs (the default from 512 images; measured at every count); "
+               "epochs" + (f", {data['distill_mix']:.0%} of each batch blends of two images "
+                           "relabelled by the original" if data.get("distill_mix") else "")
+               + " (the default from 512 images; measured at every count); "
                if any("distillation" in r for r in data["rows"]) else "")
             + ("`--policy keep-receptive-field`: its streamline sites' convs cover the whole "
-               "block they replace (conv1+pool1+norm1: 5x5/s2 instead of 3x3/s2); "
-               if any("receptive_field" in r for r in data["rows"]) else "")
+               "block they replace (conv1+pool1+norm1: 5x5/s2 instead of 3x3/s2)"
+               + (f", {data['field_sites']} sites ({', '.join(data['field_off'])} left off "
+                  "as `--select all` plans it: slower)" if data.get("field_off") else "")
+               + "; " if any("receptive_field" in r for r in data["rows"]) else "")
             + "calibration images: Fashion-MNIST train (seed 0)"
             + (", each with its mirror image" if data.get("mirror_images") else "")
             + ", every 8th held out; seconds: the whole fine-tune on this machine, 2 threads.")
