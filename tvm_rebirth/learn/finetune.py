@@ -505,8 +505,8 @@ def _distill(model, plan, arrays, images, epochs, mirror) -> dict:
                              outputs=list(pairs.values()) + [_output_var(original)])
     targets = batched_runs(teacher.run, images, RECONSTRUCT_BATCH, "distillation targets")
     trainer = RegionTrainer(func, ends, trainable, RECONSTRUCT_BATCH, from_params=True)
-    # blends only, relabelled by the original: flips come as the mirror images (``mirror``),
-    # and shifted copies kept no epoch
+    # blends only, relabelled by the original: flips come as the mirror images (``mirror``);
+    # shifts by up to 2 pixels, relabelled too, kept no epoch (fmnist-inception, every site)
     augment = image_augmentation(teacher.run, flip=False, shift=0, mix=DISTILL_MIX)
     result = trainer.fit([images], targets, held, arrays, epochs=epochs, lr=DISTILL_LR,
                          augment=augment, label="distillation", progress=True)
