@@ -342,21 +342,28 @@ def batched_runs(run, images, batch: int, label: str) -> list:
     return columns or []
 
 
+def batched_head(func, batch, outputs, attrs=None):
+    """A module whose "main" is ``func`` (a function without dataflow blocks) for ``batch``
+    images up to ``outputs`` (vars of ``func``), returning them as a tuple; the bindings
+    they do not need are dropped."""
+    import tvm
+    from tvm import relax
+
+    builder = relax.BlockBuilder()
+    emit_batched(builder, "main", func, batch, list(outputs), attrs=attrs)
+    head = relax.analysis.remove_all_unused(builder.get()["main"])
+    return tvm.IRModule({"main": head.with_attr("global_symbol", "main")})
+
+
 def compute_vars(func, variables, images, label, target=None, batch=None) -> list:
     """``variables`` (vars of ``func``, a function without dataflow blocks) for each image,
     one stacked array per var: the function up to them, compiled as the model build compiles
     it for ``batch`` images a run (default: ``capture_batch``), with progress in the log."""
-    import tvm
-    from tvm import relax
-
     from ..compile.build import Runner
 
     batch = batch or capture_batch(func.params[0].ty.shape)
-    builder = relax.BlockBuilder()
     attrs = dict(func.attrs.items()) if func.attrs is not None else None
-    emit_batched(builder, "main", func, batch, list(variables), attrs=attrs)
-    head = relax.analysis.remove_all_unused(builder.get()["main"])
-    runner = Runner(tvm.IRModule({"main": head.with_attr("global_symbol", "main")}), target)
+    runner = Runner(batched_head(func, batch, variables, attrs), target)
     return batched_runs(runner, images, batch, label)
 
 
@@ -610,20 +617,19 @@ class BatchedForward:
 
         from ..compile.build import compile_module
 
-        builder = relax.BlockBuilder()
-        emit_batched(builder, "main", func, batch, list(outputs or [first_output(func)]))
-        head = relax.analysis.remove_all_unused(builder.get()["main"])
-        module = tvm.IRModule({"main": head.with_attr("global_symbol", "main")})
+        module = batched_head(func, batch, outputs or [first_output(func)])
         self.vm = relax.VirtualMachine(compile_module(module, target, tuned=False).executable,
                                        tvm.cpu())
         self._tensor = tvm.runtime.tensor
         self.batch = batch
 
     def run(self, x) -> list:
+        from ..compile.build import to_numpy
+
         if len(x) > self.batch:
             raise RebirthError(f"{len(x)} images for a forward compiled for {self.batch}")
-        outs = self.vm["main"](self._tensor(padded_batch(x, self.batch)))
-        return [out.numpy()[:len(x)] for out in outs]
+        outs = to_numpy(self.vm["main"](self._tensor(padded_batch(x, self.batch))))
+        return [out[:len(x)] for out in outs]
 
     def __call__(self, x):
         return self.run(x)[0]
