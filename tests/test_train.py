@@ -246,7 +246,8 @@ def test_the_default_fine_tune_ends_with_a_distillation_it_can_afford(tmp_path, 
     images and their mirror images, to the original's output and each later site's input;
     the slimmed model's output on the held-out images gets closer to the original's. A model
     that cannot afford DISTILL_MIN_EPOCHS is not distilled, and says so."""
-    from tvm_rebirth.learn.finetune import DISTILL_EPOCHS, DISTILL_MIX, _held_out
+    from tvm_rebirth.learn.finetune import (DISTILL_EPOCHS, DISTILL_MIX, DISTILL_RETRY_LR,
+                                            _held_out)
 
     model = flow.load(_two_site_net(tmp_path / "net.onnx"))
     plan = flow.find_plan(model)
@@ -280,6 +281,12 @@ def test_the_default_fine_tune_ends_with_a_distillation_it_can_afford(tmp_path, 
     undistilled, report = finetune(model, plan, images, reconstruct_epochs=1, distill_epochs=0)
     assert "distillation" not in report
     assert held_out_error(weights) < held_out_error(undistilled)
+    # a peak rate that keeps no epoch: distilled again at DISTILL_RETRY_LR, which does better
+    monkeypatch.setattr("tvm_rebirth.learn.finetune.DISTILL_LR", 1e3)
+    _, report = finetune(model, plan, images, reconstruct_epochs=1)
+    retried = report["distillation"]
+    assert retried["lr"] == DISTILL_RETRY_LR and retried["kept_epoch"] >= 1, retried
+    monkeypatch.undo()
     _, report = finetune(model, plan, images[:500], reconstruct_epochs=1)  # 62 held out
     assert report["distillation"] == {"skipped": "62 held-out images"}
     monkeypatch.setattr("tvm_rebirth.learn.finetune.DISTILL_MACS", 1e6)
