@@ -524,15 +524,14 @@ def _distill(model, plan, arrays, images, epochs, mirror) -> dict:
     # blends only, relabelled by the original: flips come as the mirror images (``mirror``);
     # shifts by up to 2 pixels, relabelled too, kept no epoch (fmnist-inception, every site)
     augment = image_augmentation(teacher.run, flip=False, shift=0, mix=DISTILL_MIX)
-    lr = DISTILL_LR
-    result = trainer.fit([images], targets, held, arrays, epochs=epochs, lr=lr,
-                         augment=augment, label="distillation", progress=True)
-    if result.kept_epoch == 0:  # the peak rate threw a good start away: once more, gently
-        logger.info(f"[finetune] distillation at rate {lr:g} kept no epoch: again at "
-                    f"{DISTILL_RETRY_LR:g}")
-        lr = DISTILL_RETRY_LR
+    # a peak rate that keeps no epoch threw a good start away: once more, gently
+    for lr in (DISTILL_LR, DISTILL_RETRY_LR):
         result = trainer.fit([images], targets, held, arrays, epochs=epochs, lr=lr,
                              augment=augment, label="distillation", progress=True)
+        if result.kept_epoch or lr == DISTILL_RETRY_LR:
+            break
+        logger.info(f"[finetune] distillation at rate {lr:g} kept no epoch: again at "
+                    f"{DISTILL_RETRY_LR:g}")
     arrays.update(result.arrays)
     report = {"loss": f"squared error at the output and {len(pairs)} site input(s), "
                       f"{DISTILL_MIX:.0%} of each batch blends of two images (TVM gradients)",
