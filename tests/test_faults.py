@@ -453,6 +453,7 @@ def test_tune_checks_the_input_before_searching(inputs, tmp_path):
     ("eval", "M", "--limit", "-1"), ("tune", "M", "--trials", "0"),
     ("bench", "M", "--session-timeout", "0"), ("demo", "--eval-limit", "0"),
     ("finetune", "M", "--reconstruct-epochs", "-1"), ("eval", "M", "--reconstruct-epochs", "-2"),
+    ("finetune", "M", "--seed", "-1"),
 ])
 def test_numeric_flags_are_checked_before_any_work(args, tmp_path):
     code, out, err = run(*args, cwd=tmp_path)

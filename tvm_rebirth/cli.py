@@ -161,6 +161,7 @@ def _rebirth_options(args) -> flow.RebirthOptions:
                                distill_epochs=getattr(args, "distill_epochs",
                                                       flow.DISTILL_EPOCHS),
                                mirror=not getattr(args, "no_mirror", False),
+                               seed=getattr(args, "seed", 0),
                                implicit_plan=getattr(args, "rebirth", False))
 
 
@@ -486,6 +487,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--no-mirror", action="store_true",
                        help="fit on the calibration images alone (default: each image and "
                             "its horizontal mirror image)")
+        p.add_argument("--seed", type=non_negative_int, default=0,
+                       help="seed of the fine-tune's training: batch order and blends (0; "
+                            "the same seed gives the same weights, others show the noise)")
         add_input_options(p)
 
     def add_variant(p, verb):

@@ -70,6 +70,7 @@ class RebirthOptions:
     # epochs of whole-network distillation on the calibration images after that (0: off)
     distill_epochs: int = DISTILL_EPOCHS
     mirror: bool = True  # fit on each calibration image and its horizontal mirror image
+    seed: int = 0  # the fine-tune's training: batch order, blends (same seed, same weights)
     e2e: E2EOptions = field(default_factory=E2EOptions)
     # build/tune --rebirth: the rebirth model even without a plan file (planned for their
     # target or device, as bench does)
@@ -95,6 +96,8 @@ class RebirthOptions:
                              ("--distill-epochs", self.distill_epochs)):
             if epochs < 0:
                 raise RebirthError(f"{flag} {epochs}: use 0 (off) or more")
+        if self.seed < 0:
+            raise RebirthError(f"--seed {self.seed}: use 0 or more")
         if self.select not in ("paying", "all"):
             raise RebirthError(f"--select {self.select}: use paying or all")
         if self.plan and (self.select != "paying" or self.budget is not None):
@@ -442,7 +445,7 @@ def fine_tune(model, plan, options: RebirthOptions, tag: str | None = None,
                     e2e_epochs=options.e2e.epochs, e2e_labels=e2e_labels,
                     e2e_flip=options.e2e.flip, reconstruct_epochs=options.reconstruct_epochs,
                     distill_epochs=options.distill_epochs,
-                    mirror=options.mirror)
+                    mirror=options.mirror, seed=options.seed)
 
 
 def weights_for(model, plan, options: RebirthOptions, tag: str | None = None,

@@ -327,7 +327,7 @@ def _batched(forward, images, batch) -> np.ndarray:
     return np.concatenate([forward(images[i:i + batch]) for i in range(0, len(images), batch)])
 
 
-def _refine_end_to_end(model, plan, arrays, images, labels, flip, epochs) -> dict:
+def _refine_end_to_end(model, plan, arrays, images, labels, flip, epochs, seed=0) -> dict:
     """Train every learned conv (rebirth and refitted) together with TVM's gradients, from
     the layer-wise start: unlabeled, so the slimmed model's output matches the original's
     (distillation) on ``images`` shifted and blended at random (with ``flip`` flipped), the
@@ -335,7 +335,7 @@ def _refine_end_to_end(model, plan, arrays, images, labels, flip, epochs) -> dic
     cross-entropy on the labels, half the original's softened outputs (knowledge
     distillation at RETRAIN_TEMPERATURE), on the images (with ``flip`` flipped at random).
     Every 8th image is held out; the epoch that does best on them is kept (the start when
-    none does)."""
+    none does). ``seed``: the training's batch order and augmentation."""
     from .train import (BatchedForward, RegionTrainer, image_augmentation,
                         labeled_augmentation, softened)
 
@@ -377,7 +377,8 @@ def _refine_end_to_end(model, plan, arrays, images, labels, flip, epochs) -> dic
         lr = RETRAIN_LR
     before = held_out(arrays) if labels is not None else None
     result = trainer.fit([images], targets, held, arrays, epochs=epochs, lr=lr,
-                         augment=augment, label=f"end-to-end {what}", progress=True)
+                         augment=augment, label=f"end-to-end {what}", progress=True,
+                         seed=seed)
     arrays.update(result.arrays)
     if labels is None:  # the distillation loss is the squared relative output error
         before, after = ({"output_rel_error": float(np.sqrt(loss))} for loss in
@@ -483,13 +484,14 @@ def _site_inputs(plan, func, original) -> dict:
     return pairs
 
 
-def _distill(model, plan, arrays, images, epochs, mirror) -> dict:
+def _distill(model, plan, arrays, images, epochs, mirror, seed=0) -> dict:
     """The default fine-tune's last step: the whole slimmed network distilled from the
     original on the calibration ``images`` (and, with ``mirror``, their mirror images), so
     that it reproduces the original's output and, on the way, each learned site's input
     (``_site_inputs``; the output alone gained less); for as many of ``epochs`` as
     DISTILL_MACS pays for; skipped (and said why) below DISTILL_MIN_EPOCHS or with fewer
-    than DISTILL_MIN_HELD_OUT held-out calibration images."""
+    than DISTILL_MIN_HELD_OUT held-out calibration images. ``seed``: the training's batch
+    order and blends."""
     from .train import (BatchedForward, RegionTrainer, affordable_steps, batched_runs,
                         image_augmentation)
 
@@ -527,7 +529,8 @@ def _distill(model, plan, arrays, images, epochs, mirror) -> dict:
     # a peak rate that keeps no epoch threw a good start away: once more, gently
     for lr in (DISTILL_LR, DISTILL_RETRY_LR):
         result = trainer.fit([images], targets, held, arrays, epochs=epochs, lr=lr,
-                             augment=augment, label="distillation", progress=True)
+                             augment=augment, label="distillation", progress=True,
+                             seed=seed)
         if result.kept_epoch or lr == DISTILL_RETRY_LR:
             break
         logger.info(f"[finetune] distillation at rate {lr:g} kept no epoch: again at "
@@ -615,7 +618,7 @@ def _block_ends(model, plan, learned, exact_ids) -> dict:
 
 
 def _reconstruct_block(model, plan, done, site, block: BlockEnd, arrays, images, held,
-                       targets, epochs, captures=None) -> dict:
+                       targets, epochs, captures=None, seed=0) -> dict:
     """Block reconstruction: train ``site``'s convs (and its refitted consumers) with TVM's
     gradients, from inputs computed by the network slimmed so far (by ``captures`` where
     they were built), so that the block they start reproduces the original network where
@@ -640,7 +643,7 @@ def _reconstruct_block(model, plan, done, site, block: BlockEnd, arrays, images,
     if inputs is None:
         inputs = trainer.capture(images, label)
     result = trainer.fit(inputs, wanted, held, arrays, epochs=epochs, lr=RECONSTRUCT_LR,
-                         label=site.id, max_macs=RECONSTRUCT_MACS)
+                         label=site.id, max_macs=RECONSTRUCT_MACS, seed=seed)
     arrays.update(result.arrays)
     entry = {"ends_at": block.ends_at,
              "held_out_before": round(result.held_out_before, 6),
@@ -784,13 +787,14 @@ def _check_images(model, images):
 def finetune(model, plan, images=None, calibration="",
              refit_consumers=True, e2e_images=None, e2e_epochs=8, e2e_labels=None,
              e2e_flip=False, reconstruct_epochs=RECONSTRUCT_EPOCHS, mirror=True,
-             distill_epochs=DISTILL_EPOCHS) -> tuple:
+             distill_epochs=DISTILL_EPOCHS, seed=0) -> tuple:
     """Learn the plan's enabled sites, bottom-up (closed-form start, then each site's block
     trained with TVM's gradients for ``reconstruct_epochs``; 0: not), then distil the whole
     slimmed network on the calibration images for ``distill_epochs`` (0: not; only after
     block reconstruction, and when the model can afford it, see DISTILL_MACS), or instead
     (``e2e_images``) refine it end to end on those images, with ``e2e_labels`` when given.
-    ``mirror``: fit on each calibration image and its horizontal mirror image. ``model``: a
+    ``mirror``: fit on each calibration image and its horizontal mirror image. ``seed``: the
+    training's batch order and augmentation (the same seed, the same weights). ``model``: a
     LoadedModel or a Relax IRModule with bound weights. Returns (RebirthWeights, report)."""
     from ..frontend.loader import as_model
 
@@ -876,20 +880,21 @@ def finetune(model, plan, images=None, calibration="",
         if reconstruct:
             entry["block"] = _reconstruct_block(model, plan, done, site, blocks[site.id],
                                                 arrays, images, held, targets,
-                                                reconstruct_epochs, captures)
+                                                reconstruct_epochs, captures, seed)
         entry["seconds"] = round(time.time() - t, 2)
         report.append(entry)
     e2e = distilled = None
     if e2e_images is not None and learned:
         e2e = _refine_end_to_end(model, plan, arrays, e2e_images, e2e_labels, e2e_flip,
-                                 e2e_epochs)
+                                 e2e_epochs, seed)
     elif learned and reconstruct and distill_epochs > 0:
-        distilled = _distill(model, plan, arrays, calibration_images, distill_epochs, mirror)
+        distilled = _distill(model, plan, arrays, calibration_images, distill_epochs, mirror,
+                             seed)
     order = {s.id: i for i, s in enumerate(plan.sites)}
     report.sort(key=lambda r: order[r["id"]])
     mirrored = bool(mirror and learned and images is not None and len(images))
     meta = {"calibration": calibration, "mirror_images": mirrored, "sites": report,
-            "seconds": round(time.time() - start, 2), "model": plan.model_name}
+            "seconds": round(time.time() - start, 2), "model": plan.model_name, "seed": seed}
     if e2e is not None:
         meta["end_to_end"] = e2e
     if distilled is not None:
