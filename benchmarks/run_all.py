@@ -44,6 +44,7 @@ BENCHMARKS = {
                             ["fmnist_vgg_accuracy"]),
     "fmnist_layerwise_limits": (["fmnist_layerwise_limits.py"], ["fmnist_layerwise_limits"]),
     "fmnist_reconstruction": (["fmnist_reconstruction.py"], ["fmnist_reconstruction"]),
+    "fmnist_seeds": (["fmnist_seeds.py"], ["fmnist_seeds"]),
     "plan_accuracy": (["plan_accuracy.py"], ["plan_accuracy"]),
     "finetune_time": (["finetune_time.py"], ["finetune_time"]),
     "reliability": (["reliability.py"], ["reliability"]),  # issue 20's cases (its own block)
@@ -357,6 +358,38 @@ def reconstruction_section(data):
             + f" {_reproduce(data)}\n")
 
 
+def seeds_table(data) -> str:
+    """fmnist_seeds.py's rows (its result page uses it too)."""
+    rows = []
+    for entry in data["models"]:
+        for run in entry["runs"]:
+            distilled = (f"{run['kept_epoch']}/{run['epochs']} at {run['lr']:g}"
+                         if run.get("epochs") else f"skipped ({run.get('skipped')})")
+            rows.append([entry["model"], entry["sites"], run["seed"],
+                         f"{run['top1'] * 100:.2f} ({run['top1_change_points']:+.2f})",
+                         distilled, f"{run['seconds']:.0f}"])
+        rows.append([entry["model"], entry["sites"], "mean (spread)",
+                     f"**{entry['mean_change_points']:+.2f}** ({entry['spread_points']:.2f})",
+                     "", ""])
+    return table(rows, ["model", "sites", "`--seed`", "top-1 % (pt)",
+                        "distillation: epoch kept, rate", "fine-tune seconds"])
+
+
+def seeds_text(data) -> str:
+    first = data["models"][0]
+    return ("Every site found (`--select all`); default fine-tune on "
+            f"{first['calibration']}, the same images at every seed (`--seed` moves only the "
+            "training's batch order and blends); top-1 on "
+            f"{first['labeled_set']}; seconds: the whole fine-tune on this machine "
+            f"({_machine(data)}). A setting measured once ranks against another only when "
+            "they differ by more than this spread.")
+
+
+def seeds_section(data):
+    return ("### Every site slimmed: the spread over training seeds\n\n" + seeds_table(data)
+            + "\n\n" + seeds_text(data) + f" {_reproduce(data)}\n")
+
+
 def plan_variants_table(data) -> str:
     base = data["original_top1"]
     rows = [[r["site"], r["variant"], f"{r['saving_ms']:+.4f}", f"{r['accuracy_cost']:.2f}",
@@ -443,6 +476,7 @@ def render() -> str:
                           ("fmnist_vgg_accuracy", accuracy_section),
                           ("fmnist_layerwise_limits", limits_section),
                           ("fmnist_reconstruction", reconstruction_section),
+                          ("fmnist_seeds", seeds_section),
                           ("plan_accuracy", plan_accuracy_section),
                           ("finetune_time", finetune_time_section),
                           ("googlenet_branch", branch_section), ("tuning_logs", tuning_section)):
