@@ -18,7 +18,7 @@ import time
 
 os.environ.setdefault("TVM_NUM_THREADS", "2")
 
-from _common import write  # noqa: E402
+from _common import machine, write  # noqa: E402
 from run_all import seeds_table, seeds_text  # noqa: E402
 
 from tvm_rebirth import flow  # noqa: E402
@@ -70,7 +70,8 @@ def main():
     args = ap.parse_args()
     seeds = [int(s) for s in args.seeds.split(",")]
     payload = {"models": [model_rows(name, seeds, args.limit)
-                          for name in args.models.split(",")]}
+                          for name in args.models.split(",")],
+               "machine": machine()}  # for the page's text (write records it too)
     md = markdown(payload)
     write("fmnist_seeds", payload, md)
     print(md)
