@@ -432,7 +432,8 @@ RECONSTRUCT_MIN_STEPS = 128
 # fmnist-vgg every site, 32 epochs: 1e-2 -1.52 (16 at 1e-3: -2.04). keep-receptive-field's
 # six sites (inception_3b/output+pool3 enabled by hand), 32 epochs at 1e-2: -1.24.
 # The training seed alone moves these by ~0.2 point (every site, 32 epochs at 1e-2: seed 0
-# -1.29, seeds 1 and 2 -1.45): single runs closer than that do not rank settings.
+# -1.29, seeds 1 and 2 -1.45; `python benchmarks/fmnist_seeds.py`): single runs closer
+# than that do not rank settings.
 DISTILL_LR = 1e-2
 # a plan whose blocks already fit well (fmnist-vgg --budget 0.5, one site) keeps no epoch at
 # DISTILL_LR (-1.13 pt top-1); it is distilled again at this rate (-0.58; 3e-3: -0.73),
