@@ -5,7 +5,7 @@ top-1 on the 10k Fashion-MNIST test images, with the fine-tune's seconds on this
 (2 threads); and the default fine-tune of the same sites planned with ``--policy
 keep-receptive-field`` (streamline convs whose kernel covers the whole block they replace).
 
-    python benchmarks/fmnist_reconstruction.py [--counts 256,1024,2048] [--limit N]
+    python benchmarks/fmnist_reconstruction.py [--counts 256,1024,2048,4096,8192] [--limit N]
 
 writes benchmarks/results/fmnist_reconstruction.{json,md}
 """
@@ -35,7 +35,7 @@ def markdown(payload) -> str:
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--counts", default="256,1024,2048")
+    ap.add_argument("--counts", default="256,1024,2048,4096,8192")  # ~1 hour on 2 cores
     ap.add_argument("--limit", type=int, help="evaluate on the first N test images")
     args = ap.parse_args()
     # distillation measured at every count (the default skips it below 512 images)

@@ -336,6 +336,8 @@ def reconstruction_text(data) -> str:
     return (f"Original top-1 {data['original_top1'] * 100:.2f} % on {data['labeled_set']}; "
             f"plan: every site found (`--select all`, {data['sites']} sites); block "
             f"reconstruction: {data['epochs']} epochs per site (the default), TVM gradients; "
+            "each stage within its multiply-add budget (fewer epochs for the bigger blocks and "
+            "the larger counts); "
             + (f"distillation: the whole network on the calibration images, to the "
                f"original's output and each learned site's input, {data['distill_epochs']} "
                "epochs" + (f", {data['distill_mix']:.0%} of each batch blends of two images "

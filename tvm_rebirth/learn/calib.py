@@ -156,7 +156,8 @@ def imagenet_photos_dir() -> Path:
 def default_image_count(model) -> int:
     """Calibration images when none are asked for: sized for the model (CALIBRATION_MACS),
     a multiple of 64 within DEFAULT_IMAGES. Small models get more images (accuracy keeps
-    improving up to ~2048 for fmnist-inception, at seconds per hundred images); big ones the
+    improving past 2048 for fmnist-inception, but 2048 is what keeps its fine-tune within
+    5 minutes: the table against unlabeled images); big ones the
     floor, where the fine-tune's time, not the images, is what runs out."""
     from .train import function_macs
 
