@@ -463,13 +463,13 @@ E2E_LR = 1e-3  # `--e2e` without labels: measured at this rate on 26k images (ac
 # rate) -2.61: the gain needs the weights to move far; the classifier refitted in closed
 # form on the distilled features: no gain; batches of 16 (twice the steps) -1.58; Gaussian
 # noise on every image (relabelled) at 5 % of the pixels' spread -1.48, at 15 % no epoch kept.
-# Also from that start: the last site's output (inception_4a/output) as one more target
-# -1.27; half of each batch elastically deformed (relabelled) -1.43; a start from 36 epochs
-# of block reconstruction (held-out loss 0.610 before distillation instead of 0.641, 0.580
-# after instead of 0.595) -1.48. What does move it is more images: the same fine-tune at
-# 8192 (`--images 8192`, epochs cut by the budgets, 464 s) -0.94, with both budgets
-# lifted (32 epochs, 866 s) -0.80: at 2048 the distillation is short of images, not of
-# steps or targets (the table against unlabeled images).
+# Also at 2048, seed 0: the last site's output (inception_4a/output) as one more target
+# -1.27; half of each batch elastically deformed (relabelled) -1.43 (both from that start);
+# a start from 36 epochs of block reconstruction (held-out loss 0.610 before distillation
+# instead of 0.641, 0.580 after instead of 0.595) -1.48. What does move it is more
+# images: the same fine-tune at 8192 (`--images 8192`, epochs cut by the budgets, 464 s)
+# -0.94, with both budgets lifted (32 epochs, 866 s) -0.80: at 2048 the distillation is
+# short of images, not of steps or targets (the table against unlabeled images).
 DISTILL_EPOCHS = 32
 DISTILL_MIN_EPOCHS = 4
 DISTILL_MACS = 5e12  # fmnist-inception/-vgg at 2048 images: 32 epochs (4.2e12 at most)
