@@ -11,7 +11,8 @@ from tvm_rebirth import flow
 from tvm_rebirth.compile.build import Runner
 from tvm_rebirth.errors import RebirthError
 from tvm_rebirth.learn.finetune import RECONSTRUCT_EPOCHS, finetune
-from tvm_rebirth.learn.train import BatchedForward, RegionTrainer, reaches
+from tvm_rebirth.learn.train import (BatchedForward, RegionTrainer, TrainResult, compute_vars,
+                                     reaches)
 from tvm_rebirth.passes import rebirth_pipeline
 from tvm_rebirth.passes.dataflow import Dataflow
 
@@ -77,6 +78,32 @@ def test_region_gradients_match_finite_differences(tmp_path):
                 2e-2 * abs(numeric) + 1e-3, (key, index)
 
 
+def test_each_target_loss_is_its_term_of_the_loss(tmp_path):
+    """Two targets (conv1's output and the model's): each target's loss is its mean squared
+    error x its scale, computed here in numpy from the model's own activations, and they sum
+    to the loss; ``diverging`` names the targets whose fitted loss is far below their
+    held-out loss."""
+    model = flow.load(_lrn_net(tmp_path / "net.onnx"))
+    func = _plain(model.mod)
+    conv1, out = _named(func, "conv1"), func.body.body
+    trainer = RegionTrainer(func, [conv1, out], {"conv1": ("w1", "b1"), "conv2": ("w2", "b2")},
+                            batch=4, from_params=True)
+    images = RNG.standard_normal((8, 3, 12, 12)).astype(np.float32)
+    targets = [RNG.standard_normal((8, *[int(d) for d in v.ty.shape][1:])).astype(np.float32)
+               for v in (conv1, out)]
+    scales = np.array([0.5, 2.0], np.float32)
+    arrays = {k: v.astype(np.float32) for k, v in trainer.initial.items()}
+    got = trainer.target_losses([images], targets, arrays, scales)
+    activations = compute_vars(func, [conv1, out], images, "test", batch=4)
+    want = [float(np.mean((a - t) ** 2)) * s for a, t, s in zip(activations, targets, scales)]
+    np.testing.assert_allclose(got, want, rtol=1e-4)
+    assert abs(sum(got) - trainer.loss([images], targets, arrays, scales)) <= 1e-4 * sum(got)
+    result = TrainResult(arrays={}, held_out_before=1.0, held_out_after=1.0, fit_before=1.0,
+                         fit_after=0.9, epochs=1, kept_epoch=1, seconds=0.0,
+                         fit_targets=[0.8, 0.01], held_out_targets=[0.9, 0.03])
+    assert result.diverging(0.5) == [1] and result.diverging(0.3) == []
+
+
 def test_fit_recovers_the_weights_that_made_the_targets(tmp_path):
     """Targets from the model's own conv2; fitting from perturbed weights brings the loss
     down by far, and the held-out images pick the epoch kept."""
@@ -96,6 +123,9 @@ def test_fit_recovers_the_weights_that_made_the_targets(tmp_path):
     assert result.held_out_after < 0.05 * result.held_out_before
     assert 1 <= result.kept_epoch <= 100
     assert result.fit_after < 0.05 * result.fit_before
+    assert len(result.fit_targets) == len(result.held_out_targets) == 1
+    assert result.fit_targets[0] == pytest.approx(result.fit_after)
+    assert result.held_out_targets[0] == pytest.approx(result.held_out_after, rel=1e-5)
 
 
 def _prefix(func, out):
@@ -147,7 +177,7 @@ def test_captures_in_batches_equal_the_model_one_image_at_a_time(tmp_path):
     """compute_vars runs several images a call (the last batch padded): each image's vars
     are the model's on that image alone, whatever the batch; the batch follows the input
     size."""
-    from tvm_rebirth.learn.train import capture_batch, compute_vars
+    from tvm_rebirth.learn.train import capture_batch
 
     model = flow.load(chain_model(tmp_path / "net.onnx", ["relu", "lrn", "max_pool2d"]))
     func = _plain(model.mod)
@@ -263,11 +293,21 @@ def test_the_default_fine_tune_ends_with_a_distillation_it_can_afford(tmp_path, 
         return np.linalg.norm(got - want) / np.linalg.norm(want)
 
     # with blends of two images, relabelled by the original (the default), the held-out
-    # images still choose the epoch: never worse than the start
+    # images still choose the epoch: never worse than the start. (The divergence threshold
+    # raised: every target counts as overfitting and is named with its losses, which sum
+    # to the fitted loss.)
+    monkeypatch.setattr("tvm_rebirth.learn.finetune.DIVERGED", 1e9)
     _, report = finetune(model, plan, images, reconstruct_epochs=1)
     distilled = report["distillation"]
     assert distilled["mixed"] == DISTILL_MIX > 0
     assert distilled["held_out_loss_after"] <= distilled["held_out_loss_before"]
+    diverging = distilled["diverging"]
+    assert list(diverging)[-1] == "output" and len(diverging) == 1 + distilled["site_inputs"]
+    assert sum(fit for fit, _ in diverging.values()) == \
+        pytest.approx(distilled["fit_loss_after"], rel=1e-4)
+    assert sum(held for _, held in diverging.values()) == \
+        pytest.approx(distilled["held_out_loss_after"], rel=1e-4)
+    monkeypatch.undo()
     # blends of noise images are another distribution (smaller variance): the gain below
     # is measured on the images alone
     monkeypatch.setattr("tvm_rebirth.learn.finetune.DISTILL_MIX", 0.0)
@@ -292,6 +332,37 @@ def test_the_default_fine_tune_ends_with_a_distillation_it_can_afford(tmp_path, 
     monkeypatch.setattr("tvm_rebirth.learn.finetune.DISTILL_MACS", 1e6)
     _, report = finetune(model, plan, images, reconstruct_epochs=1)
     assert "affordable epochs" in report["distillation"]["skipped"]
+
+
+def test_the_cli_names_what_fits_its_images_far_better_than_the_held_out_ones(
+        tmp_path, monkeypatch, capsys):
+    """`tvm-rebirth finetune` (in process, the divergence threshold raised so that every
+    target of every training counts as overfitting): after the table, one line says that
+    more calibration images would help and names each block's and the distillation's
+    targets with their fitted and held-out losses; the warnings are on stderr."""
+    import logging
+
+    from tvm_rebirth import cli
+
+    net = _two_site_net(tmp_path / "net.onnx")
+    np.save(tmp_path / "calib.npy", RNG.standard_normal((512, 3, 12, 12)).astype(np.float32))
+    monkeypatch.setattr("tvm_rebirth.learn.finetune.DIVERGED", 1e9)
+    logs = logging.getLogger("tvm_rebirth")
+    handlers, level = list(logs.handlers), logs.level
+    try:
+        code = cli.main(["finetune", str(net), "--select", "all", "--calib",
+                         str(tmp_path / "calib.npy"), "--reconstruct-epochs", "1",
+                         "--distill-epochs", "4", "-o", str(tmp_path / "w.npz")])
+    finally:  # the CLI's stderr handler would outlive the captured stream
+        logs.handlers[:] = handlers
+        logs.setLevel(level)
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    line = next(x for x in out.splitlines() if x.startswith("more calibration images"))
+    sites = [s.id for s in flow.find_plan(flow.load(net)).sites]
+    for where in sites + ["distillation: "]:
+        assert where in line, line
+    assert "output loss" in line and err.count("more calibration images would help") == 3
 
 
 def test_the_training_seed_makes_the_fine_tune_repeatable(tmp_path):

@@ -15,6 +15,7 @@ import traceback
 
 from . import flow
 from .errors import RebirthError
+from .learn.finetune import diverging_text
 from .compile.targets import preset_names
 from .planning.selection import DEFAULT_BUDGET
 from .report.output import table
@@ -197,6 +198,13 @@ def cmd_finetune(args) -> None:
                  f"loss {distilled['held_out_loss_before']:.4f} -> "
                  f"{distilled['held_out_loss_after']:.4f} (epoch {distilled['kept_epoch']}/"
                  f"{distilled['epochs']}, {distilled['seconds']}s)")
+    overfit = [(r["id"], r["block"]["diverging"]) for r in payload["sites"]
+               if "diverging" in (r.get("block") or {})]
+    if distilled and "diverging" in distilled:
+        overfit.append(("distillation", distilled["diverging"]))
+    if overfit:
+        text += ("\nmore calibration images would help (fitted far better than held out): "
+                 + "; ".join(f"{where}: {diverging_text(targets)}" for where, targets in overfit))
     if "end_to_end" in payload:
         e2e = payload["end_to_end"]
         text += (f"\nend-to-end refinement ({e2e['loss']}): held-out output error "

@@ -40,7 +40,8 @@ class TrainResult:
     """What ``RegionTrainer.fit`` did: learned ``arrays`` (weight/bias key -> array), the
     loss (squared error relative to the targets' mean square) before and after on the
     held-out and the fitted images, the epochs run and the one kept (0: the starting
-    weights)."""
+    weights); with the squared-error loss, ``fit_targets``/``held_out_targets``: each
+    target's share of ``fit_after``/``held_out_after`` (the terms the loss sums)."""
     arrays: dict
     held_out_before: float
     held_out_after: float
@@ -49,6 +50,15 @@ class TrainResult:
     epochs: int
     kept_epoch: int
     seconds: float
+    fit_targets: list = dataclasses.field(default_factory=list)
+    held_out_targets: list = dataclasses.field(default_factory=list)
+
+    def diverging(self, share: float) -> list:
+        """Indices of the targets whose fitted loss is below ``share`` of their held-out
+        loss (the sign of too few images): one target can diverge while the sum does not,
+        when the other targets' terms are much larger."""
+        return [i for i, (fit, held) in enumerate(zip(self.fit_targets, self.held_out_targets))
+                if fit < share * held]
 
 
 def _region(graph: Dataflow, starts, outputs) -> tuple:
@@ -233,15 +243,24 @@ def _emit_region(builder, name, weights: LearnedWeights, bindings, inputs, batch
     return params
 
 
+def _squared_error_terms(builder, outputs, targets, scales) -> list:
+    """Per output: the mean squared error x its scale."""
+    from tvm import relax
+
+    terms = []
+    for out, wanted, scale in zip(outputs, targets, scales):
+        diff = builder.emit(relax.op.subtract(out, wanted))
+        terms.append(builder.emit(relax.op.multiply(
+            relax.op.mean(relax.op.multiply(diff, diff)), scale)))
+    return terms
+
+
 def _squared_error(builder, outputs, targets, scales):
     """The sum over outputs of the mean squared error x its scale."""
     from tvm import relax
 
     loss = None
-    for out, wanted, scale in zip(outputs, targets, scales):
-        diff = builder.emit(relax.op.subtract(out, wanted))
-        term = builder.emit(relax.op.multiply(relax.op.mean(relax.op.multiply(diff, diff)),
-                                              scale))
+    for term in _squared_error_terms(builder, outputs, targets, scales):
         loss = term if loss is None else builder.emit(relax.op.add(loss, term))
     return loss
 
@@ -422,7 +441,13 @@ class RegionTrainer:
         builder = relax.BlockBuilder()
         params = _emit_region(builder, "loss", weights, bindings, inputs, batch, outputs,
                               targets + scales, value)
-        if not self.scaled:  # the logits alone, for the held-out top-1
+        if self.scaled:  # each output's term, to tell which target overfits
+            extra = [relax.Var(str(v.name), v.ty) for v in targets + scales]
+            _emit_region(builder, "terms", LearnedWeights(graph, bindings, trainable),
+                         bindings, inputs, batch, outputs, extra,
+                         lambda b, outs: relax.Tuple(_squared_error_terms(
+                             b, outs, extra[:len(outputs)], extra[len(outputs):])))
+        else:  # the logits alone, for the held-out top-1
             _emit_region(builder, "logits", LearnedWeights(graph, bindings, trainable),
                          bindings, inputs, batch, outputs, [],
                          lambda b, outs: b.emit(relax.op.reshape(outs[0], [batch, classes])))
@@ -466,6 +491,14 @@ class RegionTrainer:
                                                     [t[i] for t in targets], arrays, scales))
                         .numpy()) for i in self._batches(len(inputs[0]), None)]
         return float(np.mean(values)) if values else float("nan")
+
+    def target_losses(self, inputs, targets, arrays, scales) -> list:
+        """Each output's term of the mean loss over whole batches of ``inputs`` (the
+        squared-error loss: they sum to ``loss``)."""
+        values = [[float(t.numpy()) for t in self.vm["terms"](*self._args(
+                      [x[i] for x in inputs], [t[i] for t in targets], arrays, scales))]
+                  for i in self._batches(len(inputs[0]), None)]
+        return [float(v) for v in np.mean(values, axis=0)] if values else []
 
     def top1(self, inputs, labels, arrays) -> float:
         """The share of whole batches of ``inputs`` whose logits' argmax is the one-hot
@@ -544,11 +577,18 @@ class RegionTrainer:
             if patience is not None and epoch - kept >= patience:
                 epochs = epoch  # what was run
                 break
-        after_fit = self.loss(fit_in, fit_t, best_arrays, scales)
+        fit_targets = held_targets = []
+        if self.scaled:
+            fit_targets = self.target_losses(fit_in, fit_t, best_arrays, scales)
+            held_targets = self.target_losses(check_in, check_t, best_arrays, scales)
+            after_fit = float(sum(fit_targets))
+        else:
+            after_fit = self.loss(fit_in, fit_t, best_arrays, scales)
         return TrainResult(arrays=best_arrays, held_out_before=before[-1],
                            held_out_after=best[-1],
                            fit_before=before_fit, fit_after=after_fit, epochs=epochs,
-                           kept_epoch=kept, seconds=round(time.time() - start, 2))
+                           kept_epoch=kept, seconds=round(time.time() - start, 2),
+                           fit_targets=fit_targets, held_out_targets=held_targets)
 
 
 class RegionForwards:
