@@ -338,8 +338,9 @@ def test_the_cli_names_what_fits_its_images_far_better_than_the_held_out_ones(
         tmp_path, monkeypatch, capsys):
     """`tvm-rebirth finetune` (in process, the divergence threshold raised so that every
     target of every training counts as overfitting): after the table, one line says that
-    more calibration images would help and names each block's and the distillation's
-    targets with their fitted and held-out losses; the warnings are on stderr."""
+    more calibration images would help and names each block's, the distillation's and
+    the end-to-end refinement's targets with their fitted and held-out losses; the
+    warnings are on stderr."""
     import logging
 
     from tvm_rebirth import cli
@@ -347,22 +348,33 @@ def test_the_cli_names_what_fits_its_images_far_better_than_the_held_out_ones(
     net = _two_site_net(tmp_path / "net.onnx")
     np.save(tmp_path / "calib.npy", RNG.standard_normal((512, 3, 12, 12)).astype(np.float32))
     monkeypatch.setattr("tvm_rebirth.learn.finetune.DIVERGED", 1e9)
-    logs = logging.getLogger("tvm_rebirth")
-    handlers, level = list(logs.handlers), logs.level
-    try:
-        code = cli.main(["finetune", str(net), "--select", "all", "--calib",
-                         str(tmp_path / "calib.npy"), "--reconstruct-epochs", "1",
-                         "--distill-epochs", "4", "-o", str(tmp_path / "w.npz")])
-    finally:  # the CLI's stderr handler would outlive the captured stream
-        logs.handlers[:] = handlers
-        logs.setLevel(level)
-    out, err = capsys.readouterr()
-    assert code == 0, err
-    line = next(x for x in out.splitlines() if x.startswith("more calibration images"))
     sites = [s.id for s in flow.find_plan(flow.load(net)).sites]
-    for where in sites + ["distillation: "]:
+
+    def finetune_cli(*args) -> tuple:
+        """(the CLI's line on calibration images, its stderr)"""
+        logs = logging.getLogger("tvm_rebirth")
+        handlers, level = list(logs.handlers), logs.level
+        try:
+            code = cli.main(["finetune", str(net), "--select", "all", "--calib",
+                             str(tmp_path / "calib.npy"), "-o", str(tmp_path / "w.npz"),
+                             *args])
+        finally:  # the CLI's stderr handler would outlive the captured stream
+            logs.handlers[:] = handlers
+            logs.setLevel(level)
+        out, err = capsys.readouterr()
+        assert code == 0, err
+        return next(x for x in out.splitlines()
+                    if x.startswith("more calibration images would help")), err
+
+    line, err = finetune_cli("--reconstruct-epochs", "1", "--distill-epochs", "4")
+    for where in sites + ["distillation: input of ", "output loss"]:
         assert where in line, line
-    assert "output loss" in line and err.count("more calibration images would help") == 3
+    assert err.count("more calibration images would help") == 3
+    line, err = finetune_cli("--reconstruct-epochs", "0", "--distill-epochs", "0", "--e2e",
+                             "--e2e-images", "512", "--e2e-epochs", "2")
+    assert "end-to-end refinement: output loss" in line, line
+    assert not any(site in line for site in sites), line  # no block was trained
+    assert err.count("more calibration images would help") == 1
 
 
 def test_the_training_seed_makes_the_fine_tune_repeatable(tmp_path):

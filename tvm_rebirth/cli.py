@@ -198,13 +198,6 @@ def cmd_finetune(args) -> None:
                  f"loss {distilled['held_out_loss_before']:.4f} -> "
                  f"{distilled['held_out_loss_after']:.4f} (epoch {distilled['kept_epoch']}/"
                  f"{distilled['epochs']}, {distilled['seconds']}s)")
-    overfit = [(r["id"], r["block"]["diverging"]) for r in payload["sites"]
-               if "diverging" in (r.get("block") or {})]
-    if distilled and "diverging" in distilled:
-        overfit.append(("distillation", distilled["diverging"]))
-    if overfit:
-        text += ("\nmore calibration images would help (fitted far better than held out): "
-                 + "; ".join(f"{where}: {diverging_text(targets)}" for where, targets in overfit))
     if "end_to_end" in payload:
         e2e = payload["end_to_end"]
         text += (f"\nend-to-end refinement ({e2e['loss']}): held-out output error "
@@ -213,6 +206,15 @@ def cmd_finetune(args) -> None:
                     f"{e2e['held_out_top1_after'] * 100:.2f}%" if "held_out_top1_after" in e2e
                     else "")
                  + f" ({e2e['epochs']} epochs on {e2e['images']} images, {e2e['seconds']}s)")
+    overfit = [(r["id"], r["block"]["diverging"]) for r in payload["sites"]
+               if "diverging" in (r.get("block") or {})]
+    for where, report in (("distillation", distilled),
+                          ("end-to-end refinement", payload.get("end_to_end"))):
+        if report and "diverging" in report:
+            overfit.append((where, report["diverging"]))
+    if overfit:
+        text += ("\nmore calibration images would help (fitted far better than held out): "
+                 + "; ".join(f"{where}: {diverging_text(targets)}" for where, targets in overfit))
     _emit(args, payload, text)
 
 

@@ -403,6 +403,9 @@ def _refine_end_to_end(model, plan, arrays, images, labels, flip, epochs, seed=0
                 + (f", top-1 {before['top1'] * 100:.2f}% -> {after['top1'] * 100:.2f}%"
                    if labels is not None else "")
                 + f" (epoch {result.kept_epoch}/{epochs}), {report['seconds']}s")
+    diverging = _diverging(f"end-to-end {what}: the slimmed network", result, ["output"])
+    if diverging:  # (retraining with labels has no per-target losses: never)
+        report["diverging"] = diverging
     return report
 
 
@@ -571,13 +574,11 @@ def _distill(model, plan, arrays, images, epochs, mirror, seed=0) -> dict:
     # per target: the output's term is small beside the site inputs', its overfitting
     # hides in the sum (fmnist-inception, every site, 2048 images: fitted 0.565 vs
     # held-out 0.595 summed, 0.0091 vs 0.0244 at the output)
-    diverging = _diverging(result, [f"input of {site_id}" for site_id, _ in pairs.values()]
+    diverging = _diverging("distillation: the slimmed network", result,
+                           [f"input of {site_id}" for site_id, _ in pairs.values()]
                            + ["output"])
     if diverging:
         report["diverging"] = diverging
-        logger.warning(f"[finetune] distillation: the slimmed network fits its calibration "
-                       f"images far better than the held-out ones ({diverging_text(diverging)}"
-                       f"): more calibration images would help (--images)")
     return report
 
 
@@ -687,21 +688,24 @@ def _reconstruct_block(model, plan, done, site, block: BlockEnd, arrays, images,
                 f"{entry['epochs']}), {entry['seconds']}s")
     names = ["output"] if block.ends_at == "output" else \
         [f"input{'' if len(ends) == 1 else i} of {block.ends_at}" for i in range(len(ends))]
-    diverging = _diverging(result, names)
+    diverging = _diverging(f"{site.id}: the block", result, names)
     if diverging:
         entry["diverging"] = diverging
-        logger.warning(f"[finetune] {site.id}: the block fits its images far better than the "
-                       f"held-out ones ({diverging_text(diverging)}): more calibration "
-                       f"images would help")
     return entry
 
 
-def _diverging(result, names) -> dict:
+def _diverging(what, result, names) -> dict:
     """{target name: [fitted loss, held-out loss]} of the targets of ``result`` (a
     ``TrainResult``; ``names`` one per target) that fit their images far better than the
-    held-out ones (below DIVERGED of it)."""
-    return {names[i]: [round(result.fit_targets[i], 6), round(result.held_out_targets[i], 6)]
-            for i in result.diverging(DIVERGED)}
+    held-out ones (below DIVERGED of it), each named in a warning that says ``what`` fits
+    them (too few images)."""
+    diverging = {names[i]: [round(result.fit_targets[i], 6),
+                            round(result.held_out_targets[i], 6)]
+                 for i in result.diverging(DIVERGED)}
+    if diverging:
+        logger.warning(f"[finetune] {what} fits its images far better than the held-out ones "
+                       f"({diverging_text(diverging)}): more calibration images would help")
+    return diverging
 
 
 def diverging_text(diverging: dict) -> str:
