@@ -15,7 +15,6 @@ import traceback
 
 from . import flow
 from .errors import RebirthError
-from .learn.finetune import diverging_text
 from .compile.targets import preset_names
 from .planning.selection import DEFAULT_BUDGET
 from .report.output import table
@@ -214,7 +213,8 @@ def cmd_finetune(args) -> None:
             overfit.append((where, report["diverging"]))
     if overfit:
         text += ("\nmore calibration images would help (fitted far better than held out): "
-                 + "; ".join(f"{where}: {diverging_text(targets)}" for where, targets in overfit))
+                 + "; ".join(f"{where}: {flow.diverging_text(targets)}"
+                             for where, targets in overfit))
     _emit(args, payload, text)
 
 

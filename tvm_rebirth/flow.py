@@ -24,7 +24,7 @@ import time
 from dataclasses import dataclass, field
 
 from .errors import RebirthError
-from .learn.finetune import DISTILL_EPOCHS, RECONSTRUCT_EPOCHS
+from .learn.finetune import DISTILL_EPOCHS, RECONSTRUCT_EPOCHS, diverging_text  # noqa: F401
 from .passes.site import SITE_KINDS
 
 logger = logging.getLogger(__name__)

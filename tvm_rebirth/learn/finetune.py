@@ -403,9 +403,8 @@ def _refine_end_to_end(model, plan, arrays, images, labels, flip, epochs, seed=0
                 + (f", top-1 {before['top1'] * 100:.2f}% -> {after['top1'] * 100:.2f}%"
                    if labels is not None else "")
                 + f" (epoch {result.kept_epoch}/{epochs}), {report['seconds']}s")
-    diverging = _diverging(f"end-to-end {what}: the slimmed network", result, ["output"])
-    if diverging:  # (retraining with labels has no per-target losses: never)
-        report["diverging"] = diverging
+    # (retraining with labels has no per-target losses: never)
+    _report_diverging(report, f"end-to-end {what}: the slimmed network", result, ["output"])
     return report
 
 
@@ -419,7 +418,7 @@ RECONSTRUCT_MIN_BATCHES = 4  # fewer fitted images than this many batches: close
 # fmnist-inception block takes all of them, in 1276 steps or more; none of GoogLeNet's
 # thirteen can take enough steps, see RECONSTRUCT_MIN_STEPS)
 RECONSTRUCT_MACS = 3e11
-DIVERGED = 0.5  # fitted loss below this share of the held-out loss: too few images
+DIVERGED = 0.5  # a target's fitted loss below this share of its held-out loss: too few images
 # fewer steps than this affordable within RECONSTRUCT_MACS and a block is not trained: a
 # block that big only moves away from its closed form in the steps it can pay for. Measured
 # on GoogLeNet's default plan (256 images and their mirrors): the blocks of 4a, 4b, 4c, 4e,
@@ -574,11 +573,8 @@ def _distill(model, plan, arrays, images, epochs, mirror, seed=0) -> dict:
     # per target: the output's term is small beside the site inputs', its overfitting
     # hides in the sum (fmnist-inception, every site, 2048 images: fitted 0.565 vs
     # held-out 0.595 summed, 0.0091 vs 0.0244 at the output)
-    diverging = _diverging("distillation: the slimmed network", result,
-                           [f"input of {site_id}" for site_id, _ in pairs.values()]
-                           + ["output"])
-    if diverging:
-        report["diverging"] = diverging
+    _report_diverging(report, "distillation: the slimmed network", result,
+               [f"input of {site_id}" for site_id, _ in pairs.values()] + ["output"])
     return report
 
 
@@ -688,28 +684,29 @@ def _reconstruct_block(model, plan, done, site, block: BlockEnd, arrays, images,
                 f"{entry['epochs']}), {entry['seconds']}s")
     names = ["output"] if block.ends_at == "output" else \
         [f"input{'' if len(ends) == 1 else i} of {block.ends_at}" for i in range(len(ends))]
-    diverging = _diverging(f"{site.id}: the block", result, names)
-    if diverging:
-        entry["diverging"] = diverging
+    _report_diverging(entry, f"{site.id}: the block", result, names)
     return entry
 
 
-def _diverging(what, result, names) -> dict:
-    """{target name: [fitted loss, held-out loss]} of the targets of ``result`` (a
-    ``TrainResult``; ``names`` one per target) that fit their images far better than the
-    held-out ones (below DIVERGED of it), each named in a warning that says ``what`` fits
-    them (too few images)."""
-    diverging = {names[i]: [round(result.fit_targets[i], 6),
-                            round(result.held_out_targets[i], 6)]
-                 for i in result.diverging(DIVERGED)}
-    if diverging:
-        logger.warning(f"[finetune] {what} fits its images far better than the held-out ones "
-                       f"({diverging_text(diverging)}): more calibration images would help")
-    return diverging
+def _report_diverging(report: dict, what, result, names) -> None:
+    """The targets of ``result`` (a ``TrainResult``; ``names`` one per target) whose fitted
+    loss is below DIVERGED x their held-out loss (too few images): in ``report`` as
+    "diverging", {target name: [fitted loss, held-out loss]}, and named in a warning that
+    says ``what`` fits them."""
+    flagged = result.diverging(DIVERGED)
+    if not flagged:
+        return
+    losses = list(zip(names, result.fit_target_losses, result.held_out_target_losses,
+                      strict=True))
+    diverging = {name: [round(fit, 6), round(held, 6)]
+                 for i, (name, fit, held) in enumerate(losses) if i in flagged}
+    report["diverging"] = diverging
+    logger.warning(f"[finetune] {what} fits its images far better than the held-out ones "
+                   f"({diverging_text(diverging)}): more calibration images would help")
 
 
 def diverging_text(diverging: dict) -> str:
-    """``_diverging``'s targets as text: "name loss fitted vs held-out", ..."""
+    """``_report_diverging``'s targets as text: "name loss fitted vs held-out", ..."""
     return ", ".join(f"{name} loss {fit:.4f} vs {held:.4f}"
                      for name, (fit, held) in diverging.items())
 

@@ -40,8 +40,8 @@ class TrainResult:
     """What ``RegionTrainer.fit`` did: learned ``arrays`` (weight/bias key -> array), the
     loss (squared error relative to the targets' mean square) before and after on the
     held-out and the fitted images, the epochs run and the one kept (0: the starting
-    weights); with the squared-error loss, ``fit_targets``/``held_out_targets``: each
-    target's share of ``fit_after``/``held_out_after`` (the terms the loss sums)."""
+    weights); with the squared-error loss, ``fit_target_losses``/``held_out_target_losses``:
+    each target's term of ``fit_after``/``held_out_after`` (the terms the loss sums)."""
     arrays: dict
     held_out_before: float
     held_out_after: float
@@ -50,14 +50,15 @@ class TrainResult:
     epochs: int
     kept_epoch: int
     seconds: float
-    fit_targets: list = dataclasses.field(default_factory=list)
-    held_out_targets: list = dataclasses.field(default_factory=list)
+    fit_target_losses: list = dataclasses.field(default_factory=list)
+    held_out_target_losses: list = dataclasses.field(default_factory=list)
 
     def diverging(self, share: float) -> list:
         """Indices of the targets whose fitted loss is below ``share`` of their held-out
         loss (the sign of too few images): one target can diverge while the sum does not,
         when the other targets' terms are much larger."""
-        return [i for i, (fit, held) in enumerate(zip(self.fit_targets, self.held_out_targets))
+        return [i for i, (fit, held) in enumerate(zip(self.fit_target_losses,
+                                                      self.held_out_target_losses))
                 if fit < share * held]
 
 
@@ -442,11 +443,12 @@ class RegionTrainer:
         params = _emit_region(builder, "loss", weights, bindings, inputs, batch, outputs,
                               targets + scales, value)
         if self.scaled:  # each output's term, to tell which target overfits
-            extra = [relax.Var(str(v.name), v.ty) for v in targets + scales]
+            term_targets, term_scales = ([relax.Var(str(v.name), v.ty) for v in group]
+                                         for group in (targets, scales))
             _emit_region(builder, "terms", LearnedWeights(graph, bindings, trainable),
-                         bindings, inputs, batch, outputs, extra,
+                         bindings, inputs, batch, outputs, term_targets + term_scales,
                          lambda b, outs: relax.Tuple(_squared_error_terms(
-                             b, outs, extra[:len(outputs)], extra[len(outputs):])))
+                             b, outs, term_targets, term_scales)))
         else:  # the logits alone, for the held-out top-1
             _emit_region(builder, "logits", LearnedWeights(graph, bindings, trainable),
                          bindings, inputs, batch, outputs, [],
@@ -577,18 +579,18 @@ class RegionTrainer:
             if patience is not None and epoch - kept >= patience:
                 epochs = epoch  # what was run
                 break
-        fit_targets = held_targets = []
+        fit_terms, held_terms = [], []
         if self.scaled:
-            fit_targets = self.target_losses(fit_in, fit_t, best_arrays, scales)
-            held_targets = self.target_losses(check_in, check_t, best_arrays, scales)
-            after_fit = float(sum(fit_targets))
+            fit_terms = self.target_losses(fit_in, fit_t, best_arrays, scales)
+            held_terms = self.target_losses(check_in, check_t, best_arrays, scales)
+            after_fit = float(sum(fit_terms))
         else:
             after_fit = self.loss(fit_in, fit_t, best_arrays, scales)
         return TrainResult(arrays=best_arrays, held_out_before=before[-1],
                            held_out_after=best[-1],
                            fit_before=before_fit, fit_after=after_fit, epochs=epochs,
                            kept_epoch=kept, seconds=round(time.time() - start, 2),
-                           fit_targets=fit_targets, held_out_targets=held_targets)
+                           fit_target_losses=fit_terms, held_out_target_losses=held_terms)
 
 
 class RegionForwards:
