@@ -472,10 +472,11 @@ E2E_LR = 1e-3  # `--e2e` without labels: measured at this rate on 26k images (ac
 # the sign of the loss's input gradient (FGSM, 10 % of the pixels' spread, relabelled; the
 # step averages both batches' gradients, twice the time) -1.56; seeds 0-2's distilled
 # weights averaged -1.39 (the three runs: -1.40 on average); half of each batch's
-# intensities scaled 0.6-1.4x about the black background (relabelled) -1.46. What does
-# move it is more images: the same fine-tune at 8192 (`--images 8192`, epochs cut by the
-# budgets, 464 s) -0.94, with both budgets lifted (32 epochs, 866 s) -0.80: at 2048 the
-# distillation is short of images, not of steps or targets (the table against unlabeled
+# intensities scaled 0.6-1.4x about the black background (relabelled) -1.46; the output's
+# target averaged over each image and its mirror (the original's flip ensemble) -1.42.
+# What does move it is more images: the same fine-tune at 8192 (`--images 8192`, epochs cut
+# by the budgets, 464 s) -0.94, with both budgets lifted (32 epochs, 866 s) -0.80: at 2048
+# the distillation is short of images, not of steps or targets (the table against unlabeled
 # images).
 DISTILL_EPOCHS = 32
 DISTILL_MIN_EPOCHS = 4
