@@ -123,9 +123,13 @@ def test_fit_recovers_the_weights_that_made_the_targets(tmp_path):
     assert result.held_out_after < 0.05 * result.held_out_before
     assert 1 <= result.kept_epoch <= 100
     assert result.fit_after < 0.05 * result.fit_before
-    # one target: its held-out term is the held-out loss that chose the epoch
+    # one target: its held-out term is the held-out loss that chose the epoch, which is the
+    # compiled loss on the held-out images (scaled by the fitted targets' mean square)
     assert len(result.fit_target_losses) == len(result.held_out_target_losses) == 1
     assert result.held_out_target_losses[0] == pytest.approx(result.held_out_after, rel=1e-5)
+    scales = np.array([1.0 / np.mean(targets[~held].astype(np.float64) ** 2)], np.float32)
+    assert result.held_out_after == pytest.approx(
+        trainer.loss([inputs[0][held]], [targets[held]], result.arrays, scales), rel=1e-5)
 
 
 def _prefix(func, out):

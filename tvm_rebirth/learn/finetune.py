@@ -577,7 +577,7 @@ def _distill(model, plan, arrays, images, epochs, mirror, seed=0) -> dict:
     # hides in the sum (fmnist-inception, every site, 2048 images: fitted 0.565 vs
     # held-out 0.595 summed, 0.0091 vs 0.0244 at the output)
     _report_diverging(report, "distillation: the slimmed network", result,
-               [f"input of {site_id}" for site_id, _ in pairs.values()] + ["output"])
+                      [f"input of {site_id}" for site_id, _ in pairs.values()] + ["output"])
     return report
 
 

@@ -487,27 +487,31 @@ class RegionTrainer:
         loss, grads = self.vm["loss_adjoint"](*self._args(inputs, targets, arrays, scales))
         return float(loss.numpy()), {k: g.numpy() for k, g in zip(self.keys, grads)}
 
+    def _per_batch(self, function, inputs, targets, arrays, scales):
+        """(row indices, the compiled ``function``'s result) for each whole batch of
+        ``inputs`` in order (``targets``: rows alike)."""
+        for i in self._batches(len(inputs[0]), None):
+            yield i, self.vm[function](*self._args([x[i] for x in inputs],
+                                                   [t[i] for t in targets], arrays, scales))
+
     def loss(self, inputs, targets, arrays, scales) -> float:
         """Mean loss over whole batches of ``inputs``."""
-        values = [float(self.vm["loss"](*self._args([x[i] for x in inputs],
-                                                    [t[i] for t in targets], arrays, scales))
-                        .numpy()) for i in self._batches(len(inputs[0]), None)]
+        values = [float(out.numpy())
+                  for _, out in self._per_batch("loss", inputs, targets, arrays, scales)]
         return float(np.mean(values)) if values else float("nan")
 
     def target_losses(self, inputs, targets, arrays, scales) -> list:
         """Each output's term of the mean loss over whole batches of ``inputs`` (the
         squared-error loss: they sum to ``loss``)."""
-        values = [[float(t.numpy()) for t in self.vm["terms"](*self._args(
-                      [x[i] for x in inputs], [t[i] for t in targets], arrays, scales))]
-                  for i in self._batches(len(inputs[0]), None)]
+        values = [[float(term.numpy()) for term in out]
+                  for _, out in self._per_batch("terms", inputs, targets, arrays, scales)]
         return [float(v) for v in np.mean(values, axis=0)] if values else []
 
     def top1(self, inputs, labels, arrays) -> float:
         """The share of whole batches of ``inputs`` whose logits' argmax is the one-hot
         ``labels``' class (``loss="labels"`` trainers)."""
-        hits = [np.argmax(self.vm["logits"](*self._args([x[i] for x in inputs], [], arrays,
-                                                         [])).numpy(), axis=1)
-                == np.argmax(labels[i], axis=1) for i in self._batches(len(labels), None)]
+        hits = [np.argmax(out.numpy(), axis=1) == np.argmax(labels[i], axis=1)
+                for i, out in self._per_batch("logits", inputs, [], arrays, [])]
         return float(np.mean(np.concatenate(hits))) if hits else float("nan")
 
     def fit(self, inputs, targets, held, arrays=None, epochs=20, lr=1e-3, seed=0,
@@ -531,11 +535,17 @@ class RegionTrainer:
                                f"batch of {self.batch}")
         scales = np.array([1.0 / max(float(np.mean(t.astype(np.float64) ** 2)), 1e-12)
                            for t in fit_t], np.float32) if self.scaled else []
-        def score(weights) -> tuple:  # lower is better; the loss last
-            loss = self.loss(check_in, check_t, weights, scales)
-            return (loss,) if self.scaled else (-self.top1(check_in, check_t[0], weights), loss)
+        def score(weights) -> tuple:
+            """(what ranks the weights, lower is better, the held-out loss last; with the
+            squared-error loss its per-target terms, which it sums)"""
+            if self.scaled:
+                terms = self.target_losses(check_in, check_t, weights, scales)
+                return (float(sum(terms)),), terms
+            return (-self.top1(check_in, check_t[0], weights),
+                    self.loss(check_in, check_t, weights, scales)), []
 
-        best = before = score(arrays)
+        before, held_terms = score(arrays)
+        best = before
         before_fit = self.loss(fit_in, fit_t, arrays, scales)
         best_arrays, kept = {k: v.copy() for k, v in arrays.items()}, 0
         moments = {k: (np.zeros_like(v), np.zeros_like(v)) for k, v in arrays.items()}
@@ -567,9 +577,9 @@ class RegionTrainer:
                     v += (1 - beta2) * g * g
                     arrays[k] -= rate * (m / (1 - beta1 ** step)) / \
                         (np.sqrt(v / (1 - beta2 ** step)) + 1e-8)
-            now = score(arrays)
+            now, terms = score(arrays)
             if now < best:
-                best, kept = now, epoch
+                best, held_terms, kept = now, terms, epoch
                 best_arrays = {k: v.copy() for k, v in arrays.items()}
             logger.log(logging.INFO if progress else logging.DEBUG,
                        f"[finetune] {label}: epoch {epoch}/{epochs}, held-out loss "
@@ -579,10 +589,9 @@ class RegionTrainer:
             if patience is not None and epoch - kept >= patience:
                 epochs = epoch  # what was run
                 break
-        fit_terms, held_terms = [], []
+        fit_terms = []
         if self.scaled:
             fit_terms = self.target_losses(fit_in, fit_t, best_arrays, scales)
-            held_terms = self.target_losses(check_in, check_t, best_arrays, scales)
             after_fit = float(sum(fit_terms))
         else:
             after_fit = self.loss(fit_in, fit_t, best_arrays, scales)
