@@ -2,7 +2,7 @@
 number of unlabeled calibration images: closed-form fits alone, + block reconstruction with
 TVM gradients, + the whole network distilled on the same images (the default fine-tune),
 top-1 on the 10k Fashion-MNIST test images, with the fine-tune's seconds on this machine
-(2 threads); and the default fine-tune of the same sites planned with ``--policy
+(2 threads) and the stages that warned that more images would help; and the default fine-tune of the same sites planned with ``--policy
 keep-receptive-field`` (streamline convs whose kernel covers the whole block they replace).
 
     python benchmarks/fmnist_reconstruction.py [--counts 256,1024,2048,4096,8192] [--limit N]
@@ -17,7 +17,7 @@ import time
 
 os.environ.setdefault("TVM_NUM_THREADS", "2")
 
-from _common import write  # noqa: E402
+from _common import machine, write  # noqa: E402
 from run_all import reconstruction_table, reconstruction_text  # noqa: E402
 
 from tvm_rebirth import flow  # noqa: E402
@@ -57,7 +57,9 @@ def main():
             result = flow.rebirth_model(model, flow.RebirthOptions(
                 images=count, reconstruct_epochs=epochs, distill_epochs=distill), plan=variant,
                 images=calib)
-            row[key] = {"seconds": round(time.time() - start, 1)}
+            row[key] = {"seconds": round(time.time() - start, 1),
+                        # the stages that warned more images would help (none: {})
+                        "diverging": flow.diverging_stages(result.fit)}
             runners[f"{key} {count}"] = Runner(result.mod)
         rows.append(row)
         print(f"{count} images done", file=sys.stderr)
@@ -73,7 +75,8 @@ def main():
                "epochs": RECONSTRUCT_EPOCHS, "distill_epochs": DISTILL_EPOCHS,
                "distill_mix": DISTILL_MIX,
                "original_top1": result["original"]["top1"],
-               "rows": rows}
+               "rows": rows,
+               "machine": machine()}  # for the page's text (write records it too)
     md = markdown(payload)
     write("fmnist_reconstruction", payload, md)
     print(md)

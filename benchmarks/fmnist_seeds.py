@@ -1,7 +1,8 @@
 """The default fine-tune's spread over training seeds, every site slimmed (``plan --select
 all``): for each model and ``--seeds`` (``finetune --seed``: batch order and blends; the
 calibration images stay the same), top-1 change on the 10k Fashion-MNIST test images, the
-distillation's kept epoch and rate, and the fine-tune's seconds on this machine (2 threads).
+distillation's kept epoch and rate, the stages that warned that more images would help, and
+the fine-tune's seconds on this machine (2 threads).
 Single runs of a setting closer than this spread do not rank it.
 
     python benchmarks/fmnist_seeds.py [--models fmnist-inception,fmnist-vgg] [--seeds 0,1,2]
@@ -47,7 +48,8 @@ def model_rows(name, seeds, limit) -> dict:
         runs.append({"seed": seed, "seconds": round(time.time() - start, 1),
                      "kept_epoch": distilled.get("kept_epoch"),
                      "epochs": distilled.get("epochs"), "lr": distilled.get("lr"),
-                     "skipped": distilled.get("skipped")})
+                     "skipped": distilled.get("skipped"),
+                     "diverging": flow.diverging_stages(result.fit)})
         runners[f"seed {seed}"] = Runner(result.mod)
         print(f"{name} seed {seed} done", file=sys.stderr, flush=True)
     result = top_k(runners, test_x, test_y)

@@ -316,20 +316,33 @@ def limits_section(limits):
               f"output. {_reproduce(limits)}\n")
 
 
+def warned_text(stages) -> str:
+    """A fine-tune's stages that warned more images would help (flow.diverging_stages) with
+    their targets: "distillation (output); ..." or "none"."""
+    return "; ".join(f"{where} ({', '.join(targets)})"
+                     for where, targets in stages.items()) or "none"
+
+
 def reconstruction_table(data):
-    """fmnist_reconstruction.py's rows (its result page uses it too)."""
+    """fmnist_reconstruction.py's rows (its result page uses it too): a * marks a fine-tune
+    that warned more images would help; the last column names the default's warnings."""
     base = data["original_top1"]
     keys = [k for k in ("closed_form", "reconstruction", "distillation", "receptive_field")
             if all(k in r for r in data["rows"])]
+    recorded = all("diverging" in r.get("distillation", {}) for r in data["rows"])
     rows = [[r["images"]] + [cell for key in keys for cell in (
-        f"{r[key]['top1'] * 100:.2f} ({(r[key]['top1'] - base) * 100:+.2f})",
-        f"{r[key]['seconds']:.0f}")] for r in data["rows"]]
+        f"{r[key]['top1'] * 100:.2f} ({(r[key]['top1'] - base) * 100:+.2f})"
+        + (" *" if r[key].get("diverging") else ""),
+        f"{r[key]['seconds']:.0f}")]
+        + ([warned_text(r["distillation"]["diverging"])] if recorded else [])
+        for r in data["rows"]]
     titles = {"closed_form": "closed form: top-1 % (pt)",
               "reconstruction": "+ block reconstruction: top-1 % (pt)",
               "distillation": "+ distillation (the default): top-1 % (pt)",
               "receptive_field": "same, `--policy keep-receptive-field`: top-1 % (pt)"}
-    return table(rows, ["unlabeled images"] + [t for k in keys for t in (titles[k],
-                                                                          "seconds")])
+    return table(rows, ["unlabeled images"] + [t for k in keys for t in (titles[k], "seconds")]
+                 + (["the default warned: more images would help (targets)"] if recorded
+                    else []))
 
 
 def reconstruction_text(data) -> str:
@@ -351,7 +364,12 @@ def reconstruction_text(data) -> str:
                + "; " if any("receptive_field" in r for r in data["rows"]) else "")
             + "calibration images: Fashion-MNIST train (seed 0)"
             + (", each with its mirror image" if data.get("mirror_images") else "")
-            + ", every 8th held out; seconds: the whole fine-tune on this machine, 2 threads.")
+            + f", every 8th held out; seconds: the whole fine-tune on this machine ({_machine(data)})"
+            + ("; *: the fine-tune warned that a stage fitted its images far better than the "
+               "held-out ones (a target's loss below half its held-out loss): more images "
+               "would help" if any("diverging" in cell for r in data["rows"]
+                                   for cell in r.values() if isinstance(cell, dict)) else "")
+            + ".")
 
 
 def reconstruction_section(data):
@@ -362,6 +380,7 @@ def reconstruction_section(data):
 
 def seeds_table(data) -> str:
     """fmnist_seeds.py's rows (its result page uses it too)."""
+    recorded = all("diverging" in run for entry in data["models"] for run in entry["runs"])
     rows = []
     for entry in data["models"]:
         for run in entry["runs"]:
@@ -369,12 +388,16 @@ def seeds_table(data) -> str:
                          if run.get("epochs") else f"skipped ({run.get('skipped')})")
             rows.append([entry["model"], entry["sites"], run["seed"],
                          f"{run['top1'] * 100:.2f} ({run['top1_change_points']:+.2f})",
-                         distilled, f"{run['seconds']:.0f}"])
+                         distilled]
+                        + ([warned_text(run["diverging"])] if recorded else [])
+                        + [f"{run['seconds']:.0f}"])
         rows.append([entry["model"], entry["sites"], "mean (spread)",
                      f"**{entry['mean_change_points']:+.2f}** ({entry['spread_points']:.2f})",
-                     "", ""])
+                     ""] + ([""] if recorded else []) + [""])
     return table(rows, ["model", "sites", "`--seed`", "top-1 % (pt)",
-                        "distillation: epoch kept, rate", "fine-tune seconds"])
+                        "distillation: epoch kept, rate"]
+                 + (["warned: more images would help (targets)"] if recorded else [])
+                 + ["fine-tune seconds"])
 
 
 def seeds_text(data) -> str:

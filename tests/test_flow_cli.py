@@ -186,6 +186,7 @@ def test_demo_runs_the_whole_flow(tmp_path):
     assert "![time per layer type](layer_time.png)" in summary and "LRN" in summary
     # 24 images are too few for block reconstruction: the summary says what was done
     assert "closed-form (layer-wise) fits only" in summary
+    assert data["accuracy"]["diverging"] == {} and "more calibration images" not in summary
     for stage in ("load", "plan", "finetune", "bench", "device", "eval", "report"):
         assert stage in data["stage_seconds"]
     assert "[demo] 7/7" in err

@@ -336,6 +336,24 @@ def test_the_default_fine_tune_ends_with_a_distillation_it_can_afford(tmp_path, 
     assert "affordable epochs" in report["distillation"]["skipped"]
 
 
+def _cli_in_process(capsys, *args) -> tuple:
+    """(stdout, stderr) of ``tvm-rebirth *args`` run in this process; it must succeed."""
+    import logging
+
+    from tvm_rebirth import cli
+
+    logs = logging.getLogger("tvm_rebirth")
+    handlers, level = list(logs.handlers), logs.level
+    try:
+        code = cli.main(list(args))
+    finally:  # the CLI's stderr handler would outlive the captured stream
+        logs.handlers[:] = handlers
+        logs.setLevel(level)
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    return out, err
+
+
 def test_the_cli_names_what_fits_its_images_far_better_than_the_held_out_ones(
         tmp_path, monkeypatch, capsys):
     """`tvm-rebirth finetune` (in process, the divergence threshold raised so that every
@@ -343,10 +361,6 @@ def test_the_cli_names_what_fits_its_images_far_better_than_the_held_out_ones(
     more calibration images would help and names each block's, the distillation's and
     the end-to-end refinement's targets with their fitted and held-out losses; the
     warnings are on stderr."""
-    import logging
-
-    from tvm_rebirth import cli
-
     net = _two_site_net(tmp_path / "net.onnx")
     np.save(tmp_path / "calib.npy", RNG.standard_normal((512, 3, 12, 12)).astype(np.float32))
     monkeypatch.setattr("tvm_rebirth.learn.finetune.DIVERGED", 1e9)
@@ -354,17 +368,9 @@ def test_the_cli_names_what_fits_its_images_far_better_than_the_held_out_ones(
 
     def finetune_cli(*args) -> tuple:
         """(the CLI's line on calibration images, its stderr)"""
-        logs = logging.getLogger("tvm_rebirth")
-        handlers, level = list(logs.handlers), logs.level
-        try:
-            code = cli.main(["finetune", str(net), "--select", "all", "--calib",
-                             str(tmp_path / "calib.npy"), "-o", str(tmp_path / "w.npz"),
-                             *args])
-        finally:  # the CLI's stderr handler would outlive the captured stream
-            logs.handlers[:] = handlers
-            logs.setLevel(level)
-        out, err = capsys.readouterr()
-        assert code == 0, err
+        out, err = _cli_in_process(capsys, "finetune", str(net), "--select", "all", "--calib",
+                                   str(tmp_path / "calib.npy"), "-o", str(tmp_path / "w.npz"),
+                                   *args)
         return next(x for x in out.splitlines()
                     if x.startswith("more calibration images would help")), err
 
@@ -377,6 +383,41 @@ def test_the_cli_names_what_fits_its_images_far_better_than_the_held_out_ones(
     assert "end-to-end refinement: output loss" in line, line
     assert not any(f"{site}: " in line for site in sites), line  # no block was trained
     assert err.count("more calibration images would help") == 1
+
+
+def test_eval_says_which_stages_of_its_fine_tune_were_short_of_images(tmp_path, monkeypatch,
+                                                                     capsys):
+    """`tvm-rebirth eval` fine-tunes when given no weights: its JSON names the stages that
+    fitted their images far better than the held-out ones, as `finetune` does, for the same
+    line at the end of its text (fmnist-inception's streamline sites, every target counted
+    as overfitting: each trained block is named); with no target counted, its text has no
+    such line."""
+    import json
+
+    from tvm_rebirth import cli
+    from tvm_rebirth.demo import diverging_line
+
+    _cli_in_process(capsys, "plan", "fmnist-inception", "--select", "all", "--kinds",
+                    "streamline", "-o", str(tmp_path / "p.yaml"))
+    args = ("eval", "fmnist-inception", "--plan", str(tmp_path / "p.yaml"), "--limit", "20",
+            "--images", "128", "--reconstruct-epochs", "1", "--distill-epochs", "0")
+    monkeypatch.setattr("tvm_rebirth.learn.finetune.DIVERGED", 0.0)
+    out, _ = _cli_in_process(capsys, *args)
+    assert "more calibration images" not in out, out
+    monkeypatch.setattr("tvm_rebirth.learn.finetune.DIVERGED", 1e9)
+    out, _ = _cli_in_process(capsys, *args, "--json")
+    data = json.loads(out)
+    assert set(data["diverging"]) == set(data["sites"]), data  # every block trained
+    for targets in data["diverging"].values():
+        assert targets and all(fit > 0 and held > 0 for fit, held in targets.values()), targets
+    line = cli._diverging_line(data["diverging"]).strip()  # what the text would end with
+    assert line.startswith("more calibration images would help"), line
+    assert all(f"{site}: " in line for site in data["diverging"]), line
+    # the demo's line on its accuracy model, from the same report
+    line = diverging_line({"model": data["model"], "diverging": data["diverging"]})
+    assert line.startswith("fmnist-inception's fine-tune: more calibration images"), line
+    assert all(f"{site}: " in line for site in data["diverging"]), line
+    assert diverging_line({"model": data["model"], "diverging": {}}) == ""
 
 
 def test_the_training_seed_makes_the_fine_tune_repeatable(tmp_path):

@@ -205,17 +205,15 @@ def cmd_finetune(args) -> None:
                     f"{e2e['held_out_top1_after'] * 100:.2f}%" if "held_out_top1_after" in e2e
                     else "")
                  + f" ({e2e['epochs']} epochs on {e2e['images']} images, {e2e['seconds']}s)")
-    overfit = [(r["id"], r["block"]["diverging"]) for r in payload["sites"]
-               if "diverging" in (r.get("block") or {})]
-    for where, report in (("distillation", distilled),
-                          ("end-to-end refinement", payload.get("end_to_end"))):
-        if report and "diverging" in report:
-            overfit.append((where, report["diverging"]))
-    if overfit:
-        text += ("\nmore calibration images would help (fitted far better than held out): "
-                 + "; ".join(f"{where}: {flow.diverging_text(targets)}"
-                             for where, targets in overfit))
-    _emit(args, payload, text)
+    _emit(args, payload, text + _diverging_line(flow.diverging_stages(payload)))
+
+
+def _diverging_line(stages: dict) -> str:
+    """The line that names the fine-tune's stages that warned (flow.diverging_stages), or ""."""
+    if not stages:
+        return ""
+    return ("\nmore calibration images would help (fitted far better than held out): "
+            + flow.diverging_stages_text(stages))
 
 
 def cmd_bench(args) -> None:
@@ -276,7 +274,7 @@ def cmd_eval(args) -> None:
             for name in ("original", "rebirth")]
     text = table(rows, ["model", "top-1 %", "top-5 %"]) + (
         f"\n\n{payload['labeled_set']}; predictions agree on {payload['agreement'] * 100:.2f}%")
-    _emit(args, payload, text)
+    _emit(args, payload, text + _diverging_line(payload.get("diverging")))
 
 
 def cmd_build(args) -> None:
@@ -346,13 +344,15 @@ def cmd_device(args) -> None:
 def cmd_demo(args) -> None:
     """plan -> fine-tune -> slim -> build -> bench (CPU, emulated Cortex-A72) on GoogLeNet;
     accuracy on fmnist-inception; report folder with JSON, markdown and PNG plots."""
-    from .demo import run_demo, stage_line, summary_rows
+    from .demo import diverging_line, run_demo, stage_line, summary_rows
 
     summary = run_demo(args.report_dir, images=args.images, rounds=args.rounds,
                        eval_limit=args.eval_limit, device=not args.no_device)
     text = table(summary_rows(summary), ["", "original", "rebirth", "change"])
+    warning = diverging_line(summary["accuracy"])
     _emit(args, summary, f"{text}\n\nstages: {stage_line(summary)} "
-                         f"(total {summary['total_seconds']:.0f}s)\nreport: {summary['report_dir']}")
+                         f"(total {summary['total_seconds']:.0f}s)\nreport: {summary['report_dir']}"
+                         + (f"\n{warning}" if warning else ""))
 
 
 # -- entry point -----------------------------------------------------------------------------

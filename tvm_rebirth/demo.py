@@ -99,7 +99,8 @@ def run_demo(report_dir, images=None, rounds=7, eval_limit=None, device=True) ->
         "accuracy": {"model": fm.model.name, "labeled_set": test_desc, **accuracy,
                      "fit": fm.fit["sites"],
                      **({"distillation": fm.fit["distillation"]}
-                        if "distillation" in fm.fit else {})},
+                        if "distillation" in fm.fit else {}),
+                     "diverging": flow.diverging_stages(fm.fit)},
         "stage_seconds": stages.seconds, "report_dir": report,
     }
     write_report(report, summary)
@@ -148,6 +149,19 @@ def fitting_text(accuracy) -> str:
     return "closed-form (layer-wise) fits only, unlabeled images"
 
 
+def diverging_line(accuracy) -> str:
+    """The accuracy model's fine-tune stages that fitted their images far better than the
+    held-out ones, and what to run instead; "" when none did."""
+    from . import flow
+
+    stages = accuracy.get("diverging")
+    if not stages:
+        return ""
+    return (f"{accuracy['model']}'s fine-tune: more calibration images would help ("
+            + flow.diverging_stages_text(stages) + f"): `tvm-rebirth eval {accuracy['model']} --images N` with more than the "
+              "demo's images")
+
+
 def stage_line(summary) -> str:
     return ", ".join(f"{k} {v:.0f}s" for k, v in summary["stage_seconds"].items())
 
@@ -185,6 +199,8 @@ def write_report(report, summary) -> None:
               "`tvm-rebirth finetune fmnist-inception --plan P --e2e --e2e-labels --e2e-flip "
               "--e2e-images 60000 -o W` (TVM gradients), then `tvm-rebirth eval "
               "fmnist-inception --plan P --weights W`.\n")
+    if summary["accuracy"].get("diverging"):
+        text += f"\n{diverging_line(summary['accuracy'])}\n"
     if "skipped" in dev:
         text += f"\nEmulated Cortex-A72 stage skipped: {dev['skipped']}\n"
     elif dev:

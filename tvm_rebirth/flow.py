@@ -24,7 +24,8 @@ import time
 from dataclasses import dataclass, field
 
 from .errors import RebirthError
-from .learn.finetune import DISTILL_EPOCHS, RECONSTRUCT_EPOCHS, diverging_text  # noqa: F401
+from .learn.finetune import (DISTILL_EPOCHS, RECONSTRUCT_EPOCHS,  # noqa: F401
+                             diverging_stages, diverging_stages_text)
 from .passes.site import SITE_KINDS
 
 logger = logging.getLogger(__name__)
@@ -685,7 +686,8 @@ def bench(args: BenchArgs) -> dict:
 
 def evaluate(args: EvalArgs) -> dict:
     """`eval`: top-1/top-5 of original and rebirth on the model's labeled set (found before
-    any fine-tuning)."""
+    any fine-tuning); when it fine-tunes (no weights file), "diverging": the fine-tune's
+    stages that fit their images far better than the held-out ones (``diverging_stages``)."""
     from .report.measure import labeled_set
 
     require_positive(args.limit, "--limit")
@@ -696,8 +698,11 @@ def evaluate(args: EvalArgs) -> dict:
     rebirth = rebirth_model(model, args.rebirth, "eval")
     logger.info(f"[eval] building original and rebirth models; evaluating on {description}")
     result = accuracy(model, rebirth.mod, images, labels)
-    return {"model": model.name, "labeled_set": description,
-            "sites": [s.id for s in rebirth.plan.enabled_sites()], **result}
+    payload = {"model": model.name, "labeled_set": description,
+               "sites": [s.id for s in rebirth.plan.enabled_sites()], **result}
+    if rebirth.fit is not None:  # fine-tuned here: the stages that were short of images
+        payload["diverging"] = diverging_stages(rebirth.fit)
+    return payload
 
 
 def _planning_target(target: str):

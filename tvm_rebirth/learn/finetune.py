@@ -708,10 +708,29 @@ def _report_diverging(report: dict, what, result, names) -> None:
                    f"({diverging_text(diverging)}): more calibration images would help")
 
 
+def diverging_stages(report: dict) -> dict:
+    """{where: {target name: [fitted loss, held-out loss]}}: each stage of a fine-tune
+    ``report`` (this module's meta, or the finetune command's payload) that warned it fits
+    its images far better than the held-out ones: site ids (their blocks), "distillation",
+    "end-to-end refinement", in that order; empty when none did."""
+    stages = {entry["id"]: entry["block"]["diverging"] for entry in report["sites"]
+              if "diverging" in (entry.get("block") or {})}
+    for where, key in (("distillation", "distillation"),
+                       ("end-to-end refinement", "end_to_end")):
+        if "diverging" in (report.get(key) or {}):
+            stages[where] = report[key]["diverging"]
+    return stages
+
+
 def diverging_text(diverging: dict) -> str:
     """``_report_diverging``'s targets as text: "name loss fitted vs held-out", ..."""
     return ", ".join(f"{name} loss {fit:.4f} vs {held:.4f}"
                      for name, (fit, held) in diverging.items())
+
+
+def diverging_stages_text(stages: dict) -> str:
+    """``diverging_stages`` as text: "where: name loss fitted vs held-out, ...; ..."."""
+    return "; ".join(f"{where}: {diverging_text(targets)}" for where, targets in stages.items())
 
 
 def _placeholders(site, analysis) -> dict:
