@@ -86,7 +86,7 @@ def main():
             f"## {model}\n\n"
             + table(summary, ["activations", "kernels ms", "conv kernels ms",
                               "conv time in kernels >= 60 % of peak", "layout copies ms"])
-            + f"\n\nHeaviest conv kernels with NCHW[x]c activations:\n\n"
+            + "\n\nHeaviest conv kernels with NCHW[x]c activations:\n\n"
             + table(kernels, ["kernel", "ms per inference", "GFLOP/s", "of nominal peak"]))
     peak = next(iter(next(iter(results.values())).values()))["peak_gflops"]
     markdown = ("# Conv kernels inside whole models (this CPU, untuned)\n\n"

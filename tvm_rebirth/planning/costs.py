@@ -238,8 +238,8 @@ def measure_costs(model, choices, how: Measurement, tuned=True) -> CostTable:
                 if how.kind == "emulated":
                     from ..deploy.remote import count_instructions_per_function
 
-                    logger.info(f"[plan] counting every call's instructions in one qemu run "
-                                f"(minutes for a large model; no output until it ends)")
+                    logger.info("[plan] counting every call's instructions in one qemu run "
+                                "(minutes for a large model; no output until it ends)")
                     costs = count_instructions_per_function(lib, calls, Path(tmp))
                 else:
                     from ..deploy.remote import time_functions_on_device
