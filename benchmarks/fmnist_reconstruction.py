@@ -2,8 +2,9 @@
 number of unlabeled calibration images: closed-form fits alone, + block reconstruction with
 TVM gradients, + the whole network distilled on the same images (the default fine-tune),
 top-1 on the 10k Fashion-MNIST test images, with the fine-tune's seconds on this machine
-(2 threads) and the stages that warned that more images would help; and the default fine-tune of the same sites planned with ``--policy
-keep-receptive-field`` (streamline convs whose kernel covers the whole block they replace).
+(2 threads) and the stages that warned that more images would help; and the default
+fine-tune of the same sites planned with ``--policy keep-receptive-field`` (streamline convs
+whose kernel covers the whole block they replace).
 
     python benchmarks/fmnist_reconstruction.py [--counts 256,1024,2048,4096,8192] [--limit N]
 

@@ -364,7 +364,8 @@ def reconstruction_text(data) -> str:
                + "; " if any("receptive_field" in r for r in data["rows"]) else "")
             + "calibration images: Fashion-MNIST train (seed 0)"
             + (", each with its mirror image" if data.get("mirror_images") else "")
-            + f", every 8th held out; seconds: the whole fine-tune on this machine ({_machine(data)})"
+            + ", every 8th held out; seconds: the whole fine-tune on this machine "
+              f"({_machine(data)})"
             + ("; *: the fine-tune warned that a stage fitted its images far better than the "
                "held-out ones (a target's loss below half its held-out loss): more images "
                "would help" if any("diverging" in cell for r in data["rows"]

@@ -158,8 +158,8 @@ def diverging_line(accuracy) -> str:
     if not stages:
         return ""
     return (f"{accuracy['model']}'s fine-tune: more calibration images would help ("
-            + flow.diverging_stages_text(stages) + f"): `tvm-rebirth eval {accuracy['model']} --images N` with more than the "
-              "demo's images")
+            + flow.diverging_stages_text(stages) + f"); `tvm-rebirth eval {accuracy['model']} "
+            "--images N` measures it fine-tuned on N of them")
 
 
 def stage_line(summary) -> str:
