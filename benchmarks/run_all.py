@@ -323,13 +323,19 @@ def warned_text(stages) -> str:
                      for where, targets in stages.items()) or "none"
 
 
+def _reconstruction_warnings_recorded(data) -> bool:
+    """Whether fmnist_reconstruction.py recorded its fine-tunes' warnings (older result
+    files did not)."""
+    return all("diverging" in r.get("distillation", {}) for r in data["rows"])
+
+
 def reconstruction_table(data):
     """fmnist_reconstruction.py's rows (its result page uses it too): a * marks a fine-tune
     that warned more images would help; the last column names the default's warnings."""
     base = data["original_top1"]
     keys = [k for k in ("closed_form", "reconstruction", "distillation", "receptive_field")
             if all(k in r for r in data["rows"])]
-    recorded = all("diverging" in r.get("distillation", {}) for r in data["rows"])
+    recorded = _reconstruction_warnings_recorded(data)
     rows = [[r["images"]] + [cell for key in keys for cell in (
         f"{r[key]['top1'] * 100:.2f} ({(r[key]['top1'] - base) * 100:+.2f})"
         + (" *" if r[key].get("diverging") else ""),
@@ -368,8 +374,7 @@ def reconstruction_text(data) -> str:
               f"({_machine(data)})"
             + ("; *: the fine-tune warned that a stage fitted its images far better than the "
                "held-out ones (a target's loss below half its held-out loss): more images "
-               "would help" if any("diverging" in cell for r in data["rows"]
-                                   for cell in r.values() if isinstance(cell, dict)) else "")
+               "would help" if _reconstruction_warnings_recorded(data) else "")
             + ".")
 
 
