@@ -31,15 +31,16 @@ def _loss_module(n, c, hw, o, k, stride, pad, dilation=1, frozen=False, seed=0):
     frozen_w = rng.standard_normal((c, c, 3, 3)).astype("float32") / 3 if frozen else None
     x = relax.Var("x", relax.TensorType((n, c, h, w), "float32"))
     weight = relax.Var("W", relax.TensorType((o, c, k, k), "float32"))
-    probe = relax.Var("R", relax.TensorType((n, o, (h + 2 * pad - dilation * (k - 1) - 1)
-                                             // stride + 1,
-                                             (w + 2 * pad - dilation * (k - 1) - 1)
-                                             // stride + 1), "float32"))
+    top, left, bottom, right = pad if isinstance(pad, tuple) else (pad,) * 4
+    probe = relax.Var("R", relax.TensorType(
+        (n, o, (h + top + bottom - dilation * (k - 1) - 1) // stride + 1,
+         (w + left + right - dilation * (k - 1) - 1) // stride + 1), "float32"))
     bb = relax.BlockBuilder()
     with bb.function("loss", [x, weight, probe]):
         with bb.dataflow():
             src = bb.emit(R.nn.conv2d(x, relax.const(frozen_w), padding=1)) if frozen else x
-            y = bb.emit(R.nn.conv2d(src, weight, strides=stride, padding=pad,
+            y = bb.emit(R.nn.conv2d(src, weight, strides=stride, padding=list(pad)
+                                    if isinstance(pad, tuple) else pad,
                                     dilation=dilation))
             loss = bb.emit_output(R.sum(R.multiply(y, probe)))
         bb.emit_func_output(loss)
@@ -54,7 +55,8 @@ def _conv_and_grads(x, weight, probe, stride, pad, dilation):
     x, weight, probe = (a.astype(np.float64) for a in (x, weight, probe))
     n, c, h, w = x.shape
     o, _, k, _ = weight.shape
-    padded = np.pad(x, ((0, 0), (0, 0), (pad, pad), (pad, pad)))
+    top, left, bottom, right = pad if isinstance(pad, tuple) else (pad,) * 4
+    padded = np.pad(x, ((0, 0), (0, 0), (top, bottom), (left, right)))
     grad_padded = np.zeros_like(padded)
     grad_w = np.zeros_like(weight)
     oh, ow = probe.shape[2:]
@@ -64,7 +66,7 @@ def _conv_and_grads(x, weight, probe, stride, pad, dilation):
             cols = slice(j * dilation, j * dilation + (ow - 1) * stride + 1, stride)
             grad_w[:, :, i, j] = np.einsum("nchw,nohw->oc", padded[:, :, rows, cols], probe)
             grad_padded[:, :, rows, cols] += np.einsum("nohw,oc->nchw", probe, weight[:, :, i, j])
-    return grad_padded[:, :, pad:pad + h, pad:pad + w], grad_w
+    return grad_padded[:, :, top:top + h, left:left + w], grad_w
 
 
 def _frozen_transpose(grad, frozen_w):
@@ -85,6 +87,12 @@ CASES = {
     "1x1": dict(n=2, c=8, hw=(14, 14), o=16, k=1, stride=1, pad=0),
     "7x7_stride2": dict(n=2, c=4, hw=(16, 16), o=8, k=7, stride=2, pad=3),
     "3x3_no_pad_stride2": dict(n=2, c=8, hw=(13, 13), o=12, k=3, stride=2, pad=0),
+    # strided: one stride-1 conv per output phase; fmnist-inception's stem pads (1, 1, 0, 0)
+    "3x3_stride2_top_left_pad": dict(n=2, c=8, hw=(14, 14), o=12, k=3, stride=2,
+                                     pad=(1, 1, 0, 0)),
+    "3x3_pad2_stride2": dict(n=2, c=4, hw=(12, 9), o=8, k=3, stride=2, pad=2),  # cropped phase
+    "5x5_stride3": dict(n=2, c=4, hw=(13, 14), o=8, k=5, stride=3, pad=(2, 1, 1, 2)),
+    "1x1_stride2": dict(n=2, c=8, hw=(9, 10), o=16, k=1, stride=2, pad=0),  # a zero phase
     # TVM 0.27's conv2d gradient ignores the dilation when it sizes the transposed conv: it
     # builds only where (dilation - 1) x (kernel - 1) < stride, and then its data gradient
     # is a row and a column too big (checked below); its weight gradient is right
@@ -102,11 +110,14 @@ def test_gradients_run_on_our_kernels_and_equal_numpys(case):
     rewritten = PackConvWeights(LLVM)(mod).script()
     assert "R.nn.conv2d_transpose(" not in rewritten and '"CNHW"' not in rewritten
     assert "rebirth_weight_gradient" in rewritten and "rebirth_conv2d_transpose" in rewritten
+    stride, pad, dilation = spec["stride"], spec["pad"], spec.get("dilation", 1)
+    # strided: by phases, interleaved, no multiply-adds by dilated zeros
+    assert ("rebirth_interleave" in rewritten) == (stride > 1 and dilation == 1)
+    assert ("rebirth_dilate" in rewritten) == (stride > 1 and dilation > 1)
     vm = relax.VirtualMachine(compile_module(mod, tuned=False).executable, tvm.cpu())
     _, (grad_x, grad_w) = vm["loss_adjoint"](*[tvm.runtime.tensor(a) for a in
                                                (x, weight, probe)])
     source = x
-    stride, pad, dilation = spec["stride"], spec["pad"], spec.get("dilation", 1)
     if frozen_w is not None:  # the conv's input is the frozen conv's output
         padded = np.pad(x.astype(np.float64), ((0, 0), (0, 0), (1, 1), (1, 1)))
         h, w = x.shape[2:]

@@ -30,6 +30,10 @@ groups, non-float32 or dynamic shapes, a transposed conv whose padding exceeds i
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
+import numpy as np
+
 from .layouts import ConvPlan, blocked_conv_te, pack_weight, plan_conv
 
 FLOAT32 = ("", "float32", "void", "None")  # out_dtypes that keep a float32 conv float32
@@ -74,54 +78,160 @@ def weight_gradient_applies(call) -> bool:
         _static_float32(call.args[0], call.args[1], call)
 
 
-def pack_flipped_weight_te(weight, block: int):
+def pack_flipped_weight_te(weight, block: int, phase=None):
     """TE compute of the packed kernel of a transposed conv's equivalent conv, at run time:
-    ``weight`` [K, C, kh, kw] (IOHW) -> [C/block, K, kh, kw, block] holding W[k, c, kh-1-i,
-    kw-1-j] (the last chunk's missing channels zero)."""
+    ``weight`` [K, C, kh, kw] (IOHW) -> [C/block, K, th, tw, block] holding W[k, c, r + s x
+    (th-1-i), q + t x (tw-1-j)] (the last chunk's missing channels zero): the taps of one
+    ``phase`` ((r, q) first taps, (s, t) strides, (th, tw) counts; default every tap,
+    W[k, c, kh-1-i, kw-1-j])."""
     from tvm import te, tirx
 
     in_channels, out_channels, kh, kw = (int(d) for d in weight.shape)
+    (r, q), (s, t), (th, tw) = phase or ((0, 0), (1, 1), (kh, kw))
     return te.compute(
-        (-(-out_channels // block), in_channels, kh, kw, block),
+        (-(-out_channels // block), in_channels, th, tw, block),
         lambda c, k, i, j, b: tirx.if_then_else(
-            c * block + b < out_channels, weight[k, c * block + b, kh - 1 - i, kw - 1 - j],
+            c * block + b < out_channels,
+            weight[k, c * block + b, r + s * (th - 1 - i), q + t * (tw - 1 - j)],
             tirx.const(0.0, weight.dtype)),
         name="pack_flipped_weight")
 
 
+@dataclass(frozen=True)
+class AxisPhase:
+    """One phase of a transposed conv of stride ``s`` (dilation 1) along one axis: its
+    outputs ``p``, ``p + s``, ... (``outputs`` of them) read the taps ``first``, ``first + s``,
+    ... (``taps`` of them) of the kernel, and are the stride-1 conv of ``dy`` by those taps
+    flipped, padded by ``before`` and ``after`` (negative: cropped)."""
+
+    first: int
+    taps: int
+    outputs: int
+    before: int
+    after: int
+
+
+def axis_phase(phase: int, stride: int, kernel: int, padding: int, in_size: int,
+               out_size: int) -> AxisPhase | None:
+    """``AxisPhase`` ``phase`` of a transposed conv along one axis (``padding``: the forward
+    conv's, before the axis), or None when no tap reaches those outputs (they are zero).
+    Output ``phase + stride x a`` sums dy[y] W[i] over y x stride - padding + i = phase +
+    stride x a: the taps i = first + stride x u with first = (phase + padding) mod stride,
+    and y = a + (phase + padding) // stride - u."""
+    first = (phase + padding) % stride
+    taps = -(-(kernel - first) // stride) if kernel > first else 0
+    outputs = -(-(out_size - phase) // stride) if out_size > phase else 0
+    if not taps or not outputs:
+        return None
+    before = taps - 1 - (phase + padding) // stride
+    return AxisPhase(first, taps, outputs, before, outputs - 1 + taps - in_size - before)
+
+
+def interleave_te(phases: dict, out_shape, strides):
+    """TE compute of a transposed conv's output [N, C, H, W] from its phases' outputs:
+    ``phases`` {(row phase, column phase): [N, C, rows, columns] tensor}; the outputs of a
+    missing phase are zero."""
+    from tvm import te, tirx
+
+    sh, sw = strides
+
+    def value(n, c, h, w):
+        result = tirx.const(0.0, "float32")
+        for (ph, pw), part in phases.items():
+            result = tirx.if_then_else(tirx.all(h % sh == ph, w % sw == pw),
+                                       part[n, c, h // sh, w // sw], result)
+        return result
+
+    return te.compute(tuple(out_shape), value, name="rebirth_interleave")
+
+
 def transposed_conv(builder, call, unit):
-    """The conv computing ``R.nn.conv2d_transpose`` ``call`` on our blocked kernel (see the
-    module doc), or None when no tile fits."""
-    import tvm
-    from tvm import relax, topi
+    """The conv(s) computing ``R.nn.conv2d_transpose`` ``call`` on our blocked kernel (see
+    the module doc), or None when no tile fits."""
+    from tvm import topi
 
     attrs = call.attrs
-    data, weight = call.args
-    _, out_channels, kh, kw = _ints(weight.ty.shape)  # IOHW: out_channels are dx's
+    data = call.args[0]
+    _, _, kh, kw = _ints(call.args[1].ty.shape)
     sh, sw = _ints(attrs.strides)
     dh, dw = _ints(attrs.dilation)
+    if (sh, sw) != (1, 1) and (dh, dw) == (1, 1):
+        return _phased_transposed_conv(builder, call, unit)
     top, left, bottom, right = _ints(attrs.padding)
     extra_h, extra_w = _ints(attrs.output_padding)
     padding = [dh * (kh - 1) - top, dw * (kw - 1) - left,
                dh * (kh - 1) - bottom + extra_h, dw * (kw - 1) - right + extra_w]
-    out_w = int(call.ty.shape[3])
-    plan = plan_conv(unit, out_channels, out_w, kw, 1,
-                     pointwise=(kh, kw, dh, dw) == (1, 1, 1, 1))
-    if plan is None:
-        return None
-    if (sh, sw) != (1, 1):  # zeros between the rows and columns of dy
+    if (sh, sw) != (1, 1):  # dilated and strided: zeros between the rows and columns of dy
+        if _flipped_plan(call, unit, int(call.ty.shape[3]), (kh, kw), padding,
+                         (dh, dw)) is None:
+            return None
         data = builder.emit_te(topi.nn.dilate, data, [1, 1, sh, sw],
                                primfunc_name_hint="rebirth_dilate")
+    return _flipped_conv(builder, call, unit, data, int(call.ty.shape[3]), padding, (dh, dw))
+
+
+def _flipped_plan(call, unit, out_w, taps, padding, dilation=(1, 1)) -> ConvPlan | None:
+    """The tile plan of a conv by (some ``taps`` of) the transposed conv ``call``'s kernel."""
+    th, tw = taps
+    _, out_channels, _, _ = _ints(call.args[1].ty.shape)  # IOHW: out_channels are dx's
+    return plan_conv(unit, out_channels, out_w, tw, 1,
+                     pointwise=(th, tw, *dilation) == (1, 1, 1, 1) and not any(padding))
+
+
+def _flipped_conv(builder, call, unit, data, out_w, padding, dilation=(1, 1), phase=None):
+    """The call of our blocked conv computing (a ``phase`` of, see pack_flipped_weight_te)
+    the transposed conv ``call`` as a stride-1 conv of ``data`` (``out_w`` columns out) by
+    its flipped kernel; None when no tile fits."""
+    import tvm
+    from tvm import relax
+
+    weight = call.args[1]
+    _, out_channels, kh, kw = _ints(weight.ty.shape)  # IOHW: out_channels are dx's
+    (first_h, first_w), (sh, sw), (th, tw) = phase or ((0, 0), (1, 1), (kh, kw))
+    plan = _flipped_plan(call, unit, out_w, (th, tw), padding, dilation)
+    if plan is None:
+        return None
     if isinstance(weight, tvm.ir.expr.GenericConst):
-        flipped = weight.value.numpy()[:, :, ::-1, ::-1].transpose(1, 0, 2, 3)
-        packed = relax.const(pack_weight(flipped, plan.block), "float32")
+        taps = weight.value.numpy()[:, :, first_h::sh, first_w::sw][:, :, :th, :tw]
+        flipped = taps[:, :, ::-1, ::-1].transpose(1, 0, 2, 3)
+        packed = relax.const(pack_weight(np.ascontiguousarray(flipped), plan.block),
+                             "float32")
     else:
-        packed = builder.emit_te(pack_flipped_weight_te, weight, plan.block,
+        packed = builder.emit_te(pack_flipped_weight_te, weight, plan.block, phase,
                                  primfunc_name_hint="rebirth_pack_flipped_weight")
     return builder.call_te(
-        lambda x, kernel: blocked_conv_te(x, kernel, out_channels, [1, 1], padding, [dh, dw],
-                                          plan),
+        lambda x, kernel: blocked_conv_te(x, kernel, out_channels, [1, 1], padding,
+                                          list(dilation), plan),
         data, packed, primfunc_name_hint="rebirth_conv2d_transpose")
+
+
+def _phased_transposed_conv(builder, call, unit):
+    """A strided transposed conv as one stride-1 conv per phase (output rows and columns
+    modulo the strides, see ``axis_phase``), interleaved: no multiply-add by the zeros
+    that dilating dy would insert (3 in 4 of them at stride 2)."""
+    data, weight = call.args
+    _, _, in_h, in_w = _ints(data.ty.shape)
+    _, _, kh, kw = _ints(weight.ty.shape)
+    out_shape = _ints(call.ty.shape)
+    sh, sw = _ints(call.attrs.strides)
+    top, left, _, _ = _ints(call.attrs.padding)
+    rows = [axis_phase(p, sh, kh, top, in_h, out_shape[2]) for p in range(sh)]
+    columns = [axis_phase(p, sw, kw, left, in_w, out_shape[3]) for p in range(sw)]
+    phases = {(ph, pw): (row, column) for ph, row in enumerate(rows)
+              for pw, column in enumerate(columns) if row is not None and column is not None}
+    paddings = {key: [row.before, column.before, row.after, column.after]
+                for key, (row, column) in phases.items()}
+    if any(_flipped_plan(call, unit, column.outputs, (row.taps, column.taps),
+                         paddings[key]) is None for key, (row, column) in phases.items()):
+        return None
+    parts = {key: builder.emit(_flipped_conv(
+                 builder, call, unit, data, column.outputs, paddings[key],
+                 phase=((row.first, column.first), (sh, sw), (row.taps, column.taps))))
+             for key, (row, column) in phases.items()}
+    keys = list(parts)
+    return builder.call_te(
+        lambda *tensors: interleave_te(dict(zip(keys, tensors)), out_shape, (sh, sw)),
+        *[parts[k] for k in keys], primfunc_name_hint="rebirth_interleave")
 
 
 def unfold_te(x, out_shape, strides, padding, dilation):
