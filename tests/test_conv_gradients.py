@@ -5,6 +5,8 @@ PackConvWeights, the built gradients equal numpy's for strides, paddings, dilati
 their unscheduled PrimFuncs compute (this host, 4 lanes, AArch64's vector rows), and what the
 rewrite does not cover stays as TVM emits it."""
 
+import re
+
 import numpy as np
 import pytest
 import tvm
@@ -12,6 +14,7 @@ from tvm import relax, tirx
 from tvm.relax import op as R
 
 from tvm_rebirth.compile.build import compile_module, fused_module, host_target
+from tvm_rebirth.compile.conv_gradients import UnfoldRule
 from tvm_rebirth.compile.conv_rules import ConvRule
 from tvm_rebirth.compile.layouts import VectorUnit
 from tvm_rebirth.compile.pack_convs import PackConvWeights
@@ -147,6 +150,27 @@ def test_gradient_kernels_match_unscheduled(target, prefix):
     assert funcs
     for func in funcs:
         assert_schedule_matches(func, ConvRule(), target, atol=1e-3)
+
+
+@pytest.mark.parametrize("case", ["3x3_stride2", "3x3_stride2_top_left_pad", "1x1"])
+def test_unfold_schedule_matches_unscheduled_and_needs_no_division(case):
+    """UnfoldRule: the weight gradient's unfolded input, rows and columns split back into
+    their (n, y, x) and (c, a, b) loops; it takes no other function."""
+    mod, _, _ = _loss_module(**CASES[case])
+    funcs = {gv.name_hint: f for gv, f in fused_module(mod, LLVM).functions.items()
+             if isinstance(f, tirx.PrimFunc)}
+    unfolds = [f for name, f in funcs.items() if name.startswith("rebirth_unfold")]
+    assert unfolds
+    for func in unfolds:
+        sch = assert_schedule_matches(func, UnfoldRule(), LLVM)
+        lowered = tvm.s_tir.transform.LowerOpaqueBlock()(
+            tvm.s_tir.transform.ConvertBlocksToOpaque()(sch.mod))
+        script = tvm.tirx.transform.StmtSimplify()(lowered).script()
+        (parallel,) = re.findall(r"for (\w+) in T\.parallel", script)
+        # only the parallel (image, row) loop is divided, once per row of the output
+        assert set(re.findall(r"(\w+) (?://|%) ", script)) <= {parallel}
+    assert all(UnfoldRule().apply(f, LLVM, False) is None
+               for name, f in funcs.items() if not name.startswith("rebirth_unfold"))
 
 
 def test_weight_gradient_with_vector_rows_matches_unscheduled(monkeypatch):

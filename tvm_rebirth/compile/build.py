@@ -51,13 +51,14 @@ def _fusion_passes(target) -> list:
 def schedule_rules() -> list:
     """The dlight rules an untuned build applies, first match wins: our conv kernels, then
     the generic schedule for everything else."""
+    from .conv_gradients import UnfoldRule
     from .conv_rules import ConvRule
     from .depthwise import DepthwiseRule
     from .pools import PoolRule
     from .schedules import GenericCpuSchedule
     from .winograd import WinogradRule
 
-    ours = [ConvRule(), DepthwiseRule(), PoolRule(), WinogradRule()] \
+    ours = [ConvRule(), DepthwiseRule(), PoolRule(), WinogradRule(), UnfoldRule()] \
         if conv_kernels_enabled() else []
     return ours + [GenericCpuSchedule()]
 

@@ -10,19 +10,28 @@ TVM lowers both to loops its generic schedule runs at 1.5-9 GMAC/s on this proje
 regions (the forward convs run on our kernel at several times that): they took 80-90 % of a
 block-reconstruction step. ``pack_convs.PackConvWeights`` rewrites them with these functions:
 
-* ``transposed_conv``: a transposed conv is a conv of ``dy`` -- zero-inserted between rows and
-  columns when strided (``topi.nn.dilate``), padded by ``dilation x (k - 1) - padding`` --
-  with the kernel flipped and its in/out channels swapped; that conv runs on
+* ``transposed_conv``: a transposed conv is a conv of ``dy``, padded by ``dilation x (k - 1)
+  - padding``, with the kernel flipped and its in/out channels swapped; that conv runs on
   ``layouts.blocked_conv_te``, the flipped kernel packed at run time
   (``pack_flipped_weight_te``) or at compile time when it is a constant::
 
       dx[n, c, h, w] = sum_{k, i, j} dy_pad[n, k, h + i*d, w + j*d] * W[k, c, kh-1-i, kw-1-j]
 
+  Strided, ``dy`` would be zero-inserted between its rows and columns, 3 in 4 multiply-adds
+  by zeros at stride 2: instead each output phase (rows and columns modulo the strides) is a
+  stride-1 conv of ``dy`` by the taps that reach it (``axis_phase``), the phases interleaved
+  (``interleave_te``). (Dilated and strided, which TVM 0.27 mis-sizes, still dilates.)
+
 * ``weight_gradient``: the weight gradient is one matrix product over the batch and the
   output positions, ``dW[o, (c, i, j)] = sum_{(n, y, x)} dy[n, o, y, x] *
   x_pad[n, c, i*d + y*s, j*d + x*s]``: the input unfolded (``unfold_te``, rows (n, y, x),
   columns (c, i, j)) is the image of a 1x1 conv whose weight is ``dy`` (packed at run time
-  by ``pack_gradient_te``).
+  by ``pack_gradient_te``); ``UnfoldRule`` schedules the unfolding without a division per
+  element.
+
+fmnist-inception's every-site distillation step (batch 32, Intel Xeon AVX-512, 2 threads):
+29.7 ms with dilated ``dy`` and TVM's generic schedule of the unfolding, 21.5 ms by phases,
+16.2 ms with ``UnfoldRule`` (the forward alone: 3.7 ms).
 
 Both return None (the call stays as it is) for what they do not cover: other layouts,
 groups, non-float32 or dynamic shapes, a transposed conv whose padding exceeds its kernel.
@@ -34,7 +43,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from tvm.s_tir.dlight.base import ScheduleRule
+
 from .layouts import ConvPlan, blocked_conv_te, pack_weight, plan_conv
+
+UNFOLD_BLOCK = "rebirth_unfold"
+UNFOLD_ROWS_KEY = "rebirth.unfold_rows"        # unfold block annotation: [N, Y, X]
+UNFOLD_COLUMNS_KEY = "rebirth.unfold_columns"  # unfold block annotation: [C, A, B]
 
 FLOAT32 = ("", "float32", "void", "None")  # out_dtypes that keep a float32 conv float32
 
@@ -255,7 +270,39 @@ def unfold_te(x, out_shape, strides, padding, dilation):
         inside = tirx.all(h >= 0, h < height, w >= 0, w < width)
         return tirx.if_then_else(inside, x[image, channel, h, w], tirx.const(0.0, x.dtype))
 
-    return te.compute((1, n * positions, 1, c * taps), value, name="rebirth_unfold")
+    return te.compute((1, n * positions, 1, c * taps), value, name=UNFOLD_BLOCK,
+                      attrs={UNFOLD_ROWS_KEY: [n, y_count, x_count],
+                             UNFOLD_COLUMNS_KEY: [c, a_count, b_count]})
+
+
+class UnfoldRule(ScheduleRule):
+    """dlight rule for the function ``unfold_te`` makes, alone: rows and columns split back
+    into (n, y, x) and (c, a, b), so that their indices need no division (TVM's generic
+    injective schedule fuses every loop and divides per element, in vector lanes: 5-8x
+    slower), images and rows in parallel; None for any other function."""
+
+    def is_target_available(self, target) -> bool:
+        return target.kind.name == "llvm"
+
+    def apply(self, func, target, tunable):
+        from tvm import s_tir, tirx
+
+        if not isinstance(func, tirx.PrimFunc) or not self.is_target_available(target):
+            return None
+        sch = s_tir.Schedule(func)
+        blocks = sch.get_child_blocks(sch.get_sblock("root"))
+        if len(blocks) != 1 or sch.get(blocks[0]).name_hint != UNFOLD_BLOCK:
+            return None
+        annotations = sch.get(blocks[0]).annotations
+        rows, columns = annotations.get(UNFOLD_ROWS_KEY), annotations.get(UNFOLD_COLUMNS_KEY)
+        loops = sch.get_loops(blocks[0])
+        if rows is None or columns is None or len(loops) != 4:
+            return None
+        one, row, _, column = loops
+        n, y, _ = sch.split(row, factors=[int(d) for d in rows])
+        sch.split(column, factors=[int(d) for d in columns])
+        sch.parallel(sch.fuse(one, n, y))
+        return sch
 
 
 def pack_gradient_te(grad, block: int):
@@ -292,7 +339,7 @@ def weight_gradient(builder, call, unit):
     top, left, _, _ = _ints(attrs.padding)
     unfolded = builder.emit_te(unfold_te, x, ((y_count, x_count), (out[2], out[3])),
                                _ints(attrs.strides), [top, left], _ints(attrs.dilation),
-                               primfunc_name_hint="rebirth_unfold")
+                               primfunc_name_hint=UNFOLD_BLOCK)
     packed = builder.emit_te(pack_gradient_te, grad, plan.block,
                              primfunc_name_hint="rebirth_pack_gradient")
     product = builder.emit(builder.call_te(
