@@ -47,6 +47,7 @@ BENCHMARKS = {
     "fmnist_seeds": (["fmnist_seeds.py"], ["fmnist_seeds"]),
     "plan_accuracy": (["plan_accuracy.py"], ["plan_accuracy"]),
     "finetune_time": (["finetune_time.py"], ["finetune_time"]),
+    "training_step": (["training_step.py"], ["training_step"]),
     "reliability": (["reliability.py"], ["reliability"]),  # issue 20's cases (its own block)
 }
 
@@ -477,6 +478,31 @@ def finetune_time_section(data):
             + finetune_time_text(data) + f" {_reproduce(data)}\n")
 
 
+def training_step_table(data) -> str:
+    """training_step.py's kernels (its result page uses it too)."""
+    rows = [[f"`{k['name']}`", k["calls"], f"{k['ms']:.2f}",
+             f"{k['ms'] / data['kernels_ms'] * 100:.0f} %"] for k in data["top_kernels"]]
+    return table(rows, ["kernel (PrimFunc or VM builtin)", "calls per step", "ms per step",
+                        "share"])
+
+
+def training_step_text(data) -> str:
+    return (f"{data['model']}, {data['sites']} sites: a step (loss, TVM gradients of every "
+            f"learned conv, batch {data['batch']}, the weights copied in and the gradients "
+            f"out) takes **{data['step_ms']:.1f} ms**, median of {data['steps']} "
+            f"({data['step_gmacs']:.1f} GMAC/s counting 3x the forward's "
+            f"{data['macs_per_image'] / 1e6:.1f} M multiply-adds per image); the forward "
+            f"loss alone {data['forward_ms']:.1f} ms, the original's forward to the targets "
+            f"(the teacher, every step with blends) {data['teacher_ms']:.1f} ms; the kernels "
+            f"above are the step's slowest of {data['kernels_ms']:.1f} ms instrumented; "
+            f"compiling both took {data['compile_seconds']:.0f} s; {_machine(data)}.")
+
+
+def training_step_section(data):
+    return ("### Distillation training step\n\n" + training_step_text(data) + "\n\n"
+            + training_step_table(data) + f"\n\n{_reproduce(data)}\n")
+
+
 def tuning_section(tuning):
     rows = [[d["target"], d["database"], d["trials"], d["model_ms"]["default_schedule"],
              d["model_ms"]["tuned"], f"{d['model_ms']['speedup']}x"]
@@ -510,6 +536,7 @@ def render() -> str:
                           ("fmnist_seeds", seeds_section),
                           ("plan_accuracy", plan_accuracy_section),
                           ("finetune_time", finetune_time_section),
+                          ("training_step", training_step_section),
                           ("googlenet_branch", branch_section), ("tuning_logs", tuning_section)):
         data = _load(name)
         if data:

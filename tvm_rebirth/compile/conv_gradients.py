@@ -29,9 +29,9 @@ block-reconstruction step. ``pack_convs.PackConvWeights`` rewrites them with the
   by ``pack_gradient_te``); ``UnfoldRule`` schedules the unfolding without a division per
   element.
 
-fmnist-inception's every-site distillation step (batch 32, Intel Xeon AVX-512, 2 threads):
-29.7 ms with dilated ``dy`` and TVM's generic schedule of the unfolding, 21.5 ms by phases,
-16.2 ms with ``UnfoldRule`` (the forward alone: 3.7 ms).
+fmnist-inception's every-site distillation step (``benchmarks/training_step.py``; batch 32,
+Intel Xeon AVX-512, 2 threads) took 29.7 ms with ``dy`` dilated and TVM's generic schedule
+of the unfolding, 21.5 ms by phases, 16.2 ms with ``UnfoldRule``.
 
 Both return None (the call stays as it is) for what they do not cover: other layouts,
 groups, non-float32 or dynamic shapes, a transposed conv whose padding exceeds its kernel.

@@ -509,6 +509,43 @@ def _site_inputs(plan, func, original) -> dict:
     return pairs
 
 
+@dataclasses.dataclass
+class DistillationRegion:
+    """What the default fine-tune's distillation trains: ``func`` (the slimmed main, no
+    dataflow blocks) from its input to ``ends`` (each learned site's input, ``pairs``' keys,
+    then the output), the convs ``trainable`` ({conv: (weight key, bias key)}); ``original``
+    the unmodified model's analysis, whose ``pairs`` values and output are the targets."""
+
+    func: object
+    original: object
+    pairs: dict
+    ends: list
+    trainable: dict
+
+    @classmethod
+    def of(cls, model, plan, arrays) -> "DistillationRegion":
+        """The region of ``plan`` slimmed with ``arrays`` (every learned site's)."""
+        func = _plain_main(rebirth_pipeline(plan, arrays)(model.mod))
+        original = _plain_analysis(model.mod, plan.policy)
+        pairs = _site_inputs(plan, func, original)
+        return cls(func, original, pairs, list(pairs) + [first_output(func)],
+                   _plan_trainable(plan, arrays))
+
+    def trainer(self, batch: int = RECONSTRUCT_BATCH):
+        """Its compiled loss and gradients (``train.RegionTrainer``) for ``batch`` images."""
+        from .train import RegionTrainer
+
+        return RegionTrainer(self.func, self.ends, self.trainable, batch, from_params=True)
+
+    def teacher(self, batch: int = RECONSTRUCT_BATCH):
+        """The original compiled up to the targets (``train.BatchedForward``)."""
+        from .train import BatchedForward
+
+        return BatchedForward(self.original.mod["main"], batch,
+                              outputs=[v for _, v in self.pairs.values()]
+                              + [_output_var(self.original)])
+
+
 def _distill(model, plan, arrays, images, epochs, mirror, seed=0) -> dict:
     """The default fine-tune's last step: the whole slimmed network distilled from the
     original on the calibration ``images`` (and, with ``mirror``, their mirror images), so
@@ -517,8 +554,7 @@ def _distill(model, plan, arrays, images, epochs, mirror, seed=0) -> dict:
     DISTILL_MACS pays for; skipped (and said why) below DISTILL_MIN_EPOCHS or with fewer
     than DISTILL_MIN_HELD_OUT held-out calibration images. ``seed``: the training's batch
     order and blends."""
-    from .train import (BatchedForward, RegionTrainer, affordable_steps, batched_runs,
-                        image_augmentation)
+    from .train import affordable_steps, batched_runs, image_augmentation
 
     start = time.time()
     held = _held_out(images)
@@ -528,12 +564,10 @@ def _distill(model, plan, arrays, images, epochs, mirror, seed=0) -> dict:
         return {"skipped": f"{int(held.sum())} held-out images"}
     if mirror:
         images, held = _with_mirrors(images, held)
-    func = _plain_main(rebirth_pipeline(plan, arrays)(model.mod))
-    original = _plain_analysis(model.mod, plan.policy)
-    pairs = _site_inputs(plan, func, original)
-    ends, trainable = list(pairs) + [first_output(func)], _plan_trainable(plan, arrays)
+    region = DistillationRegion.of(model, plan, arrays)
+    pairs, trainable = region.pairs, region.trainable
     per_epoch = int((~held).sum()) // RECONSTRUCT_BATCH  # steps
-    affordable = affordable_steps(func, trainable, ends, RECONSTRUCT_BATCH,
+    affordable = affordable_steps(region.func, trainable, region.ends, RECONSTRUCT_BATCH,
                                   DISTILL_MACS) // per_epoch
     if affordable < DISTILL_MIN_EPOCHS:
         logger.info(f"[finetune] distillation skipped: {DISTILL_MACS:.0e} multiply-adds pay "
@@ -544,10 +578,9 @@ def _distill(model, plan, arrays, images, epochs, mirror, seed=0) -> dict:
     logger.info(f"[finetune] distillation of {len(trainable)} convs on {len(images)} images: "
                 f"the original's output and {len(pairs)} site input(s), "
                 f"{DISTILL_MIX:.0%} of each batch blends, TVM gradients")
-    teacher = BatchedForward(original.mod["main"], RECONSTRUCT_BATCH,
-                             outputs=[v for _, v in pairs.values()] + [_output_var(original)])
+    teacher = region.teacher()
     targets = batched_runs(teacher.run, images, RECONSTRUCT_BATCH, "distillation targets")
-    trainer = RegionTrainer(func, ends, trainable, RECONSTRUCT_BATCH, from_params=True)
+    trainer = region.trainer()
     # blends only, relabelled by the original: flips come as the mirror images (``mirror``);
     # shifts by up to 2 pixels, relabelled too, kept no epoch (fmnist-inception, every site)
     augment = image_augmentation(teacher.run, flip=False, shift=0, mix=DISTILL_MIX)
