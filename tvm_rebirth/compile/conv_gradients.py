@@ -43,8 +43,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from tvm.s_tir.dlight.base import ScheduleRule
-
+from .conv_rules import LlvmScheduleRule
 from .layouts import ConvPlan, blocked_conv_te, pack_weight, plan_conv
 
 UNFOLD_BLOCK = "rebirth_unfold"
@@ -275,21 +274,13 @@ def unfold_te(x, out_shape, strides, padding, dilation):
                              UNFOLD_COLUMNS_KEY: [c, a_count, b_count]})
 
 
-class UnfoldRule(ScheduleRule):
+class UnfoldRule(LlvmScheduleRule):
     """dlight rule for the function ``unfold_te`` makes, alone: rows and columns split back
     into (n, y, x) and (c, a, b), so that their indices need no division (TVM's generic
     injective schedule fuses every loop and divides per element, in vector lanes: 5-8x
     slower), images and rows in parallel; None for any other function."""
 
-    def is_target_available(self, target) -> bool:
-        return target.kind.name == "llvm"
-
-    def apply(self, func, target, tunable):
-        from tvm import s_tir, tirx
-
-        if not isinstance(func, tirx.PrimFunc) or not self.is_target_available(target):
-            return None
-        sch = s_tir.Schedule(func)
+    def schedule(self, sch):
         blocks = sch.get_child_blocks(sch.get_sblock("root"))
         if len(blocks) != 1 or sch.get(blocks[0]).name_hint != UNFOLD_BLOCK:
             return None

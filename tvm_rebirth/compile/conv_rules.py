@@ -273,8 +273,10 @@ def accumulate_in_registers(sch, conv, inner) -> None:
         sch.unroll(kw)
 
 
-class ConvRule(ScheduleRule):
-    """The register-blocked channel-blocked conv (see module doc); None for anything else."""
+class LlvmScheduleRule(ScheduleRule):
+    """Base of the project's dlight rules: each PrimFunc, on a target the rule is available
+    for, gets a fresh schedule; ``schedule(sch)`` returns it scheduled, or None when the
+    function is not one the rule knows."""
 
     def is_target_available(self, target) -> bool:
         return target.kind.name == "llvm"
@@ -282,7 +284,16 @@ class ConvRule(ScheduleRule):
     def apply(self, func, target, tunable):
         if not isinstance(func, tirx.PrimFunc) or not self.is_target_available(target):
             return None
-        sch = s_tir.Schedule(func)
+        return self.schedule(s_tir.Schedule(func))
+
+    def schedule(self, sch):
+        raise NotImplementedError
+
+
+class ConvRule(LlvmScheduleRule):
+    """The register-blocked channel-blocked conv (see module doc); None for anything else."""
+
+    def schedule(self, sch):
         shape = _match(sch)
         if shape is None:
             return None

@@ -30,10 +30,8 @@ otherwise.
 
 from __future__ import annotations
 
-from tvm.s_tir.dlight.base import ScheduleRule
-
 from ..passes.dataflow import shape_of
-from .conv_rules import epilogue_chain, static_extents
+from .conv_rules import LlvmScheduleRule, epilogue_chain, static_extents
 from .layouts import static_constant_conv
 
 DEPTHWISE_PAD = "rebirth_dw_pad"
@@ -140,19 +138,11 @@ def _copy_interior_as_vectors(sch, pad):
     sch.vectorize(parts[1 if left else 0])
 
 
-class DepthwiseRule(ScheduleRule):
+class DepthwiseRule(LlvmScheduleRule):
     """dlight rule for the functions ``depthwise_conv_te`` makes, with their epilogue (see
     module doc); None for any other function."""
 
-    def is_target_available(self, target) -> bool:
-        return target.kind.name == "llvm"
-
-    def apply(self, func, target, tunable):
-        from tvm import s_tir, tirx
-
-        if not isinstance(func, tirx.PrimFunc) or not self.is_target_available(target):
-            return None
-        sch = s_tir.Schedule(func)
+    def schedule(self, sch):
         blocks = sch.get_child_blocks(sch.get_sblock("root"))
         names = [sch.get(b).name_hint for b in blocks]
         at = 1 if names[:1] == [DEPTHWISE_PAD] else 0

@@ -20,9 +20,8 @@ vectorised width loop (the accumulators stay in registers).
 
 from __future__ import annotations
 
-from tvm.s_tir.dlight.base import ScheduleRule
-
 from ..passes.dataflow import shape_of
+from .conv_rules import LlvmScheduleRule
 from .layouts import call_rewriting_pass, vector_unit
 
 POOL_PAD = "rebirth_pool_pad"
@@ -171,19 +170,14 @@ def _extent(sch, loop) -> int:
     return int(sch.get(loop).extent)
 
 
-class PoolRule(ScheduleRule):
+class PoolRule(LlvmScheduleRule):
     """dlight rule for the functions ``SeparablePools`` makes (see module doc); None for
     any other function."""
 
     def is_target_available(self, target) -> bool:
         return vector_unit(target) is not None
 
-    def apply(self, func, target, tunable):
-        from tvm import s_tir, tirx
-
-        if not isinstance(func, tirx.PrimFunc) or vector_unit(target) is None:
-            return None
-        sch = s_tir.Schedule(func)
+    def schedule(self, sch):
         names = _names(sch)
         if names in ([POOL_ROWS, POOL_COLS], [POOL_PAD, POOL_ROWS, POOL_COLS]):
             return self._max_pool(sch, POOL_PAD in names)

@@ -30,9 +30,7 @@ import os
 
 import numpy as np
 
-from tvm.s_tir.dlight.base import ScheduleRule
-
-from .conv_rules import accumulate_in_registers
+from .conv_rules import LlvmScheduleRule, accumulate_in_registers
 from .layouts import CONV_BLOCK, LANES_KEY, TILE_KEY, UNPACK_BLOCK
 
 logger = logging.getLogger(__name__)
@@ -235,7 +233,7 @@ def _blocks(sch) -> dict:
     return {sch.get(b).name_hint: b for b in sch.get_child_blocks(sch.get_sblock("root"))}
 
 
-class WinogradRule(ScheduleRule):
+class WinogradRule(LlvmScheduleRule):
     """dlight rule for ``winograd_te``'s function, with the elementwise epilogue fused after
     it; None for any other function. Parallel over bands of tile rows (``band_rows``):
 
@@ -248,15 +246,7 @@ class WinogradRule(ScheduleRule):
     so the transformed input and the GEMM's output are a band each (cache-sized), never the
     whole image's (a last, shorter band is predicated, not padded)."""
 
-    def is_target_available(self, target) -> bool:
-        return target.kind.name == "llvm"
-
-    def apply(self, func, target, tunable):
-        from tvm import s_tir, tirx
-
-        if not isinstance(func, tirx.PrimFunc):
-            return None
-        sch = s_tir.Schedule(func)
+    def schedule(self, sch):
         blocks = _blocks(sch)
         names = list(blocks)
         if names[:5] != [WINO_PAD, WINO_INPUT, CONV_BLOCK, UNPACK_BLOCK, WINO_OUTPUT] or \
