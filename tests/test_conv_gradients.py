@@ -137,16 +137,17 @@ def test_gradients_run_on_our_kernels_and_equal_numpys(case):
     np.testing.assert_allclose(grad_x.numpy(), want_x, rtol=1e-4, atol=1e-3)
 
 
-def _gradient_funcs(target, prefix):
-    mod, _, _ = _loss_module(**CASES["3x3_stride2"])
+def _gradient_funcs(target, prefix, case="3x3_stride2"):
+    mod, _, _ = _loss_module(**CASES[case])
     return [f for gv, f in fused_module(mod, target).functions.items()
             if isinstance(f, tirx.PrimFunc) and gv.name_hint.startswith(prefix)]
 
 
 @pytest.mark.parametrize("target", [LLVM, FOUR_LANES], ids=["host", "4_lanes"])
 @pytest.mark.parametrize("prefix", ["rebirth_weight_gradient", "rebirth_conv2d_transpose"])
-def test_gradient_kernels_match_unscheduled(target, prefix):
-    funcs = _gradient_funcs(target, prefix)
+@pytest.mark.parametrize("case", ["3x3_stride2", "3x3_pad2_stride2"])  # the latter: cropped
+def test_gradient_kernels_match_unscheduled(target, prefix, case):
+    funcs = _gradient_funcs(target, prefix, case)
     assert funcs
     for func in funcs:
         assert_schedule_matches(func, ConvRule(), target, atol=1e-3)
