@@ -1,9 +1,11 @@
 """A conv's data and weight gradients on our blocked kernel (compile/conv_gradients.py): the
 module ``relax.transform.Gradient`` makes keeps no conv2d_transpose and no CNHW conv2d after
 PackConvWeights, the built gradients equal numpy's for strides, paddings, dilations, 1x1 to
-7x7 kernels and a frozen (constant) conv in the path, the scheduled kernels compute what
-their unscheduled PrimFuncs compute (this host, 4 lanes, AArch64's vector rows), and what the
-rewrite does not cover stays as TVM emits it."""
+7x7 kernels and a frozen (constant) conv in the path, strided data gradients run by phases
+(a model's own strided ConvTranspose too, equal to TVM's lowering), the scheduled kernels
+compute what their unscheduled PrimFuncs compute (this host, 4 lanes, AArch64's vector rows;
+the unfolding without a division per element), and what the rewrite does not cover stays as
+TVM emits it."""
 
 import re
 
@@ -183,6 +185,31 @@ def test_weight_gradient_with_vector_rows_matches_unscheduled(monkeypatch):
     (func,) = _gradient_funcs(FOUR_LANES, "rebirth_weight_gradient")
     assert '"rebirth.vector_rows": 1' in func.script()
     assert_schedule_matches(func, ConvRule(), FOUR_LANES, atol=1e-3)
+
+
+@pytest.mark.parametrize("stride,padding,extra", [(2, 1, 1), (2, 0, 0), (3, 2, 1)])
+def test_inference_conv_transpose_with_constant_weights_matches_tvms_lowering(
+        stride, padding, extra, monkeypatch):
+    """A model's own strided ConvTranspose (constant IOHW weights, output padding) runs by
+    phases, each phase's taps packed at compile time, and equals TVM's own lowering."""
+    rng = np.random.default_rng(stride + padding)
+    weight = rng.standard_normal((8, 6, 4, 3)).astype("float32")
+    x = relax.Var("x", relax.TensorType((2, 8, 7, 9), "float32"))
+    bb = relax.BlockBuilder()
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            out = bb.emit_output(R.nn.relu(R.nn.conv2d_transpose(
+                x, relax.const(weight), strides=stride, padding=padding,
+                output_padding=extra)))
+        bb.emit_func_output(out)
+    mod = bb.get()
+    assert "rebirth_interleave" in PackConvWeights(LLVM)(mod).script()
+    data = tvm.runtime.tensor(rng.standard_normal((2, 8, 7, 9)).astype("float32"))
+    ours = relax.VirtualMachine(compile_module(mod, tuned=False).executable, tvm.cpu())
+    got = ours["main"](data).numpy()
+    monkeypatch.setenv("TVM_REBIRTH_CONV_KERNELS", "0")
+    tvms = relax.VirtualMachine(compile_module(mod, tuned=False).executable, tvm.cpu())
+    np.testing.assert_allclose(got, tvms["main"](data).numpy(), rtol=1e-4, atol=1e-4)
 
 
 def test_what_the_gradient_rewrite_leaves_alone():
