@@ -483,10 +483,11 @@ E2E_LR = 1e-3  # `--e2e` without labels: measured at this rate on 26k images (ac
 # fall, the top-1 does not follow); the output's term as T^2 x KL of the softened
 # outputs (T = 4) -1.40; sharpness-aware steps (SAM, rho 0.05, twice the time) -1.83;
 # inception_4a/output's convs (the block fitted to the output) left as reconstructed
-# -1.31, also inception_3b/output's -1.75, also 3a's and 3b's -2.34; on fmnist-vgg the
-# last block left as reconstructed -1.53 against its default -1.51. Differences of 0.1
-# are within what the 10k test images tell apart between two models (a few hundred
-# disagreements), so none of these ranks above the default.
+# -1.31, also inception_3b/output's -1.75, only the stem's and conv2's convs trained
+# (and their refitted consumers) -2.34; on fmnist-vgg the last block left as
+# reconstructed -1.53 against its default -1.51. Differences of 0.1 are within what the
+# 10k test images tell apart between two models (a few hundred disagreements), so none
+# of these ranks above the default.
 # What does move it is more images: the same fine-tune at 8192 (`--images 8192`, epochs cut
 # by the budgets, 464 s) -0.94, with both budgets lifted (32 epochs, 866 s) -0.80: at 2048
 # the distillation is short of images, not of steps or targets (the table against unlabeled
