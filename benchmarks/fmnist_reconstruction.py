@@ -23,9 +23,8 @@ from run_all import reconstruction_table, reconstruction_text  # noqa: E402
 
 from tvm_rebirth import flow  # noqa: E402
 from tvm_rebirth.compile.build import Runner  # noqa: E402
-from tvm_rebirth.learn import finetune as finetune_stage  # noqa: E402
 from tvm_rebirth.learn.finetune import (DISTILL_EPOCHS, DISTILL_MIX,  # noqa: E402
-                                        RECONSTRUCT_EPOCHS)
+                                        RECONSTRUCT_EPOCHS, DistillSettings)
 from tvm_rebirth.report.measure import labeled_set, top_k  # noqa: E402
 
 
@@ -40,7 +39,7 @@ def main():
     ap.add_argument("--limit", type=int, help="evaluate on the first N test images")
     args = ap.parse_args()
     # distillation measured at every count (the default skips it below 512 images)
-    finetune_stage.DISTILL_MIN_HELD_OUT = 0
+    distill = DistillSettings(min_held_out=0)
     model = flow.load("fmnist-inception")
     plan = flow.find_plan(model)
     field_plan = flow.find_plan(model, policy="keep-receptive-field")
@@ -49,15 +48,15 @@ def main():
     for count in (int(c) for c in args.counts.split(",")):
         calib = flow.calibration(model, flow.RebirthOptions(images=count), plan)
         row = {"images": count}
-        for key, epochs, distill, variant in (
+        for key, epochs, distill_epochs, variant in (
                 ("closed_form", 0, 0, plan),
                 ("reconstruction", RECONSTRUCT_EPOCHS, 0, plan),
                 ("distillation", RECONSTRUCT_EPOCHS, DISTILL_EPOCHS, plan),
                 ("receptive_field", RECONSTRUCT_EPOCHS, DISTILL_EPOCHS, field_plan)):
             start = time.time()
             result = flow.rebirth_model(model, flow.RebirthOptions(
-                images=count, reconstruct_epochs=epochs, distill_epochs=distill), plan=variant,
-                images=calib)
+                images=count, reconstruct_epochs=epochs, distill_epochs=distill_epochs,
+                distill=distill), plan=variant, images=calib)
             row[key] = {"seconds": round(time.time() - start, 1),
                         # the stages that warned more images would help (none: {})
                         "diverging": flow.diverging_stages(result.fit)}

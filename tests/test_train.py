@@ -281,7 +281,7 @@ def test_the_default_fine_tune_ends_with_a_distillation_it_can_afford(tmp_path, 
     the slimmed model's output on the held-out images gets closer to the original's. A model
     that cannot afford DISTILL_MIN_EPOCHS is not distilled, and says so."""
     from tvm_rebirth.learn.finetune import (DISTILL_EPOCHS, DISTILL_MIX, DISTILL_RETRY_LR,
-                                            _held_out)
+                                            DistillSettings, _held_out)
 
     model = flow.load(_two_site_net(tmp_path / "net.onnx"))
     plan = flow.find_plan(model)
@@ -312,9 +312,10 @@ def test_the_default_fine_tune_ends_with_a_distillation_it_can_afford(tmp_path, 
     monkeypatch.undo()
     # blends of noise images are another distribution (smaller variance): the gain below
     # is measured on the images alone
-    monkeypatch.setattr("tvm_rebirth.learn.finetune.DISTILL_MIX", 0.0)
+    unblended = DistillSettings(mix=0.0)
     # one epoch per block leaves the distillation something to gain
-    weights, report = finetune(model, plan, images, reconstruct_epochs=1)
+    weights, report = finetune(model, plan, images, reconstruct_epochs=1,
+                               distill_settings=unblended)
     distilled = report["distillation"]
     assert distilled["epochs"] == DISTILL_EPOCHS and distilled["held_out_images"] == 128
     assert distilled["site_inputs"] == 1, distilled  # the first site reads the image
@@ -324,16 +325,44 @@ def test_the_default_fine_tune_ends_with_a_distillation_it_can_afford(tmp_path, 
     assert "distillation" not in report
     assert held_out_error(weights) < held_out_error(undistilled)
     # a peak rate that keeps no epoch: distilled again at DISTILL_RETRY_LR, which does better
-    monkeypatch.setattr("tvm_rebirth.learn.finetune.DISTILL_LR", 1e3)
-    _, report = finetune(model, plan, images, reconstruct_epochs=1)
+    _, report = finetune(model, plan, images, reconstruct_epochs=1,
+                         distill_settings=DistillSettings(mix=0.0, lr=1e3))
     retried = report["distillation"]
     assert retried["lr"] == DISTILL_RETRY_LR and retried["kept_epoch"] >= 1, retried
-    monkeypatch.undo()
     _, report = finetune(model, plan, images[:500], reconstruct_epochs=1)  # 62 held out
     assert report["distillation"] == {"skipped": "62 held-out images"}
-    monkeypatch.setattr("tvm_rebirth.learn.finetune.DISTILL_MACS", 1e6)
-    _, report = finetune(model, plan, images, reconstruct_epochs=1)
+    _, report = finetune(model, plan, images, reconstruct_epochs=1,
+                         distill_settings=DistillSettings(macs=1e6))
     assert "affordable epochs" in report["distillation"]["skipped"]
+
+
+def test_the_distillation_runs_on_its_own_as_its_settings_say(tmp_path):
+    """``distill`` from the weights of a fine-tune without distillation is the fine-tune's
+    last step (the same seed, the same weights); its settings choose the targets (the
+    output alone) and whether images are held out (none: every image fitted)."""
+    from tvm_rebirth.learn.finetune import DistillSettings, distill
+
+    model = flow.load(_two_site_net(tmp_path / "net.onnx"))
+    plan = flow.find_plan(model)
+    images = RNG.standard_normal((512, 3, 12, 12)).astype(np.float32)
+    unblended = DistillSettings(mix=0.0)
+    distilled, _ = finetune(model, plan, images, reconstruct_epochs=1, distill_epochs=4,
+                            distill_settings=unblended)
+    start, report = finetune(model, plan, images, reconstruct_epochs=1, distill_epochs=0)
+    assert "distillation" not in report
+    arrays = dict(start.arrays)
+    alone = distill(model, plan, arrays, images, 4, unblended)
+    assert alone["site_inputs"] == 1 and alone["held_out_images"] == 128, alone
+    assert sorted(arrays) == sorted(distilled.arrays)
+    for key, value in distilled.arrays.items():
+        np.testing.assert_allclose(arrays[key], value, rtol=1e-5, atol=1e-6, err_msg=key)
+
+    arrays = dict(start.arrays)
+    output_only = distill(model, plan, arrays, images, 4,
+                          DistillSettings(mix=0.0, site_inputs=False, hold_out=False))
+    assert output_only["site_inputs"] == 0 and "output and 0 site" in output_only["loss"]
+    assert output_only["held_out_images"] == 0 and output_only["images"] == 1024
+    assert any(not np.array_equal(arrays[k], start.arrays[k]) for k in arrays)
 
 
 def _cli_in_process(capsys, *args) -> tuple:

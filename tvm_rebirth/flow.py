@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 
 from .errors import RebirthError
 from .learn.finetune import (DISTILL_EPOCHS, RECONSTRUCT_EPOCHS,  # noqa: F401
-                             diverging_stages, diverging_stages_text)
+                             DistillSettings, diverging_stages, diverging_stages_text)
 from .passes.site import SITE_KINDS
 
 logger = logging.getLogger(__name__)
@@ -70,6 +70,8 @@ class RebirthOptions:
     reconstruct_epochs: int = RECONSTRUCT_EPOCHS
     # epochs of whole-network distillation on the calibration images after that (0: off)
     distill_epochs: int = DISTILL_EPOCHS
+    # how it trains (rate, blends, batch, targets): the measured defaults; benchmarks vary it
+    distill: DistillSettings = field(default_factory=DistillSettings)
     mirror: bool = True  # fit on each calibration image and its horizontal mirror image
     seed: int = 0  # the fine-tune's training: batch order, blends (same seed, same weights)
     e2e: E2EOptions = field(default_factory=E2EOptions)
@@ -445,7 +447,7 @@ def fine_tune(model, plan, options: RebirthOptions, tag: str | None = None,
     return finetune(model, plan, calib, description, e2e_images=e2e_images,
                     e2e_epochs=options.e2e.epochs, e2e_labels=e2e_labels,
                     e2e_flip=options.e2e.flip, reconstruct_epochs=options.reconstruct_epochs,
-                    distill_epochs=options.distill_epochs,
+                    distill_epochs=options.distill_epochs, distill_settings=options.distill,
                     mirror=options.mirror, seed=options.seed)
 
 

@@ -503,6 +503,26 @@ DISTILL_MIN_EPOCHS = 4
 DISTILL_MACS = 5e12  # fmnist-inception/-vgg at 2048 images: 32 epochs (4.2e12 at most)
 DISTILL_MIX = 0.5  # 0.75 (every site, 2048 images, 1e-2): -1.48 pt top-1 (180 s of distillation)
 DISTILL_MIN_HELD_OUT = 64  # 512 calibration images
+
+
+@dataclasses.dataclass(frozen=True)
+class DistillSettings:
+    """How the default fine-tune's distillation trains (its epochs are ``finetune``'s
+    ``distill_epochs``, the CLI's --distill-epochs); the defaults are the measured ones
+    above, and ``python benchmarks/fmnist_distillation.py`` measures the alternatives."""
+
+    lr: float = DISTILL_LR  # the peak rate
+    retry_lr: float = DISTILL_RETRY_LR  # once more at this rate when ``lr`` kept no epoch
+    mix: float = DISTILL_MIX  # the share of each batch that is blends of two images
+    batch: int = RECONSTRUCT_BATCH
+    macs: float = DISTILL_MACS  # the multiply-adds it may train for (fewer epochs)
+    min_epochs: int = DISTILL_MIN_EPOCHS  # fewer affordable: not distilled
+    min_held_out: int = DISTILL_MIN_HELD_OUT  # fewer held-out images: not distilled
+    # False: every calibration image is fitted; the fitted loss chooses the epoch kept (and
+    # is what the report's held-out losses hold)
+    hold_out: bool = True
+    # False: the original's output is the only target (no learned site's input)
+    site_inputs: bool = True
 RETRAIN_LR = 1e-3
 RETRAIN_TEMPERATURE = 4.0  # the teacher's softening in retraining with labels
 
@@ -543,11 +563,12 @@ class DistillationRegion:
     trainable: dict
 
     @classmethod
-    def of(cls, model, plan, arrays) -> "DistillationRegion":
-        """The region of ``plan`` slimmed with ``arrays`` (every learned site's)."""
+    def of(cls, model, plan, arrays, site_inputs: bool = True) -> "DistillationRegion":
+        """The region of ``plan`` slimmed with ``arrays`` (every learned site's); without
+        ``site_inputs`` it ends at the output alone."""
         func = _plain_main(rebirth_pipeline(plan, arrays)(model.mod))
         original = _plain_analysis(model.mod, plan.policy)
-        pairs = _site_inputs(plan, func, original)
+        pairs = _site_inputs(plan, func, original) if site_inputs else {}
         return cls(func, original, pairs, list(pairs) + [first_output(func)],
                    _plan_trainable(plan, arrays))
 
@@ -566,61 +587,64 @@ class DistillationRegion:
                               + [_output_var(self.original)])
 
 
-def _distill(model, plan, arrays, images, epochs, mirror, seed=0) -> dict:
-    """The default fine-tune's last step: the whole slimmed network distilled from the
+def distill(model, plan, arrays, images, epochs=DISTILL_EPOCHS, settings=None,
+            mirror=True, seed=0) -> dict:
+    """The default fine-tune's last step, on its own: the whole network of ``plan`` slimmed
+    with ``arrays`` (every learned site's weights; updated in place) distilled from the
     original on the calibration ``images`` (and, with ``mirror``, their mirror images), so
     that it reproduces the original's output and, on the way, each learned site's input
-    (``_site_inputs``; the output alone gained less); for as many of ``epochs`` as
-    DISTILL_MACS pays for; skipped (and said why) below DISTILL_MIN_EPOCHS or with fewer
-    than DISTILL_MIN_HELD_OUT held-out calibration images. ``seed``: the training's batch
-    order and blends."""
+    (``_site_inputs``; the output alone gained less); for as many of ``epochs`` as the
+    ``settings``' (DistillSettings; None: the defaults) multiply-adds pay for; skipped (and
+    said why) below their minimum epochs or held-out images. ``seed``: the training's batch
+    order and blends. Returns the report ``finetune`` records as "distillation"."""
     from .train import affordable_steps, batched_runs, image_augmentation
 
+    settings = settings or DistillSettings()
     start = time.time()
-    held = _held_out(images)
-    if held.sum() < DISTILL_MIN_HELD_OUT:
+    held = _held_out(images) if settings.hold_out else np.zeros(len(images), bool)
+    if settings.hold_out and held.sum() < settings.min_held_out:
         logger.info(f"[finetune] distillation skipped: {len(images)} calibration images hold "
-                    f"out {int(held.sum())}, it takes {DISTILL_MIN_HELD_OUT} (fewer overfit)")
+                    f"out {int(held.sum())}, it takes {settings.min_held_out} (fewer overfit)")
         return {"skipped": f"{int(held.sum())} held-out images"}
     if mirror:
         images, held = _with_mirrors(images, held)
-    region = DistillationRegion.of(model, plan, arrays)
-    pairs, trainable = region.pairs, region.trainable
-    per_epoch = int((~held).sum()) // RECONSTRUCT_BATCH  # steps
-    affordable = affordable_steps(region.func, trainable, region.ends, RECONSTRUCT_BATCH,
-                                  DISTILL_MACS) // per_epoch
-    if affordable < DISTILL_MIN_EPOCHS:
-        logger.info(f"[finetune] distillation skipped: {DISTILL_MACS:.0e} multiply-adds pay "
+    region = DistillationRegion.of(model, plan, arrays, settings.site_inputs)
+    pairs, trainable, batch = region.pairs, region.trainable, settings.batch
+    per_epoch = int((~held).sum()) // batch  # steps
+    affordable = affordable_steps(region.func, trainable, region.ends, batch,
+                                  settings.macs) // per_epoch
+    if affordable < settings.min_epochs:
+        logger.info(f"[finetune] distillation skipped: {settings.macs:.0e} multiply-adds pay "
                     f"for {affordable} epoch(s) on {len(images)} images, it takes "
-                    f"{DISTILL_MIN_EPOCHS} (--e2e runs it anyway)")
+                    f"{settings.min_epochs} (--e2e runs it anyway)")
         return {"skipped": f"{affordable} affordable epochs"}
     epochs = min(epochs, affordable)
     logger.info(f"[finetune] distillation of {len(trainable)} convs on {len(images)} images: "
                 f"the original's output and {len(pairs)} site input(s), "
-                f"{DISTILL_MIX:.0%} of each batch blends, TVM gradients")
-    teacher = region.teacher()
-    targets = batched_runs(teacher.run, images, RECONSTRUCT_BATCH, "distillation targets")
-    trainer = region.trainer()
+                f"{settings.mix:.0%} of each batch blends, TVM gradients")
+    teacher = region.teacher(batch)
+    targets = batched_runs(teacher.run, images, batch, "distillation targets")
+    trainer = region.trainer(batch)
     # blends only, relabelled by the original: flips come as the mirror images (``mirror``);
     # shifts by up to 2 pixels, relabelled too, kept no epoch (fmnist-inception, every site)
-    augment = image_augmentation(teacher.run, flip=False, shift=0, mix=DISTILL_MIX)
+    augment = image_augmentation(teacher.run, flip=False, shift=0, mix=settings.mix)
     # a peak rate that keeps no epoch threw a good start away: once more, gently
-    for lr in (DISTILL_LR, DISTILL_RETRY_LR):
+    for lr in (settings.lr, settings.retry_lr):
         result = trainer.fit([images], targets, held, arrays, epochs=epochs, lr=lr,
                              augment=augment, label="distillation", progress=True,
                              seed=seed)
-        if result.kept_epoch or lr == DISTILL_RETRY_LR:
+        if result.kept_epoch or lr == settings.retry_lr:
             break
         logger.info(f"[finetune] distillation at rate {lr:g} kept no epoch: again at "
-                    f"{DISTILL_RETRY_LR:g}")
+                    f"{settings.retry_lr:g}")
     arrays.update(result.arrays)
     report = {"loss": f"squared error at the output and {len(pairs)} site input(s), "
-                      f"{DISTILL_MIX:.0%} of each batch blends of two images (TVM gradients)",
-              "site_inputs": len(pairs), "mixed": DISTILL_MIX,
+                      f"{settings.mix:.0%} of each batch blends of two images (TVM gradients)",
+              "site_inputs": len(pairs), "mixed": settings.mix,
               "held_out_loss_before": round(result.held_out_before, 6),
               "held_out_loss_after": round(result.held_out_after, 6),
               "fit_loss_after": round(result.fit_after, 6),
-              "epochs": epochs, "kept_epoch": result.kept_epoch, "lr": lr,
+              "epochs": epochs, "kept_epoch": result.kept_epoch, "lr": lr, "batch": batch,
               "images": int((~held).sum()), "held_out_images": int(held.sum()),
               "seconds": round(time.time() - start, 2)}
     logger.info(f"[finetune] distillation: held-out loss {report['held_out_loss_before']:.4f} "
@@ -912,11 +936,12 @@ def _check_images(model, images):
 def finetune(model, plan, images=None, calibration="",
              refit_consumers=True, e2e_images=None, e2e_epochs=8, e2e_labels=None,
              e2e_flip=False, reconstruct_epochs=RECONSTRUCT_EPOCHS, mirror=True,
-             distill_epochs=DISTILL_EPOCHS, seed=0) -> tuple:
+             distill_epochs=DISTILL_EPOCHS, distill_settings=None, seed=0) -> tuple:
     """Learn the plan's enabled sites, bottom-up (closed-form start, then each site's block
     trained with TVM's gradients for ``reconstruct_epochs``; 0: not), then distil the whole
     slimmed network on the calibration images for ``distill_epochs`` (0: not; only after
-    block reconstruction, and when the model can afford it, see DISTILL_MACS), or instead
+    block reconstruction, and when the model can afford it; ``distill``, trained as
+    ``distill_settings`` says: a DistillSettings, None the defaults), or instead
     (``e2e_images``) refine it end to end on those images, with ``e2e_labels`` when given.
     ``mirror``: fit on each calibration image and its horizontal mirror image. ``seed``: the
     training's batch order and augmentation (the same seed, the same weights). ``model``: a
@@ -1013,8 +1038,8 @@ def finetune(model, plan, images=None, calibration="",
         e2e = _refine_end_to_end(model, plan, arrays, e2e_images, e2e_labels, e2e_flip,
                                  e2e_epochs, seed)
     elif learned and reconstruct and distill_epochs > 0:
-        distilled = _distill(model, plan, arrays, calibration_images, distill_epochs, mirror,
-                             seed)
+        distilled = distill(model, plan, arrays, calibration_images, distill_epochs,
+                            distill_settings, mirror, seed)
     order = {s.id: i for i, s in enumerate(plan.sites)}
     report.sort(key=lambda r: order[r["id"]])
     mirrored = bool(mirror and learned and images is not None and len(images))
