@@ -45,6 +45,7 @@ BENCHMARKS = {
     "fmnist_layerwise_limits": (["fmnist_layerwise_limits.py"], ["fmnist_layerwise_limits"]),
     "fmnist_reconstruction": (["fmnist_reconstruction.py"], ["fmnist_reconstruction"]),
     "fmnist_seeds": (["fmnist_seeds.py"], ["fmnist_seeds"]),
+    "fmnist_distillation": (["fmnist_distillation.py"], ["fmnist_inception_distillation"]),
     "plan_accuracy": (["plan_accuracy.py"], ["plan_accuracy"]),
     "finetune_time": (["finetune_time.py"], ["finetune_time"]),
     "training_step": (["training_step.py"], ["training_step"]),
@@ -422,6 +423,57 @@ def seeds_section(data):
             + "\n\n" + seeds_text(data) + f" {_reproduce(data)}\n")
 
 
+def distillation_table(data) -> str:
+    """fmnist_distillation.py's rows (its result page uses it too)."""
+    rows = [[r["name"], r["what"], r["epochs"],
+             f"{r['top1'] * 100:.2f} ({r['change_pt']:+.2f})", r["disagreements"],
+             f"{_two_standard_errors(r['disagreements'], data['test_images']):.2f}"
+             if r["disagreements"] else "", f"{r['held_out_loss']:.4f}",
+             f"{r['seconds']:.0f}"] for r in data["rows"]]
+    return table(rows, ["variant", "what changes", "epochs", "top-1 % (pt)",
+                        "test images classified unlike the default",
+                        "difference the test set resolves (pt)", "held-out loss after",
+                        "seconds"])
+
+
+def _two_standard_errors(disagreements: int, images: int) -> float:
+    """Two standard errors, in points, of the top-1 difference between two models that
+    classify ``disagreements`` of ``images`` test images differently."""
+    return 200 * disagreements ** 0.5 / images
+
+
+def distillation_text(data) -> str:
+    return (f"Original top-1 {data['original_top1'] * 100:.2f} % on {data['labeled_set']}; "
+            f"plan: every site found (`--select all`, {data['sites']} sites); "
+            f"{data['images']} unlabeled calibration images (each with its mirror image), "
+            f"fine-tuned once up to the distillation (closed forms and block reconstruction, "
+            f"seed 0: {data['start_change_pt']:+.2f} points, {data['start_seconds']:.0f} s), "
+            f"then distilled once per variant from those weights; the default: "
+            f"{data['default']}. The difference the test set resolves: two standard errors "
+            f"of the top-1 difference from the default, 200 x sqrt(disagreements) / "
+            f"{data['test_images']} points{_seed_resolution(data)}. Held-out loss: the "
+            f"distillation's relative squared errors on its held-out images, summed over its "
+            f"targets (output-only: one target; no-held-out: on its fitted images). Seconds: the distillation alone, this machine "
+            f"({_machine(data)}).")
+
+
+def _seed_resolution(data) -> str:
+    """What the seeds' rows say about the resolution: a training seed alone already moves
+    the predictions of that many test images."""
+    seeds = [r for r in data["rows"] if r["name"].startswith("seed-")]
+    if not seeds:
+        return ""
+    worst = max(seeds, key=lambda r: r["disagreements"])
+    return (f"; another training seed alone ({worst['name']}) classifies "
+            f"{worst['disagreements']} test images differently")
+
+
+def distillation_section(data):
+    return (f"### Every site slimmed: the distillation's variants ({data['model']})\n\n"
+            + distillation_table(data) + "\n\n" + distillation_text(data)
+            + f" {_reproduce(data)}\n")
+
+
 def plan_variants_table(data) -> str:
     base = data["original_top1"]
     rows = [[r["site"], r["variant"], f"{r['saving_ms']:+.4f}", f"{r['accuracy_cost']:.2f}",
@@ -534,6 +586,7 @@ def render() -> str:
                           ("fmnist_layerwise_limits", limits_section),
                           ("fmnist_reconstruction", reconstruction_section),
                           ("fmnist_seeds", seeds_section),
+                          ("fmnist_inception_distillation", distillation_section),
                           ("plan_accuracy", plan_accuracy_section),
                           ("finetune_time", finetune_time_section),
                           ("training_step", training_step_section),

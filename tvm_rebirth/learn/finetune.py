@@ -426,17 +426,13 @@ DIVERGED = 0.5  # a target's fitted loss below this share of its held-out loss: 
 # steps, 39 s) gained 10 % of its loss, given up for the time. (Small blocks that the
 # images, not the budget, limit to fewer steps do improve: fmnist-inception at 256 images.)
 RECONSTRUCT_MIN_STEPS = 128
-# distillation's peak rate and epochs, measured on fmnist-inception with every site at 2048
-# images (AMD EPYC), each from the same start (the fine-tune up to distillation): 16 epochs
-# at 1e-3 -2.01 pt top-1, at 1e-2 -1.42; 32 epochs at 1e-3 -1.69, at 3e-3 -1.45, at 1e-2
-# -1.29 (125 s of distillation), at 3e-2 no epoch kept; 48 at 1e-3 -1.62 (185 s: too slow),
-# at 1e-2 -1.35 (218 s of distillation).
-# fmnist-vgg every site, 32 epochs: 1e-2 -1.52 (16 at 1e-3: -2.04). keep-receptive-field's
-# six sites (inception_3b/output+pool3 enabled by hand), 32 epochs at 1e-2: -1.24.
-# The training seed alone moves these by ~0.2 point (every site, 32 epochs at 1e-2: seed 0
-# -1.29, seeds 1 and 2 -1.45; `python benchmarks/fmnist_seeds.py`): single runs closer
-# than that do not rank settings. (On an Intel Xeon the seeds spread by 0.01: -1.43,
-# -1.42, -1.43.)
+# the distillation's settings (DistillSettings) were chosen on fmnist-inception with every
+# site at 2048 images, each variant distilled from the same start (the fine-tune up to
+# distillation): `python benchmarks/fmnist_distillation.py` measures the rate, epochs,
+# blends, batch, held-out images and targets against the test set's resolution (no variant
+# beats the default beyond it; results/fmnist_inception_distillation.md). On AMD EPYC the
+# training seed alone moved the top-1 by ~0.2 point (seed 0 -1.29, seeds 1 and 2 -1.45), on
+# an Intel Xeon by 0.01 (`python benchmarks/fmnist_seeds.py`).
 DISTILL_LR = 1e-2
 # a plan whose blocks already fit well (fmnist-vgg --budget 0.5, one site) keeps no epoch at
 # DISTILL_LR (-1.13 pt top-1); it is distilled again at this rate (-0.58; 3e-3: -0.73),
@@ -446,62 +442,28 @@ DISTILL_RETRY_LR = 1e-3
 E2E_LR = 1e-3  # `--e2e` without labels: measured at this rate on 26k images (accuracy table)
 # the default fine-tune ends with the whole network distilled on the calibration images and
 # their mirror images (the held-out ones stay unseen and choose the epoch), to the original's
-# output and each learned site's input: for this many epochs, when the model can afford
-# DISTILL_MIN_EPOCHS of them within DISTILL_MACS multiply-adds and at least
-# DISTILL_MIN_HELD_OUT calibration images are held out. Each batch has a DISTILL_MIX share
-# of blends of two images (mixup), relabelled by the original on the fly: new pairs every
-# epoch, in between the few images there are. fmnist-inception with every site at 2048
-# images (AMD EPYC, at 1e-3): 8 epochs without blends -2.17 pt top-1, 24 without -2.00, 8
-# with -2.08, 16 with -2.01, 24 with -1.80; keep-receptive-field's five sites -1.03
-# without, -0.80 with (16 epochs). GoogLeNet at 256 images pays for one epoch: not
-# distilled. At 2048 images, the original's softened outputs with its top class as label
-# did worse than the output alone (+0.15 at temperature 4), as did shifted copies (no epoch
-# kept); the output weighted 4x beside the site inputs gained less (+0.77).
-# At 1e-2, 32 epochs, each from the same start (every site, 2048 images; seeds 0, 1, 2:
-# -1.29, -1.36, -1.56): the output alone -1.96 (its held-out error 4x its fitted one: the
-# site inputs hold the output to the images' neighbourhood); output 3x -1.23, -1.47,
-# -1.47; 0.25x -1.57; averaged weights (0.998 per step) -1.29; a quarter of each batch
-# with a box pasted from another image (CutMix) -1.42; 1-pixel shifts -1.41; the weights
-# halfway back to the start -1.93, pulled back to it at every step (decoupled, 10x the
-# rate) -2.61: the gain needs the weights to move far; the classifier refitted in closed
-# form on the distilled features: no gain; batches of 16 (twice the steps) -1.58; Gaussian
-# noise on every image (relabelled) at 5 % of the pixels' spread -1.48, at 15 % no epoch kept.
-# Also at 2048, seed 0: the last site's output (inception_4a/output) as one more target
-# -1.27; half of each batch elastically deformed (relabelled) -1.43 (both from that start);
-# a start from 36 epochs of block reconstruction (held-out loss 0.610 before distillation
-# instead of 0.641, 0.580 after instead of 0.595) -1.48; half of each batch pushed along
-# the sign of the loss's input gradient (FGSM, 10 % of the pixels' spread, relabelled; the
-# step averages both batches' gradients, twice the time) -1.56; seeds 0-2's distilled
-# weights averaged -1.39 (the three runs: -1.40 on average); half of each batch's
-# intensities scaled 0.6-1.4x about the black background (relabelled) -1.46; the output's
-# target averaged over each image and its mirror (the original's flip ensemble) -1.42.
-# On an Intel Xeon (seed 0, the default -1.43): without the stem's output (the first
-# site input) as a target, so that the stem and the next site may agree on their own
-# features, -1.50; a quarter of each batch blends instead of half, -1.44. From the same
-# start (the fine-tune up to distillation; the default again -1.43): 48 epochs -1.49 and
-# 64 epochs -1.43 (held-out loss 0.586 and 0.579 against 0.594: the site inputs' terms
-# fall, the top-1 does not follow); the output's term as T^2 x KL of the softened
-# outputs (T = 4) -1.40; sharpness-aware steps (SAM, rho 0.05, twice the time) -1.83;
-# inception_4a/output's convs (the block fitted to the output) left as reconstructed
-# -1.31, also inception_3b/output's -1.75, only the stem's and conv2's convs trained
-# (and their refitted consumers) -2.34; on fmnist-vgg the last block left as
-# reconstructed -1.53 against its default -1.51. Differences of 0.1 are within what the
-# 10k test images tell apart between two models (a few hundred disagreements), so none
-# of these ranks above the default. Later, from that start again: each conv weight trained
-# as a balanced product of two factors (its SVD split, multiplied back after; the
-# over-parameterisation of ExpandNets, 5x the time) -1.43 (held-out loss 0.585); batches
-# of 64 -1.38, at 2e-2 -1.41; every calibration image fitted, none held out (the last
-# epoch kept) -1.38, with batches of 64 and 48 epochs -1.33; decoupled weight decay
-# (AdamW, conv weights) 0.005 -1.45, 0.05 -1.28, 0.1 -1.46, 0.2 -1.70, and on fmnist-vgg
-# 0.05 -1.55 against its -1.51: not monotone, within the test set's resolution.
-# What does move it is more images: the same fine-tune at 8192 (`--images 8192`, epochs cut
-# by the budgets, 464 s) -0.94, with both budgets lifted (32 epochs, 866 s) -0.80: at 2048
-# the distillation is short of images, not of steps or targets (the table against unlabeled
-# images).
+# output and each learned site's input (the output alone: -1.62 against -1.43, its held-out
+# output error higher; fmnist_distillation.py's output-only), for DISTILL_EPOCHS when the model can afford DISTILL_MIN_EPOCHS within
+# DISTILL_MACS multiply-adds and at least DISTILL_MIN_HELD_OUT calibration images are held
+# out (GoogLeNet at 256 images pays for one epoch: not distilled). A DISTILL_MIX share of
+# each batch is blends of two images (mixup), relabelled by the original on the fly: new
+# pairs every epoch, in between the few images there are.
+# Tried once each in a throwaway harness that patched this module (not reproducible by a
+# committed command; figures: this comment at commit 367f2b6, issue 18's notes), none beyond the
+# seed spread or the test set's resolution: the original's softened outputs (KL at T = 4,
+# or its top class as a label), the output's term weighted 0.25x to 4x, averaged weights
+# (per step, or across seeds), CutMix boxes, shifts, Gaussian noise, elastic deformation,
+# contrast scaling, FGSM-perturbed images, blends of images the original puts in one class,
+# the classifier refitted in closed form, inception_4a/output as one more target, the
+# flip-averaged output as target, a longer block reconstruction as the start, sharpness-aware
+# steps, decoupled weight decay, weights pulled back to the start, each conv weight trained
+# as a product of two factors, parts of the network left as reconstructed.
+# What moves it is more images: the table against unlabeled images
+# (`python benchmarks/fmnist_reconstruction.py`): -1.20 at 4096, -0.97 at 8192.
 DISTILL_EPOCHS = 32
 DISTILL_MIN_EPOCHS = 4
 DISTILL_MACS = 5e12  # fmnist-inception/-vgg at 2048 images: 32 epochs (4.2e12 at most)
-DISTILL_MIX = 0.5  # 0.75 (every site, 2048 images, 1e-2): -1.48 pt top-1 (180 s of distillation)
+DISTILL_MIX = 0.5  # against none, a quarter and three quarters: fmnist_distillation.py
 DISTILL_MIN_HELD_OUT = 64  # 512 calibration images
 
 
