@@ -39,7 +39,7 @@ def main():
     ap.add_argument("--limit", type=int, help="evaluate on the first N test images")
     args = ap.parse_args()
     # distillation measured at every count (the default skips it below 512 images)
-    distill = DistillSettings(min_held_out=0)
+    distill_settings = DistillSettings(min_held_out=0)
     model = flow.load("fmnist-inception")
     plan = flow.find_plan(model)
     field_plan = flow.find_plan(model, policy="keep-receptive-field")
@@ -56,7 +56,7 @@ def main():
             start = time.time()
             result = flow.rebirth_model(model, flow.RebirthOptions(
                 images=count, reconstruct_epochs=epochs, distill_epochs=distill_epochs,
-                distill=distill), plan=variant, images=calib)
+                distill=distill_settings), plan=variant, images=calib)
             row[key] = {"seconds": round(time.time() - start, 1),
                         # the stages that warned more images would help (none: {})
                         "diverging": flow.diverging_stages(result.fit)}

@@ -453,8 +453,17 @@ def distillation_text(data) -> str:
             f"of the top-1 difference from the default, 200 x sqrt(disagreements) / "
             f"{data['test_images']} points{_seed_resolution(data)}. Held-out loss: the "
             f"distillation's relative squared errors on its held-out images, summed over its "
-            f"targets (output-only: one target; no-held-out: on its fitted images). Seconds: the distillation alone, this machine "
+            f"targets{_loss_notes(data)}. Seconds: the distillation alone, this machine "
             f"({_machine(data)}).")
+
+
+def _loss_notes(data) -> str:
+    """Where a variant's held-out loss means something else: one target, or none held out."""
+    names = {r["name"] for r in data["rows"]}
+    notes = [note for name, note in (("output-only", "output-only: one target"),
+                                     ("no-held-out", "no-held-out: on its fitted images"))
+             if name in names]
+    return f" ({'; '.join(notes)})" if notes else ""
 
 
 def _seed_resolution(data) -> str:

@@ -362,7 +362,14 @@ def test_the_distillation_runs_on_its_own_as_its_settings_say(tmp_path):
                           DistillSettings(mix=0.0, site_inputs=False, hold_out=False))
     assert output_only["site_inputs"] == 0 and "output and 0 site" in output_only["loss"]
     assert output_only["held_out_images"] == 0 and output_only["images"] == 1024
+    assert output_only["epoch_chosen_on"] == "fitted images" != alone["epoch_chosen_on"]
     assert any(not np.array_equal(arrays[k], start.arrays[k]) for k in arrays)
+    # a batch larger than the images there are: skipped and said why, the weights kept
+    arrays = dict(start.arrays)
+    for settings in (DistillSettings(batch=1024), DistillSettings(batch=4096, hold_out=False)):
+        assert distill(model, plan, arrays, images, 4, settings) == \
+            {"skipped": f"fewer images than a batch of {settings.batch}"}
+    assert all(np.array_equal(arrays[k], start.arrays[k]) for k in arrays)
 
 
 def _cli_in_process(capsys, *args) -> tuple:
