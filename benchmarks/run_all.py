@@ -46,6 +46,10 @@ BENCHMARKS = {
     "fmnist_reconstruction": (["fmnist_reconstruction.py"], ["fmnist_reconstruction"]),
     "fmnist_seeds": (["fmnist_seeds.py"], ["fmnist_seeds"]),
     "fmnist_distillation": (["fmnist_distillation.py"], ["fmnist_inception_distillation"]),
+    "fmnist_vgg_distillation": (["fmnist_distillation.py", "--model", "fmnist-vgg",
+                                 "--variants", "default,seed-1,epochs-48,lr-3e-3,mix-0,"
+                                 "batch-64,no-held-out,output-only"],
+                                ["fmnist_vgg_distillation"]),
     "plan_accuracy": (["plan_accuracy.py"], ["plan_accuracy"]),
     "finetune_time": (["finetune_time.py"], ["finetune_time"]),
     "training_step": (["training_step.py"], ["training_step"]),
@@ -596,6 +600,7 @@ def render() -> str:
                           ("fmnist_reconstruction", reconstruction_section),
                           ("fmnist_seeds", seeds_section),
                           ("fmnist_inception_distillation", distillation_section),
+                          ("fmnist_vgg_distillation", distillation_section),
                           ("plan_accuracy", plan_accuracy_section),
                           ("finetune_time", finetune_time_section),
                           ("training_step", training_step_section),
