@@ -29,7 +29,7 @@ from tvm_rebirth import flow  # noqa: E402
 from tvm_rebirth.errors import RebirthError  # noqa: E402
 from tvm_rebirth.learn.finetune import (DISTILL_EPOCHS, DistillSettings, distill,  # noqa: E402
                                         finetune)
-from tvm_rebirth.learn.train import BatchedForward  # noqa: E402
+from tvm_rebirth.learn.train import BatchedForward, batched_runs  # noqa: E402
 from tvm_rebirth.passes import rebirth_pipeline  # noqa: E402
 from tvm_rebirth.report.measure import labeled_set  # noqa: E402
 
@@ -62,9 +62,9 @@ VARIANTS = [
 
 def predictions(mod, images, batch=64) -> np.ndarray:
     """The top class of ``mod`` for each of ``images``."""
-    forward = BatchedForward(mod["main"], batch)
-    return np.concatenate([np.argmax(forward(images[i:i + batch]).reshape(
-        min(batch, len(images) - i), -1), axis=1) for i in range(0, len(images), batch)])
+    logits, = batched_runs(BatchedForward(mod["main"], batch).run, images, batch,
+                           "test images")
+    return np.argmax(logits.reshape(len(images), -1), axis=1)
 
 
 def markdown(payload) -> str:
@@ -95,6 +95,7 @@ def main():
     weights, _ = finetune(model, plan, images, description, distill_epochs=0, seed=0)
     start_seconds = round(time.time() - start, 1)
     start_predictions = predictions(rebirth_pipeline(plan, weights.arrays)(model.mod), test_x)
+    original_top1 = float(np.mean(original == test_y))
     rows, predicted = [], {}
     for name in wanted:
         _, what, epochs, settings, seed = known[name]
@@ -104,19 +105,16 @@ def main():
             raise RebirthError(f"variant {name}: the distillation was skipped "
                                f"({report['skipped']})")
         predicted[name] = predictions(rebirth_pipeline(plan, arrays)(model.mod), test_x)
+        top1 = round(float(np.mean(predicted[name] == test_y)), 5)
         rows.append({"name": name, "what": what, "epochs": report["epochs"],
                      "settings": dataclasses.asdict(settings), "seed": seed,
                      "kept_epoch": report["kept_epoch"], "lr": report["lr"],
                      "held_out_loss": report["held_out_loss_after"],
-                     "seconds": report["seconds"]})
-        print(f"{name}: top-1 {np.mean(predicted[name] == test_y) * 100:.2f} % "
-              f"({report['seconds']} s)", file=sys.stderr)
-    original_top1 = float(np.mean(original == test_y))
-    for row in rows:
-        mine = predicted[row["name"]]
-        row["top1"] = round(float(np.mean(mine == test_y)), 5)
-        row["change_pt"] = round((row["top1"] - original_top1) * 100, 2)
-        row["disagreements"] = int(np.sum(mine != predicted["default"]))
+                     "seconds": report["seconds"], "top1": top1,
+                     "change_pt": round((top1 - original_top1) * 100, 2)})
+        print(f"{name}: top-1 {top1 * 100:.2f} % ({report['seconds']} s)", file=sys.stderr)
+    for row in rows:  # the default may come last
+        row["disagreements"] = int(np.sum(predicted[row["name"]] != predicted["default"]))
     payload = {"model": args.model, "labeled_set": test_desc, "test_images": len(test_y),
                "sites": len(plan.enabled_sites()), "images": args.images,
                "original_top1": round(original_top1, 5), "start_seconds": start_seconds,

@@ -489,6 +489,8 @@ class DistillSettings:
     hold_out: bool = True
     # False: the original's output is the only target (no learned site's input)
     site_inputs: bool = True
+
+
 RETRAIN_LR = 1e-3
 RETRAIN_TEMPERATURE = 4.0  # the teacher's softening in retraining with labels
 
@@ -574,15 +576,15 @@ def distill(model, plan, arrays, images, epochs=DISTILL_EPOCHS, settings=None,
         return {"skipped": f"{int(held.sum())} held-out images"}
     if mirror:
         images, held = _with_mirrors(images, held)
-    batch = settings.batch
+    batch, fitted = settings.batch, int((~held).sum())
     # fewer held-out images than a batch would be scored on the fitted ones instead
-    if int((~held).sum()) < batch or settings.hold_out and held.sum() < batch:
-        logger.info(f"[finetune] distillation skipped: {int((~held).sum())} fitted and "
+    if fitted < batch or settings.hold_out and held.sum() < batch:
+        logger.info(f"[finetune] distillation skipped: {fitted} fitted and "
                     f"{int(held.sum())} held-out images, it takes a batch of {batch} of each")
         return {"skipped": f"fewer images than a batch of {batch}"}
     region = DistillationRegion.of(model, plan, arrays, settings.site_inputs)
     pairs, trainable = region.pairs, region.trainable
-    per_epoch = int((~held).sum()) // batch  # steps
+    per_epoch = fitted // batch  # steps
     affordable = affordable_steps(region.func, trainable, region.ends, batch,
                                   settings.macs) // per_epoch
     if affordable < settings.min_epochs:
@@ -617,7 +619,7 @@ def distill(model, plan, arrays, images, epochs=DISTILL_EPOCHS, settings=None,
               "held_out_loss_after": round(result.held_out_after, 6),
               "fit_loss_after": round(result.fit_after, 6),
               "epochs": epochs, "kept_epoch": result.kept_epoch, "lr": lr, "batch": batch,
-              "images": int((~held).sum()), "held_out_images": int(held.sum()),
+              "images": fitted, "held_out_images": int(held.sum()),
               # without held-out images the "held-out" losses are the fitted images'
               "epoch_chosen_on": "held-out images" if settings.hold_out else "fitted images",
               "seconds": round(time.time() - start, 2)}
