@@ -453,7 +453,11 @@ def test_tune_checks_the_input_before_searching(inputs, tmp_path):
     ("eval", "M", "--limit", "-1"), ("tune", "M", "--trials", "0"),
     ("bench", "M", "--session-timeout", "0"), ("demo", "--eval-limit", "0"),
     ("finetune", "M", "--reconstruct-epochs", "-1"), ("eval", "M", "--reconstruct-epochs", "-2"),
-    ("finetune", "M", "--seed", "-1"),
+    ("finetune", "M", "--seed", "-1"), ("plan", "M", "--budget", "nan"),
+    ("eval", "M", "--budget", "inf"), ("bench", "M", "--budget", "-0.1"),
+    ("tune", "M", "--trials", "4", "--max-tasks", "0"),
+    ("tune", "M", "--trials", "4", "--build-timeout", "0"),
+    ("device", "start", "--port", "70000"), ("device", "start", "--port", "0"),
 ])
 def test_numeric_flags_are_checked_before_any_work(args, tmp_path):
     code, out, err = run(*args, cwd=tmp_path)

@@ -178,7 +178,7 @@ def test_tune_argument_and_folder_errors(tmp_path, logs):
     model_path = chain_model(tmp_path / "net.onnx", ["relu"])
     log_dir = tmp_path / "db"
     base = ["tune", model_path, "--trials", "4", "--log-dir", str(log_dir)]
-    assert_error(run(*base, "--max-tasks", "0"), "--max-tasks must be at least 1",
+    assert_error(run(*base, "--max-tasks", "0"), "argument --max-tasks: must be at least 1",
                  command="tune")
     assert_error(run(*base, "--target", "cortex-a72", "--no-measure"),
                  "does not run on this host", "--tracker", command="tune")

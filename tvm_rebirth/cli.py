@@ -1,4 +1,4 @@
-"""The `tvm-rebirth` command line (contract in DESIGN.md: a table by default, exactly one
+"""The `tvm-rebirth` command line (README's Errors section and ARCHITECTURE.md: a table by default, exactly one
 JSON object on stdout with --json, logs on stderr, one-line errors and exit code 2).
 
 Only parsing and rendering: every command turns its arguments into flow's typed args and
@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import sys
 import traceback
@@ -387,6 +388,25 @@ def positive_float(text: str) -> float:
     return value
 
 
+def port_number(text: str) -> int:
+    """argparse type: a TCP port, 1 to 65535."""
+    value = _int_at_least(text, 1)
+    if value > 65535:
+        raise argparse.ArgumentTypeError(f"must be a TCP port (at most 65535), got {value}")
+    return value
+
+
+def accuracy_budget(text: str) -> float:
+    """argparse type: an accuracy budget, a finite number of at least 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid float value: '{text}'") from None
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"must be a finite number of at least 0, got {text}")
+    return value
+
+
 def branch_widths(text: str) -> str:
     """argparse type: carry, paper, or a fraction of carry between 0 and 1 ("0.75")."""
     if text in BRANCH_WIDTHS or width_fraction(text) is not None:
@@ -460,7 +480,7 @@ def build_parser() -> argparse.ArgumentParser:
                    f"{TARGET_HELP}")
     p.add_argument("--tracker", help="--select paying: measure on a device, HOST:PORT")
     p.add_argument("--key", help="the device key on --tracker")
-    p.add_argument("--budget", type=float, help="--select paying: accuracy budget, the "
+    p.add_argument("--budget", type=accuracy_budget, help="--select paying: accuracy budget, the "
                    "chosen variants' predicted relative error of the model's output together "
                    f"(each measured alone; they add in squares; default {DEFAULT_BUDGET})")
     p.add_argument("--calib", help="--select paying: images for the accuracy estimates "
@@ -483,7 +503,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--select", choices=("paying", "all"),
                        help="without --plan: plan the sites measured to pay on the device "
                             "(paying, default) or every site found (all)")
-        p.add_argument("--budget", type=float,
+        p.add_argument("--budget", type=accuracy_budget,
                        help="without --plan: accuracy budget of --select paying (default "
                             f"{DEFAULT_BUDGET})")
         p.add_argument("--reconstruct-epochs", type=non_negative_int,
@@ -567,9 +587,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_variant(p, "tune")
     p.add_argument("--trials", type=positive_int, required=True,
                    help="searched trials the database should hold in total (a rerun continues)")
-    p.add_argument("--max-tasks", type=int,
+    p.add_argument("--max-tasks", type=positive_int,
                    help="search only the N heaviest tasks (default: about trials / 16)")
-    p.add_argument("--build-timeout", type=float, default=60.0,
+    p.add_argument("--build-timeout", type=positive_float, default=60.0,
                    help="seconds before a candidate's compilation is killed (60)")
     p.add_argument("--no-measure", action="store_true",
                    help="skip timing the whole model before/after at the end")
@@ -582,7 +602,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("device", cmd_device, "RPC tracker + emulated Cortex-A72 (and this host) on "
                                   "127.0.0.1")
     p.add_argument("action", choices=["start", "stop", "status"])
-    p.add_argument("--port", type=int, help="tracker port (default: the first free from 9190)")
+    p.add_argument("--port", type=port_number, help="tracker port (default: the first free from 9190)")
     p.add_argument("--local", action="store_true",
                    help="also serve this host under key 'local'")
     p.add_argument("--no-emulated", action="store_true",

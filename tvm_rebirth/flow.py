@@ -8,7 +8,8 @@
       -> rebirth IRModule       slim() = passes.rebirth_pipeline(plan, weights)(model.mod)
          (rebirth_model() is all four: "MODEL's rebirth model, defaults where nothing given")
       -> commands               plan_command, finetune_command, bench, evaluate, build, tune,
-                                models, device: each returns its JSON payload (a plain dict)
+                                models, device: each returns its JSON payload (a plain dict;
+                                plan_command: the plan and its payload)
 
 Functions take typed option dataclasses (RebirthOptions, BenchArgs, ...) and a ``tag``: the
 command whose progress lines they log (``[bench] ...``); ``tag=None`` logs nothing of the
@@ -18,6 +19,7 @@ implicit-default steps. Errors are RebirthError with one-line messages.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import tempfile
 import time
@@ -192,7 +194,8 @@ class EvalArgs(ModelArgs):
 
 @dataclass(kw_only=True)
 class BuildArgs(ModelArgs):
-    """`tvm-rebirth build`: the original (or rebirth, when a plan/weights is given) library."""
+    """`tvm-rebirth build`: the original (or rebirth, when a plan/weights or
+    ``implicit_plan``, the CLI's --rebirth, is given) library."""
 
     target: str = "host"
     output: str | None = None
@@ -335,8 +338,8 @@ def select_plan(model, options: SelectOptions, kinds=SITE_KINDS, tag: str | None
     from .planning.variants import site_choices
 
     require_positive(options.images, "--images")
-    if options.budget is not None and options.budget < 0:
-        raise RebirthError(f"--budget {options.budget}: must be >= 0")
+    if options.budget is not None and not (math.isfinite(options.budget) and options.budget >= 0):
+        raise RebirthError(f"--budget {options.budget}: must be a finite number >= 0")
     budget = DEFAULT_BUDGET if options.budget is None else options.budget
     require_device(options.tracker, options.key)
     how = measurement_for(options.target, options.tracker, options.key)
@@ -574,8 +577,9 @@ def site_json(s) -> dict:
 
 
 def plan_command(args: PlanArgs) -> tuple:
-    """`plan`: (plan, payload) — every site found and written to ``args.output`` (default
-    <model>.plan.yaml), or the plan file ``args.check`` validated against the model."""
+    """`plan`: (plan, payload) — the sites ``args.selection`` chooses (None: every site
+    found) written to ``args.output`` (default <model>.plan.yaml), or the plan file
+    ``args.check`` validated against the model."""
     from .plan import RebirthPlan
 
     if args.check and args.output:
