@@ -529,6 +529,56 @@ def test_plan_check_refuses_options_it_would_ignore(exact, tmp_path, extra):
     assert os.listdir(tmp_path) == []
 
 
+def test_a_budget_with_select_all_is_refused(exact, tmp_path):
+    for command in ("finetune", "eval", "bench"):
+        assert_error(run(command, exact["model"], "--select", "all", "--budget", "0.3",
+                         cwd=tmp_path), "--budget", "--select paying", command=command)
+    assert os.listdir(tmp_path) == []
+
+
+def test_the_api_checks_what_the_cli_parser_checks(tmp_path):
+    """The typed args of flow, given values the CLI's parser refuses: a RebirthError naming
+    the flag before any model is loaded (the model does not exist) or port is bound."""
+    from tvm_rebirth import flow
+    from tvm_rebirth.deploy import device as devices
+    from tvm_rebirth.errors import RebirthError
+
+    missing = str(tmp_path / "missing.onnx")
+    for changes, fragment in ((dict(max_tasks=0), "--max-tasks must be at least 1"),
+                              (dict(build_timeout=float("inf")), "--build-timeout"),
+                              (dict(trials=float("nan")), "--trials must be at least 1")):
+        with pytest.raises(RebirthError, match=fragment):
+            flow.tune(flow.TuneArgs(model=missing, **{"trials": 4, **changes}))
+    with pytest.raises(RebirthError, match="--budget is the accuracy budget"):
+        flow.RebirthOptions(select="all", budget=0.3).check()
+    with pytest.raises(RebirthError, match="device action 'strat'"):
+        flow.device(flow.DeviceArgs(action="strat"))
+    with pytest.raises(RebirthError, match="--port 70000: a TCP port is 1 to 65535"):
+        devices.start(port=70000)
+    with pytest.raises(RebirthError, match="no free port on 127.0.0.1 in 65500..65535"):
+        _no_free_port(devices, 65500)
+
+
+def _no_free_port(devices, start):
+    """``free_port`` from ``start`` with every port taken: it stops at 65535."""
+    import socket as sockets
+
+    taken = []
+    try:
+        for port in range(start, 65536):
+            sock = sockets.socket()
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                sock.close()
+                continue
+            taken.append(sock)
+        return devices.free_port(start)
+    finally:
+        for sock in taken:
+            sock.close()
+
+
 def test_branch_widths_must_be_named_or_a_fraction(exact, tmp_path):
     for bad in ("1.5", "wide"):
         assert_error(run("plan", exact["model"], "--select", "all", "--branch-widths", bad,

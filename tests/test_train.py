@@ -372,6 +372,52 @@ def test_the_distillation_runs_on_its_own_as_its_settings_say(tmp_path):
     assert all(np.array_equal(arrays[k], start.arrays[k]) for k in arrays)
 
 
+@pytest.mark.parametrize("settings, fragment", [
+    (dict(batch=0), "DistillSettings.batch must be an integer of at least 1, got 0"),
+    (dict(batch=2.5), "DistillSettings.batch"), (dict(min_epochs=0), "min_epochs"),
+    (dict(min_held_out=-1), "min_held_out"), (dict(lr=float("nan")), "DistillSettings.lr"),
+    (dict(lr=0.0), "DistillSettings.lr"), (dict(retry_lr=-1e-3), "retry_lr"),
+    (dict(mix=1.5), "DistillSettings.mix"), (dict(mix=float("nan")), "DistillSettings.mix"),
+    (dict(macs=float("inf")), "DistillSettings.macs"), (dict(macs=0.0), "macs"),
+])
+def test_distill_settings_that_cannot_train_are_refused_when_made(settings, fragment):
+    from tvm_rebirth.learn.finetune import DistillSettings
+
+    with pytest.raises(RebirthError, match=fragment.replace(".", r"\.")):
+        DistillSettings(**settings)
+
+
+def test_fine_tune_arguments_are_checked_before_any_fitting(tmp_path, monkeypatch):
+    """Values the CLI would refuse, given to the Python API: one RebirthError naming the
+    argument, before anything is captured or fitted."""
+    from tvm_rebirth.learn.finetune import distill
+
+    model = flow.load(_two_site_net(tmp_path / "net.onnx"))
+    plan = flow.find_plan(model)
+    images = RNG.standard_normal((64, 3, 12, 12)).astype(np.float32)
+
+    def held_out(images):  # the first step of both, once the arguments are checked
+        raise AssertionError("the images were split for fitting before the check")
+
+    monkeypatch.setattr("tvm_rebirth.learn.finetune._held_out", held_out)
+    for kwargs, fragment in (
+            (dict(seed=-1), "seed must be an integer of at least 0, got -1"),
+            (dict(reconstruct_epochs=-1), "reconstruct_epochs"),
+            (dict(distill_epochs=1.5), "distill_epochs"),
+            (dict(e2e_labels=np.zeros(64, np.int64)), "e2e_labels label the e2e_images"),
+            (dict(e2e_images=images[:0]), "e2e_images is empty"),
+            (dict(e2e_images=images[:, :1]), "end-to-end images must be an N x 3 x 12 x 12"),
+            (dict(e2e_images=images, e2e_epochs=0), "e2e_epochs must be an integer of at "
+                                                    "least 1")):
+        with pytest.raises(RebirthError, match=fragment):
+            finetune(model, plan, images, **kwargs)
+    for epochs, seed, fragment in ((0, 0, "epochs must be"), (4, -2, "seed must be")):
+        with pytest.raises(RebirthError, match=fragment):
+            distill(model, plan, {}, images, epochs, seed=seed)
+    with pytest.raises(AssertionError, match="split for fitting"):  # valid: it goes on
+        finetune(model, plan, images)
+
+
 def _cli_in_process(capsys, *args) -> tuple:
     """(stdout, stderr) of ``tvm-rebirth *args`` run in this process; it must succeed."""
     import logging

@@ -108,6 +108,9 @@ class RebirthOptions:
         if self.plan and (self.select != "paying" or self.budget is not None):
             raise RebirthError("--select/--budget choose the sites of an implicit plan: "
                                "drop them with --plan")
+        if self.select == "all" and self.budget is not None:
+            raise RebirthError("--budget is the accuracy budget of --select paying: drop it "
+                               "with --select all")
         if self.weights and not self.plan:
             raise RebirthError("--weights needs the --plan it was learned for")
         if self.implicit_plan and self.plan:
@@ -234,7 +237,7 @@ def _log(tag, message) -> None:
 
 def require_positive(value, flag: str) -> None:
     """RebirthError unless ``value`` (of option ``flag``) is None or at least 1."""
-    if value is not None and value < 1:
+    if value is not None and not value >= 1:  # NaN too
         raise RebirthError(f"{flag} must be at least 1, got {value}")
 
 
@@ -485,6 +488,7 @@ def rebirth_model(model, options: RebirthOptions | None = None, tag: str | None 
     calibration images). ``plan``: a plan object to use instead of ``options.plan``;
     ``images``: preloaded calibration (array, description)."""
     options = options or RebirthOptions()
+    options.check()  # before planning, which measures for minutes
     if isinstance(model, str):
         model = load(model)
     plan = plan if plan is not None else plan_for(model, options, tag, tracker, key, target,
@@ -759,9 +763,12 @@ def tune(args: TuneArgs) -> dict:
 
     target = resolve_target(args.target)
     require_device(args.tracker, args.key)
-    if args.trials < 1:
-        raise RebirthError(f"--trials must be positive, got {args.trials}")
-    args.rebirth.check()
+    require_positive(args.trials, "--trials")
+    require_positive(args.max_tasks, "--max-tasks")
+    if not (math.isfinite(args.build_timeout) and args.build_timeout > 0):
+        raise RebirthError(f"--build-timeout must be a positive number of seconds, got "
+                           f"{args.build_timeout}")
+    args.rebirth.check()  # all before loading, planning and fine-tuning
     model = load(args.model, None, args.input, args.input_shape)
     mod, what = variant(model, args.rebirth, "tune", args.tracker, args.key,
                         _planning_target(args.target))
@@ -787,6 +794,8 @@ def device(args: DeviceArgs) -> dict:
     its port, per process whether the recorded pid or only its group still runs)."""
     from .deploy import device as devices
 
+    if args.action not in ("start", "stop", "status"):
+        raise RebirthError(f"device action {args.action!r}: use start, stop or status")
     if args.action == "start":
         if args.servers < 1:
             raise RebirthError(f"--servers must be at least 1, got {args.servers}")

@@ -163,14 +163,17 @@ def guest_python(root: Path) -> Path:
 
 
 def free_port(start: int) -> int:
-    for port in range(start, start + 200):
+    """The first port from ``start`` (up to 200 on, and not beyond 65535) that is free."""
+    end = min(start + 200, 65536)
+    for port in range(start, end):
         with socket.socket() as sock:
             try:
                 sock.bind(("127.0.0.1", port))
                 return port
             except OSError:
                 continue
-    raise RebirthError(f"no free port on 127.0.0.1 in {start}..{start + 199}")
+    raise RebirthError(f"no free port on 127.0.0.1 in {start}..{end - 1}: pass a lower "
+                       "--port (or none, for the first free one from 9190)")
 
 
 def _spawn(args, log_file: Path):
@@ -309,6 +312,8 @@ def wait_for_keys(port: int, counts: dict, timeout: float, pids=()) -> dict:
 
 def start(port=None, local=False, emulated=True, servers=1) -> dict:
     """Start a tracker on 127.0.0.1 and the devices; returns the state (also on disk)."""
+    if port is not None and not 1 <= port <= 65535:
+        raise RebirthError(f"--port {port}: a TCP port is 1 to 65535")
     state = read_state()
     if state:
         groups = {p["pid"]: _group_members(p["pid"]) for p in state["processes"]}

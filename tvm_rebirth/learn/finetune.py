@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import time
 
 import numpy as np
@@ -490,6 +491,24 @@ class DistillSettings:
     # False: the original's output is the only target (no learned site's input)
     site_inputs: bool = True
 
+    def __post_init__(self):
+        """Values that cannot train, refused when made (not after minutes of fitting)."""
+        def finite(name, value, low, low_included, high=math.inf):
+            above = value >= low if low_included else value > low
+            if not (math.isfinite(value) and above and value <= high):
+                bound = f"{'at least' if low_included else 'above'} {low:g}"
+                raise RebirthError(f"DistillSettings.{name} must be a finite number {bound}"
+                                   + (f" and at most {high:g}" if high < math.inf else "")
+                                   + f", got {value}")
+
+        finite("lr", self.lr, 0, False)
+        finite("retry_lr", self.retry_lr, 0, False)
+        finite("mix", self.mix, 0, True, 1)
+        finite("macs", self.macs, 0, False)
+        _check_counts(minimum=1, **{"DistillSettings.batch": self.batch,
+                                    "DistillSettings.min_epochs": self.min_epochs})
+        _check_counts(**{"DistillSettings.min_held_out": self.min_held_out})
+
 
 RETRAIN_LR = 1e-3
 RETRAIN_TEMPERATURE = 4.0  # the teacher's softening in retraining with labels
@@ -568,6 +587,8 @@ def distill(model, plan, arrays, images, epochs=DISTILL_EPOCHS, settings=None,
     from .train import affordable_steps, batched_runs, image_augmentation
 
     settings = settings or DistillSettings()
+    _check_counts(minimum=1, epochs=epochs)
+    _check_counts(seed=seed)
     start = time.time()
     held = _held_out(images) if settings.hold_out else np.zeros(len(images), bool)
     if settings.hold_out and held.sum() < settings.min_held_out:
@@ -897,16 +918,25 @@ def _check_trainable(model) -> None:
                            "without block reconstruction (--reconstruct-epochs 0)")
 
 
-def _check_images(model, images):
+def _check_images(model, images, what="calibration images"):
     """float32 NCHW images shaped like the model's input, or a RebirthError saying why."""
     if images is None:
         return None
     images = np.asarray(images)
     want = list(next(iter(model.input_shapes.values())))[1:]
     if images.ndim != 4 or list(images.shape[1:]) != want:
-        raise RebirthError(f"calibration images must be an N x {' x '.join(map(str, want))} "
+        raise RebirthError(f"{what} must be an N x {' x '.join(map(str, want))} "
                            f"(NCHW) array for this model, got shape {list(images.shape)}")
     return np.ascontiguousarray(images, dtype=np.float32)
+
+
+def _check_counts(minimum=0, **counts) -> None:
+    """RebirthError naming the first of ``counts`` (name=value) that is not an integer of at
+    least ``minimum``: refused before any fitting."""
+    for name, value in counts.items():
+        if not isinstance(value, (int, np.integer)) or value < minimum:
+            raise RebirthError(f"{name} must be an integer of at least {minimum}, "
+                               f"got {value!r}")
 
 
 def finetune(model, plan, images=None, calibration="",
@@ -926,7 +956,16 @@ def finetune(model, plan, images=None, calibration="",
 
     start = time.time()
     model = as_model(model)
+    _check_counts(seed=seed, reconstruct_epochs=reconstruct_epochs,
+                  distill_epochs=distill_epochs)
     images = _check_images(model, images)
+    if e2e_labels is not None and e2e_images is None:
+        raise RebirthError("e2e_labels label the e2e_images: give those images too")
+    if e2e_images is not None:
+        _check_counts(minimum=1, e2e_epochs=e2e_epochs)
+        e2e_images = _check_images(model, e2e_images, "end-to-end images")
+        if not len(e2e_images):
+            raise RebirthError("end-to-end refinement needs images: e2e_images is empty")
     calibration_images = images
     held = _held_out(images)
     if mirror and images is not None and len(images):
