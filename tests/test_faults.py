@@ -540,6 +540,7 @@ def test_the_api_checks_what_the_cli_parser_checks(tmp_path):
     """The typed args of flow, given values the CLI's parser refuses: a RebirthError naming
     the flag before any model is loaded (the model does not exist) or port is bound."""
     from tvm_rebirth import flow
+    from tvm_rebirth.demo import run_demo
     from tvm_rebirth.deploy import device as devices
     from tvm_rebirth.errors import RebirthError
 
@@ -549,8 +550,17 @@ def test_the_api_checks_what_the_cli_parser_checks(tmp_path):
                               (dict(trials=float("nan")), "--trials must be at least 1")):
         with pytest.raises(RebirthError, match=fragment):
             flow.tune(flow.TuneArgs(model=missing, **{"trials": 4, **changes}))
+    with pytest.raises(RebirthError, match="--session-timeout must be a positive number"):
+        flow.bench(flow.BenchArgs(model=missing, session_timeout=float("nan")))
     with pytest.raises(RebirthError, match="--budget is the accuracy budget"):
         flow.RebirthOptions(select="all", budget=0.3).check()
+    with pytest.raises(RebirthError, match=r"--kinds: unknown site kind\(s\) \['stream'\]"):
+        flow.select_plan(None, flow.SelectOptions(), kinds=("stream",))
+    for kwargs, flag in ((dict(rounds=0), "--rounds"), (dict(images=0), "--images"),
+                         (dict(eval_limit=-5), "--eval-limit")):
+        with pytest.raises(RebirthError, match=f"{flag} must be at least 1"):
+            run_demo(tmp_path / "demo", **kwargs)
+    assert not (tmp_path / "demo").exists()
     with pytest.raises(RebirthError, match="device action 'strat'"):
         flow.device(flow.DeviceArgs(action="strat"))
     with pytest.raises(RebirthError, match="--port 70000: a TCP port is 1 to 65535"):

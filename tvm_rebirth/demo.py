@@ -47,6 +47,9 @@ def run_demo(report_dir, images=None, rounds=7, eval_limit=None, device=True) ->
     from .frontend import zoo
     from .report.measure import labeled_set
 
+    for flag, value in (("--images", images), ("--rounds", rounds),
+                        ("--eval-limit", eval_limit)):
+        flow.require_positive(value, flag)  # before the minutes of the GoogLeNet stage
     report = os.path.abspath(report_dir)
     os.makedirs(report, exist_ok=True)
     stages = _Stages()

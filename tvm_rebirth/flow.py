@@ -338,9 +338,14 @@ def select_plan(model, options: SelectOptions, kinds=SITE_KINDS, tag: str | None
     from .planning.costs import measure_costs, measurement_for
     from .planning.selection import (DEFAULT_BUDGET, fast_variants, select_variants,
                                      selected_plan)
+    from .passes.analysis import check_settings
     from .planning.variants import site_choices
 
     require_positive(options.images, "--images")
+    try:  # the variants are the policies and widths; only the kinds are the caller's
+        check_settings("keep-kernel", kinds, "carry")
+    except ValueError as err:
+        raise RebirthError(f"--kinds: {err}") from None
     if options.budget is not None and not (math.isfinite(options.budget) and options.budget >= 0):
         raise RebirthError(f"--budget {options.budget}: must be a finite number >= 0")
     budget = DEFAULT_BUDGET if options.budget is None else options.budget
@@ -537,6 +542,7 @@ def bench_host(model, mod, rounds=7, profile=False, x=None) -> tuple:
     from .learn.calib import bench_input
     from .report.measure import bench_pair
 
+    require_positive(rounds, "--rounds")
     x = bench_input(model)[0] if x is None else x
     result = bench_pair(model.mod, mod, x, rounds=rounds, profile=profile)
     device = f"host {host_target().attrs['mcpu']} ({os.environ.get('TVM_NUM_THREADS')} threads)"
@@ -661,6 +667,9 @@ def bench(args: BenchArgs) -> dict:
         raise RebirthError("--profile times kernels on this CPU; drop it with --tracker")
     args.rebirth.check()
     require_positive(args.rounds, "--rounds")
+    if not (math.isfinite(args.session_timeout) and args.session_timeout > 0):
+        raise RebirthError(f"--session-timeout must be a positive number of seconds, got "
+                           f"{args.session_timeout}")
     output = checked_output(args.output, model_inputs(args.model, args.rebirth)) \
         if args.output else None
     model = load(args.model, None, args.input, args.input_shape)
