@@ -545,26 +545,39 @@ def test_the_api_checks_what_the_cli_parser_checks(tmp_path):
     from tvm_rebirth.errors import RebirthError
 
     missing = str(tmp_path / "missing.onnx")
-    for changes, fragment in ((dict(max_tasks=0), "--max-tasks must be at least 1"),
+    for changes, fragment in ((dict(max_tasks=0), "--max-tasks must be an integer of at least"),
                               (dict(build_timeout=float("inf")), "--build-timeout"),
-                              (dict(trials=float("nan")), "--trials must be at least 1")):
+                              (dict(trials=float("nan")), "--trials must be an integer"),
+                              (dict(trials=2.5), "--trials must be an integer")):
         with pytest.raises(RebirthError, match=fragment):
             flow.tune(flow.TuneArgs(model=missing, **{"trials": 4, **changes}))
-    with pytest.raises(RebirthError, match="--session-timeout must be a positive number"):
+    with pytest.raises(RebirthError, match=r"--session-timeout \(seconds\) must be a finite"):
         flow.bench(flow.BenchArgs(model=missing, session_timeout=float("nan")))
     with pytest.raises(RebirthError, match="--budget is the accuracy budget"):
         flow.RebirthOptions(select="all", budget=0.3).check()
+    for options, fragment in ((dict(seed=1.5), "--seed must be an integer"),
+                              (dict(seed=True), "--seed must be an integer"),
+                              (dict(distill_epochs=float("nan")), "--distill-epochs"),
+                              (dict(budget=float("nan")), "--budget must be a finite number"),
+                              (dict(kinds=("stream",)), r"unknown site kind\(s\)"),
+                              (dict(e2e=flow.E2EOptions(True, 64, 2.5)), "--e2e-epochs")):
+        with pytest.raises(RebirthError, match=fragment):
+            flow.RebirthOptions(**options).check()
+    with pytest.raises(RebirthError, match="--budget must be a finite number at least 0"):
+        flow.plan_command(flow.PlanArgs(model=missing, selection=flow.SelectOptions(
+            budget=-1.0)))
     with pytest.raises(RebirthError, match=r"--kinds: unknown site kind\(s\) \['stream'\]"):
         flow.select_plan(None, flow.SelectOptions(), kinds=("stream",))
     for kwargs, flag in ((dict(rounds=0), "--rounds"), (dict(images=0), "--images"),
                          (dict(eval_limit=-5), "--eval-limit")):
-        with pytest.raises(RebirthError, match=f"{flag} must be at least 1"):
+        with pytest.raises(RebirthError, match=f"{flag} must be an integer of at least 1"):
             run_demo(tmp_path / "demo", **kwargs)
     assert not (tmp_path / "demo").exists()
     with pytest.raises(RebirthError, match="device action 'strat'"):
         flow.device(flow.DeviceArgs(action="strat"))
-    with pytest.raises(RebirthError, match="--port 70000: a TCP port is 1 to 65535"):
-        devices.start(port=70000)
+    for port in (70000, 65530):
+        with pytest.raises(RebirthError, match=f"--port {port}: use 1 to 65525"):
+            devices.start(port=port)
     with pytest.raises(RebirthError, match="no free port on 127.0.0.1 in 65500..65535"):
         _no_free_port(devices, 65500)
 

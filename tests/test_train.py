@@ -372,6 +372,27 @@ def test_the_distillation_runs_on_its_own_as_its_settings_say(tmp_path):
     assert all(np.array_equal(arrays[k], start.arrays[k]) for k in arrays)
 
 
+def test_staged_arguments_are_the_values_of_each_call():
+    """The tensors made once hold each call's values: strided and 0-d values, a new shape or
+    dtype (a new buffer), a shorter argument list after a longer one."""
+    from tvm_rebirth.learn.train import StagedArguments
+
+    staged = StagedArguments()
+    weights = RNG.standard_normal((8, 6, 3, 3)).astype(np.float32)
+    first = [RNG.standard_normal((4, 3, 5, 5)).astype(np.float32), weights[:, ::2],
+             np.float32(0.5), np.arange(4)]
+    tensors = staged(first)
+    for tensor, value in zip(tensors, first, strict=True):
+        np.testing.assert_array_equal(tensor.numpy(), value)
+        assert tensor.numpy().dtype == np.asarray(value).dtype
+    second = [first[0] * 2, weights[:, 1::2], np.float32(-1.0), np.arange(5.0)]
+    again = staged(second)
+    assert again[0] is tensors[0] and again[3] is not tensors[3]  # same shape: same tensor
+    for tensor, value in zip(again, second, strict=True):
+        np.testing.assert_array_equal(tensor.numpy(), value)
+    assert len(staged(second[:2])) == 2
+
+
 @pytest.mark.parametrize("settings, fragment", [
     (dict(batch=0), "DistillSettings.batch must be an integer of at least 1, got 0"),
     (dict(batch=2.5), "DistillSettings.batch"), (dict(min_epochs=0), "min_epochs"),

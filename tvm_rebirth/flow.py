@@ -19,13 +19,12 @@ implicit-default steps. Errors are RebirthError with one-line messages.
 from __future__ import annotations
 
 import logging
-import math
 import os
 import tempfile
 import time
 from dataclasses import dataclass, field
 
-from .errors import RebirthError
+from .errors import RebirthError, require_count, require_number
 from .learn.finetune import (DISTILL_EPOCHS, RECONSTRUCT_EPOCHS,  # noqa: F401
                              DistillSettings, diverging_stages, diverging_stages_text)
 from .passes.site import SITE_KINDS
@@ -97,12 +96,17 @@ class RebirthOptions:
         """Option combinations that cannot work, refused before any work."""
         if self.images is not None:
             require_positive(self.images, "--images")
-        for flag, epochs in (("--reconstruct-epochs", self.reconstruct_epochs),
-                             ("--distill-epochs", self.distill_epochs)):
-            if epochs < 0:
-                raise RebirthError(f"{flag} {epochs}: use 0 (off) or more")
-        if self.seed < 0:
-            raise RebirthError(f"--seed {self.seed}: use 0 or more")
+        for flag, count in (("--reconstruct-epochs", self.reconstruct_epochs),
+                            ("--distill-epochs", self.distill_epochs), ("--seed", self.seed)):
+            require_count(count, flag)  # epochs: 0 is off
+        if self.budget is not None:
+            require_number(self.budget, "--budget", at_least=0)
+        from .passes.analysis import check_settings
+
+        try:
+            check_settings(self.policy, self.kinds, self.branch_widths)
+        except ValueError as err:  # a bad policy, kind or width setting
+            raise RebirthError(str(err)) from None
         if self.select not in ("paying", "all"):
             raise RebirthError(f"--select {self.select}: use paying or all")
         if self.plan and (self.select != "paying" or self.budget is not None):
@@ -166,6 +170,19 @@ class SelectOptions:
     calib: str | None = None  # images for the accuracy estimates (default: the zoo's source)
     images: int = 32  # how many
     tuned: bool = True  # apply the target's tuning records, as the model build does
+
+    def check(self, kinds=SITE_KINDS) -> None:
+        """Its counts, budget and the site ``kinds`` to choose among, refused before any
+        work (a select measures for minutes)."""
+        from .passes.analysis import check_settings
+
+        require_positive(self.images, "--images")
+        if self.budget is not None:
+            require_number(self.budget, "--budget", at_least=0)
+        try:  # the variants are the policies and widths; only the kinds are the caller's
+            check_settings("keep-kernel", kinds, "carry")
+        except ValueError as err:
+            raise RebirthError(f"--kinds: {err}") from None
 
 
 @dataclass(kw_only=True)
@@ -236,9 +253,9 @@ def _log(tag, message) -> None:
 
 
 def require_positive(value, flag: str) -> None:
-    """RebirthError unless ``value`` (of option ``flag``) is None or at least 1."""
-    if value is not None and not value >= 1:  # NaN too
-        raise RebirthError(f"{flag} must be at least 1, got {value}")
+    """RebirthError unless ``value`` (of option ``flag``) is None or an integer of at least 1."""
+    if value is not None:
+        require_count(value, flag, 1)
 
 
 def model_inputs(model: str, options: RebirthOptions | None = None) -> dict:
@@ -338,16 +355,9 @@ def select_plan(model, options: SelectOptions, kinds=SITE_KINDS, tag: str | None
     from .planning.costs import measure_costs, measurement_for
     from .planning.selection import (DEFAULT_BUDGET, fast_variants, select_variants,
                                      selected_plan)
-    from .passes.analysis import check_settings
     from .planning.variants import site_choices
 
-    require_positive(options.images, "--images")
-    try:  # the variants are the policies and widths; only the kinds are the caller's
-        check_settings("keep-kernel", kinds, "carry")
-    except ValueError as err:
-        raise RebirthError(f"--kinds: {err}") from None
-    if options.budget is not None and not (math.isfinite(options.budget) and options.budget >= 0):
-        raise RebirthError(f"--budget {options.budget}: must be a finite number >= 0")
+    options.check(kinds)
     budget = DEFAULT_BUDGET if options.budget is None else options.budget
     require_device(options.tracker, options.key)
     how = measurement_for(options.target, options.tracker, options.key)
@@ -596,6 +606,8 @@ def plan_command(args: PlanArgs) -> tuple:
         raise RebirthError("--check validates an existing plan and writes nothing: drop -o")
     inputs = {**model_inputs(args.model), "--check plan": args.check}
     output = checked_output(args.output, inputs) if args.output else None
+    if args.selection is not None and not args.check:
+        args.selection.check(args.kinds)
     start = time.time()
     model = load(args.model, "plan", args.input, args.input_shape)
     if args.check:
@@ -667,9 +679,7 @@ def bench(args: BenchArgs) -> dict:
         raise RebirthError("--profile times kernels on this CPU; drop it with --tracker")
     args.rebirth.check()
     require_positive(args.rounds, "--rounds")
-    if not (math.isfinite(args.session_timeout) and args.session_timeout > 0):
-        raise RebirthError(f"--session-timeout must be a positive number of seconds, got "
-                           f"{args.session_timeout}")
+    require_number(args.session_timeout, "--session-timeout (seconds)", above=0)
     output = checked_output(args.output, model_inputs(args.model, args.rebirth)) \
         if args.output else None
     model = load(args.model, None, args.input, args.input_shape)
@@ -774,9 +784,7 @@ def tune(args: TuneArgs) -> dict:
     require_device(args.tracker, args.key)
     require_positive(args.trials, "--trials")
     require_positive(args.max_tasks, "--max-tasks")
-    if not (math.isfinite(args.build_timeout) and args.build_timeout > 0):
-        raise RebirthError(f"--build-timeout must be a positive number of seconds, got "
-                           f"{args.build_timeout}")
+    require_number(args.build_timeout, "--build-timeout (seconds)", above=0)
     args.rebirth.check()  # all before loading, planning and fine-tuning
     model = load(args.model, None, args.input, args.input_shape)
     mod, what = variant(model, args.rebirth, "tune", args.tracker, args.key,

@@ -312,8 +312,9 @@ def wait_for_keys(port: int, counts: dict, timeout: float, pids=()) -> dict:
 
 def start(port=None, local=False, emulated=True, servers=1) -> dict:
     """Start a tracker on 127.0.0.1 and the devices; returns the state (also on disk)."""
-    if port is not None and not 1 <= port <= 65535:
-        raise RebirthError(f"--port {port}: a TCP port is 1 to 65535")
+    # the devices' servers listen on the ports from 10 after the tracker's
+    if port is not None and not 1 <= port <= 65535 - 10:
+        raise RebirthError(f"--port {port}: use 1 to 65525 (the devices take ports after it)")
     state = read_state()
     if state:
         groups = {p["pid"]: _group_members(p["pid"]) for p in state["processes"]}

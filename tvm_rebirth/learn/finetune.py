@@ -17,12 +17,11 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 import time
 
 import numpy as np
 
-from ..errors import RebirthError
+from ..errors import RebirthError, require_count, require_number
 from ..passes import (SITE_KINDS, analyze_sites, exact_site_weights, rebirth_pipeline,
                       weight_keys)
 from ..passes.site import branch_conv_layout, branch_groups, refit_keys, site_conv_weights
@@ -493,21 +492,12 @@ class DistillSettings:
 
     def __post_init__(self):
         """Values that cannot train, refused when made (not after minutes of fitting)."""
-        def finite(name, value, low, low_included, high=math.inf):
-            above = value >= low if low_included else value > low
-            if not (math.isfinite(value) and above and value <= high):
-                bound = f"{'at least' if low_included else 'above'} {low:g}"
-                raise RebirthError(f"DistillSettings.{name} must be a finite number {bound}"
-                                   + (f" and at most {high:g}" if high < math.inf else "")
-                                   + f", got {value}")
-
-        finite("lr", self.lr, 0, False)
-        finite("retry_lr", self.retry_lr, 0, False)
-        finite("mix", self.mix, 0, True, 1)
-        finite("macs", self.macs, 0, False)
-        _check_counts(minimum=1, **{"DistillSettings.batch": self.batch,
-                                    "DistillSettings.min_epochs": self.min_epochs})
-        _check_counts(**{"DistillSettings.min_held_out": self.min_held_out})
+        for name in ("lr", "retry_lr", "macs"):
+            require_number(getattr(self, name), f"DistillSettings.{name}", above=0)
+        require_number(self.mix, "DistillSettings.mix", at_least=0, at_most=1)
+        require_count(self.batch, "DistillSettings.batch", 1)
+        require_count(self.min_epochs, "DistillSettings.min_epochs", 1)
+        require_count(self.min_held_out, "DistillSettings.min_held_out")
 
 
 RETRAIN_LR = 1e-3
@@ -587,8 +577,8 @@ def distill(model, plan, arrays, images, epochs=DISTILL_EPOCHS, settings=None,
     from .train import affordable_steps, batched_runs, image_augmentation
 
     settings = settings or DistillSettings()
-    _check_counts(minimum=1, epochs=epochs)
-    _check_counts(seed=seed)
+    require_count(epochs, "epochs", 1)
+    require_count(seed, "seed")
     start = time.time()
     held = _held_out(images) if settings.hold_out else np.zeros(len(images), bool)
     if settings.hold_out and held.sum() < settings.min_held_out:
@@ -930,15 +920,6 @@ def _check_images(model, images, what="calibration images"):
     return np.ascontiguousarray(images, dtype=np.float32)
 
 
-def _check_counts(minimum=0, **counts) -> None:
-    """RebirthError naming the first of ``counts`` (name=value) that is not an integer of at
-    least ``minimum``: refused before any fitting."""
-    for name, value in counts.items():
-        if not isinstance(value, (int, np.integer)) or value < minimum:
-            raise RebirthError(f"{name} must be an integer of at least {minimum}, "
-                               f"got {value!r}")
-
-
 def finetune(model, plan, images=None, calibration="",
              refit_consumers=True, e2e_images=None, e2e_epochs=8, e2e_labels=None,
              e2e_flip=False, reconstruct_epochs=RECONSTRUCT_EPOCHS, mirror=True,
@@ -956,13 +937,14 @@ def finetune(model, plan, images=None, calibration="",
 
     start = time.time()
     model = as_model(model)
-    _check_counts(seed=seed, reconstruct_epochs=reconstruct_epochs,
-                  distill_epochs=distill_epochs)
+    for name, value in (("seed", seed), ("reconstruct_epochs", reconstruct_epochs),
+                        ("distill_epochs", distill_epochs)):
+        require_count(value, name)
     images = _check_images(model, images)
     if e2e_labels is not None and e2e_images is None:
         raise RebirthError("e2e_labels label the e2e_images: give those images too")
     if e2e_images is not None:
-        _check_counts(minimum=1, e2e_epochs=e2e_epochs)
+        require_count(e2e_epochs, "e2e_epochs", 1)
         e2e_images = _check_images(model, e2e_images, "end-to-end images")
         if not len(e2e_images):
             raise RebirthError("end-to-end refinement needs images: e2e_images is empty")
