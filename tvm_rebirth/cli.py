@@ -1,5 +1,6 @@
-"""The `tvm-rebirth` command line (README's Errors section and ARCHITECTURE.md: a table by default, exactly one
-JSON object on stdout with --json, logs on stderr, one-line errors and exit code 2).
+"""The `tvm-rebirth` command line (README's Errors section and ARCHITECTURE.md: a table by
+default, exactly one JSON object on stdout with --json, logs on stderr, one-line errors and
+exit code 2).
 
 Only parsing and rendering: every command turns its arguments into flow's typed args and
 renders the payload flow returns (tvm_rebirth/flow.py does the work)."""
@@ -484,8 +485,9 @@ def build_parser() -> argparse.ArgumentParser:
                    f"{TARGET_HELP}")
     p.add_argument("--tracker", help="--select paying: measure on a device, HOST:PORT")
     p.add_argument("--key", help="the device key on --tracker")
-    p.add_argument("--budget", type=accuracy_budget, help="--select paying: accuracy budget, the "
-                   "chosen variants' predicted relative error of the model's output together "
+    p.add_argument("--budget", type=accuracy_budget,
+                   help="--select paying: accuracy budget, the chosen variants' predicted "
+                   "relative error of the model's output together "
                    f"(each measured alone; they add in squares; default {DEFAULT_BUDGET})")
     p.add_argument("--calib", help="--select paying: images for the accuracy estimates "
                    "(folder or .npy; default: the model's calibration source)")
@@ -606,7 +608,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("device", cmd_device, "RPC tracker + emulated Cortex-A72 (and this host) on "
                                   "127.0.0.1")
     p.add_argument("action", choices=["start", "stop", "status"])
-    p.add_argument("--port", type=port_number, help="tracker port (default: the first free from 9190)")
+    p.add_argument("--port", type=port_number,
+                   help="tracker port (default: the first free from 9190)")
     p.add_argument("--local", action="store_true",
                    help="also serve this host under key 'local'")
     p.add_argument("--no-emulated", action="store_true",

@@ -101,12 +101,7 @@ class RebirthOptions:
             require_count(count, flag)  # epochs: 0 is off
         if self.budget is not None:
             require_number(self.budget, "--budget", at_least=0)
-        from .passes.analysis import check_settings
-
-        try:
-            check_settings(self.policy, self.kinds, self.branch_widths)
-        except ValueError as err:  # a bad policy, kind or width setting
-            raise RebirthError(str(err)) from None
+        require_site_search(self.policy, self.kinds, self.branch_widths)
         if self.select not in ("paying", "all"):
             raise RebirthError(f"--select {self.select}: use paying or all")
         if self.plan and (self.select != "paying" or self.budget is not None):
@@ -174,15 +169,11 @@ class SelectOptions:
     def check(self, kinds=SITE_KINDS) -> None:
         """Its counts, budget and the site ``kinds`` to choose among, refused before any
         work (a select measures for minutes)."""
-        from .passes.analysis import check_settings
-
         require_positive(self.images, "--images")
         if self.budget is not None:
             require_number(self.budget, "--budget", at_least=0)
-        try:  # the variants are the policies and widths; only the kinds are the caller's
-            check_settings("keep-kernel", kinds, "carry")
-        except ValueError as err:
-            raise RebirthError(f"--kinds: {err}") from None
+        # the variants are the policies and widths; only the kinds are the caller's
+        require_site_search("keep-kernel", kinds, "carry", label="--kinds: ")
 
 
 @dataclass(kw_only=True)
@@ -250,6 +241,17 @@ class DeviceArgs:
 def _log(tag, message) -> None:
     if tag:
         logger.info(f"[{tag}] {message}")
+
+
+def require_site_search(policy: str, kinds, branch_widths: str, label: str = "") -> None:
+    """The passes' check of a site search's settings (a ValueError) as a RebirthError,
+    ``label`` before its message."""
+    from .passes.analysis import check_settings
+
+    try:
+        check_settings(policy, kinds, branch_widths)
+    except ValueError as err:
+        raise RebirthError(f"{label}{err}") from None
 
 
 def require_positive(value, flag: str) -> None:
@@ -814,8 +816,7 @@ def device(args: DeviceArgs) -> dict:
     if args.action not in ("start", "stop", "status"):
         raise RebirthError(f"device action {args.action!r}: use start, stop or status")
     if args.action == "start":
-        if args.servers < 1:
-            raise RebirthError(f"--servers must be at least 1, got {args.servers}")
+        require_positive(args.servers, "--servers")
         if not args.emulated and not args.local:
             raise RebirthError("nothing to start: --no-emulated needs --local")
         devices.start(port=args.port, local=args.local, emulated=args.emulated,

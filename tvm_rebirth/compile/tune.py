@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import RebirthError
+from ..errors import RebirthError, require_count, require_number
 from .candidates import (make_builder, make_commit_measured, make_local_runner,
                          make_progress, make_rpc_runner, new_run_dir, read_report,
                          remove_artifact, write_report)
@@ -69,10 +69,9 @@ def tune(mod, target, log_dir, trials: int, *, model_name="model", max_tasks=Non
     libraries live in one temp folder per run, removed at the end."""
     from .targets import is_cross
 
-    if max_tasks is not None and max_tasks < 1:
-        raise RebirthError(f"--max-tasks must be at least 1, got {max_tasks}")
-    if not build_timeout > 0:
-        raise RebirthError(f"--build-timeout must be positive, got {build_timeout:g}")
+    if max_tasks is not None:
+        require_count(max_tasks, "--max-tasks", 1)
+    require_number(build_timeout, "--build-timeout (seconds)", above=0)
     if is_cross(target) and not tracker and platform.machine() not in ("aarch64", "arm64"):
         raise RebirthError(f"target {target_key(target)} does not run on this host: tune it on "
                            "a device with --tracker HOST:PORT --key KEY (`tvm-rebirth device "

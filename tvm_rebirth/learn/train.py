@@ -389,9 +389,9 @@ def compute_vars(func, variables, images, label, target=None, batch=None) -> lis
 
 class StagedArguments:
     """The arguments of a compiled function called thousands of times (a training step)
-    as TVM tensors made once: each call copies the values into the same buffers, which
-    the tensors share (64-byte aligned, as TVM's ``from_dlpack`` requires), instead of
-    making ~50 tensors a step (a tenth of fmnist-inception's distillation, measured)."""
+    as TVM tensors made once: each call copies the values into the tensors' memory,
+    seen as numpy arrays, instead of making ~50 tensors a step (a tenth of
+    fmnist-inception's distillation, measured)."""
 
     def __init__(self):
         self._buffers, self._tensors = [], []
@@ -406,19 +406,10 @@ class StagedArguments:
                 self._tensors.append(None)
             buffer = self._buffers[i]
             if buffer is None or buffer.shape != value.shape or buffer.dtype != value.dtype:
-                buffer = self._buffers[i] = _aligned(value.shape, value.dtype)
-                self._tensors[i] = tvm.runtime.from_dlpack(buffer)
+                self._tensors[i] = tvm.runtime.empty(value.shape, value.dtype)
+                buffer = self._buffers[i] = np.from_dlpack(self._tensors[i])
             np.copyto(buffer, value)
         return self._tensors[:len(values)]
-
-
-def _aligned(shape, dtype) -> np.ndarray:
-    """A zeroed C-contiguous array whose data starts on a 64-byte boundary."""
-    dtype = np.dtype(dtype)
-    size = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-    raw = np.zeros(size + 64, np.uint8)
-    offset = -raw.ctypes.data % 64
-    return raw[offset:offset + size].view(dtype).reshape(shape)
 
 
 class RegionTrainer:
